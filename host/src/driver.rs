@@ -1,0 +1,280 @@
+//! The raw CUDA driver layer: every `unsafe` driver call of the library lives here, in thin
+//! result-style wrappers grouped by topic (as cudarc's `result` module does), plus RAII owners
+//! for what cudarc has no type for: device allocations shared over IPC, host-mapped memory,
+//! the PTX module and by-value-parameter kernel launches.
+
+use crate::error::{DriverContext, Result};
+use bytemuck::Pod;
+use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
+use std::ffi::{c_void, CString};
+use std::sync::Arc;
+
+/// True when libcuda can be loaded (without panicking when it cannot).
+pub(crate) fn driver_present() -> bool {
+    // SAFETY: only probes the dynamic loader.
+    unsafe { sys::is_culib_present() }
+}
+
+/// CUDA IPC: export and import device allocations between processes.
+pub(crate) mod ipc {
+    use super::*;
+
+    /// `cuIpcGetMemHandle`: the 64-byte handle of the allocation starting at `ptr`.
+    pub(crate) fn get_mem_handle(ptr: u64) -> Result<[u8; 64], DriverError> {
+        let mut h = sys::CUipcMemHandle_st { reserved: [0; 64] };
+        // SAFETY: `h` is a valid out-parameter; `ptr` is checked by the driver.
+        unsafe { sys::cuIpcGetMemHandle(&mut h, ptr).result()? };
+        Ok(h.reserved.map(|c| c as u8))
+    }
+
+    /// `cuIpcOpenMemHandle` (lazy peer access): maps a peer process's allocation here.
+    pub(crate) fn open_mem_handle(handle: &[u8; 64]) -> Result<u64, DriverError> {
+        let h = sys::CUipcMemHandle_st { reserved: handle.map(|b| b as std::ffi::c_char) };
+        let mut ptr = 0u64;
+        // SAFETY: `ptr` is a valid out-parameter; the driver validates the handle.
+        unsafe {
+            sys::cuIpcOpenMemHandle_v2(&mut ptr, h, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32).result()?
+        };
+        Ok(ptr)
+    }
+
+    /// `cuIpcCloseMemHandle`.
+    ///
+    /// # Safety
+    /// `ptr` must come from [`open_mem_handle`] and no work may still use it.
+    pub(crate) unsafe fn close_mem_handle(ptr: u64) -> Result<(), DriverError> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { sys::cuIpcCloseMemHandle(ptr).result() }
+    }
+}
+
+/// Peer access between devices of one process.
+pub(crate) mod peer {
+    use super::*;
+
+    /// `cuDeviceCanAccessPeer`.
+    pub(crate) fn can_access(dev: usize, peer: usize) -> Result<bool, DriverError> {
+        let d = result::device::get(dev as i32)?;
+        let p = result::device::get(peer as i32)?;
+        let mut v = 0;
+        // SAFETY: `v` is a valid out-parameter; devices come from the driver.
+        unsafe { sys::cuDeviceCanAccessPeer(&mut v, d, p).result()? };
+        Ok(v != 0)
+    }
+
+    /// `cuCtxEnablePeerAccess` from `ctx` (bound to this thread) to `peer`'s primary context;
+    /// "already enabled" counts as success.
+    pub(crate) fn enable(ctx: &CudaContext, peer: &CudaContext) -> Result<(), DriverError> {
+        ctx.bind_to_thread()?;
+        // SAFETY: both contexts are alive (held by the caller).
+        let r = unsafe { sys::cuCtxEnablePeerAccess(peer.cu_ctx(), 0) };
+        match r {
+            sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => Ok(()),
+            e => Err(DriverError(e)),
+        }
+    }
+}
+
+/// A device allocation owned by this rank (`cuMemAlloc`), freed on drop.
+pub(crate) struct DeviceAlloc {
+    ptr: u64,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DeviceAlloc {
+    /// Allocates `bytes` (at least 1) and zeroes them.
+    pub(crate) fn zeroed(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+        ctx.bind_to_thread().during("cuCtxSetCurrent", || "allocating device memory".into())?;
+        // SAFETY: plain allocation; freed in Drop.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.during("cuMemAlloc", || format!("allocating {bytes} bytes"))?;
+        let a = DeviceAlloc { ptr, bytes, ctx: ctx.clone() };
+        // SAFETY: `ptr` holds `bytes` bytes.
+        unsafe { result::memset_d8_sync(ptr, 0, bytes.max(1)) }.during("cuMemsetD8", || "zeroing a new allocation".into())?;
+        Ok(a)
+    }
+
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        // Errors cannot be returned from Drop; a failed free leaks (never panics).
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `ptr` came from `malloc_sync` and is freed once.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Pinned host memory mapped into the device's address space (`cuMemHostAlloc` with
+/// `DEVICEMAP`): kernels store to it, the host polls it without a stream synchronisation.
+pub(crate) struct MappedHost {
+    host: *mut u32,
+    dev: u64,
+    words: usize,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the memory is owned by this value; concurrent access goes through volatile reads
+// and writes of whole words, which is what polling device-written memory needs.
+unsafe impl Send for MappedHost {}
+// SAFETY: as above; no `&mut` aliasing is ever handed out.
+unsafe impl Sync for MappedHost {}
+
+impl MappedHost {
+    pub(crate) fn new(ctx: &Arc<CudaContext>, words: usize) -> Result<Self> {
+        ctx.bind_to_thread().during("cuCtxSetCurrent", || "allocating mapped host memory".into())?;
+        let bytes = words.max(1) * 4;
+        // SAFETY: plain allocation; freed in Drop.
+        let host = unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_DEVICEMAP) }
+            .during("cuMemHostAlloc", || format!("allocating {bytes} bytes of mapped host memory"))? as *mut u32;
+        let mut dev = 0u64;
+        // SAFETY: `host` was just allocated with DEVICEMAP.
+        let r = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, host as *mut c_void, 0).result() };
+        let m = MappedHost { host, dev, words: words.max(1), ctx: ctx.clone() };
+        r.during("cuMemHostGetDevicePointer", || "mapping host memory".into())?;
+        for i in 0..m.words {
+            m.write(i, 0);
+        }
+        Ok(m)
+    }
+
+    /// Device address of word 0.
+    pub(crate) fn device_ptr(&self) -> u64 {
+        self.dev
+    }
+
+    /// Volatile read of word `i`, then an acquire fence (so later reads see what the device
+    /// wrote before publishing word `i`).
+    pub(crate) fn read(&self, i: usize) -> u32 {
+        assert!(i < self.words);
+        // SAFETY: `i` is in bounds of the allocation.
+        let v = unsafe { std::ptr::read_volatile(self.host.add(i)) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        v
+    }
+
+    /// Volatile write of word `i`.
+    pub(crate) fn write(&self, i: usize, v: u32) {
+        assert!(i < self.words);
+        // SAFETY: `i` is in bounds of the allocation.
+        unsafe { std::ptr::write_volatile(self.host.add(i), v) };
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `malloc_host`, freed once.
+            let _ = unsafe { result::free_host(self.host as *mut c_void) };
+        }
+    }
+}
+
+/// A loaded PTX module (`cuModuleLoadData`), unloaded on drop.
+pub(crate) struct Module {
+    raw: sys::CUmodule,
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: a CUmodule handle may be used from any thread once its context is current.
+unsafe impl Send for Module {}
+// SAFETY: as above; the module is immutable after load.
+unsafe impl Sync for Module {}
+
+impl Module {
+    /// JIT-compiles `ptx` for the context's device.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, ptx: &str) -> Result<Self> {
+        ctx.bind_to_thread().during("cuCtxSetCurrent", || "loading the kernels".into())?;
+        let src = CString::new(ptx).expect("PTX has no NUL bytes");
+        // SAFETY: `src` is a NUL-terminated PTX image that outlives the call.
+        let raw = unsafe { result::module::load_data(src.as_ptr() as *const c_void) }
+            .during("cuModuleLoadData", || "JIT-compiling the moe-ep PTX module (needs a driver for CUDA 13.0 or newer and an sm_90 GPU)".into())?;
+        Ok(Module { raw, ctx: ctx.clone() })
+    }
+
+    /// `cuModuleGetFunction`.
+    pub(crate) fn function(&self, name: &str) -> Result<sys::CUfunction> {
+        let c = CString::new(name).expect("kernel names have no NUL bytes");
+        // SAFETY: the module is loaded; the handle lives as long as `self`.
+        unsafe { result::module::get_function(self.raw, c) }.during("cuModuleGetFunction", || format!("looking up kernel `{name}`"))
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: loaded by `load`, unloaded once, after every function handle's owner.
+            let _ = unsafe { result::module::unload(self.raw) };
+        }
+    }
+}
+
+/// `cuFuncGetAttribute`.
+pub(crate) fn function_attribute(f: sys::CUfunction, attr: sys::CUfunction_attribute) -> Result<i32, DriverError> {
+    // SAFETY: `f` is a live function handle of a loaded module.
+    unsafe { result::function::get_function_attribute(f, attr) }
+}
+
+/// `cuFuncSetAttribute`.
+pub(crate) fn set_function_attribute(f: sys::CUfunction, attr: sys::CUfunction_attribute, v: i32) -> Result<(), DriverError> {
+    // SAFETY: `f` is a live function handle of a loaded module.
+    unsafe { result::function::set_function_attribute(f, attr, v) }
+}
+
+/// `cuLaunchKernel` of a kernel that takes one `#[repr(C)]` parameter block by value.
+///
+/// # Safety
+/// `f` must be a live kernel whose single parameter has the layout of `P` (the PTX check
+/// test compares sizes), and every device address inside `params` must stay valid until the
+/// kernel has finished.
+pub(crate) unsafe fn launch<P: Pod>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<(), DriverError> {
+    let mut p = *params;
+    let mut args = [&mut p as *mut P as *mut c_void];
+    // SAFETY: guaranteed by the caller; the driver copies the parameter block at launch.
+    unsafe { result::launch_kernel(f, (grid, 1, 1), (block, 1, 1), smem, stream.cu_stream(), &mut args) }
+}
+
+/// `cuMemsetD8Async`.
+///
+/// # Safety
+/// `[ptr, ptr + bytes)` must be device memory that nothing else uses concurrently.
+pub(crate) unsafe fn memset_d8_async(ptr: u64, v: u8, bytes: usize, stream: &CudaStream) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { result::memset_d8_async(ptr, v, bytes, stream.cu_stream()) }
+}
+
+/// Stream-ordered copy of `dst.len()` elements from device address `src` to the host, then a
+/// stream synchronisation.
+///
+/// # Safety
+/// `src` must hold `dst.len()` valid `T` values once the stream's earlier work is done.
+pub(crate) unsafe fn copy_to_host<T: Pod>(src: u64, dst: &mut [T], stream: &CudaStream) -> Result<(), DriverError> {
+    if dst.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: guaranteed by the caller; the synchronisation keeps `dst` alive long enough.
+    unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream())? };
+    stream.synchronize()
+}
+
+/// Stream-ordered copy of `src` to device address `dst`, then a stream synchronisation (so
+/// `src` may be dropped).
+///
+/// # Safety
+/// `dst` must have room for `src.len()` values.
+pub(crate) unsafe fn copy_to_device<T: Pod>(src: &[T], dst: u64, stream: &CudaStream) -> Result<(), DriverError> {
+    if src.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { result::memcpy_htod_async(dst, src, stream.cu_stream())? };
+    stream.synchronize()
+}

@@ -1,0 +1,424 @@
+//! The communicator: one member per GPU, in one of two modes.
+//!
+//! - **Processes**: one process per GPU; ranks meet over TCP ([`ProcessConfig`], torchrun's
+//!   environment variables) and share memory with CUDA IPC.
+//! - **Threads**: one process drives several GPUs, one thread per rank
+//!   ([`Group::run_threads`]); ranks meet in memory and share plain pointers.
+//!
+//! A group owns the CUDA context of its device (event tracking off: every operation is
+//! ordered by the stream it is given), the loaded kernels, the rank's device error record and a
+//! small control heap for barriers.
+
+use crate::driver::{self, DeviceAlloc, Module};
+use crate::error::{DriverContext, Error, Result};
+use crate::heap::SymmetricHeap;
+use crate::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
+use bytemuck::Pod;
+use cudarc::driver::{sys, CudaContext, CudaStream};
+use moe_ep_kernels::abi::{ErrorRecord, WaitCtx, CONTROL_BYTES, MAX_RANKS};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The PTX of this build (all kernels), embedded at compile time.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_ep_kernels.ptx"));
+
+/// How ranks share memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One process per GPU, CUDA IPC.
+    Processes,
+    /// One thread per GPU in one process, peer access.
+    Threads,
+}
+
+/// Group-wide settings.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupConfig {
+    /// Deadline of every GPU spin-wait (a peer that never arrives becomes an error).
+    pub timeout: Duration,
+    /// Deadline of every host-side rendezvous step.
+    pub rendezvous_timeout: Duration,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig { timeout: Duration::from_secs(10), rendezvous_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// Every kernel of the PTX module.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    Barrier,
+    HeapPatternWrite,
+    HeapPatternCheck,
+    P2pCopy,
+    PingPong,
+    WaitForever,
+    PtxSelftest,
+    HtLayout,
+    HtNotify,
+    HtDispatch,
+    HtCombine,
+    LlDispatch,
+    LlCombine,
+}
+
+impl Kernel {
+    /// All kernels.
+    pub const ALL: [Kernel; 13] = [
+        Kernel::Barrier,
+        Kernel::HeapPatternWrite,
+        Kernel::HeapPatternCheck,
+        Kernel::P2pCopy,
+        Kernel::PingPong,
+        Kernel::WaitForever,
+        Kernel::PtxSelftest,
+        Kernel::HtLayout,
+        Kernel::HtNotify,
+        Kernel::HtDispatch,
+        Kernel::HtCombine,
+        Kernel::LlDispatch,
+        Kernel::LlCombine,
+    ];
+
+    /// The PTX entry name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Kernel::Barrier => "barrier",
+            Kernel::HeapPatternWrite => "heap_pattern_write",
+            Kernel::HeapPatternCheck => "heap_pattern_check",
+            Kernel::P2pCopy => "p2p_copy",
+            Kernel::PingPong => "ping_pong",
+            Kernel::WaitForever => "wait_forever",
+            Kernel::PtxSelftest => "ptx_selftest",
+            Kernel::HtLayout => "ht_layout",
+            Kernel::HtNotify => "ht_notify",
+            Kernel::HtDispatch => "ht_dispatch",
+            Kernel::HtCombine => "ht_combine",
+            Kernel::LlDispatch => "ll_dispatch",
+            Kernel::LlCombine => "ll_combine",
+        }
+    }
+
+    /// Size of the kernel's by-value parameter block (the PTX check compares it with the
+    /// `.param .b8 [N]` the kernel declares).
+    pub const fn param_bytes(self) -> usize {
+        use moe_ep_kernels::abi::*;
+        use std::mem::size_of;
+        match self {
+            Kernel::Barrier => size_of::<BarrierParams>(),
+            Kernel::HeapPatternWrite | Kernel::HeapPatternCheck => size_of::<PatternParams>(),
+            Kernel::P2pCopy => size_of::<P2pCopyParams>(),
+            Kernel::PingPong => size_of::<PingPongParams>(),
+            Kernel::WaitForever => size_of::<WaitTestParams>(),
+            Kernel::PtxSelftest => size_of::<SelftestParams>(),
+            Kernel::HtLayout => size_of::<HtLayoutParams>(),
+            Kernel::HtNotify => size_of::<HtNotifyParams>(),
+            Kernel::HtDispatch => size_of::<HtDispatchParams>(),
+            Kernel::HtCombine => size_of::<HtCombineParams>(),
+            Kernel::LlDispatch => size_of::<LlDispatchParams>(),
+            Kernel::LlCombine => size_of::<LlCombineParams>(),
+        }
+    }
+}
+
+struct Function {
+    raw: sys::CUfunction,
+    max_threads: u32,
+}
+
+// SAFETY: a CUfunction handle is usable from any thread with its context current; the module
+// that owns it lives in the same `Kernels`.
+unsafe impl Send for Function {}
+// SAFETY: as above; handles are immutable.
+unsafe impl Sync for Function {}
+
+/// The loaded module and its functions.
+pub(crate) struct Kernels {
+    functions: HashMap<Kernel, Function>,
+    _module: Module,
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let module = Module::load(ctx, PTX)?;
+        let smem_optin = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .during("cuDeviceGetAttribute", || "reading the shared-memory limit".into())?;
+        let mut functions = HashMap::new();
+        for k in Kernel::ALL {
+            let raw = module.function(k.name())?;
+            let max_threads = driver::function_attribute(raw, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+                .during("cuFuncGetAttribute", || format!("reading {}'s thread limit", k.name()))? as u32;
+            driver::set_function_attribute(raw, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_optin)
+                .during("cuFuncSetAttribute", || format!("raising {}'s dynamic shared memory limit", k.name()))?;
+            functions.insert(k, Function { raw, max_threads });
+        }
+        Ok(Kernels { functions, _module: module })
+    }
+}
+
+/// One rank of a group: its GPU, stream, kernels and control heap.
+pub struct Group {
+    // Field order is drop order: the heap meets the other ranks (through `exchange`) and
+    // is freed before the kernels, the error record and the context go.
+    heap: SymmetricHeap,
+    exchange: Arc<dyn Exchange>,
+    err: DeviceAlloc,
+    kernels: Kernels,
+    stream: Arc<CudaStream>,
+    _peer_ctxs: Vec<Arc<CudaContext>>,
+    ctx: Arc<CudaContext>,
+    rank: usize,
+    world: usize,
+    devices: Vec<usize>,
+    mode: Mode,
+    cfg: GroupConfig,
+    device_name: String,
+    sm_count: u32,
+}
+
+impl Group {
+    /// Joins a multi-process group configured by torchrun's environment variables (see
+    /// [`ProcessConfig::from_env`]).
+    pub fn from_env(cfg: GroupConfig) -> Result<Group> {
+        Group::connect(&ProcessConfig::from_env()?, cfg)
+    }
+
+    /// Joins a multi-process group (one process per GPU).
+    pub fn connect(pc: &ProcessConfig, cfg: GroupConfig) -> Result<Group> {
+        pc.validate()?;
+        let ctx = open_device(pc.device)?;
+        let exchange: Arc<dyn Exchange> = Arc::new(TcpExchange::connect(pc, cfg.rendezvous_timeout)?);
+        Group::build(ctx, exchange, Mode::Processes, pc.device, cfg)
+    }
+
+    /// Runs `f` on `world` ranks, one thread per GPU (devices `0..world`) in this process, and
+    /// returns each rank's result.
+    pub fn run_threads<T: Send>(world: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
+        if world == 0 || world > MAX_RANKS {
+            return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={MAX_RANKS}")))];
+        }
+        let exchanges = LocalExchange::group(world);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = exchanges
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ex)| {
+                    let f = &f;
+                    s.spawn(move || -> Result<T> {
+                        let ctx = open_device(rank)?;
+                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, rank, cfg)?;
+                        f(&g)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::InvalidState { reason: format!("rank {r}'s thread panicked") })))
+                .collect()
+        })
+    }
+
+    fn build(ctx: Arc<CudaContext>, exchange: Arc<dyn Exchange>, mode: Mode, device: usize, cfg: GroupConfig) -> Result<Group> {
+        let (rank, world) = (exchange.rank(), exchange.world());
+        let to = cfg.rendezvous_timeout;
+        // Which GPU each rank drives, and whether this rank's GPU reaches every other.
+        let devs = exchange.all_gather(&(device as u32).to_le_bytes(), to)?;
+        let devices: Vec<usize> = devs.iter().map(|d| u32::from_le_bytes(d.as_slice().try_into().unwrap_or([0; 4])) as usize).collect();
+        let mut row = vec![1u8; world];
+        for (r, &d) in devices.iter().enumerate() {
+            if r != rank && d != device {
+                row[r] = driver::peer::can_access(device, d).during("cuDeviceCanAccessPeer", || format!("checking GPU {device} -> GPU {d}"))? as u8;
+            }
+        }
+        let rows = exchange.all_gather(&row, to)?;
+        for (a, ra) in rows.iter().enumerate() {
+            for (b, &ok) in ra.iter().enumerate() {
+                if a != b && devices[a] == devices[b] {
+                    return Err(Error::invalid("device", format!("ranks {a} and {b} both use GPU {}; each rank needs its own GPU", devices[a])));
+                }
+                if ok == 0 {
+                    return Err(Error::NoPeerAccess { rank_a: a, device_a: devices[a], rank_b: b, device_b: devices[b] });
+                }
+            }
+        }
+        let mut peer_ctxs = Vec::new();
+        if mode == Mode::Threads {
+            for (r, &d) in devices.iter().enumerate() {
+                if r != rank {
+                    let p = CudaContext::new(d).during("cuDevicePrimaryCtxRetain", || format!("retaining GPU {d}'s context"))?;
+                    driver::peer::enable(&ctx, &p).during("cuCtxEnablePeerAccess", || format!("enabling GPU {device} -> GPU {d}"))?;
+                    peer_ctxs.push(p);
+                }
+            }
+            ctx.bind_to_thread().during("cuCtxSetCurrent", || "binding the rank's context".into())?;
+        }
+        let kernels = Kernels::load(&ctx)?;
+        let stream = ctx.new_stream().during("cuStreamCreate", || "creating the group's stream".into())?;
+        let err = DeviceAlloc::zeroed(&ctx, std::mem::size_of::<ErrorRecord>())?;
+        let heap = SymmetricHeap::new(&ctx, &exchange, mode, CONTROL_BYTES, to)?;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(0) as u32;
+        Ok(Group { heap, exchange, err, kernels, stream, _peer_ctxs: peer_ctxs, ctx, rank, world, devices, mode, cfg, device_name, sm_count })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in the group.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// This rank's CUDA device ordinal.
+    pub fn device(&self) -> usize {
+        self.devices[self.rank]
+    }
+
+    /// Every rank's device ordinal.
+    pub fn devices(&self) -> &[usize] {
+        &self.devices
+    }
+
+    /// The device's name (e.g. "NVIDIA H200").
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// How ranks share memory.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Group settings.
+    pub fn config(&self) -> GroupConfig {
+        self.cfg
+    }
+
+    /// The device's context (allocate inputs and outputs with it; event tracking is off).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The group's own stream (used by [`Group::barrier`] and the diagnostics).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Host-side barrier through the rendezvous.
+    pub fn host_barrier(&self) -> Result<()> {
+        self.exchange.barrier(self.cfg.rendezvous_timeout)
+    }
+
+    /// All-gather of small blobs through the rendezvous (e.g. an NCCL id, benchmark results).
+    pub fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.exchange.all_gather(data, self.cfg.rendezvous_timeout)
+    }
+
+    /// GPU barrier across all ranks on the group's stream, then [`Group::check`].
+    pub fn barrier(&self) -> Result<()> {
+        self.launch_barrier(&self.stream, 1)?;
+        self.check()
+    }
+
+    /// Enqueues `iters` back-to-back GPU barriers (one launch) on `stream`.
+    pub fn launch_barrier(&self, stream: &CudaStream, iters: u32) -> Result<()> {
+        let p = moe_ep_kernels::abi::BarrierParams { wait: self.wait_ctx(), peers: self.heap.peers(), iters, _pad: 0 };
+        self.launch(Kernel::Barrier, 1, 32, 0, stream, &p)
+    }
+
+    /// Synchronises the device (every stream of this rank), then turns the rank's device error
+    /// record into an error (and clears it). A kernel that timed out or met bad input has
+    /// already returned; this is where the host learns what happened.
+    pub fn check(&self) -> Result<()> {
+        self.ctx.synchronize().during("cuCtxSynchronize", || format!("rank {} waiting for its kernels", self.rank))?;
+        let mut rec = [ErrorRecord::default()];
+        // SAFETY: the record is a live allocation of one ErrorRecord.
+        unsafe { driver::copy_to_host(self.err.ptr(), &mut rec, &self.stream) }.during("cuMemcpyDtoH", || "reading the error record".into())?;
+        match Error::from_record(&rec[0]) {
+            None => Ok(()),
+            Some(e) => {
+                // SAFETY: the record is a live allocation; no kernel runs (synchronised).
+                unsafe { driver::memset_d8_async(self.err.ptr(), 0, std::mem::size_of::<ErrorRecord>(), &self.stream) }
+                    .during("cuMemsetD8", || "clearing the error record".into())?;
+                self.stream.synchronize().during("cuStreamSynchronize", || "clearing the error record".into())?;
+                Err(e)
+            }
+        }
+    }
+
+    /// The wait context every kernel of this rank gets.
+    pub(crate) fn wait_ctx(&self) -> WaitCtx {
+        self.wait_ctx_with(self.cfg.timeout)
+    }
+
+    pub(crate) fn wait_ctx_with(&self, timeout: Duration) -> WaitCtx {
+        WaitCtx { err: self.err.ptr(), timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64, rank: self.rank as u32, world: self.world as u32 }
+    }
+
+    pub(crate) fn control_peers(&self) -> moe_ep_kernels::abi::Peers {
+        self.heap.peers()
+    }
+
+    pub(crate) fn exchange(&self) -> &Arc<dyn Exchange> {
+        &self.exchange
+    }
+
+    /// Collective: a new symmetric heap of `bytes` per rank.
+    pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
+        SymmetricHeap::new(&self.ctx, &self.exchange, self.mode, bytes, self.cfg.rendezvous_timeout)
+    }
+
+    /// Largest block size `k` may be launched with.
+    pub(crate) fn max_threads(&self, k: Kernel) -> u32 {
+        self.kernels.functions[&k].max_threads
+    }
+
+    /// Launches `k` with its parameter block; the block size is clamped to what the compiled
+    /// kernel allows (a multiple of 32).
+    pub(crate) fn launch<P: Pod>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
+        debug_assert_eq!(std::mem::size_of::<P>(), k.param_bytes(), "parameter block of {}", k.name());
+        let f = &self.kernels.functions[&k];
+        let block = block.min(f.max_threads) / 32 * 32;
+        self.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
+        // SAFETY: `P` is the kernel's parameter block (size checked above and by the PTX test);
+        // every address in it belongs to allocations the caller keeps alive until the stream
+        // has run the kernel.
+        unsafe { driver::launch(f.raw, grid.max(1), block.max(32), smem, stream, params) }
+            .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.rank, k.name()))
+    }
+}
+
+fn open_device(device: usize) -> Result<Arc<CudaContext>> {
+    if !driver::driver_present() {
+        return Err(Error::NoDevice { reason: "libcuda.so could not be loaded (no NVIDIA driver on this machine)".into() });
+    }
+    let count = CudaContext::device_count().map_err(|e| Error::NoDevice { reason: format!("cuInit/cuDeviceGetCount failed: {e}") })? as usize;
+    if device >= count {
+        return Err(Error::NoDevice { reason: format!("GPU {device} requested but this machine has {count}") });
+    }
+    let ctx = CudaContext::new(device).during("cuDevicePrimaryCtxRetain", || format!("opening GPU {device}"))?;
+    // SAFETY: every operation of this library is ordered by the stream it is given; buffers
+    // allocated through this context are the caller's to order the same way.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
+}
+
+/// Number of CUDA devices, or why there are none (no driver, no GPU).
+pub fn device_count() -> Result<usize> {
+    if !driver::driver_present() {
+        return Err(Error::NoDevice { reason: "libcuda.so could not be loaded (no NVIDIA driver on this machine)".into() });
+    }
+    CudaContext::device_count().map(|c| c as usize).map_err(|e| Error::NoDevice { reason: format!("cuInit/cuDeviceGetCount failed: {e}") })
+}

@@ -1,0 +1,106 @@
+//! The symmetric heap: one device buffer of the same size and layout on every rank, mapped
+//! into every rank's address space, so a kernel reaches rank `r`'s copy at
+//! `peers.base[r] + offset` (like `nvshmem_ptr`).
+//!
+//! Multi-process groups share it with CUDA IPC (`cuIpcGetMemHandle` on the owner, handles
+//! all-gathered through the rendezvous, `cuIpcOpenMemHandle` on the peers); single-process
+//! groups use plain pointers with peer access enabled. Drop order is fixed by ownership: the
+//! heap synchronises its context, meets every rank at a host barrier (so no peer still uses
+//! this rank's memory), closes the peers' mappings, meets every rank again (so nobody still
+//! maps this rank's memory), then frees its own allocation.
+
+use crate::driver::{ipc, DeviceAlloc};
+use crate::error::{DriverContext, Error, Result};
+use crate::group::Mode;
+use crate::rendezvous::Exchange;
+use cudarc::driver::CudaContext;
+use moe_ep_kernels::abi::{Peers, MAX_RANKS};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a dropping heap waits for the other ranks before closing anyway.
+const DROP_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One rank's view of a symmetric heap.
+pub struct SymmetricHeap {
+    local: DeviceAlloc,
+    peers: Peers,
+    /// Peer allocations opened over IPC (closed on drop, before `local` is freed).
+    opened: Vec<u64>,
+    exchange: Arc<dyn Exchange>,
+    ctx: Arc<CudaContext>,
+}
+
+impl SymmetricHeap {
+    /// Collective: every rank of the group calls it with the same `bytes`. The heap starts
+    /// zeroed on every rank before any rank can touch a peer's copy.
+    pub(crate) fn new(ctx: &Arc<CudaContext>, exchange: &Arc<dyn Exchange>, mode: Mode, bytes: u64, timeout: Duration) -> Result<Self> {
+        let (rank, world) = (exchange.rank(), exchange.world());
+        let sizes = exchange.all_gather(&bytes.to_le_bytes(), timeout)?;
+        for (r, s) in sizes.iter().enumerate() {
+            let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap size".into() })?);
+            if b != bytes {
+                return Err(Error::invalid("heap bytes", format!("rank {rank} asked for {bytes} bytes but rank {r} for {b}; every rank must build its buffer with the same configuration")));
+            }
+        }
+        let local = DeviceAlloc::zeroed(ctx, bytes as usize)?;
+        let mut heap = SymmetricHeap { peers: Peers::default(), opened: Vec::new(), local, exchange: exchange.clone(), ctx: ctx.clone() };
+        match mode {
+            Mode::Threads => {
+                let ptrs = exchange.all_gather(&heap.local.ptr().to_le_bytes(), timeout)?;
+                for (r, p) in ptrs.iter().enumerate() {
+                    heap.peers.base[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap pointer".into() })?);
+                }
+            }
+            Mode::Processes => {
+                let h = ipc::get_mem_handle(heap.local.ptr()).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"))?;
+                let handles = exchange.all_gather(&h, timeout)?;
+                for (r, hb) in handles.iter().enumerate() {
+                    if r == rank {
+                        heap.peers.base[r] = heap.local.ptr();
+                        continue;
+                    }
+                    let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::InvalidState { reason: format!("rank {r} sent a malformed IPC handle") })?;
+                    let p = ipc::open_mem_handle(&h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
+                    heap.opened.push(p);
+                    heap.peers.base[r] = p;
+                }
+            }
+        }
+        debug_assert!(world <= MAX_RANKS);
+        exchange.barrier(timeout)?;
+        Ok(heap)
+    }
+
+    /// Heap base of every rank, as mapped in this process.
+    pub fn peers(&self) -> Peers {
+        self.peers
+    }
+
+    /// Device address of this rank's heap.
+    pub fn local_ptr(&self) -> u64 {
+        self.local.ptr()
+    }
+
+    /// Bytes per rank.
+    pub fn bytes(&self) -> usize {
+        self.local.bytes()
+    }
+}
+
+impl Drop for SymmetricHeap {
+    fn drop(&mut self) {
+        // Nothing of this rank may still run on the heap, and no peer may still read or write
+        // it: synchronise, then meet every rank. Failures are ignored (Drop never panics).
+        let _ = self.ctx.synchronize();
+        let _ = self.exchange.barrier(DROP_BARRIER_TIMEOUT);
+        let _ = self.ctx.bind_to_thread();
+        for &p in &self.opened {
+            // SAFETY: `p` was opened by `open_mem_handle` and every rank has finished with it.
+            let _ = unsafe { ipc::close_mem_handle(p) };
+        }
+        // Every rank has closed its mapping of this rank's allocation before it is freed
+        // (field drop of `local`, right after this).
+        let _ = self.exchange.barrier(DROP_BARRIER_TIMEOUT);
+    }
+}

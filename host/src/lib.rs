@@ -1,0 +1,45 @@
+//! # moe-ep
+//!
+//! Expert-parallel dispatch and combine for Mixture-of-Experts inference on NVIDIA Hopper GPUs
+//! over NVLink, written entirely in Rust: the kernels are the `moe-ep-kernels` crate compiled
+//! to PTX by rustc's NVPTX back end and embedded in this library ([`PTX`]).
+//!
+//! ## Layers
+//!
+//! - [`Group`]: one member per GPU (a process per GPU over TCP and CUDA IPC, or a thread per
+//!   GPU in one process), with its context, stream, kernels and device error record.
+//! - [`SymmetricHeap`]: same-size device buffers on every rank, each mapped everywhere.
+//! - [`ht`]: high-throughput dispatch and combine (prefill): counts exchanged first, compact
+//!   deterministic outputs.
+//! - [`ll`]: low-latency dispatch and combine (decode): no count round trip, fixed addresses,
+//!   CUDA-graph safe.
+//! - [`reference`]: the CPU reference every test compares against.
+//! - [`diag`]: foundation checks and probes (heap round trip, deadlines, P2P limits).
+//!
+//! ## Safety model
+//!
+//! The public API is safe and never takes raw device pointers: inputs are cudarc slices
+//! checked for shape before anything is launched, outputs that live in the heap are views whose
+//! lifetime ends before the next operation may overwrite them. Raw driver calls live in
+//! `driver`, kernel launches in `Group::launch`; every spin-wait on the GPU has a deadline that
+//! comes back as [`Error::Timeout`] naming the rank and phase, so nothing hangs.
+
+mod driver;
+mod error;
+mod group;
+mod heap;
+mod tensor;
+mod timing;
+
+pub mod diag;
+pub mod ht;
+pub mod ll;
+pub mod reference;
+pub mod rendezvous;
+
+pub use error::{Error, Result};
+pub use group::{device_count, Group, GroupConfig, Kernel, Mode, PTX};
+pub use heap::SymmetricHeap;
+pub use moe_ep_kernels::abi;
+pub use tensor::{DeviceArg, HeapView, TopkIdx};
+pub use timing::time_ms;

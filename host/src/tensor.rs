@@ -1,0 +1,128 @@
+//! How device arrays cross the public API: cudarc slices and views in, heap views out.
+
+use crate::driver;
+use crate::error::{DriverContext, Result};
+use bytemuck::Pod;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceSlice};
+use std::marker::PhantomData;
+
+/// A device array of `T` that an operation may read or write: a cudarc [`CudaSlice`],
+/// [`CudaView`] or [`CudaViewMut`], or a [`HeapView`]. Operations check its length against
+/// the shape they expect before launching anything.
+pub trait DeviceArg<T> {
+    /// Device address of element 0.
+    fn device_addr(&self) -> u64;
+    /// Number of elements.
+    fn elems(&self) -> usize;
+}
+
+impl<T> DeviceArg<T> for CudaSlice<T> {
+    fn device_addr(&self) -> u64 {
+        self.device_ptr(self.stream()).0
+    }
+    fn elems(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> DeviceArg<T> for CudaView<'_, T> {
+    fn device_addr(&self) -> u64 {
+        self.device_ptr(self.stream()).0
+    }
+    fn elems(&self) -> usize {
+        self.len()
+    }
+}
+
+impl<T> DeviceArg<T> for CudaViewMut<'_, T> {
+    fn device_addr(&self) -> u64 {
+        self.device_ptr(self.stream()).0
+    }
+    fn elems(&self) -> usize {
+        self.len()
+    }
+}
+
+/// A read-only view of `len` elements of a buffer's heap (a receive buffer, counts). It
+/// borrows the buffer, so it cannot outlive the next operation that would overwrite it.
+#[derive(Clone, Copy, Debug)]
+pub struct HeapView<'a, T> {
+    ptr: u64,
+    len: usize,
+    _m: PhantomData<&'a [T]>,
+}
+
+impl<T> HeapView<'_, T> {
+    pub(crate) fn new(ptr: u64, len: usize) -> Self {
+        HeapView { ptr, len, _m: PhantomData }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the view holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Device address of element 0 (for handing to a GEMM; using it is the caller's unsafe).
+    pub fn device_addr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl<T: Pod> HeapView<'_, T> {
+    /// Copies the view to the host after the stream's earlier work.
+    pub fn to_vec(&self, stream: &CudaStream) -> Result<Vec<T>> {
+        let mut v = vec![T::zeroed(); self.len];
+        // SAFETY: the view covers `len` elements of a live heap.
+        unsafe { driver::copy_to_host(self.ptr, &mut v, stream) }.during("cuMemcpyDtoH", || format!("copying a {}-element heap view", self.len))?;
+        Ok(v)
+    }
+}
+
+impl<T> DeviceArg<T> for HeapView<'_, T> {
+    fn device_addr(&self) -> u64 {
+        self.ptr
+    }
+    fn elems(&self) -> usize {
+        self.len
+    }
+}
+
+/// Router output `topk_idx[N, K]`, as i64 (PyTorch's default) or i32; `-1` means no expert.
+#[derive(Clone, Copy)]
+pub enum TopkIdx<'a> {
+    I64(&'a dyn DeviceArg<i64>),
+    I32(&'a dyn DeviceArg<i32>),
+}
+
+impl TopkIdx<'_> {
+    pub(crate) fn addr(&self) -> u64 {
+        match self {
+            TopkIdx::I64(a) => a.device_addr(),
+            TopkIdx::I32(a) => a.device_addr(),
+        }
+    }
+
+    pub(crate) fn elems(&self) -> usize {
+        match self {
+            TopkIdx::I64(a) => a.elems(),
+            TopkIdx::I32(a) => a.elems(),
+        }
+    }
+
+    pub(crate) fn is_i64(&self) -> u32 {
+        matches!(self, TopkIdx::I64(_)) as u32
+    }
+}
+
+/// Checks that `arg` holds exactly `want` elements.
+pub(crate) fn check_len(name: &'static str, got: usize, want: usize, shape: impl FnOnce() -> String) -> Result<()> {
+    if got != want {
+        return Err(crate::Error::invalid(name, format!("has {got} elements, expected {want} ({})", shape())));
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Device helpers built from the PTX wrappers: peer addressing, warp reductions and scans,
+//! bf16 packing, index loads. Nothing here is a single instruction; see [`crate::ptx`] for those.
+
+use crate::abi::{Peers, MAX_RANKS};
+use crate::ptx::*;
+
+/// All 32 lanes.
+pub const FULL: u32 = 0xffff_ffff;
+
+/// Heap base of rank `r`. Unrolled over [`MAX_RANKS`] so the table stays in the parameter
+/// space (a run-time index into a by-value parameter would copy it to local memory).
+#[inline(always)]
+pub fn peer_base(peers: &Peers, r: u32) -> u64 {
+    let mut v = 0;
+    for i in 0..MAX_RANKS {
+        if r == i as u32 {
+            v = peers.base[i];
+        }
+    }
+    v
+}
+
+/// 64-bit `shfl.sync.idx`.
+#[inline(always)]
+pub fn shfl_idx_u64(mask: u32, v: u64, src: u32) -> u64 {
+    let lo = shfl_sync_idx_b32(mask, v as u32, src);
+    let hi = shfl_sync_idx_b32(mask, (v >> 32) as u32, src);
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Maximum over groups of `width` consecutive lanes (a power of two up to 32).
+#[inline(always)]
+pub fn group_max_f32(v: f32, width: u32) -> f32 {
+    let mut m = v;
+    let mut s = 1;
+    while s < width {
+        m = max_f32(m, f32::from_bits(shfl_sync_bfly_b32(FULL, m.to_bits(), s)));
+        s <<= 1;
+    }
+    m
+}
+
+/// Sum over the warp (every lane gets it).
+#[inline(always)]
+pub fn warp_sum_u32(v: u32) -> u32 {
+    let mut s = v;
+    let mut d = 1;
+    while d < 32 {
+        s = s.wrapping_add(shfl_sync_bfly_b32(FULL, s, d));
+        d <<= 1;
+    }
+    s
+}
+
+/// Inclusive prefix sum over the warp.
+#[inline(always)]
+pub fn warp_inclusive_scan_u32(v: u32) -> u32 {
+    let lane = laneid();
+    let mut s = v;
+    let mut d = 1;
+    while d < 32 {
+        let o = shfl_sync_up_b32(FULL, s, d);
+        if lane >= d {
+            s = s.wrapping_add(o);
+        }
+        d <<= 1;
+    }
+    s
+}
+
+/// Exclusive prefix sum over the whole block (at most 1024 threads). Uses 32 words of shared
+/// memory at `smem`; returns (exclusive prefix of this thread, block total).
+///
+/// # Safety
+/// `smem` must be 32 free, aligned words of shared memory; all threads must call it.
+#[inline(always)]
+pub unsafe fn block_exclusive_scan_u32(v: u32, smem: u32) -> (u32, u32) {
+    let lane = laneid();
+    let warp = tid_x() / 32;
+    let nwarps = ntid_x().div_ceil(32);
+    let incl = warp_inclusive_scan_u32(v);
+    if lane == 31 {
+        // SAFETY: `smem` holds 32 words, one per warp.
+        unsafe { st_shared_cta_u32(smem + 4 * warp, incl) };
+    }
+    bar_sync_0();
+    let mut warp_prefix = 0u32;
+    let mut total = 0u32;
+    for w in 0..nwarps {
+        // SAFETY: written above, before the barrier.
+        let s = unsafe { ld_shared_cta_u32(smem + 4 * w) };
+        if w < warp {
+            warp_prefix = warp_prefix.wrapping_add(s);
+        }
+        total = total.wrapping_add(s);
+    }
+    bar_sync_0();
+    (warp_prefix.wrapping_add(incl).wrapping_sub(v), total)
+}
+
+/// Reads top-k entry `i` of an i32 or i64 index array (a kernel input).
+///
+/// # Safety
+/// `p` must hold at least `i + 1` entries of the given width.
+#[inline(always)]
+pub unsafe fn load_topk_idx(p: u64, i: usize, is_i64: bool) -> i64 {
+    // SAFETY: the caller guarantees the bounds.
+    unsafe {
+        if is_i64 {
+            ld_global_nc_s64((p as *const i64).add(i))
+        } else {
+            ld_global_nc_s32((p as *const i32).add(i)) as i64
+        }
+    }
+}
+
+/// The two bf16 values packed in `w` (element 0 in the low half) as f32.
+#[inline(always)]
+pub fn unpack_bf16x2(w: u32) -> (f32, f32) {
+    (f32::from_bits(w << 16), f32::from_bits(w & 0xffff_0000))
+}
+
+/// Adds the 8 bf16 values of a 16-byte vector to `acc` with IEEE adds.
+#[inline(always)]
+pub fn accumulate_bf16x8(acc: &mut [f32; 8], v: [u32; 4]) {
+    for j in 0..4 {
+        let (a, b) = unpack_bf16x2(v[j]);
+        acc[2 * j] = add_rn_f32(acc[2 * j], a);
+        acc[2 * j + 1] = add_rn_f32(acc[2 * j + 1], b);
+    }
+}
+
+/// Packs 8 f32 into 8 bf16 (round to nearest even).
+#[inline(always)]
+pub fn pack_bf16x8(acc: &[f32; 8]) -> [u32; 4] {
+    let mut o = [0u32; 4];
+    for j in 0..4 {
+        o[j] = cvt_rn_bf16x2_f32(acc[2 * j + 1], acc[2 * j]);
+    }
+    o
+}
+
+/// The warp copies `nvec` 16-byte vectors from `src` (a kernel input) to the destination
+/// held by each lane whose bit is set in `mask` (lane `d` passes its own `dst`), `U` vectors
+/// per lane in flight. Destinations travel by `shfl`, so no per-destination array exists
+/// (an array indexed at run time would live in local memory).
+///
+/// # Safety
+/// `src` and every selected lane's `dst` must hold `nvec` vectors, 16-byte aligned.
+#[inline(always)]
+pub unsafe fn warp_copy_to_lane_dests<const U: usize>(src: u64, nvec: u32, dst: u64, mask: u32) {
+    let lane = laneid();
+    let s = src as *const [u32; 4];
+    let mut base = 0u32;
+    while base < nvec {
+        let mut v = [[0u32; 4]; U];
+        for (u, vu) in v.iter_mut().enumerate() {
+            let j = base + lane + 32 * u as u32;
+            if j < nvec {
+                // SAFETY: j < nvec.
+                *vu = unsafe { ld_global_nc_L1_no_allocate_v4_u32(s.add(j as usize)) };
+            }
+        }
+        let mut m = mask;
+        while m != 0 {
+            let d = m.trailing_zeros();
+            m &= m - 1;
+            let out = shfl_idx_u64(FULL, dst, d) as *mut [u32; 4];
+            for (u, vu) in v.iter().enumerate() {
+                let j = base + lane + 32 * u as u32;
+                if j < nvec {
+                    // SAFETY: j < nvec.
+                    unsafe { st_global_L1_no_allocate_v4_u32(out.add(j as usize), *vu) };
+                }
+            }
+        }
+        base += 32 * U as u32;
+    }
+}

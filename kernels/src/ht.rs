@@ -1,0 +1,348 @@
+//! High-throughput (prefill) kernels: layout, notify, dispatch, combine.
+//!
+//! Dispatch writes every row once, straight into its final place in the receiver's heap
+//! (`recv_x[row]`), reading the token once and storing it to each rank that needs it. Counts
+//! are exchanged first (notify), so every sender knows its rows' places in every receiver.
+//! Combine writes each expert rank's row for a token into slot `[expert rank][token]` of the
+//! home rank's staging area; once every rank's blocks have arrived, the home sums the slots
+//! in rank order (f32), so the result is bitwise deterministic.
+//!
+//! Protocol (see `docs/protocol.md`): notify flags are the notify call counter, released at
+//! `.sys` and acquired by the owner; dispatch and combine end with one `red.release.sys.add`
+//! per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to
+//! reach the sender's grid size, and zeroes.
+
+use crate::abi::*;
+use crate::dev::*;
+use crate::ptx::*;
+use crate::sync::*;
+
+/// Vectors in flight per lane in the row copies.
+const UNROLL: usize = 4;
+
+/// One block per destination rank: is_token_in_rank, token positions, counts.
+/// Dynamic shared memory: `4 * (32 + E / R)` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn ht_layout(p: HtLayoutParams) {
+    let w = Waiter::new(&p.wait);
+    let r = ctaid_x();
+    let (tid, nt, world) = (tid_x(), ntid_x(), w.world);
+    let (n, k, e) = (p.num_tokens, p.k as usize, p.num_experts as i64);
+    let epr = p.num_experts / world;
+    let lo = (r * epr) as i64;
+    let hi = lo + epr as i64;
+    let smem = dyn_smem_base();
+    let counters = smem + 128;
+    let is64 = p.idx_i64 != 0;
+    // SAFETY: the launcher sizes shared memory for `epr` counters; the host validated every
+    // array's shape, so token `t < n` and slot `j < k` are in bounds.
+    unsafe {
+        let mut j = tid;
+        while j < epr {
+            st_shared_cta_u32(counters + 4 * j, 0);
+            j += nt;
+        }
+        bar_sync_0();
+        let chunk = n.div_ceil(nt);
+        let t0 = core::cmp::min(tid * chunk, n);
+        let t1 = core::cmp::min(t0 + chunk, n);
+        let hits = |t: u32, count_experts: bool| -> bool {
+            let mut hit = false;
+            for j in 0..k {
+                let x = load_topk_idx(p.topk_idx, t as usize * k + j, is64);
+                if x < -1 || x >= e {
+                    if r == 0 {
+                        w.report(status::BAD_EXPERT, phase::HT_LAYOUT, t, e as u64, x as u64, 0);
+                    }
+                } else if x >= lo && x < hi {
+                    hit = true;
+                    if count_experts {
+                        atom_shared_cta_add_u32(counters + 4 * (x - lo) as u32, 1);
+                    }
+                }
+            }
+            hit
+        };
+        let mut count = 0u32;
+        for t in t0..t1 {
+            count += hits(t, true) as u32;
+        }
+        let (mut pos, total) = block_exclusive_scan_u32(count, smem);
+        for t in t0..t1 {
+            let hit = hits(t, false);
+            let at = t as usize * world as usize + r as usize;
+            st_global_u8((p.is_token_in_rank as *mut u8).add(at), hit as u8);
+            st_global_u32((p.token_pos as *mut u32).add(at), if hit { pos } else { u32::MAX });
+            pos += hit as u32;
+        }
+        if tid == 0 {
+            st_global_u32((p.tokens_per_rank as *mut u32).add(r as usize), total);
+        }
+        let mut j = tid;
+        while j < epr {
+            st_global_u32((p.tokens_per_expert as *mut u32).add((lo as u32 + j) as usize), ld_shared_cta_u32(counters + 4 * j));
+            j += nt;
+        }
+    }
+}
+
+/// One block: sends this rank's counts to every rank, waits for everyone's, computes where
+/// this rank's rows go in every receiver and where each source's rows land here.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
+    let w = Waiter::new(&p.wait);
+    let (tid, nt, world, rank) = (tid_x(), ntid_x(), w.world, w.rank);
+    let epr = p.experts_per_rank;
+    let rec_len = world + epr;
+    let me = control(&p.peers, rank);
+    // Record written by `src` into rank `r`'s notify area, parity `par`.
+    let rec = |r: u32, par: u32, src: u32| -> *mut i32 {
+        (peer_base(&p.peers, r) + p.notify_off + (((par * world + src) * rec_len) as u64) * 4) as *mut i32
+    };
+    // SAFETY: heap offsets come from the buffer's layout; inputs were sized by the host.
+    unsafe {
+        let seq = core::ptr::read_volatile(&raw const (*me).notify_seq).wrapping_add(1);
+        bar_sync_0();
+        if tid == 0 {
+            core::ptr::write_volatile(&raw mut (*me).notify_seq, seq);
+        }
+        let par = seq & 1;
+        let mut idx = tid;
+        while idx < world * rec_len {
+            let (r, i) = (idx / rec_len, idx % rec_len);
+            let v = if i < world {
+                ld_global_nc_s32((p.tokens_per_rank as *const i32).add(i as usize))
+            } else {
+                ld_global_nc_s32((p.tokens_per_expert as *const i32).add((r * epr + i - world) as usize))
+            };
+            st_global_u32(rec(r, par, rank).add(i as usize) as *mut u32, v as u32);
+            idx += nt;
+        }
+        bar_sync_0();
+        let mut ok = true;
+        if tid < world {
+            fence_acq_rel_sys();
+            st_release_sys_global_u32(&raw mut (*control(&p.peers, tid)).notify_flags[par as usize][rank as usize], seq);
+            ok = w.wait_eq(&raw const (*me).notify_flags[par as usize][tid as usize], seq, phase::HT_NOTIFY, tid);
+        }
+        let ok = bar_red_and_pred_0(ok);
+        // Count rank `s` sends to rank `r`, as `s` told this rank.
+        let c = |s: u32, r: u32| -> u32 {
+            if ok { ld_relaxed_sys_global_u32(rec(rank, par, s).add(r as usize) as *const u32) } else { 0 }
+        };
+        if tid == 0 {
+            let mut mine = 0u32;
+            for s in 0..world {
+                mine += c(s, rank);
+            }
+            let fits = mine <= p.capacity;
+            let mut acc = 0u32;
+            for s in 0..world {
+                st_global_u32((p.src_base as *mut u32).add(s as usize), if fits { acc } else { 0 });
+                acc += c(s, rank);
+            }
+            st_global_u32((p.src_base as *mut u32).add(world as usize), if fits { acc } else { 0 });
+            for r in 0..world {
+                let (mut before, mut total) = (0u32, 0u32);
+                for s in 0..world {
+                    if s < rank {
+                        before += c(s, r);
+                    }
+                    total += c(s, r);
+                }
+                let base = if !ok {
+                    u32::MAX
+                } else if total > p.capacity {
+                    w.report(status::CAPACITY, phase::HT_NOTIFY, r, p.capacity as u64, total as u64, 0);
+                    u32::MAX
+                } else {
+                    before
+                };
+                st_global_u32((p.dest_base as *mut u32).add(r as usize), base);
+            }
+        }
+        let host = p.num_recv_host as *mut u32;
+        let mut j = tid;
+        while j < epr {
+            let mut sum = 0u32;
+            for s in 0..world {
+                sum += if ok { ld_relaxed_sys_global_u32(rec(rank, par, s).add((world + j) as usize) as *const u32) } else { 0 };
+            }
+            let a = p.expert_alignment;
+            let sum = if a > 1 { sum.div_ceil(a) * a } else { sum };
+            st_global_u32((p.recv_expert_counts as *mut u32).add(j as usize), sum);
+            if !host.is_null() {
+                st_relaxed_sys_global_u32(host.add(1 + j as usize), sum);
+            }
+            j += nt;
+        }
+        bar_sync_0();
+        if tid == 0 && !host.is_null() {
+            let n = ld_relaxed_sys_global_u32((p.src_base as *const u32).add(world as usize));
+            fence_acq_rel_sys();
+            st_release_sys_global_u32(host, n + 1);
+        }
+    }
+}
+
+/// Sends every token to every rank that needs it, straight into its final row there, then
+/// signals; block 0 waits until every source's blocks have signalled this rank.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn ht_dispatch(p: HtDispatchParams) {
+    let w = Waiter::new(&p.wait);
+    let (lane, world, rank) = (laneid(), w.world, w.rank);
+    let warps = ntid_x() / 32;
+    let gw = ctaid_x() * warps + tid_x() / 32;
+    let total_warps = nctaid_x() * warps;
+    let (k, epr) = (p.k as usize, p.experts_per_rank as i64);
+    let row_bytes = p.row_bytes as u64;
+    let nvec = p.row_bytes / 16;
+    let cols = p.scale_cols as usize;
+    let is64 = p.idx_i64 != 0;
+    // SAFETY: the host validated every input's shape; heap offsets come from the layout and
+    // rows from notify (a destination that would overflow has base -1 and gets nothing).
+    unsafe {
+        let my_base = if lane < world { ld_global_nc_s32((p.dest_base as *const i32).add(lane as usize)) } else { -1 };
+        let lane_peer = peer_base(&p.peers, lane);
+        let mut t = gw;
+        while t < p.num_tokens {
+            let pos = if lane < world { ld_global_nc_s32((p.token_pos as *const i32).add((t * world + lane) as usize)) } else { -1 };
+            let row: i64 = if pos >= 0 && my_base >= 0 { (my_base + pos) as i64 } else { -1 };
+            let mask = vote_sync_ballot_b32(FULL, row >= 0);
+            if mask != 0 {
+                let dst = lane_peer.wrapping_add(p.recv_x_off).wrapping_add(row as u64 * row_bytes);
+                warp_copy_to_lane_dests::<UNROLL>(p.x + t as u64 * row_bytes, nvec, dst, mask);
+                if row >= 0 {
+                    st_global_u32((lane_peer + p.recv_src_off + row as u64 * 4) as *mut u32, t);
+                }
+                // Metadata: lane d of the warp knows destination d's row and heap base.
+                let (e, wt) = if p.topk_idx != 0 && (lane as usize) < k {
+                    let i = t as usize * k + lane as usize;
+                    let wt = if p.topk_weights != 0 { ld_global_nc_f32((p.topk_weights as *const f32).add(i)) } else { 0.0 };
+                    (load_topk_idx(p.topk_idx, i, is64), wt)
+                } else {
+                    (-1, 0.0)
+                };
+                let mut m = mask;
+                while m != 0 {
+                    let d = m.trailing_zeros();
+                    m &= m - 1;
+                    let drow = shfl_idx_u64(FULL, row as u64, d);
+                    let dbase = shfl_idx_u64(FULL, lane_peer, d);
+                    if p.topk_idx != 0 && (lane as usize) < k {
+                        let local = if e >= 0 && e / epr == d as i64 { (e - d as i64 * epr) as i32 } else { -1 };
+                        let at = (drow * k as u64 + lane as u64) * 4;
+                        st_global_u32((dbase + p.recv_idx_off + at) as *mut u32, local as u32);
+                        if p.topk_weights != 0 {
+                            let v = if local >= 0 { wt } else { 0.0 };
+                            st_global_u32((dbase + p.recv_w_off + at) as *mut u32, v.to_bits());
+                        }
+                    }
+                    if p.scales != 0 {
+                        let mut j = lane as usize;
+                        while j < cols {
+                            let s = ld_global_nc_f32((p.scales as *const f32).add(t as usize * cols + j));
+                            let at = (drow * cols as u64 + j as u64) * 4;
+                            st_global_u32((dbase + p.recv_scales_off + at) as *mut u32, s.to_bits());
+                            j += 32;
+                        }
+                    }
+                }
+            }
+            t += total_warps;
+        }
+        signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ht_dispatch_arrive[rank as usize]);
+        if ctaid_x() == 0 {
+            let me = control(&p.peers, rank);
+            let ok = wait_all_sources(&w, |s| &raw const (*me).ht_dispatch_arrive[s as usize], nctaid_x(), phase::HT_DISPATCH);
+            if ok && tid_x() < world {
+                st_relaxed_sys_global_u32(&raw mut (*me).ht_dispatch_arrive[tid_x() as usize], 0);
+            }
+        }
+    }
+}
+
+/// Sends each received row back to its home rank's staging slot, then (every block, once
+/// every rank's blocks have arrived) reduces this rank's tokens over ranks in rank order.
+#[unsafe(no_mangle)]
+pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
+    let w = Waiter::new(&p.wait);
+    let (lane, world, rank) = (laneid(), w.world, w.rank);
+    let warps = ntid_x() / 32;
+    let gw = ctaid_x() * warps + tid_x() / 32;
+    let total_warps = nctaid_x() * warps;
+    let k = p.k as u64;
+    let row_bytes = p.hidden as u64 * 2;
+    let nvec = p.hidden / 8;
+    let slot = |s: u32, t: u32| s as u64 * p.max_tokens as u64 + t as u64;
+    // SAFETY: shapes validated by the host; staging slots `[R][max_tokens]` hold every token
+    // index a home rank can have (the host checked N <= max_tokens).
+    unsafe {
+        let src_base = p.src_base as *const i32;
+        let num_recv = ld_global_nc_s32(src_base.add(world as usize)) as u32;
+        let sb = if lane >= 1 && lane <= world { ld_global_nc_s32(src_base.add(lane as usize)) } else { i32::MAX };
+        let mut i = gw;
+        while i < num_recv {
+            let s = vote_sync_ballot_b32(FULL, sb <= i as i32).count_ones();
+            let t = ld_global_nc_s32((peer_base(&p.peers, rank) + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+            let home = peer_base(&p.peers, s);
+            let dst = home + p.comb_x_off + slot(rank, t) * row_bytes;
+            warp_copy_to_lane_dests::<UNROLL>(p.y + i as u64 * row_bytes, nvec, dst, 1);
+            if p.y_weights != 0 && (lane as u64) < k {
+                let v = ld_global_nc_f32((p.y_weights as *const f32).add((i as u64 * k + lane as u64) as usize));
+                st_global_u32((home + p.comb_w_off + (slot(rank, t) * k + lane as u64) * 4) as *mut u32, v.to_bits());
+            }
+            i += total_warps;
+        }
+        signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ht_combine_arrive[rank as usize]);
+        let me = control(&p.peers, rank);
+        let ok = wait_all_sources(&w, |s| &raw const (*me).ht_combine_arrive[s as usize], nctaid_x(), phase::HT_COMBINE);
+        if ok {
+            let own = peer_base(&p.peers, rank);
+            let mut t = gw;
+            while t < p.num_tokens {
+                let inr = if lane < world { ld_global_nc_u8((p.is_token_in_rank as *const u8).add((t * world + lane) as usize)) } else { 0 };
+                let mask = vote_sync_ballot_b32(FULL, inr != 0);
+                let mut base = 0u32;
+                while base < nvec {
+                    let j = base + lane;
+                    if j < nvec {
+                        let mut acc = [0f32; 8];
+                        for r in 0..MAX_RANKS {
+                            if mask >> r & 1 != 0 {
+                                let a = own + p.comb_x_off + slot(r as u32, t) * row_bytes + j as u64 * 16;
+                                accumulate_bf16x8(&mut acc, ld_global_v4_u32(a as *const [u32; 4]));
+                            }
+                        }
+                        let at = t as u64 * row_bytes + j as u64 * 16;
+                        if p.bias0 != 0 {
+                            accumulate_bf16x8(&mut acc, ld_global_nc_v4_u32((p.bias0 + at) as *const [u32; 4]));
+                        }
+                        if p.bias1 != 0 {
+                            accumulate_bf16x8(&mut acc, ld_global_nc_v4_u32((p.bias1 + at) as *const [u32; 4]));
+                        }
+                        let a = p.out + t as u64 * row_bytes + j as u64 * 16;
+                        st_global_v4_u32(a as *mut [u32; 4], pack_bf16x8(&acc));
+                    }
+                    base += 32;
+                }
+                if p.out_weights != 0 && (lane as u64) < k {
+                    let mut acc = 0f32;
+                    for r in 0..MAX_RANKS {
+                        if mask >> r & 1 != 0 {
+                            let a = own + p.comb_w_off + (slot(r as u32, t) * k + lane as u64) * 4;
+                            acc = add_rn_f32(acc, f32::from_bits(ld_relaxed_sys_global_u32(a as *const u32)));
+                        }
+                    }
+                    st_global_u32((p.out_weights as *mut u32).add((t as u64 * k + lane as u64) as usize), acc.to_bits());
+                }
+                t += total_warps;
+            }
+        }
+        if last_block_done(&raw mut (*me).ht_combine_done) && ok {
+            for s in 0..world {
+                st_relaxed_sys_global_u32(&raw mut (*me).ht_combine_arrive[s as usize], 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Cross-rank barrier over the symmetric heap, and block-completion counters.
+
+use super::Waiter;
+use crate::abi::{phase, Control, Peers};
+use crate::dev::peer_base;
+use crate::ptx::*;
+
+/// The heap's control block on rank `r`.
+#[inline(always)]
+pub fn control(peers: &Peers, r: u32) -> *mut Control {
+    peer_base(peers, r) as *mut Control
+}
+
+/// Cross-rank barrier run by one whole block (`blockDim >= world`). Every write the block
+/// (and earlier kernels on this stream) made is visible to every peer afterwards, and every
+/// peer's writes before its barrier are visible here. Epochs live in the heap, so graph
+/// replays keep counting. Returns false if a peer did not arrive in time (reported).
+///
+/// # Safety
+/// `peers` must hold valid heap bases of every rank; all threads of the block must call it.
+pub unsafe fn barrier_block(peers: &Peers, w: &Waiter) -> bool {
+    let tid = tid_x();
+    let me = control(peers, w.rank);
+    // SAFETY: the control block is valid heap memory; only this block writes `barrier_epoch`,
+    // and every thread reads it before thread 0 rewrites it (the barrier between).
+    let epoch = unsafe { core::ptr::read_volatile(&raw const (*me).barrier_epoch) }.wrapping_add(1);
+    bar_sync_0();
+    if tid == 0 {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*me).barrier_epoch, epoch) };
+    }
+    let mut ok = true;
+    if tid < w.world {
+        fence_acq_rel_sys();
+        let peer = control(peers, tid);
+        // SAFETY: peer control blocks are valid mapped heap memory.
+        unsafe {
+            st_release_sys_global_u32(&raw mut (*peer).barrier_slots[w.rank as usize], epoch);
+            ok = w.wait_reached(&raw const (*me).barrier_slots[tid as usize], epoch, phase::BARRIER, tid);
+        }
+    }
+    bar_red_and_pred_0(ok)
+}
+
+/// Signals "this block's writes to every rank have landed": after a block barrier, thread 0
+/// fences at `.sys` scope and adds 1 to `counter(rank)` on every rank. Threads that issued
+/// bulk stores must have waited for them (`cp.async.bulk.wait_group 0`) and fenced the async
+/// proxy (`fence.proxy.async.global`) before calling.
+///
+/// # Safety
+/// `counter(r)` must give a valid u32 in rank `r`'s heap; all threads of the block must call it.
+#[inline(always)]
+pub unsafe fn signal_all_ranks(w: &Waiter, counter: impl Fn(u32) -> *mut u32) {
+    bar_sync_0();
+    if tid_x() == 0 {
+        fence_acq_rel_sys();
+        for r in 0..w.world {
+            // SAFETY: the caller guarantees the counter addresses.
+            unsafe { red_release_sys_global_add_u32(counter(r), 1) };
+        }
+    }
+}
+
+/// Waits (threads `0..world` of the block, one per source) until `counter(src)` reaches
+/// `expected`, then block-syncs. Returns, in every thread, false if some source fell short
+/// (reported).
+///
+/// # Safety
+/// `counter(s)` must give a valid u32 in this rank's heap; all threads must call it.
+#[inline(always)]
+pub unsafe fn wait_all_sources(w: &Waiter, counter: impl Fn(u32) -> *const u32, expected: u32, phase: u32) -> bool {
+    let tid = tid_x();
+    let mut ok = true;
+    if tid < w.world {
+        // SAFETY: the caller guarantees the counter addresses.
+        ok = unsafe { w.wait_eq(counter(tid), expected, phase, tid) };
+    }
+    bar_red_and_pred_0(ok)
+}
+
+/// Last-block detection for self-cleaning counters: returns true in thread 0 of the last
+/// block of the grid to call it (and resets `done` to 0 there).
+///
+/// # Safety
+/// `done` must be a valid u32 of this GPU's memory used only by this kernel; all threads of
+/// every block must call it once.
+#[inline(always)]
+pub unsafe fn last_block_done(done: *mut u32) -> bool {
+    bar_sync_0();
+    if tid_x() != 0 {
+        return false;
+    }
+    // SAFETY: the caller guarantees `done`.
+    let prev = unsafe { atom_acq_rel_gpu_global_add_u32(done, 1) };
+    if prev + 1 == nctaid_x() {
+        // SAFETY: every block has arrived; nobody else touches `done` in this launch.
+        unsafe { st_relaxed_sys_global_u32(done, 0) };
+        true
+    } else {
+        false
+    }
+}

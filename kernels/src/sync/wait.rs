@@ -1,0 +1,113 @@
+//! Deadline-bounded spin-waits and error reporting.
+
+use crate::abi::{status, ErrorRecord, WaitCtx};
+use crate::ptx::*;
+
+/// Polls between deadline checks (a `%globaltimer` read and an abort check).
+const POLLS_PER_CHECK: u32 = 32;
+
+/// Where a kernel reports errors and how long its waits may last.
+#[derive(Clone, Copy)]
+pub struct Waiter {
+    err: *mut ErrorRecord,
+    timeout_ns: u64,
+    /// This rank.
+    pub rank: u32,
+    /// Ranks in the group.
+    pub world: u32,
+}
+
+impl Waiter {
+    /// A waiter for the context the host put in the kernel's parameters.
+    #[inline(always)]
+    pub fn new(w: &WaitCtx) -> Self {
+        Waiter { err: w.err as *mut ErrorRecord, timeout_ns: w.timeout_ns, rank: w.rank, world: w.world }
+    }
+
+    /// True once any thread of this rank has reported an error.
+    #[inline(always)]
+    pub fn aborted(&self) -> bool {
+        // SAFETY: the host allocates the record for the lifetime of every launch.
+        unsafe { ld_relaxed_sys_global_u32(&raw const (*self.err).status) != status::OK }
+    }
+
+    /// Reports an error unless one was already reported (the first report wins).
+    pub fn report(&self, code: u32, phase: u32, peer: u32, expected: u64, seen: u64, waited_ns: u64) {
+        let e = self.err;
+        // SAFETY: the record is valid device memory; the claim makes this thread its only writer.
+        unsafe {
+            if atom_relaxed_sys_global_cas_b32(&raw mut (*e).claim, 0, 1) != 0 {
+                return;
+            }
+            st_relaxed_sys_global_u32(&raw mut (*e).phase, phase);
+            st_relaxed_sys_global_u32(&raw mut (*e).rank, self.rank);
+            st_relaxed_sys_global_u32(&raw mut (*e).peer, peer);
+            st_relaxed_sys_global_u32(&raw mut (*e).block, ctaid_x());
+            st_relaxed_sys_global_u32(&raw mut (*e).thread, tid_x());
+            st_relaxed_sys_global_u64(&raw mut (*e).expected, expected);
+            st_relaxed_sys_global_u64(&raw mut (*e).seen, seen);
+            st_relaxed_sys_global_u64(&raw mut (*e).waited_ns, waited_ns);
+            st_release_sys_global_u32(&raw mut (*e).status, code);
+        }
+    }
+
+    /// Spins with `ld.acquire.sys` on `p` until `done(value)`. Returns the value, or `None`
+    /// after reporting a timeout (or when another thread of this rank already failed).
+    ///
+    /// # Safety
+    /// `p` must be valid, aligned global memory (local or peer-mapped).
+    #[inline(always)]
+    pub unsafe fn spin_acquire_sys_u32(
+        &self,
+        p: *const u32,
+        phase: u32,
+        peer: u32,
+        expected: u32,
+        done: impl Fn(u32) -> bool,
+    ) -> Option<u32> {
+        let start = globaltimer();
+        let mut polls = 0u32;
+        loop {
+            // SAFETY: the caller guarantees `p`.
+            let v = unsafe { ld_acquire_sys_global_u32(p) };
+            if done(v) {
+                return Some(v);
+            }
+            polls += 1;
+            if polls == POLLS_PER_CHECK {
+                polls = 0;
+                let waited = globaltimer().wrapping_sub(start);
+                if waited > self.timeout_ns {
+                    self.report(status::TIMEOUT, phase, peer, expected as u64, v as u64, waited);
+                    return None;
+                }
+                if self.aborted() {
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Waits until the u32 at `p` equals `expected`.
+    ///
+    /// # Safety
+    /// As [`Waiter::spin_acquire_sys_u32`].
+    #[inline(always)]
+    pub unsafe fn wait_eq(&self, p: *const u32, expected: u32, phase: u32, peer: u32) -> bool {
+        // SAFETY: forwarded.
+        unsafe { self.spin_acquire_sys_u32(p, phase, peer, expected, |v| v == expected).is_some() }
+    }
+
+    /// Waits until the epoch at `p` has reached `expected` (wrapping comparison, so epochs
+    /// may run past `u32::MAX`).
+    ///
+    /// # Safety
+    /// As [`Waiter::spin_acquire_sys_u32`].
+    #[inline(always)]
+    pub unsafe fn wait_reached(&self, p: *const u32, expected: u32, phase: u32, peer: u32) -> bool {
+        // SAFETY: forwarded.
+        unsafe {
+            self.spin_acquire_sys_u32(p, phase, peer, expected, |v| v.wrapping_sub(expected) as i32 >= 0).is_some()
+        }
+    }
+}
