@@ -371,18 +371,9 @@ impl Group {
         self.heap.peers()
     }
 
-    pub(crate) fn exchange(&self) -> &Arc<dyn Exchange> {
-        &self.exchange
-    }
-
     /// Collective: a new symmetric heap of `bytes` per rank.
     pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
         SymmetricHeap::new(&self.ctx, &self.exchange, self.mode, bytes, self.cfg.rendezvous_timeout)
-    }
-
-    /// Largest block size `k` may be launched with.
-    pub(crate) fn max_threads(&self, k: Kernel) -> u32 {
-        self.kernels.functions[&k].max_threads
     }
 
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled

@@ -1,1 +1,463 @@
-//! placeholder
+//! Low-latency dispatch and combine (decode: at most a few hundred tokens per rank).
+//!
+//! No count round trip: each (token, top-k slot) reserves a row in its expert's receive area
+//! on the owning rank with one remote atomic and writes it there (cast to FP8 on the way by
+//! default); the receive side waits for every rank's arrival counters and reads the per-expert
+//! row counts. Addresses never change, so a dispatch + combine pair can be captured in a CUDA
+//! graph and replayed. Each kind of call alternates between two halves of the buffer, and each
+//! call's receive half cleans what the next call of that half needs, so consecutive calls need
+//! no reset barrier.
+//!
+//! Hook mode splits every call into a send launch and a receive launch ([`LlBuffer::dispatch_recv`],
+//! [`LlBuffer::combine_recv`]) that the caller runs later; no SM is held in between.
+
+use crate::error::{DriverContext, Error, Result};
+use crate::group::{Group, Kernel};
+use crate::heap::SymmetricHeap;
+use crate::tensor::{check_len, DeviceArg, HeapView, TopkIdx};
+use cudarc::driver::{CudaEvent, CudaStream};
+use std::sync::Arc;
+use half::bf16;
+use moe_ep_kernels::abi::*;
+
+/// Buffer configuration. Every rank must use the same one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlConfig {
+    /// Experts in the model (a multiple of the rank count, at most 1024).
+    pub num_experts: usize,
+    /// Hidden size: a multiple of 128 up to 16384.
+    pub hidden: usize,
+    /// Most top-k slots per token (1 to 16).
+    pub max_topk: usize,
+    /// Most tokens per rank per call (`T`, up to 1024).
+    pub max_tokens_per_rank: usize,
+    /// Blocks of the kernels (at most the SM count; every block stays resident).
+    pub num_blocks: u32,
+    /// Threads per block.
+    pub threads: u32,
+}
+
+impl LlConfig {
+    /// A configuration with default launch sizes.
+    pub fn new(num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> Self {
+        LlConfig { num_experts, hidden, max_topk, max_tokens_per_rank, num_blocks: 64, threads: 512 }
+    }
+
+    /// Layout of one half for `world` ranks.
+    pub fn half_layout(&self, world: usize) -> LlHalfLayout {
+        LlHalfLayout::new(world as u64, (self.num_experts / world.max(1)) as u64, self.max_tokens_per_rank as u64, self.hidden as u64, self.max_topk as u64)
+    }
+
+    /// Symmetric-heap bytes per rank (a size hint).
+    pub fn heap_bytes(&self, world: usize) -> u64 {
+        self.half_layout(world).heap_bytes()
+    }
+
+    /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
+    pub fn validate(&self, world: usize, sm_count: u32) -> Result<()> {
+        if !(2..=MAX_RANKS).contains(&world) {
+            return Err(Error::invalid("world", format!("{world} ranks; low-latency kernels need 2..={MAX_RANKS}")));
+        }
+        if self.hidden == 0 || self.hidden % FP8_GROUP != 0 || self.hidden > MAX_HIDDEN {
+            return Err(Error::invalid("hidden", format!("{} is not a multiple of {FP8_GROUP} in {FP8_GROUP}..={MAX_HIDDEN}", self.hidden)));
+        }
+        if !(1..=MAX_TOPK).contains(&self.max_topk) {
+            return Err(Error::invalid("max_topk", format!("{} is outside 1..={MAX_TOPK}", self.max_topk)));
+        }
+        if self.num_experts < world || self.num_experts % world != 0 || self.num_experts > LL_MAX_EXPERTS {
+            return Err(Error::invalid("num_experts", format!("{} is not a multiple of the {world} ranks in {world}..={LL_MAX_EXPERTS}", self.num_experts)));
+        }
+        if !(1..=LL_MAX_TOKENS).contains(&self.max_tokens_per_rank) {
+            return Err(Error::invalid("max_tokens_per_rank", format!("{} is outside 1..={LL_MAX_TOKENS}", self.max_tokens_per_rank)));
+        }
+        if self.num_blocks == 0 || self.num_blocks > sm_count.max(1) {
+            return Err(Error::invalid("num_blocks", format!("{} blocks but the GPU has {sm_count} SMs (every block must stay resident)", self.num_blocks)));
+        }
+        if self.threads < 64 || self.threads > 1024 || self.threads % 32 != 0 {
+            return Err(Error::invalid("threads", format!("{} is not a multiple of 32 in 64..=1024", self.threads)));
+        }
+        Ok(())
+    }
+}
+
+/// FP8 scale formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScaleFormat {
+    /// One f32 scale per 128 channels, `amax / 448`.
+    F32,
+    /// f32 scales rounded up to a power of two.
+    F32Pow2,
+    /// Power-of-two scales as UE8M0 exponent bytes, four packed per u32.
+    Ue8m0,
+}
+
+impl ScaleFormat {
+    fn code(self) -> u32 {
+        match self {
+            ScaleFormat::F32 => scale_fmt::F32,
+            ScaleFormat::F32Pow2 => scale_fmt::F32_POW2,
+            ScaleFormat::Ue8m0 => scale_fmt::UE8M0,
+        }
+    }
+}
+
+/// What a low-latency dispatch delivers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LlPayload {
+    /// BF16 rows.
+    Bf16,
+    /// FP8 e4m3 rows cast in the kernel, with scales in the given format.
+    Fp8(ScaleFormat),
+}
+
+/// Dispatch inputs.
+#[derive(Clone, Copy)]
+pub struct LlDispatchArgs<'a> {
+    /// `bf16 [N, H]`, N <= T.
+    pub x: &'a dyn DeviceArg<bf16>,
+    /// `[N, K]`, -1 = no expert.
+    pub topk_idx: TopkIdx<'a>,
+    pub payload: LlPayload,
+    /// `i32 [E_local]`: received rows per local expert are added to it.
+    pub stats: Option<&'a dyn DeviceArg<i32>>,
+    /// Launch only the send half; run [`LlBuffer::dispatch_recv`] later.
+    pub hook: bool,
+}
+
+/// Handle of one dispatch (for its views and its combine).
+#[derive(Clone, Debug)]
+pub struct LlHandle {
+    generation: u64,
+    half: usize,
+    num_tokens: usize,
+    k: usize,
+    payload: LlPayload,
+    received: bool,
+}
+
+impl LlHandle {
+    /// Which buffer half holds this dispatch's rows.
+    pub fn half(&self) -> usize {
+        self.half
+    }
+    /// True once the receive half ran (always, unless in hook mode).
+    pub fn received(&self) -> bool {
+        self.received
+    }
+}
+
+/// Where combine reads the expert outputs from.
+#[derive(Clone, Copy)]
+pub enum LlCombineInput<'a> {
+    /// `bf16 [E_local, R * T, H]` in the caller's memory.
+    Tensor(&'a dyn DeviceArg<bf16>),
+    /// The buffer's own combine input area ([`LlBuffer::combine_input`]), written by the caller.
+    ZeroCopy,
+}
+
+/// Combine inputs (this rank as home: its routing, weights and output).
+#[derive(Clone, Copy)]
+pub struct LlCombineArgs<'a> {
+    pub x: LlCombineInput<'a>,
+    /// The same `[N, K]` routing the dispatch used.
+    pub topk_idx: TopkIdx<'a>,
+    /// `f32 [N, K]`.
+    pub topk_weights: &'a dyn DeviceArg<f32>,
+    /// Out: `bf16 [N, H]`.
+    pub out: &'a dyn DeviceArg<bf16>,
+    /// Launch only the send half; run [`LlBuffer::combine_recv`] later.
+    pub hook: bool,
+}
+
+/// A combine whose receive half has not run yet (hook mode).
+#[must_use = "run LlBuffer::combine_recv to finish the combine"]
+pub struct LlCombinePending {
+    params: LlCombineParams,
+}
+
+/// A low-latency buffer.
+pub struct LlBuffer<'g> {
+    g: &'g Group,
+    cfg: LlConfig,
+    hl: LlHalfLayout,
+    heap: SymmetricHeap,
+    dispatches: u64,
+    combines: std::cell::Cell<u64>,
+    pending_dispatch: bool,
+    pending_combine: std::cell::Cell<bool>,
+}
+
+impl<'g> LlBuffer<'g> {
+    /// Collective: every rank creates its buffer with the same configuration.
+    pub fn new(g: &'g Group, cfg: LlConfig) -> Result<Self> {
+        cfg.validate(g.world(), g.sm_count())?;
+        let hl = cfg.half_layout(g.world());
+        let heap = g.new_heap(hl.heap_bytes())?;
+        Ok(LlBuffer { g, cfg, hl, heap, dispatches: 0, combines: std::cell::Cell::new(0), pending_dispatch: false, pending_combine: std::cell::Cell::new(false) })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LlConfig {
+        &self.cfg
+    }
+
+    fn epr(&self) -> usize {
+        self.cfg.num_experts / self.g.world()
+    }
+
+    fn rows_per_expert(&self) -> usize {
+        self.g.world() * self.cfg.max_tokens_per_rank
+    }
+
+    fn half_off(&self, half: usize) -> u64 {
+        self.hl.half_offset(half as u64)
+    }
+
+    fn event(&self, stream: &Arc<CudaStream>) -> Result<CudaEvent> {
+        stream.record_event(None).during("cuEventRecord", || "recording an operation's completion".into())
+    }
+
+    fn check_routing(&self, topk_idx: &TopkIdx<'_>, n: usize) -> Result<usize> {
+        if n > self.cfg.max_tokens_per_rank {
+            return Err(Error::invalid("x", format!("{n} tokens exceed max_tokens_per_rank = {}", self.cfg.max_tokens_per_rank)));
+        }
+        let k = if n == 0 { self.cfg.max_topk } else { topk_idx.elems() / n };
+        if !(1..=self.cfg.max_topk).contains(&k) || topk_idx.elems() != n * k {
+            return Err(Error::invalid("topk_idx", format!("has {} elements for {n} tokens; expected [{n}, k] with k in 1..={}", topk_idx.elems(), self.cfg.max_topk)));
+        }
+        Ok(k)
+    }
+
+    fn dispatch_params(&self, half: usize, n: usize, k: usize, args: &LlDispatchArgs<'_>, stages: u32) -> LlDispatchParams {
+        let (fp8, fmt) = match args.payload {
+            LlPayload::Bf16 => (0, 0),
+            LlPayload::Fp8(f) => (1, f.code()),
+        };
+        let cols = (self.cfg.hidden / FP8_GROUP) as u32;
+        LlDispatchParams {
+            wait: self.g.wait_ctx(),
+            peers: self.heap.peers(),
+            layout: self.hl,
+            half_off: self.half_off(half),
+            x: args.x.device_addr(),
+            topk_idx: args.topk_idx.addr(),
+            stats: args.stats.map_or(0, |s| s.device_addr()),
+            num_tokens: n as u32,
+            hidden: self.cfg.hidden as u32,
+            k: k as u32,
+            idx_i64: args.topk_idx.is_i64(),
+            experts_per_rank: self.epr() as u32,
+            max_tokens: self.cfg.max_tokens_per_rank as u32,
+            fp8,
+            scale_fmt: fmt,
+            half: half as u32,
+            stages,
+            send_blocks: self.cfg.num_blocks,
+            scale_row_bytes: if fmt == scale_fmt::UE8M0 { cols.div_ceil(4) * 4 } else { 4 * cols },
+        }
+    }
+
+    /// Dispatch: every (token, slot) to its expert's rank. Without `hook`, returns once both
+    /// halves are enqueued.
+    pub fn dispatch(&mut self, stream: &Arc<CudaStream>, args: &LlDispatchArgs<'_>) -> Result<(LlHandle, CudaEvent)> {
+        if self.pending_dispatch {
+            return Err(Error::InvalidState { reason: "the previous low-latency dispatch's receive hook has not run".into() });
+        }
+        let hd = self.cfg.hidden;
+        if args.x.elems() % hd != 0 {
+            return Err(Error::invalid("x", format!("has {} elements, not a multiple of hidden = {hd}", args.x.elems())));
+        }
+        let n = args.x.elems() / hd;
+        let k = self.check_routing(&args.topk_idx, n)?;
+        if let Some(s) = args.stats {
+            check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
+        }
+        let half = (self.dispatches % 2) as usize;
+        let stages = if args.hook { stage::SEND } else { stage::SEND | stage::RECV };
+        let p = self.dispatch_params(half, n, k, args, stages);
+        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, 0, stream, &p)?;
+        self.dispatches += 1;
+        self.pending_dispatch = args.hook;
+        let h = LlHandle { generation: self.dispatches, half, num_tokens: n, k, payload: args.payload, received: !args.hook };
+        Ok((h, self.event(stream)?))
+    }
+
+    /// The receive half of a hook-mode dispatch.
+    pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut LlHandle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
+        if h.received || h.generation != self.dispatches {
+            return Err(Error::InvalidState { reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into() });
+        }
+        let mut p = LlDispatchParams { stages: stage::RECV, ..Default::default() };
+        p.wait = self.g.wait_ctx();
+        p.peers = self.heap.peers();
+        p.layout = self.hl;
+        p.half_off = self.half_off(h.half);
+        p.half = h.half as u32;
+        p.experts_per_rank = self.epr() as u32;
+        p.max_tokens = self.cfg.max_tokens_per_rank as u32;
+        p.send_blocks = self.cfg.num_blocks;
+        if let Some(s) = stats {
+            check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
+            p.stats = s.device_addr();
+        }
+        self.g.launch(Kernel::LlDispatch, 1, 512, 0, stream, &p)?;
+        h.received = true;
+        self.pending_dispatch = false;
+        self.event(stream)
+    }
+
+    fn check_view(&self, h: &LlHandle) -> Result<()> {
+        if !h.received {
+            return Err(Error::InvalidState { reason: "the dispatch's receive hook has not run yet".into() });
+        }
+        if self.dispatches.saturating_sub(h.generation) >= 2 {
+            return Err(Error::InvalidState { reason: format!("stale handle: dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches) });
+        }
+        Ok(())
+    }
+
+    fn view<T>(&self, h: &LlHandle, off: u64, len: usize) -> HeapView<'_, T> {
+        HeapView::new(self.heap.local_ptr() + self.half_off(h.half) + off, len)
+    }
+
+    /// Received rows per local expert, `i32 [E_local]` (rows `0..count` of each expert are valid).
+    pub fn recv_count(&self, h: &LlHandle) -> Result<HeapView<'_, i32>> {
+        self.check_view(h)?;
+        Ok(self.view(h, self.hl.recv_count, self.epr()))
+    }
+
+    /// Source of each received row, `u32 [E_local, R * T]`: `rank << 24 | slot << 16 | token`.
+    pub fn recv_src_info(&self, h: &LlHandle) -> Result<HeapView<'_, u32>> {
+        self.check_view(h)?;
+        Ok(self.view(h, self.hl.recv_meta, self.epr() * self.rows_per_expert()))
+    }
+
+    /// FP8 rows `u8 [E_local, R * T, H]`.
+    pub fn recv_x_fp8(&self, h: &LlHandle) -> Result<HeapView<'_, u8>> {
+        self.check_view(h)?;
+        if !matches!(h.payload, LlPayload::Fp8(_)) {
+            return Err(Error::InvalidState { reason: "the dispatch sent BF16; use recv_x_bf16".into() });
+        }
+        Ok(self.view(h, self.hl.recv_x, self.epr() * self.rows_per_expert() * self.cfg.hidden))
+    }
+
+    /// BF16 rows `bf16 [E_local, R * T, H]`.
+    pub fn recv_x_bf16(&self, h: &LlHandle) -> Result<HeapView<'_, bf16>> {
+        self.check_view(h)?;
+        if h.payload != LlPayload::Bf16 {
+            return Err(Error::InvalidState { reason: "the dispatch sent FP8; use recv_x_fp8".into() });
+        }
+        Ok(self.view(h, self.hl.recv_x, self.epr() * self.rows_per_expert() * self.cfg.hidden))
+    }
+
+    /// f32 scales `[E_local, R * T, H / 128]` (F32 and F32Pow2 formats).
+    pub fn recv_scales(&self, h: &LlHandle) -> Result<HeapView<'_, f32>> {
+        self.check_view(h)?;
+        match h.payload {
+            LlPayload::Fp8(ScaleFormat::F32 | ScaleFormat::F32Pow2) => {
+                Ok(self.view(h, self.hl.recv_scales, self.epr() * self.rows_per_expert() * self.cfg.hidden / FP8_GROUP))
+            }
+            _ => Err(Error::InvalidState { reason: "the dispatch has no f32 scales (BF16 or UE8M0)".into() }),
+        }
+    }
+
+    /// Packed UE8M0 scales `u32 [E_local, R * T, ceil(H / 512)]` (byte `g` of a row is group `g`).
+    pub fn recv_scales_ue8m0(&self, h: &LlHandle) -> Result<HeapView<'_, u32>> {
+        self.check_view(h)?;
+        if h.payload != LlPayload::Fp8(ScaleFormat::Ue8m0) {
+            return Err(Error::InvalidState { reason: "the dispatch did not use UE8M0 scales".into() });
+        }
+        let words = (self.cfg.hidden / FP8_GROUP).div_ceil(4);
+        Ok(self.view(h, self.hl.recv_scales, self.epr() * self.rows_per_expert() * words))
+    }
+
+    /// The zero-copy combine input `bf16 [E_local, R * T, H]` for `h`'s combine: the caller's
+    /// kernels may write expert outputs here and combine with [`LlCombineInput::ZeroCopy`].
+    pub fn combine_input(&self, h: &LlHandle) -> Result<HeapView<'_, bf16>> {
+        self.check_view(h)?;
+        Ok(self.view(h, self.hl.comb_in, self.epr() * self.rows_per_expert() * self.cfg.hidden))
+    }
+
+    /// Combine: every received row back to its home; homes sum `w_k * y_k` in slot order.
+    /// In hook mode returns the pending receive half.
+    /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
+    pub fn combine(&self, stream: &Arc<CudaStream>, h: &LlHandle, args: &LlCombineArgs<'_>) -> Result<(Option<LlCombinePending>, CudaEvent)> {
+        self.check_view(h)?;
+        if self.pending_combine.get() {
+            return Err(Error::InvalidState { reason: "the previous low-latency combine's receive hook has not run".into() });
+        }
+        let (n, hd) = (h.num_tokens, self.cfg.hidden);
+        let k = self.check_routing(&args.topk_idx, n)?;
+        if k != h.k {
+            return Err(Error::invalid("topk_idx", format!("has k = {k} but the dispatch used k = {}", h.k)));
+        }
+        check_len("topk_weights", args.topk_weights.elems(), n * k, || format!("[{n}, {k}] f32"))?;
+        check_len("out", args.out.elems(), n * hd, || format!("[{n}, {hd}] bf16"))?;
+        let y = match args.x {
+            LlCombineInput::Tensor(t) => {
+                let want = self.epr() * self.rows_per_expert() * hd;
+                check_len("x", t.elems(), want, || format!("[{}, {}, {hd}] bf16", self.epr(), self.rows_per_expert()))?;
+                t.device_addr()
+            }
+            LlCombineInput::ZeroCopy => self.heap.local_ptr() + self.half_off(h.half) + self.hl.comb_in,
+        };
+        let half = (self.combines.get() % 2) as usize;
+        let p = LlCombineParams {
+            wait: self.g.wait_ctx(),
+            peers: self.heap.peers(),
+            layout: self.hl,
+            dispatch_half_off: self.half_off(h.half),
+            combine_half_off: self.half_off(half),
+            y,
+            topk_idx: args.topk_idx.addr(),
+            topk_weights: args.topk_weights.device_addr(),
+            out: args.out.device_addr(),
+            num_tokens: n as u32,
+            hidden: hd as u32,
+            k: k as u32,
+            idx_i64: args.topk_idx.is_i64(),
+            experts_per_rank: self.epr() as u32,
+            max_tokens: self.cfg.max_tokens_per_rank as u32,
+            half: half as u32,
+            stages: if args.hook { stage::SEND } else { stage::SEND | stage::RECV },
+            send_blocks: self.cfg.num_blocks,
+            _pad: 0,
+        };
+        self.launch_combine(stream, &p)?;
+        self.combines.set(self.combines.get() + 1);
+        self.pending_combine.set(args.hook);
+        let pending = args.hook.then(|| LlCombinePending { params: LlCombineParams { stages: stage::RECV, ..p } });
+        Ok((pending, self.event(stream)?))
+    }
+
+    /// The receive half of a hook-mode combine.
+    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: LlCombinePending) -> Result<CudaEvent> {
+        self.launch_combine(stream, &pending.params)?;
+        self.pending_combine.set(false);
+        self.event(stream)
+    }
+
+    fn launch_combine(&self, stream: &Arc<CudaStream>, p: &LlCombineParams) -> Result<()> {
+        let smem = 4 * (self.epr() as u32 + 1) + 128;
+        self.g.launch(Kernel::LlCombine, self.cfg.num_blocks, self.cfg.threads, smem, stream, p)
+    }
+
+    /// Collective: fills the receive rows, scales and metadata of both halves with `byte` (a
+    /// debugging aid), then meets every rank at a GPU barrier, so no peer writes before the
+    /// fill. Counters are left alone. Every rank calls it at the same point between calls.
+    pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        for half in 0..2 {
+            let base = self.heap.local_ptr() + self.half_off(half);
+            let bytes = (self.hl.slot_counter - self.hl.recv_x) as usize;
+            // SAFETY: the range lies inside this rank's heap, before the counters.
+            unsafe { crate::driver::memset_d8_async(base + self.hl.recv_x, byte, bytes, stream) }
+                .during("cuMemsetD8Async", || "poisoning the receive buffer".into())?;
+        }
+        self.g.launch_barrier(stream, 1)
+    }
+
+    /// Synchronises and reports any device error of this rank (see [`Group::check`]).
+    pub fn check(&self) -> Result<()> {
+        self.g.check()
+    }
+}

@@ -404,8 +404,8 @@ impl Exchange for LocalExchange {
         while st.generation == generation {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                // This rank's contribution stays: the others that did arrive are not named.
                 let missing: Vec<usize> = st.data.iter().enumerate().filter(|(_, d)| d.is_none()).map(|(r, _)| r).collect();
-                st.data[self.rank] = None;
                 return Err(Error::Rendezvous { rank: self.rank, world: self.world, reason: format!("rank(s) {missing:?} did not arrive within {timeout:?}") });
             }
             st = cv.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;

@@ -324,6 +324,12 @@ pub mod selftest_out {
     pub const VOLATILE_RELAXED: usize = 27;
     #[allow(missing_docs)]
     pub const NAMED_BARRIER: usize = 28;
+    #[allow(missing_docs)]
+    pub const MISC_OK: usize = 29;
+    #[allow(missing_docs)]
+    pub const DYN_SMEM: usize = 30;
+    #[allow(missing_docs)]
+    pub const SMID_VALID: usize = 31;
 }
 
 /// Scratch words of [`SelftestParams`].
@@ -379,12 +385,15 @@ pub struct HtNotifyParams {
     pub src_base: u64,
     /// Out: `i32 [E_local]`, rows received per local expert, rounded up to `expert_alignment`.
     pub recv_expert_counts: u64,
-    /// Out (may be 0): host-mapped `u32`, rows received (+1, so 0 means "not written").
+    /// Out (may be 0): host-mapped `u32 [2 + E_local]`: word 0 is set to `host_ticket` last,
+    /// after word 1 (rows received, or `u32::MAX` when the exchange failed or a receive buffer
+    /// would overflow) and words `2..` (rows per local expert, aligned).
     pub num_recv_host: u64,
     pub experts_per_rank: u32,
     pub expert_alignment: u32,
     pub capacity: u32,
-    pub _pad: u32,
+    /// Value published in word 0 of `num_recv_host` (the host's call counter, never 0).
+    pub host_ticket: u32,
 }
 
 /// `ht_barrier_then_dispatch` / `ht_dispatch`: rows to every rank that needs them.
@@ -522,6 +531,9 @@ pub struct LlHalfLayout {
     pub recv_count: u64,
     /// `bf16 [T][K][H]`: combine rows coming home.
     pub comb_x: u64,
+    /// `bf16 [E_local][R * T][H]`: where a caller may write expert outputs for a zero-copy
+    /// combine.
+    pub comb_in: u64,
     /// Bytes of one half.
     pub bytes: u64,
 }
@@ -538,8 +550,9 @@ impl LlHalfLayout {
         let slot_counter = align_up(recv_meta + rows * 4, a);
         let recv_count = align_up(slot_counter + experts_per_rank * 4, a);
         let comb_x = align_up(recv_count + experts_per_rank * 4, a);
-        let bytes = align_up(comb_x + max_tokens * max_topk * hidden * 2, a);
-        LlHalfLayout { recv_x, recv_scales, recv_meta, slot_counter, recv_count, comb_x, bytes }
+        let comb_in = align_up(comb_x + max_tokens * max_topk * hidden * 2, a);
+        let bytes = align_up(comb_in + rows * hidden * 2, a);
+        LlHalfLayout { recv_x, recv_scales, recv_meta, slot_counter, recv_count, comb_x, comb_in, bytes }
     }
 
     /// Heap offset of half `h` (0 or 1).
@@ -584,7 +597,9 @@ pub struct LlDispatchParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
-    pub _pad: u32,
+    /// Bytes per received row of scales: `4 * H / 128` (f32 formats) or `H / 128` rounded up
+    /// to 4 (UE8M0 bytes, four per u32).
+    pub scale_row_bytes: u32,
 }
 
 /// `ll_combine`: send half (and, fused, the receive half in every block).

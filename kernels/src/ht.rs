@@ -130,6 +130,8 @@ pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
         let c = |s: u32, r: u32| -> u32 {
             if ok { ld_relaxed_sys_global_u32(rec(rank, par, s).add(r as usize) as *const u32) } else { 0 }
         };
+        // Thread 0 computes the offsets; `fine` tells the host whether they are usable.
+        let mut fine = ok;
         if tid == 0 {
             let mut mine = 0u32;
             for s in 0..world {
@@ -154,6 +156,7 @@ pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
                     u32::MAX
                 } else if total > p.capacity {
                     w.report(status::CAPACITY, phase::HT_NOTIFY, r, p.capacity as u64, total as u64, 0);
+                    fine = false;
                     u32::MAX
                 } else {
                     before
@@ -172,15 +175,16 @@ pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
             let sum = if a > 1 { sum.div_ceil(a) * a } else { sum };
             st_global_u32((p.recv_expert_counts as *mut u32).add(j as usize), sum);
             if !host.is_null() {
-                st_relaxed_sys_global_u32(host.add(1 + j as usize), sum);
+                st_relaxed_sys_global_u32(host.add(2 + j as usize), sum);
             }
             j += nt;
         }
         bar_sync_0();
         if tid == 0 && !host.is_null() {
             let n = ld_relaxed_sys_global_u32((p.src_base as *const u32).add(world as usize));
+            st_relaxed_sys_global_u32(host.add(1), if fine { n } else { u32::MAX });
             fence_acq_rel_sys();
-            st_release_sys_global_u32(host, n + 1);
+            st_release_sys_global_u32(host, p.host_ticket);
         }
     }
 }

@@ -68,7 +68,6 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
     let rows_per_expert = (world * p.max_tokens) as u64;
     let fp8 = p.fp8 != 0;
     let row_bytes = if fp8 { p.hidden as u64 } else { 2 * p.hidden as u64 };
-    let scale_row = (p.hidden / FP8_GROUP as u32) as u64;
     let is64 = p.idx_i64 != 0;
     // SAFETY: as in `ll_dispatch`.
     unsafe {
@@ -91,7 +90,7 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
                     let row = el * rows_per_expert + slot;
                     st_global_u32((hb + p.layout.recv_meta + 4 * row) as *mut u32, rank << 24 | lane << 16 | t);
                     dst = hb + p.layout.recv_x + row * row_bytes;
-                    dst_scale = hb + p.layout.recv_scales + row * scale_row * 4;
+                    dst_scale = hb + p.layout.recv_scales + row * p.scale_row_bytes as u64;
                 }
             }
             let kmask = vote_sync_ballot_b32(FULL, valid);

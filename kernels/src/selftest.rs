@@ -99,6 +99,23 @@ pub unsafe extern "ptx-kernel" fn ptx_selftest(p: SelftestParams) {
             put(out::ABS, abs_f32(-2.5).to_bits());
             put(out::MAX, max_f32(-1.0, 3.5).to_bits());
         }
+        // The remaining wrappers: 64-bit, 16-bit, signed and shared-vector accesses, fences.
+        bar_warp_sync(FULL);
+        if tid == 0 {
+            let mut ok = 1u32;
+            st_global_u64(scratch.add(8) as *mut u64, 0x0123_4567_89ab_cdef);
+            fence_sc_sys();
+            ok &= (ld_acquire_sys_global_u64(scratch.add(8) as *const u64) == 0x0123_4567_89ab_cdef) as u32;
+            ok &= (ld_global_nc_u16(scratch.add(64) as *const u16) == (ld_relaxed_sys_global_u32(scratch.add(64)) & 0xffff) as u16) as u32;
+            ok &= (ld_relaxed_sys_global_s32(scratch.add(64) as *const i32) as u32 == ld_relaxed_sys_global_u32(scratch.add(64))) as u32;
+            st_shared_cta_v4_u32(smem + 256, [1, 2, 3, 4]);
+            st_shared_cta_v2_u32(smem + 256, [9, 8]);
+            let v = ld_shared_cta_v4_u32(smem + 256);
+            ok &= (v == [9, 8, 3, 4]) as u32;
+            put(out::MISC_OK, ok);
+            put(out::DYN_SMEM, dynamic_smem_size());
+            put(out::SMID_VALID, (smid() < 1024) as u32);
+        }
         // Named barrier among the first warp only.
         if tid < 32 {
             bar_sync(1, 32);

@@ -1,0 +1,258 @@
+//! Test harness: GPU discovery with honest SKIPs, the two process modes, comparisons.
+//!
+//! GPU tests are named `gpu1_*` (one GPU) and `gpuN_*` (several), so `cargo test gpu` or
+//! `cargo test cpu` filter them. A multi-process test spawns one child per rank: the child is
+//! this same test binary, run with `--exact <test name>` and the rank in torchrun's variables
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) plus `MOE_EP_TEST_WORLD`;
+//! in the child the test body runs as that rank of that world only.
+
+use anyhow::{bail, Context, Result};
+use moe_ep::{Group, GroupConfig};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a multi-process test may run before its children are killed.
+pub const PROCESS_TEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// True in a child process of a multi-process test.
+pub fn in_child() -> bool {
+    std::env::var("MOE_EP_TEST_WORLD").is_ok()
+}
+
+/// Number of GPUs, or the reason there are none.
+pub fn gpu_count() -> std::result::Result<usize, String> {
+    moe_ep::device_count().map_err(|e| e.to_string())
+}
+
+/// The rank counts a multi-GPU test runs at: 2..=GPUs (or `MOE_EP_TEST_RANKS`, comma
+/// separated). Prints SKIP with the reason and returns an empty list when fewer than 2 GPUs.
+pub fn rank_counts(test: &str) -> Vec<usize> {
+    if in_child() {
+        // The child runs the world its parent asked for.
+        return vec![std::env::var("MOE_EP_TEST_WORLD").unwrap().parse().unwrap()];
+    }
+    let n = match gpu_count() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("SKIP {test}: {e}");
+            return Vec::new();
+        }
+    };
+    if n < 2 {
+        println!("SKIP {test}: needs at least 2 GPUs, found {n}");
+        return Vec::new();
+    }
+    if let Ok(list) = std::env::var("MOE_EP_TEST_RANKS") {
+        return list.split(',').filter_map(|s| s.trim().parse().ok()).filter(|&w| (2..=n).contains(&w)).collect();
+    }
+    (2..=n.min(moe_ep::abi::MAX_RANKS)).collect()
+}
+
+/// True when at least one GPU is present (else prints SKIP with the reason).
+pub fn have_gpu(test: &str) -> bool {
+    match gpu_count() {
+        Ok(n) if n >= 1 => true,
+        Ok(_) => {
+            println!("SKIP {test}: no GPU found");
+            false
+        }
+        Err(e) => {
+            println!("SKIP {test}: {e}");
+            false
+        }
+    }
+}
+
+/// Group settings for tests: a 20-second deadline so a hang fails fast.
+pub fn test_config() -> GroupConfig {
+    GroupConfig { timeout: Duration::from_secs(20), rendezvous_timeout: Duration::from_secs(120) }
+}
+
+/// Runs `body` on `world` ranks, one thread per GPU; fails with every failing rank's error.
+pub fn run_threads(world: usize, body: impl Fn(&Group) -> Result<()> + Sync) -> Result<()> {
+    let results = Group::run_threads(world, test_config(), |g| Ok(body(g)));
+    let mut errors = Vec::new();
+    for (r, res) in results.into_iter().enumerate() {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("rank {r}: {e:#}")),
+            Err(e) => errors.push(format!("rank {r}: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{world} threads: {}", errors.join("\n"));
+    }
+    Ok(())
+}
+
+/// Runs `body` on `world` ranks, one process per GPU. In the parent, spawns the children and
+/// waits for them; in a child, joins the group as its rank and runs `body`.
+pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Group) -> Result<()>) -> Result<()> {
+    if in_child() {
+        let g = Group::from_env(test_config()).context("joining the group")?;
+        return body(&g);
+    }
+    let port = free_port()?;
+    let exe = std::env::current_exe()?;
+    let children: Vec<_> = (0..world)
+        .map(|r| {
+            Command::new(&exe)
+                .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+                .env("MOE_EP_TEST_WORLD", world.to_string())
+                .env("MOE_EP_TEST_SEED", seed.to_string())
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("spawning rank {r}"))
+        })
+        .collect::<Result<_>>()?;
+    let outputs = wait_all(children, PROCESS_TEST_TIMEOUT);
+    let mut failed = Vec::new();
+    for (r, (ok, out)) in outputs.into_iter().enumerate() {
+        if !ok {
+            failed.push(format!("---- rank {r} of {world} failed ----\n{out}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+/// Runs a test body at every rank count in both modes, with fresh random inputs (`seed`,
+/// printed; every rank of one run gets the same seed so each can rebuild every rank's inputs).
+pub fn run_both_modes(test_name: &str, body: impl Fn(&Group, u64) -> Result<()> + Sync) -> Result<()> {
+    for world in rank_counts(test_name) {
+        let seed = fresh_seed(test_name);
+        if !in_child() {
+            println!("{test_name}: {world} ranks, threads, seed {seed}");
+            run_threads(world, |g| body(g, seed)).with_context(|| format!("{world} ranks, one thread per GPU, seed {seed}"))?;
+        }
+        let seed = if in_child() { seed } else { fresh_seed(test_name) ^ 0x5eed };
+        if !in_child() {
+            println!("{test_name}: {world} ranks, processes, seed {seed}");
+        }
+        run_processes(test_name, world, seed, |g| body(g, seed)).with_context(|| format!("{world} ranks, one process per GPU, seed {seed}"))?;
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Waits for every child (reading their output on threads), killing all at the deadline.
+fn wait_all(children: Vec<std::process::Child>, timeout: Duration) -> Vec<(bool, String)> {
+    let deadline = Instant::now() + timeout;
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let handles: Vec<_> = children.into_iter().map(|c| std::thread::spawn(move || c.wait_with_output())).collect();
+    // A watchdog kills the children if they outlive the deadline.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d2 = done.clone();
+    let watchdog = std::thread::spawn(move || {
+        while Instant::now() < deadline {
+            if d2.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for pid in pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    });
+    let out = handles
+        .into_iter()
+        .map(|h| match h.join() {
+            Ok(Ok(o)) => (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))),
+            Ok(Err(e)) => (false, format!("waiting failed: {e}")),
+            Err(_) => (false, "waiter panicked".into()),
+        })
+        .collect();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = watchdog.join();
+    out
+}
+
+/// Compares two whole arrays; the error shows the mismatch count and the first few.
+pub fn compare<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) -> Result<()> {
+    if got.len() != want.len() {
+        bail!("{what}: {} elements, expected {}", got.len(), want.len());
+    }
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+    if !bad.is_empty() {
+        let first: Vec<String> = bad.iter().take(8).map(|&i| format!("[{i}] got {:?} want {:?}", got[i], want[i])).collect();
+        bail!("{what}: {} of {} elements differ; first: {}", bad.len(), got.len(), first.join(", "));
+    }
+    Ok(())
+}
+
+/// Copies a cudarc slice to the host.
+pub fn to_host<T: cudarc::driver::DeviceRepr + Default + Clone>(stream: &std::sync::Arc<cudarc::driver::CudaStream>, s: &cudarc::driver::CudaSlice<T>) -> Result<Vec<T>> {
+    Ok(stream.clone_dtoh(s)?)
+}
+
+/// A test name seed mixed with the wall clock, so every run draws fresh inputs (printed, so a
+/// failure can be replayed with `MOE_EP_TEST_SEED`).
+pub fn fresh_seed(test: &str) -> u64 {
+    if let Ok(s) = std::env::var("MOE_EP_TEST_SEED") {
+        return s.parse().expect("MOE_EP_TEST_SEED must be an integer");
+    }
+    // Multi-process children get the parent's seed through MOE_EP_TEST_SEED (above).
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut h = t;
+    for b in test.bytes() {
+        h = h.rotate_left(5) ^ b as u64;
+    }
+    h
+}
+
+/// A device array whose length may be zero (cudarc allocates at least one element; the
+/// length seen by moe-ep is `len`).
+pub struct DevBuf<T> {
+    pub buf: cudarc::driver::CudaSlice<T>,
+    pub len: usize,
+}
+
+impl<T> moe_ep::DeviceArg<T> for DevBuf<T> {
+    fn device_addr(&self) -> u64 {
+        self.buf.device_addr()
+    }
+    fn elems(&self) -> usize {
+        self.len
+    }
+}
+
+impl<T: cudarc::driver::DeviceRepr + Clone + Default> DevBuf<T> {
+    /// Copies the array back.
+    pub fn to_vec(&self, stream: &std::sync::Arc<cudarc::driver::CudaStream>) -> Result<Vec<T>> {
+        let mut v = stream.clone_dtoh(&self.buf)?;
+        v.truncate(self.len);
+        Ok(v)
+    }
+
+    /// Overwrites the array with `v` (same length).
+    pub fn write(&mut self, stream: &std::sync::Arc<cudarc::driver::CudaStream>, v: &[T]) -> Result<()> {
+        anyhow::ensure!(v.len() == self.len, "write of {} elements into {}", v.len(), self.len);
+        if !v.is_empty() {
+            stream.memcpy_htod(v, &mut self.buf)?;
+        }
+        Ok(())
+    }
+}
+
+/// Uploads `v`.
+pub fn upload<T: cudarc::driver::DeviceRepr + Clone + Default>(stream: &std::sync::Arc<cudarc::driver::CudaStream>, v: &[T]) -> Result<DevBuf<T>> {
+    let buf = if v.is_empty() { stream.clone_htod(&[T::default()])? } else { stream.clone_htod(v)? };
+    Ok(DevBuf { buf, len: v.len() })
+}
+
+/// A device array of `len` copies of `poison` (so unwritten outputs show).
+pub fn poisoned<T: cudarc::driver::DeviceRepr + Clone + Default>(stream: &std::sync::Arc<cudarc::driver::CudaStream>, len: usize, poison: T) -> Result<DevBuf<T>> {
+    upload(stream, &vec![poison; len])
+}

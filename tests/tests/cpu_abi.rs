@@ -1,0 +1,98 @@
+//! CPU: the shared ABI (sizes, offsets, layout math) that host and device must agree on.
+
+use moe_ep::abi::*;
+use moe_ep::Kernel;
+use std::mem::{offset_of, size_of};
+
+#[test]
+fn cpu_abi_sizes_and_offsets() {
+    assert_eq!(size_of::<ErrorRecord>(), 64);
+    assert_eq!(offset_of!(ErrorRecord, expected), 32);
+    assert_eq!(size_of::<WaitCtx>(), 24);
+    assert_eq!(size_of::<Peers>(), 8 * MAX_RANKS);
+    // Control block: peers write arrays indexed by their rank; every field 4-byte aligned
+    // and the whole block fits in the reserved bytes.
+    assert!(size_of::<Control>() as u64 <= CONTROL_BYTES);
+    assert_eq!(offset_of!(Control, barrier_slots), 0);
+    for off in [
+        offset_of!(Control, notify_flags),
+        offset_of!(Control, ht_dispatch_arrive),
+        offset_of!(Control, ht_combine_arrive),
+        offset_of!(Control, ll_dispatch_arrive),
+        offset_of!(Control, ll_combine_arrive),
+        offset_of!(Control, test_flags),
+        offset_of!(Control, ping_flags),
+    ] {
+        assert_eq!(off % 4, 0);
+        assert!(off < size_of::<Control>());
+    }
+    // Every parameter block fits the classic 4 KiB kernel-parameter limit and is 8-aligned.
+    for k in Kernel::ALL {
+        assert!(k.param_bytes() <= 4096, "{} params are {} bytes", k.name(), k.param_bytes());
+        assert_eq!(k.param_bytes() % 8, 0, "{}", k.name());
+    }
+}
+
+fn regions_ht(l: &HtHeapLayout) -> Vec<u64> {
+    vec![l.notify, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.comb_x, l.comb_w, l.total]
+}
+
+#[test]
+fn cpu_ht_heap_layout_is_ordered_aligned_and_sized() {
+    for world in 2..=8u64 {
+        for (hidden, k, epr, tokens) in [(128u64, 1u64, 1u64, 1u64), (7168, 8, 32, 4096), (16384, 16, 128, 8192)] {
+            let cap = world * tokens;
+            let l = HtHeapLayout::new(world, hidden, k, epr, tokens, cap);
+            let r = regions_ht(&l);
+            assert_eq!(l.notify, CONTROL_BYTES);
+            for w in r.windows(2) {
+                assert!(w[0] < w[1], "{l:?}");
+                assert_eq!(w[1] % REGION_ALIGN, 0);
+            }
+            // Each region holds what it must.
+            assert!(l.recv_scales - l.recv_x >= cap * hidden * 2);
+            assert!(l.recv_idx - l.recv_scales >= cap * hidden / 128 * 4);
+            assert!(l.recv_w - l.recv_idx >= cap * k * 4);
+            assert!(l.recv_src - l.recv_w >= cap * k * 4);
+            assert!(l.comb_x - l.recv_src >= cap * 4);
+            assert!(l.comb_w - l.comb_x >= world * tokens * hidden * 2);
+            assert!(l.total - l.comb_w >= world * tokens * k * 4);
+            assert!(l.recv_x - l.notify >= 2 * world * (world + epr) * 4);
+        }
+    }
+}
+
+#[test]
+fn cpu_ll_heap_layout_is_ordered_aligned_and_sized() {
+    for world in 2..=8u64 {
+        for (epr, t, hidden, k) in [(1u64, 1u64, 128u64, 1u64), (64, 128, 7168, 8), (128, 1024, 16384, 16)] {
+            let l = LlHalfLayout::new(world, epr, t, hidden, k);
+            let rows = epr * world * t;
+            let r = [l.recv_x, l.recv_scales, l.recv_meta, l.slot_counter, l.recv_count, l.comb_x, l.comb_in, l.bytes];
+            for w in r.windows(2) {
+                assert!(w[0] < w[1] || (w[0] == 0 && w[1] > 0), "{l:?}");
+                assert_eq!(w[1] % REGION_ALIGN, 0);
+            }
+            assert!(l.recv_scales >= rows * hidden * 2);
+            assert!(l.recv_meta - l.recv_scales >= rows * hidden / 128 * 4);
+            assert!(l.slot_counter - l.recv_meta >= rows * 4);
+            assert!(l.comb_in - l.comb_x >= t * k * hidden * 2);
+            assert!(l.bytes - l.comb_in >= rows * hidden * 2);
+            assert_eq!(l.half_offset(0), CONTROL_BYTES);
+            assert_eq!(l.half_offset(1), CONTROL_BYTES + l.bytes);
+            assert_eq!(l.heap_bytes(), CONTROL_BYTES + 2 * l.bytes);
+        }
+    }
+}
+
+#[test]
+fn cpu_pattern_word_distinguishes_sources_and_indices() {
+    let mut seen = std::collections::HashSet::new();
+    for src in 0..8 {
+        for i in 0..1000 {
+            seen.insert(pattern_word(42, src, i));
+        }
+    }
+    assert!(seen.len() > 7990, "pattern words collide too often: {}", seen.len());
+    assert!(!seen.contains(&0xABAB_ABAB) || seen.len() > 7990);
+}

@@ -1,0 +1,95 @@
+//! `gpu-bundle`: everything a GPU machine with no Rust needs, in `target/gpu-bundle/`.
+
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
+# usage: run.sh [all|tests|bench] [arguments for the test binaries or the benchmark]
+# Logs and the benchmark report go to $OUT (or ./out beside this script).
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$here/out}
+mkdir -p "$out"
+what=${1:-all}
+shift || true
+# Never use NVLink multicast on shared machines.
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# NCCL (for the benchmark's baseline) from the Python environment, if there is one.
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+if [ -n "$nccl" ] && [ -d "$nccl" ]; then
+  mkdir -p /tmp/moe-ep-nccl
+  ln -sf "$(ls "$nccl"/libnccl.so* | head -n 1)" /tmp/moe-ep-nccl/libnccl.so
+  export LD_LIBRARY_PATH=/tmp/moe-ep-nccl:$nccl:${LD_LIBRARY_PATH:-}
+fi
+nvidia-smi -L | tee "$out/devices.txt"
+status=0
+if [ "$what" = all ] || [ "$what" = tests ]; then
+  for t in "$here"/tests/*; do
+    echo "=== $(basename "$t")" | tee -a "$out/tests.log"
+    "$t" --test-threads=1 "$@" 2>&1 | tee -a "$out/tests.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+  grep -E "^test result|FAILED|panicked|SKIP" "$out/tests.log" | sort | uniq -c | sort -rn | head -n 40
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  if [ "$what" = all ]; then set --; fi
+  "$here/bin/moe-ep-bench" --out "$out/results" "$@" 2>&1 | tee "$out/bench.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+exit $status
+"#;
+
+pub fn build(root: &Path) -> Result<()> {
+    crate::ptx::build_and_check(root)?;
+    crate::cargo(root, &["build", "--release", "-p", "moe-ep-bench"])?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root)
+        .args(["test", "--release", "--workspace", "--no-run", "--message-format=json"])
+        .output()
+        .context("building the release test binaries")?;
+    if !out.status.success() {
+        bail!("building the release test binaries failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let dir = root.join("target/gpu-bundle");
+    let _ = std::fs::remove_dir_all(&dir);
+    for d in ["bin", "tests", "ptx"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let mut n = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // Test executables of the workspace: `"profile":{..."test":true...}` with an executable.
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\":true") {
+            continue;
+        }
+        let Some(exe) = line.split("\"executable\":\"").nth(1).and_then(|r| r.split('"').next()) else { continue };
+        let src = Path::new(exe);
+        let name = src.file_name().unwrap().to_string_lossy().to_string();
+        std::fs::copy(src, dir.join("tests").join(&name))?;
+        n += 1;
+    }
+    std::fs::copy(root.join("target/release/moe-ep-bench"), dir.join("bin/moe-ep-bench"))?;
+    std::fs::copy(root.join("target/ptx/moe_ep_kernels.ptx"), dir.join("ptx/moe_ep_kernels.ptx"))?;
+    let run = dir.join("run.sh");
+    std::fs::write(&run, RUN_SH)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let size: u64 = walk(&dir)?;
+    println!("gpu bundle: {} ({n} test binaries, benchmark, PTX, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|bench]");
+    Ok(())
+}
+
+fn walk(d: &Path) -> Result<u64> {
+    let mut total = 0;
+    for e in std::fs::read_dir(d)? {
+        let e = e?;
+        total += if e.file_type()?.is_dir() { walk(&e.path())? } else { e.metadata()?.len() };
+    }
+    Ok(total)
+}
