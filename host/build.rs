@@ -42,10 +42,7 @@ fn main() {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
-        .env(
-            "CARGO_TARGET_NVPTX64_NVIDIA_CUDA_RUSTFLAGS",
-            "-Zunstable-options -Cpanic=immediate-abort -Ctarget-cpu=sm_90 -Ctarget-feature=+ptx80",
-        );
+        .env("CARGO_TARGET_NVPTX64_NVIDIA_CUDA_RUSTFLAGS", "-Zunstable-options -Cpanic=immediate-abort -Ctarget-cpu=sm_90 -Ctarget-feature=+ptx80");
     let status = cmd.status().expect("could not run cargo for the nvptx64 kernel build");
     if !status.success() {
         panic!(

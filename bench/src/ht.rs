@@ -1,13 +1,13 @@
 //! High-throughput benchmark: DeepEP's defaults, NCCL all-to-all baseline, P2P limit, sweep.
 
-use crate::report::{line_chart, table, Report};
-use crate::{median, Opts};
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{sys, CudaSlice, CudaStream};
+use crate::report::{Report, line_chart, table};
+use crate::{Opts, median};
+use anyhow::{Context, Result, ensure};
+use cudarc::driver::{CudaSlice, CudaStream, sys};
 use half::bf16;
 use moe_ep::diag::{CopyEngine, P2pProbe};
 use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig, Payload};
-use moe_ep::reference::{gen_bf16, gen_fp8, gen_routing, HtRank, HtWorld, Rng, Routing};
+use moe_ep::reference::{HtRank, HtWorld, Rng, Routing, gen_bf16, gen_fp8, gen_routing};
 use moe_ep::{Group, TopkIdx};
 use std::sync::Arc;
 
@@ -43,7 +43,7 @@ fn measure(g: &Group, buf: &mut HtBuffer<'_>, n: usize, iters: usize, check: boo
     let s = g.stream();
     let (mine, q, sc) = rank_inputs(me, n, world);
     let up = |v: &[u8]| -> Result<CudaSlice<u8>> { Ok(s.clone_htod(if v.is_empty() { &[0u8][..] } else { v })?) };
-    let x = s.clone_htod(bytemuck::cast_slice::<u8, bf16>(&mine.x))?;
+    let x = s.clone_htod(&mine.x.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect::<Vec<_>>())?;
     let idx = s.clone_htod(&mine.topk_idx)?;
     let wts = s.clone_htod(&mine.topk_weights)?;
     let xq = up(&q)?;
@@ -52,7 +52,8 @@ fn measure(g: &Group, buf: &mut HtBuffer<'_>, n: usize, iters: usize, check: boo
     let out = s.alloc_zeros::<bf16>(n * HIDDEN)?;
     let topk = TopkIdx::I64(&idx);
     let layout = buf.layout(s, topk, TOPK)?;
-    let bf16_args = DispatchArgs { x: Payload::Bf16(&x), topk_idx: Some(topk), topk_weights: Some(&wts), expert_alignment: 1, wait_for_counts: false };
+    let bf16_args =
+        DispatchArgs { x: Payload::Bf16(&x), topk_idx: Some(topk), topk_weights: Some(&wts), expert_alignment: 1, wait_for_counts: false };
     let fp8_args = DispatchArgs { x: Payload::Fp8 { x: &xq, scales: &xs }, ..bf16_args };
 
     // Correctness first: one dispatch and combine against the CPU reference.
@@ -62,14 +63,21 @@ fn measure(g: &Group, buf: &mut HtBuffer<'_>, n: usize, iters: usize, check: boo
     let remote_sent: usize = (0..world).filter(|&r| r != me).map(|r| ref_layout.tokens_per_rank[r] as usize).sum();
     let remote_recv = num_recv - ref_layout.tokens_per_rank[me] as usize;
     if check {
-        let w = HtWorld { num_experts: EXPERTS, hidden: HIDDEN, k: TOPK, row_bytes: 2 * HIDDEN, ranks: (0..world).map(|r| rank_inputs(r, n, world).0).collect() };
+        let w = HtWorld {
+            num_experts: EXPERTS,
+            hidden: HIDDEN,
+            k: TOPK,
+            row_bytes: 2 * HIDDEN,
+            ranks: (0..world).map(|r| rank_inputs(r, n, world).0).collect(),
+        };
         let want = w.dispatch(me, 1);
         let got = buf.recv_x_bf16(&h)?.to_vec(s)?;
         ensure!(bytemuck::cast_slice::<bf16, u8>(&got) == &want.x[..], "rank {me}: dispatched rows differ from the reference");
         let yv = y.slice(0..num_recv * HIDDEN);
         buf.combine(s, &h, &CombineArgs { x: &yv, topk_weights: None, bias: [None, None], out: &out, out_weights: None })?;
         buf.check()?;
-        let ys: Vec<Vec<u16>> = (0..world).map(|r| gen_bf16(&mut Rng::new(7), world * n * HIDDEN, 1.0)[..w.dispatch(r, 1).num_recv * HIDDEN].to_vec()).collect();
+        let ys: Vec<Vec<u16>> =
+            (0..world).map(|r| gen_bf16(&mut Rng::new(7), world * n * HIDDEN, 1.0)[..w.dispatch(r, 1).num_recv * HIDDEN].to_vec()).collect();
         let (want_out, _) = w.combine(me, &|r| &ys[r][..], None, None, None);
         let got: Vec<u16> = s.clone_dtoh(&out)?.iter().map(|v| v.to_bits()).collect();
         ensure!(got == want_out, "rank {me}: combined rows differ from the reference");
@@ -150,7 +158,7 @@ fn point_vals(p: &Point) -> Vec<f64> {
 /// combine-like us), or why it could not run. Counts are known up front; only the data
 /// movement is timed.
 fn nccl_baseline(g: &Group, n: usize, iters: usize) -> Result<std::result::Result<(f64, f64), String>> {
-    use cudarc::nccl::{result as nr, Comm, Id};
+    use cudarc::nccl::{Comm, Id, result as nr};
     // SAFETY: only probes the dynamic loader.
     let present = unsafe { cudarc::nccl::sys::is_culib_present() };
     if !g.all_gather_bytes(&[present as u8])?.iter().all(|b| b[0] == 1) {
@@ -243,7 +251,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
 
     if let (Some(all), Some(nccl_all), Some(ring)) = (all, nccl_all, ring_all) {
         let mut rows = Vec::new();
-        let mut slow = vec![(0f64, f64::MAX, f64::MAX); 6];
+        let mut slow = [(0f64, f64::MAX, f64::MAX); 6];
         for (r, v) in all.iter().enumerate() {
             let rt = rates(v);
             for i in 0..6 {
@@ -262,15 +270,28 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         let ring_min = ring.iter().map(|v| v[0]).fold(f64::MAX, f64::min);
         let mut body = format!(
             "{} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} experts, scores |randn|+1, {} SMs, {} threads; medians of {} runs; results checked against the CPU reference first.\n\n",
-            o.tokens, o.sms, buf.config().threads, o.iters
+            o.tokens,
+            o.sms,
+            buf.config().threads,
+            o.iters
         );
         body += &table(&["rank", "operation", "us", "logical GB/s", "NVLink GB/s"], &rows);
         body += "\nSlowest rank:\n\n";
         let srows: Vec<Vec<String>> = (0..6)
-            .map(|i| vec![OPS[i].into(), format!("{:.1}", slow[i].0), if i == 0 { "-".into() } else { format!("{:.1}", slow[i].1) }, if i == 0 { "-".into() } else { format!("{:.1}", slow[i].2) }])
+            .map(|i| {
+                vec![
+                    OPS[i].into(),
+                    format!("{:.1}", slow[i].0),
+                    if i == 0 { "-".into() } else { format!("{:.1}", slow[i].1) },
+                    if i == 0 { "-".into() } else { format!("{:.1}", slow[i].2) },
+                ]
+            })
             .collect();
         body += &table(&["operation", "us", "logical GB/s", "NVLink GB/s"], &srows);
-        body += &format!("\nP2P limit in the same run (every rank storing to its ring neighbour, {} SMs, registers): slowest rank {ring_min:.1} GB/s physical.\n", o.sms);
+        body += &format!(
+            "\nP2P limit in the same run (every rank storing to its ring neighbour, {} SMs, registers): slowest rank {ring_min:.1} GB/s physical.\n",
+            o.sms
+        );
         match nccl_all {
             Ok(v) => {
                 let f = v.iter().map(|x| x[0]).fold(0.0, f64::max);
@@ -294,7 +315,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
             buf.set_launch(sms, buf.config().threads)?;
             let p = measure(g, buf, n, o.iters, false)?;
             Ok(Report::gather(g, &point_vals(&p))?.map(|all| {
-                let mut worst = vec![0f64; 6];
+                let mut worst = [0f64; 6];
                 let mut gb = vec![f64::MAX; 6];
                 for v in &all {
                     let rt = rates(v);

@@ -1,14 +1,14 @@
 //! Low-latency benchmark: 128 tokens per rank, hidden 7168, top-8 of 256, FP8 dispatch, BF16
 //! combine; both calls and their send/receive halves; the flag round trip beside them.
 
-use crate::report::{table, Report};
-use crate::{median, Opts};
-use anyhow::{ensure, Result};
+use crate::report::{Report, table};
+use crate::{Opts, median};
+use anyhow::{Result, ensure};
 use cudarc::driver::sys;
 use half::bf16;
 use moe_ep::diag;
 use moe_ep::ll::{LlBuffer, LlCombineArgs, LlCombineInput, LlConfig, LlDispatchArgs, LlPayload, ScaleFormat};
-use moe_ep::reference::{gen_bf16, gen_routing, LlWorld, Rng, Routing};
+use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{Group, TopkIdx};
 
 const EXPERTS: usize = 256;
@@ -40,7 +40,14 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         let rx = buf.recv_x_bf16(&h)?;
         buf.combine(s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&rx), topk_idx: topk, topk_weights: &wts, out: &out, hook: false })?;
         buf.check()?;
-        let w = LlWorld { num_experts: EXPERTS, hidden: HIDDEN, k: TOPK, x: vec![x_h.clone()], topk_idx: vec![idx_h.clone()], topk_weights: vec![w_h.clone()] };
+        let w = LlWorld {
+            num_experts: EXPERTS,
+            hidden: HIDDEN,
+            k: TOPK,
+            x: vec![x_h.clone()],
+            topk_idx: vec![idx_h.clone()],
+            topk_weights: vec![w_h.clone()],
+        };
         let want = w.combine(0, &|t, _| x_h[t * HIDDEN..(t + 1) * HIDDEN].to_vec());
         let got: Vec<u16> = s.clone_dtoh(&out)?.iter().map(|v| v.to_bits()).collect();
         ensure!(got == want, "rank {me}: low-latency dispatch + combine differ from the reference");
@@ -68,7 +75,8 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         f[1].record(s)?;
         buf.dispatch_recv(s, &mut h, None)?;
         f[2].record(s)?;
-        let (pending, _) = buf.combine(s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: topk, topk_weights: &wts, out: &out, hook: true })?;
+        let (pending, _) =
+            buf.combine(s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: topk, topk_weights: &wts, out: &out, hook: true })?;
         f[3].record(s)?;
         buf.combine_recv(s, pending.expect("hook mode returns the receive half"))?;
         f[4].record(s)?;

@@ -16,7 +16,7 @@ mod ll;
 mod p2p;
 mod report;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use moe_ep::{Group, GroupConfig};
 use report::Report;
 use std::process::Command;

@@ -1,10 +1,10 @@
 //! The physical limits: P2P store bandwidth per pair and all at once, flag round trip.
 
-use crate::report::{table, Report};
 use crate::Opts;
+use crate::report::{Report, table};
 use anyhow::Result;
-use moe_ep::diag::{self, CopyEngine, P2pProbe};
 use moe_ep::Group;
+use moe_ep::diag::{self, CopyEngine, P2pProbe};
 
 pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let world = g.world();
@@ -13,7 +13,14 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let iters = if o.quick { 3 } else { 8 };
     let probe = P2pProbe::new(g, bytes)?;
     let all = g.sm_count();
-    let configs = [(CopyEngine::Registers, 8), (CopyEngine::Registers, 24), (CopyEngine::Registers, all), (CopyEngine::Bulk, 8), (CopyEngine::Bulk, 24), (CopyEngine::Bulk, all)];
+    let configs = [
+        (CopyEngine::Registers, 8),
+        (CopyEngine::Registers, 24),
+        (CopyEngine::Registers, all),
+        (CopyEngine::Bulk, 8),
+        (CopyEngine::Bulk, 24),
+        (CopyEngine::Bulk, all),
+    ];
     let mut rows = Vec::new();
     let mut best_reg_per_pair = Vec::new();
     for src in 0..world {
@@ -44,7 +51,12 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         if let Some(all_v) = Report::gather(g, &[v])? {
             let per: Vec<f64> = all_v.iter().map(|r| r[0]).collect();
             let min = per.iter().cloned().fold(f64::MAX, f64::min);
-            ring.push(vec![format!("{engine:?}"), sms.to_string(), per.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" / "), format!("{min:.1}")]);
+            ring.push(vec![
+                format!("{engine:?}"),
+                sms.to_string(),
+                per.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" / "),
+                format!("{min:.1}"),
+            ]);
             if engine == CopyEngine::Registers {
                 let e = rep.p2p_ring.get_or_insert((0.0, 0.0));
                 if sms == 24 {

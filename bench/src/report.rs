@@ -81,7 +81,10 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[(String, Ve
     let px = |x: f64| l + (x.log2() - x0) / (x1 - x0).max(1e-9) * (w - l - r);
     let py = |y: f64| h - b - y / ymax * (h - t - b);
     let colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"];
-    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" font-size=\"14\">{title}</text>\n", l);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"22\" font-size=\"14\">{title}</text>\n",
+        l
+    );
     let _ = writeln!(s, "<line x1=\"{l}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - b, w - r, h - b);
     let _ = writeln!(s, "<line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{}\" stroke=\"black\"/>", h - b);
     for i in 0..=5 {
@@ -96,7 +99,12 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[(String, Ve
         let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{x}</text>", px(*x), h - b + 16.0);
     }
     let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{xlabel}</text>", (l + w - r) / 2.0, h - 10.0);
-    let _ = writeln!(s, "<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{ylabel}</text>", (t + h - b) / 2.0, (t + h - b) / 2.0);
+    let _ = writeln!(
+        s,
+        "<text x=\"16\" y=\"{}\" transform=\"rotate(-90 16 {})\" text-anchor=\"middle\">{ylabel}</text>",
+        (t + h - b) / 2.0,
+        (t + h - b) / 2.0
+    );
     for (i, (name, pts)) in series.iter().enumerate() {
         let c = colors[i % colors.len()];
         let path: Vec<String> = pts.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
@@ -105,7 +113,14 @@ pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[(String, Ve
             let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{c}\"/>", px(x), py(y));
         }
         let ly = t + 20.0 * i as f64 + 10.0;
-        let _ = writeln!(s, "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{name}</text>", w - r + 10.0, w - r + 30.0, w - r + 36.0, ly + 4.0);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{c}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{name}</text>",
+            w - r + 10.0,
+            w - r + 30.0,
+            w - r + 36.0,
+            ly + 4.0
+        );
     }
     s.push_str("</svg>\n");
     s

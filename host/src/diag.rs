@@ -14,10 +14,17 @@ use std::time::Duration;
 /// every rank checks all it received (its region is poisoned first). Returns, per source
 /// rank, the number of 32-bit words that differ.
 pub fn heap_pattern_roundtrip(g: &Group, slot_bytes: u64, seed: u32, runs: u32) -> Result<Vec<u64>> {
+    let trace = |what: &str| {
+        if std::env::var_os("MOE_EP_TRACE").is_some() {
+            eprintln!("[rank {}] heap pattern: {what}", g.rank());
+        }
+    };
     let world = g.world() as u64;
     let slot_bytes = slot_bytes / 4 * 4;
+    trace("allocating");
     let heap = g.new_heap(CONTROL_BYTES + world * slot_bytes)?;
     let mism = DeviceAlloc::zeroed(g.context(), 4 * g.world())?;
+    trace("allocated");
     let s = g.stream();
     let blocks = 2 * g.sm_count().max(1);
     for run in 1..=runs {
@@ -37,7 +44,9 @@ pub fn heap_pattern_roundtrip(g: &Group, slot_bytes: u64, seed: u32, runs: u32) 
         };
         g.launch(Kernel::HeapPatternWrite, blocks, 512, 0, s, &p)?;
         g.launch(Kernel::HeapPatternCheck, blocks, 512, 0, s, &p)?;
+        trace(&format!("run {run} launched"));
         g.check()?;
+        trace(&format!("run {run} done"));
     }
     let mut out = vec![0u32; g.world()];
     // SAFETY: `mism` holds `world` u32.
@@ -74,7 +83,6 @@ pub struct SelftestOutput {
     pub threads: u32,
 }
 
-
 /// Runs `ptx_selftest` (one block of 64 threads) on conversion inputs `cvt_in`
 /// ([`SELFTEST_CVT_INPUTS`] values).
 pub fn ptx_selftest(g: &Group, cvt_in: &[f32]) -> Result<SelftestOutput> {
@@ -91,6 +99,15 @@ pub fn ptx_selftest(g: &Group, cvt_in: &[f32]) -> Result<SelftestOutput> {
     unsafe {
         driver::copy_to_device(&fill, scratch.ptr() + 64 * 4, s).during("cuMemcpyHtoD", || "self-test scratch".into())?;
         driver::copy_to_device(cvt_in, inp.ptr(), s).during("cuMemcpyHtoD", || "self-test inputs".into())?;
+    }
+    // The outputs start zeroed; if they do not, allocation or zeroing is broken, not a wrapper.
+    let mut before = vec![0u32; SELFTEST_OUT_WORDS];
+    // SAFETY: `out` holds SELFTEST_OUT_WORDS words.
+    unsafe { driver::copy_to_host(out.ptr(), &mut before, s) }.during("cuMemcpyDtoH", || "self-test outputs before the run".into())?;
+    if let Some(i) = before.iter().position(|&w| w != 0) {
+        return Err(crate::Error::InvalidState {
+            reason: format!("self-test output word {i} is {:#x} before the kernel ran (expected a zeroed allocation)", before[i]),
+        });
     }
     let p = SelftestParams { scratch: scratch.ptr(), out: out.ptr(), cvt_in: inp.ptr(), cvt_fp8: fp8.ptr(), cvt_bf16: bf16.ptr() };
     let threads = 64;
@@ -130,7 +147,8 @@ impl P2pProbe {
         let heap = g.new_heap(CONTROL_BYTES + bytes)?;
         let src = DeviceAlloc::zeroed(g.context(), bytes as usize)?;
         // SAFETY: `src` holds `bytes` bytes; a non-zero pattern keeps the copy honest.
-        unsafe { driver::memset_d8_async(src.ptr(), 0x5a, bytes as usize, g.stream()) }.during("cuMemsetD8Async", || "filling the probe source".into())?;
+        unsafe { driver::memset_d8_async(src.ptr(), 0x5a, bytes as usize, g.stream()) }
+            .during("cuMemsetD8Async", || "filling the probe source".into())?;
         Ok(P2pProbe { heap, src, bytes })
     }
 

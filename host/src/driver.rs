@@ -5,8 +5,8 @@
 
 use crate::error::{DriverContext, Result};
 use bytemuck::Pod;
-use cudarc::driver::{result, sys, CudaContext, CudaStream, DriverError};
-use std::ffi::{c_void, CString};
+use cudarc::driver::{CudaContext, CudaStream, DriverError, result, sys};
+use std::ffi::{CString, c_void};
 use std::sync::Arc;
 
 /// True when libcuda can be loaded (without panicking when it cannot).
@@ -32,9 +32,7 @@ pub(crate) mod ipc {
         let h = sys::CUipcMemHandle_st { reserved: handle.map(|b| b as std::ffi::c_char) };
         let mut ptr = 0u64;
         // SAFETY: `ptr` is a valid out-parameter; the driver validates the handle.
-        unsafe {
-            sys::cuIpcOpenMemHandle_v2(&mut ptr, h, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32).result()?
-        };
+        unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, h, sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32).result()? };
         Ok(ptr)
     }
 
@@ -91,6 +89,9 @@ impl DeviceAlloc {
         let a = DeviceAlloc { ptr, bytes, ctx: ctx.clone() };
         // SAFETY: `ptr` holds `bytes` bytes.
         unsafe { result::memset_d8_sync(ptr, 0, bytes.max(1)) }.during("cuMemsetD8", || "zeroing a new allocation".into())?;
+        // cuMemsetD8 runs on the legacy stream, which the library's non-blocking streams (and
+        // peers) do not wait for: finish it before the memory is handed out.
+        ctx.synchronize().during("cuCtxSynchronize", || "zeroing a new allocation".into())?;
         Ok(a)
     }
 
@@ -235,7 +236,14 @@ pub(crate) fn set_function_attribute(f: sys::CUfunction, attr: sys::CUfunction_a
 /// `f` must be a live kernel whose single parameter has the layout of `P` (the PTX check
 /// test compares sizes), and every device address inside `params` must stay valid until the
 /// kernel has finished.
-pub(crate) unsafe fn launch<P: Pod>(f: sys::CUfunction, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<(), DriverError> {
+pub(crate) unsafe fn launch<P: Pod>(
+    f: sys::CUfunction,
+    grid: u32,
+    block: u32,
+    smem: u32,
+    stream: &CudaStream,
+    params: &P,
+) -> Result<(), DriverError> {
     let mut p = *params;
     let mut args = [&mut p as *mut P as *mut c_void];
     // SAFETY: guaranteed by the caller; the driver copies the parameter block at launch.

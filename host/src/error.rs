@@ -1,7 +1,7 @@
 //! The library's one error type.
 
 use cudarc::driver::DriverError;
-use moe_ep_kernels::abi::{phase, status, ErrorRecord};
+use moe_ep_kernels::abi::{ErrorRecord, phase, status};
 use std::time::Duration;
 
 /// Result with [`Error`].
@@ -29,7 +29,9 @@ pub enum Error {
     InvalidArgument { name: &'static str, reason: String },
 
     /// Two ranks' GPUs cannot reach each other over P2P.
-    #[error("rank {rank_a} (GPU {device_a}) cannot access rank {rank_b} (GPU {device_b}) over peer-to-peer; every pair of GPUs in a group must be NVLink (or PCIe P2P) peers")]
+    #[error(
+        "rank {rank_a} (GPU {device_a}) cannot access rank {rank_b} (GPU {device_b}) over peer-to-peer; every pair of GPUs in a group must be NVLink (or PCIe P2P) peers"
+    )]
     NoPeerAccess { rank_a: usize, device_a: usize, rank_b: usize, device_b: usize },
 
     /// The rendezvous (handle exchange between ranks) failed.
@@ -37,11 +39,15 @@ pub enum Error {
     Rendezvous { rank: usize, world: usize, reason: String },
 
     /// A kernel's spin-wait passed its deadline.
-    #[error("rank {rank} timed out in {phase} after {waited:?} waiting for rank {peer} (expected {expected}, saw {seen}); the group's GPU state is undefined, drop it")]
+    #[error(
+        "rank {rank} timed out in {phase} after {waited:?} waiting for rank {peer} (expected {expected}, saw {seen}); the group's GPU state is undefined, drop it"
+    )]
     Timeout { rank: usize, phase: &'static str, peer: usize, expected: u64, seen: u64, waited: Duration },
 
     /// A rank would receive more rows than its receive buffer holds.
-    #[error("rank {receiver} would receive {needed} rows but its receive buffer holds {capacity} (reported by rank {rank}); raise the buffer's receive capacity")]
+    #[error(
+        "rank {receiver} would receive {needed} rows but its receive buffer holds {capacity} (reported by rank {rank}); raise the buffer's receive capacity"
+    )]
     CapacityExceeded { rank: usize, receiver: usize, needed: u64, capacity: u64 },
 
     /// A routing entry is outside `[-1, num_experts)`.
@@ -77,6 +83,10 @@ impl Error {
             }),
             status::CAPACITY => Some(Error::CapacityExceeded { rank, receiver: rec.peer as usize, needed: rec.seen, capacity: rec.expected }),
             status::BAD_EXPERT => Some(Error::InvalidExpert { rank, token: rec.peer as usize, value: rec.seen as i64, num_experts: rec.expected }),
+            status::SHORT_INPUT => Some(Error::InvalidArgument {
+                name: "x",
+                reason: format!("rank {rank}: {} has {} rows but {} were received", phase::name(rec.phase), rec.expected, rec.seen),
+            }),
             _ => Some(Error::Device { rank, record: *rec }),
         }
     }

@@ -9,12 +9,12 @@
 //! this rank's memory), closes the peers' mappings, meets every rank again (so nobody still
 //! maps this rank's memory), then frees its own allocation.
 
-use crate::driver::{ipc, DeviceAlloc};
+use crate::driver::{DeviceAlloc, ipc};
 use crate::error::{DriverContext, Error, Result};
 use crate::group::Mode;
 use crate::rendezvous::Exchange;
 use cudarc::driver::CudaContext;
-use moe_ep_kernels::abi::{Peers, MAX_RANKS};
+use moe_ep_kernels::abi::{MAX_RANKS, Peers};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,10 @@ impl SymmetricHeap {
         for (r, s) in sizes.iter().enumerate() {
             let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap size".into() })?);
             if b != bytes {
-                return Err(Error::invalid("heap bytes", format!("rank {rank} asked for {bytes} bytes but rank {r} for {b}; every rank must build its buffer with the same configuration")));
+                return Err(Error::invalid(
+                    "heap bytes",
+                    format!("rank {rank} asked for {bytes} bytes but rank {r} for {b}; every rank must build its buffer with the same configuration"),
+                ));
             }
         }
         let local = DeviceAlloc::zeroed(ctx, bytes as usize)?;
@@ -49,7 +52,8 @@ impl SymmetricHeap {
             Mode::Threads => {
                 let ptrs = exchange.all_gather(&heap.local.ptr().to_le_bytes(), timeout)?;
                 for (r, p) in ptrs.iter().enumerate() {
-                    heap.peers.base[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap pointer".into() })?);
+                    heap.peers.base[r] =
+                        u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap pointer".into() })?);
                 }
             }
             Mode::Processes => {
@@ -60,7 +64,8 @@ impl SymmetricHeap {
                         heap.peers.base[r] = heap.local.ptr();
                         continue;
                     }
-                    let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::InvalidState { reason: format!("rank {r} sent a malformed IPC handle") })?;
+                    let h: [u8; 64] =
+                        hb.as_slice().try_into().map_err(|_| Error::InvalidState { reason: format!("rank {r} sent a malformed IPC handle") })?;
                     let p = ipc::open_mem_handle(&h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
                     heap.opened.push(p);
                     heap.peers.base[r] = p;

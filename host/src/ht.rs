@@ -19,7 +19,7 @@ use crate::driver::MappedHost;
 use crate::error::{DriverContext, Error, Result};
 use crate::group::{Group, Kernel};
 use crate::heap::SymmetricHeap;
-use crate::tensor::{check_len, DeviceArg, HeapView, TopkIdx};
+use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use half::bf16;
 use moe_ep_kernels::abi::*;
@@ -89,13 +89,13 @@ impl HtConfig {
         if !(2..=MAX_RANKS).contains(&world) {
             return Err(Error::invalid("world", format!("{world} ranks; high-throughput kernels need 2..={MAX_RANKS}")));
         }
-        if self.hidden == 0 || self.hidden % FP8_GROUP != 0 || self.hidden > MAX_HIDDEN {
+        if self.hidden == 0 || !self.hidden.is_multiple_of(FP8_GROUP) || self.hidden > MAX_HIDDEN {
             return Err(Error::invalid("hidden", format!("{} is not a multiple of {FP8_GROUP} in {FP8_GROUP}..={MAX_HIDDEN}", self.hidden)));
         }
         if !(1..=MAX_TOPK).contains(&self.max_topk) {
             return Err(Error::invalid("max_topk", format!("{} is outside 1..={MAX_TOPK}", self.max_topk)));
         }
-        if self.num_experts < world || self.num_experts % world != 0 {
+        if self.num_experts < world || !self.num_experts.is_multiple_of(world) {
             return Err(Error::invalid("num_experts", format!("{} is not a positive multiple of the {world} ranks", self.num_experts)));
         }
         if self.num_experts / world > 8192 {
@@ -109,9 +109,12 @@ impl HtConfig {
             return Err(Error::invalid("recv_capacity", format!("{cap} rows is not a usable receive capacity")));
         }
         if self.num_sms == 0 || self.num_sms > sm_count.max(1) {
-            return Err(Error::invalid("num_sms", format!("{} blocks but the GPU has {sm_count} SMs (the kernels need every block resident)", self.num_sms)));
+            return Err(Error::invalid(
+                "num_sms",
+                format!("{} blocks but the GPU has {sm_count} SMs (the kernels need every block resident)", self.num_sms),
+            ));
         }
-        if self.threads < 32 || self.threads > 1024 || self.threads % 32 != 0 {
+        if self.threads < 32 || self.threads > 1024 || !self.threads.is_multiple_of(32) {
             return Err(Error::invalid("threads", format!("{} is not a multiple of 32 in 32..=1024", self.threads)));
         }
         Ok(())
@@ -304,7 +307,7 @@ impl<'g> HtBuffer<'g> {
 
     /// Routing -> counts and positions on the GPU. `topk_idx` is `[N, k]`.
     pub fn layout(&self, stream: &Arc<CudaStream>, topk_idx: TopkIdx<'_>, k: usize) -> Result<Layout> {
-        if k == 0 || topk_idx.elems() % k != 0 {
+        if k == 0 || !topk_idx.elems().is_multiple_of(k) {
             return Err(Error::invalid("topk_idx", format!("{} elements is not a multiple of k = {k}", topk_idx.elems())));
         }
         let layout = self.new_layout(stream, topk_idx.elems() / k, k)?;
@@ -501,7 +504,9 @@ impl<'g> HtBuffer<'g> {
         while self.host.read(0) != self.ticket {
             if Instant::now() > deadline {
                 self.g.check()?;
-                return Err(Error::InvalidState { reason: format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank()) });
+                return Err(Error::InvalidState {
+                    reason: format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank()),
+                });
             }
             std::hint::spin_loop();
         }
@@ -527,6 +532,7 @@ impl<'g> HtBuffer<'g> {
         Ok(())
     }
 
+    /// Rows of the receive views: the received count, or the capacity when it was not awaited.
     fn rows(&self, h: &Handle) -> usize {
         h.num_recv.unwrap_or(self.cfg.capacity(self.g.world()))
     }
@@ -592,14 +598,23 @@ impl<'g> HtBuffer<'g> {
     pub fn combine(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'_>) -> Result<CudaEvent> {
         self.check_handle(h)?;
         let (n, k, hd) = (h.layout.0.num_tokens, h.layout.0.k, self.cfg.hidden);
-        let rows = self.rows(h);
-        if args.x.elems() % hd != 0 || args.x.elems() / hd < rows {
-            return Err(Error::invalid("x", format!("has {} elements; combine needs at least [{rows}, {hd}] bf16", args.x.elems())));
+        // Rows of the input: at least the received count when the host knows it; otherwise the
+        // kernel checks (and reports a short input instead of reading past it).
+        let y_rows = args.x.elems() / hd;
+        if args.x.elems() % hd != 0 || h.num_recv.is_some_and(|n| y_rows < n) {
+            return Err(Error::invalid(
+                "x",
+                format!(
+                    "has {} elements; combine needs [{}, {hd}] bf16 (the received rows)",
+                    args.x.elems(),
+                    h.num_recv.map_or("N_recv".into(), |n| n.to_string())
+                ),
+            ));
         }
-        if let Some(w) = args.topk_weights {
-            if w.elems() < rows * k {
-                return Err(Error::invalid("topk_weights", format!("has {} elements; combine needs [{rows}, {k}] f32", w.elems())));
-            }
+        if let Some(w) = args.topk_weights
+            && w.elems() < y_rows * k
+        {
+            return Err(Error::invalid("topk_weights", format!("has {} elements; combine needs [{y_rows}, {k}] f32 like its input rows", w.elems())));
         }
         for b in args.bias.iter().flatten() {
             check_len("bias", b.elems(), n * hd, || format!("[{n}, {hd}] bf16"))?;
@@ -634,6 +649,8 @@ impl<'g> HtBuffer<'g> {
             hidden: hd as u32,
             k: k as u32,
             max_tokens: self.cfg.max_tokens_per_rank as u32,
+            y_rows: y_rows.min(u32::MAX as usize) as u32,
+            _pad: 0,
         };
         self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, 0, stream, &p)?;
         self.last.set(LastOp::Combine);

@@ -38,7 +38,7 @@ pub mod reference;
 pub mod rendezvous;
 
 pub use error::{Error, Result};
-pub use group::{device_count, Group, GroupConfig, Kernel, Mode, PTX};
+pub use group::{Group, GroupConfig, Kernel, Mode, PTX, device_count};
 pub use heap::SymmetricHeap;
 pub use moe_ep_kernels::abi;
 pub use tensor::{DeviceArg, HeapView, TopkIdx};

@@ -14,11 +14,11 @@
 use crate::error::{DriverContext, Error, Result};
 use crate::group::{Group, Kernel};
 use crate::heap::SymmetricHeap;
-use crate::tensor::{check_len, DeviceArg, HeapView, TopkIdx};
+use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len};
 use cudarc::driver::{CudaEvent, CudaStream};
-use std::sync::Arc;
 use half::bf16;
 use moe_ep_kernels::abi::*;
+use std::sync::Arc;
 
 /// Buffer configuration. Every rank must use the same one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub struct LlConfig {
     pub max_topk: usize,
     /// Most tokens per rank per call (`T`, up to 1024).
     pub max_tokens_per_rank: usize,
-    /// Blocks of the kernels (at most the SM count; every block stays resident).
+    /// Blocks of the kernels (at most the SM count; every block stays resident); 0 = one per SM.
     pub num_blocks: u32,
     /// Threads per block.
     pub threads: u32,
@@ -40,12 +40,18 @@ pub struct LlConfig {
 impl LlConfig {
     /// A configuration with default launch sizes.
     pub fn new(num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> Self {
-        LlConfig { num_experts, hidden, max_topk, max_tokens_per_rank, num_blocks: 64, threads: 512 }
+        LlConfig { num_experts, hidden, max_topk, max_tokens_per_rank, num_blocks: 0, threads: 512 }
     }
 
     /// Layout of one half for `world` ranks.
     pub fn half_layout(&self, world: usize) -> LlHalfLayout {
-        LlHalfLayout::new(world as u64, (self.num_experts / world.max(1)) as u64, self.max_tokens_per_rank as u64, self.hidden as u64, self.max_topk as u64)
+        LlHalfLayout::new(
+            world as u64,
+            (self.num_experts / world.max(1)) as u64,
+            self.max_tokens_per_rank as u64,
+            self.hidden as u64,
+            self.max_topk as u64,
+        )
     }
 
     /// Symmetric-heap bytes per rank (a size hint).
@@ -58,22 +64,28 @@ impl LlConfig {
         if !(2..=MAX_RANKS).contains(&world) {
             return Err(Error::invalid("world", format!("{world} ranks; low-latency kernels need 2..={MAX_RANKS}")));
         }
-        if self.hidden == 0 || self.hidden % FP8_GROUP != 0 || self.hidden > MAX_HIDDEN {
+        if self.hidden == 0 || !self.hidden.is_multiple_of(FP8_GROUP) || self.hidden > MAX_HIDDEN {
             return Err(Error::invalid("hidden", format!("{} is not a multiple of {FP8_GROUP} in {FP8_GROUP}..={MAX_HIDDEN}", self.hidden)));
         }
         if !(1..=MAX_TOPK).contains(&self.max_topk) {
             return Err(Error::invalid("max_topk", format!("{} is outside 1..={MAX_TOPK}", self.max_topk)));
         }
-        if self.num_experts < world || self.num_experts % world != 0 || self.num_experts > LL_MAX_EXPERTS {
-            return Err(Error::invalid("num_experts", format!("{} is not a multiple of the {world} ranks in {world}..={LL_MAX_EXPERTS}", self.num_experts)));
+        if self.num_experts < world || !self.num_experts.is_multiple_of(world) || self.num_experts > LL_MAX_EXPERTS {
+            return Err(Error::invalid(
+                "num_experts",
+                format!("{} is not a multiple of the {world} ranks in {world}..={LL_MAX_EXPERTS}", self.num_experts),
+            ));
         }
         if !(1..=LL_MAX_TOKENS).contains(&self.max_tokens_per_rank) {
             return Err(Error::invalid("max_tokens_per_rank", format!("{} is outside 1..={LL_MAX_TOKENS}", self.max_tokens_per_rank)));
         }
-        if self.num_blocks == 0 || self.num_blocks > sm_count.max(1) {
-            return Err(Error::invalid("num_blocks", format!("{} blocks but the GPU has {sm_count} SMs (every block must stay resident)", self.num_blocks)));
+        if self.num_blocks > sm_count.max(1) {
+            return Err(Error::invalid(
+                "num_blocks",
+                format!("{} blocks but the GPU has {sm_count} SMs (every block must stay resident)", self.num_blocks),
+            ));
         }
-        if self.threads < 64 || self.threads > 1024 || self.threads % 32 != 0 {
+        if self.threads < 64 || self.threads > 1024 || !self.threads.is_multiple_of(32) {
             return Err(Error::invalid("threads", format!("{} is not a multiple of 32 in 64..=1024", self.threads)));
         }
         Ok(())
@@ -191,9 +203,19 @@ impl<'g> LlBuffer<'g> {
     /// Collective: every rank creates its buffer with the same configuration.
     pub fn new(g: &'g Group, cfg: LlConfig) -> Result<Self> {
         cfg.validate(g.world(), g.sm_count())?;
+        let cfg = LlConfig { num_blocks: if cfg.num_blocks == 0 { g.sm_count().max(1) } else { cfg.num_blocks }, ..cfg };
         let hl = cfg.half_layout(g.world());
         let heap = g.new_heap(hl.heap_bytes())?;
-        Ok(LlBuffer { g, cfg, hl, heap, dispatches: 0, combines: std::cell::Cell::new(0), pending_dispatch: false, pending_combine: std::cell::Cell::new(false) })
+        Ok(LlBuffer {
+            g,
+            cfg,
+            hl,
+            heap,
+            dispatches: 0,
+            combines: std::cell::Cell::new(0),
+            pending_dispatch: false,
+            pending_combine: std::cell::Cell::new(false),
+        })
     }
 
     /// The configuration.
@@ -221,9 +243,12 @@ impl<'g> LlBuffer<'g> {
         if n > self.cfg.max_tokens_per_rank {
             return Err(Error::invalid("x", format!("{n} tokens exceed max_tokens_per_rank = {}", self.cfg.max_tokens_per_rank)));
         }
-        let k = if n == 0 { self.cfg.max_topk } else { topk_idx.elems() / n };
+        let k = topk_idx.elems().checked_div(n).unwrap_or(self.cfg.max_topk);
         if !(1..=self.cfg.max_topk).contains(&k) || topk_idx.elems() != n * k {
-            return Err(Error::invalid("topk_idx", format!("has {} elements for {n} tokens; expected [{n}, k] with k in 1..={}", topk_idx.elems(), self.cfg.max_topk)));
+            return Err(Error::invalid(
+                "topk_idx",
+                format!("has {} elements for {n} tokens; expected [{n}, k] with k in 1..={}", topk_idx.elems(), self.cfg.max_topk),
+            ));
         }
         Ok(k)
     }
@@ -275,7 +300,7 @@ impl<'g> LlBuffer<'g> {
         let half = (self.dispatches % 2) as usize;
         let stages = if args.hook { stage::SEND } else { stage::SEND | stage::RECV };
         let p = self.dispatch_params(half, n, k, args, stages);
-        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, 0, stream, &p)?;
+        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, ll_dispatch_smem_bytes(self.cfg.threads / 32), stream, &p)?;
         self.dispatches += 1;
         self.pending_dispatch = args.hook;
         let h = LlHandle { generation: self.dispatches, half, num_tokens: n, k, payload: args.payload, received: !args.hook };
@@ -285,7 +310,9 @@ impl<'g> LlBuffer<'g> {
     /// The receive half of a hook-mode dispatch.
     pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut LlHandle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
         if h.received || h.generation != self.dispatches {
-            return Err(Error::InvalidState { reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into() });
+            return Err(Error::InvalidState {
+                reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
+            });
         }
         let mut p = LlDispatchParams { stages: stage::RECV, ..Default::default() };
         p.wait = self.g.wait_ctx();
@@ -311,7 +338,9 @@ impl<'g> LlBuffer<'g> {
             return Err(Error::InvalidState { reason: "the dispatch's receive hook has not run yet".into() });
         }
         if self.dispatches.saturating_sub(h.generation) >= 2 {
-            return Err(Error::InvalidState { reason: format!("stale handle: dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches) });
+            return Err(Error::InvalidState {
+                reason: format!("stale handle: dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches),
+            });
         }
         Ok(())
     }
@@ -426,7 +455,7 @@ impl<'g> LlBuffer<'g> {
         self.launch_combine(stream, &p)?;
         self.combines.set(self.combines.get() + 1);
         self.pending_combine.set(args.hook);
-        let pending = args.hook.then(|| LlCombinePending { params: LlCombineParams { stages: stage::RECV, ..p } });
+        let pending = args.hook.then_some(LlCombinePending { params: LlCombineParams { stages: stage::RECV, ..p } });
         Ok((pending, self.event(stream)?))
     }
 

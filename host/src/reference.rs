@@ -4,7 +4,7 @@
 //! The reference sees every rank's inputs (a [`HtWorld`] or [`LlWorld`]), which each rank of a
 //! test regenerates from a shared seed, and computes one rank's expected outputs.
 
-use crate::abi::{scale_fmt, FP8_GROUP};
+use crate::abi::{FP8_GROUP, scale_fmt};
 use moe_ep_kernels::fp::{bf16_to_f32, f32_to_bf16, f32_to_e4m3, fp8_scale};
 use rayon::prelude::*;
 
@@ -299,19 +299,17 @@ impl HtWorld {
         let n = self.ranks[home].num_tokens(k);
         let l = self.layout(home);
         // Row of (home, t) on rank r: rows of sources before `home`, then its position.
-        let base: Vec<usize> = (0..world)
-            .map(|r| (0..home).map(|s| self.layout(s).tokens_per_rank[r] as usize).sum())
-            .collect();
+        let base: Vec<usize> = (0..world).map(|r| (0..home).map(|s| self.layout(s).tokens_per_rank[r] as usize).sum()).collect();
         let mut out = vec![0u16; n * h];
         let mut out_w = vec![0f32; n * k];
         out.par_chunks_mut(h.max(1)).zip(out_w.par_chunks_mut(k)).enumerate().for_each(|(t, (o, ow))| {
             let mut acc = vec![0f32; h];
             let mut accw = vec![0f32; k];
-            for r in 0..world {
+            for (r, &b) in base.iter().enumerate() {
                 if l.is_token_in_rank[t * world + r] == 0 {
                     continue;
                 }
-                let row = base[r] + l.token_pos[t * world + r] as usize;
+                let row = b + l.token_pos[t * world + r] as usize;
                 let yr = &y(r)[row * h..(row + 1) * h];
                 for (a, &v) in acc.iter_mut().zip(yr) {
                     *a += bf16_to_f32(v);

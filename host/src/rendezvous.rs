@@ -62,14 +62,16 @@ impl ProcessConfig {
         }
         let (n, v) = var("MOE_EP_RANK", "RANK").ok_or_else(|| Error::invalid("RANK", "neither MOE_EP_RANK nor RANK is set"))?;
         let rank: usize = parse(n, &v)?;
-        let (n, v) = var("MOE_EP_WORLD_SIZE", "WORLD_SIZE").ok_or_else(|| Error::invalid("WORLD_SIZE", "neither MOE_EP_WORLD_SIZE nor WORLD_SIZE is set"))?;
+        let (n, v) =
+            var("MOE_EP_WORLD_SIZE", "WORLD_SIZE").ok_or_else(|| Error::invalid("WORLD_SIZE", "neither MOE_EP_WORLD_SIZE nor WORLD_SIZE is set"))?;
         let world: usize = parse(n, &v)?;
         let device = match var("MOE_EP_LOCAL_RANK", "LOCAL_RANK") {
             Some((n, v)) => parse(n, &v)?,
             None => rank,
         };
         let master_addr = var("MOE_EP_MASTER_ADDR", "MASTER_ADDR").map(|(_, v)| v).unwrap_or_else(|| "127.0.0.1".into());
-        let (n, v) = var("MOE_EP_MASTER_PORT", "MASTER_PORT").ok_or_else(|| Error::invalid("MASTER_PORT", "neither MOE_EP_MASTER_PORT nor MASTER_PORT is set"))?;
+        let (n, v) = var("MOE_EP_MASTER_PORT", "MASTER_PORT")
+            .ok_or_else(|| Error::invalid("MASTER_PORT", "neither MOE_EP_MASTER_PORT nor MASTER_PORT is set"))?;
         let master_port: u16 = parse(n, &v)?;
         let c = ProcessConfig { rank, world, device, master_addr, master_port };
         c.validate()?;
@@ -406,7 +408,11 @@ impl Exchange for LocalExchange {
             if left.is_zero() {
                 // This rank's contribution stays: the others that did arrive are not named.
                 let missing: Vec<usize> = st.data.iter().enumerate().filter(|(_, d)| d.is_none()).map(|(r, _)| r).collect();
-                return Err(Error::Rendezvous { rank: self.rank, world: self.world, reason: format!("rank(s) {missing:?} did not arrive within {timeout:?}") });
+                return Err(Error::Rendezvous {
+                    rank: self.rank,
+                    world: self.world,
+                    reason: format!("rank(s) {missing:?} did not arrive within {timeout:?}"),
+                });
             }
             st = cv.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }

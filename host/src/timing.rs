@@ -1,7 +1,7 @@
 //! CUDA-event timing.
 
 use crate::error::{DriverContext, Result};
-use cudarc::driver::{sys, CudaStream};
+use cudarc::driver::{CudaStream, sys};
 
 /// Runs `f` (which enqueues work on `stream`) between two timing events and returns the
 /// elapsed milliseconds once the stream reaches the second one.

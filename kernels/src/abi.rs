@@ -37,6 +37,9 @@ pub mod status {
     pub const CAPACITY: u32 = 2;
     /// A top-k entry is outside `[-1, num_experts)`.
     pub const BAD_EXPERT: u32 = 3;
+    /// An input holds fewer rows than the device found it must read (`expected` rows given,
+    /// `seen` needed).
+    pub const SHORT_INPUT: u32 = 4;
 }
 
 /// Phase codes: which wait or check an [`ErrorRecord`] comes from.
@@ -152,7 +155,7 @@ pub struct Control {
     /// Flag ping-pong: slot `s` written by rank `s` (the host zeroes it before each run).
     pub ping_flags: [u32; MAX_RANKS],
 }
-const _: () = assert!(core::mem::size_of::<Control>() % 16 == 0);
+const _: () = assert!(core::mem::size_of::<Control>().is_multiple_of(16));
 
 /// Bytes reserved for [`Control`] at the start of every heap.
 pub const CONTROL_BYTES: u64 = align_up(core::mem::size_of::<Control>() as u64, REGION_ALIGN);
@@ -333,7 +336,7 @@ pub mod selftest_out {
 }
 
 /// Scratch words of [`SelftestParams`].
-pub const SELFTEST_SCRATCH_WORDS: usize = 1024;
+pub const SELFTEST_SCRATCH_WORDS: usize = 2048;
 /// Output words of [`SelftestParams`].
 pub const SELFTEST_OUT_WORDS: usize = 64;
 /// Conversion inputs of [`SelftestParams`].
@@ -457,6 +460,9 @@ pub struct HtCombineParams {
     pub k: u32,
     /// Rows per source in the combine staging area (the buffer's max tokens per rank).
     pub max_tokens: u32,
+    /// Rows `y` (and `y_weights`) hold; more received rows are an error, not a read past the end.
+    pub y_rows: u32,
+    pub _pad: u32,
 }
 
 /// Heap layout of a high-throughput buffer (offsets from the heap base). Computed once by
@@ -479,14 +485,7 @@ impl HtHeapLayout {
     /// Layout for `world` ranks, hidden size `hidden`, at most `max_topk` slots,
     /// `experts_per_rank` local experts, `max_tokens` tokens per rank and a receive buffer
     /// of `capacity` rows.
-    pub const fn new(
-        world: u64,
-        hidden: u64,
-        max_topk: u64,
-        experts_per_rank: u64,
-        max_tokens: u64,
-        capacity: u64,
-    ) -> Self {
+    pub const fn new(world: u64, hidden: u64, max_topk: u64, experts_per_rank: u64, max_tokens: u64, capacity: u64) -> Self {
         let a = REGION_ALIGN;
         let notify = CONTROL_BYTES;
         let recv_x = align_up(notify + 2 * world * (world + experts_per_rank) * 4, a);
@@ -600,6 +599,12 @@ pub struct LlDispatchParams {
     /// Bytes per received row of scales: `4 * H / 128` (f32 formats) or `H / 128` rounded up
     /// to 4 (UE8M0 bytes, four per u32).
     pub scale_row_bytes: u32,
+}
+
+/// Dynamic shared memory of `ll_dispatch` with `warps` warps per block: per warp,
+/// `MAX_TOPK` row addresses, `MAX_TOPK` scale-row addresses and a slot mask.
+pub const fn ll_dispatch_smem_bytes(warps: u32) -> u32 {
+    warps * (16 * MAX_TOPK as u32 + 4)
 }
 
 /// `ll_combine`: send half (and, fused, the receive half in every block).

@@ -1,7 +1,7 @@
 //! Device helpers built from the PTX wrappers: peer addressing, warp reductions and scans,
 //! bf16 packing, index loads. Nothing here is a single instruction; see [`crate::ptx`] for those.
 
-use crate::abi::{Peers, MAX_RANKS};
+use crate::abi::{MAX_RANKS, Peers};
 use crate::ptx::*;
 
 /// All 32 lanes.
@@ -105,13 +105,7 @@ pub unsafe fn block_exclusive_scan_u32(v: u32, smem: u32) -> (u32, u32) {
 #[inline(always)]
 pub unsafe fn load_topk_idx(p: u64, i: usize, is_i64: bool) -> i64 {
     // SAFETY: the caller guarantees the bounds.
-    unsafe {
-        if is_i64 {
-            ld_global_nc_s64((p as *const i64).add(i))
-        } else {
-            ld_global_nc_s32((p as *const i32).add(i)) as i64
-        }
-    }
+    unsafe { if is_i64 { ld_global_nc_s64((p as *const i64).add(i)) } else { ld_global_nc_s32((p as *const i32).add(i)) as i64 } }
 }
 
 /// The two bf16 values packed in `w` (element 0 in the low half) as f32.
@@ -175,5 +169,28 @@ pub unsafe fn warp_copy_to_lane_dests<const U: usize>(src: u64, nvec: u32, dst: 
             }
         }
         base += 32 * U as u32;
+    }
+}
+
+/// Adds row `row`'s vectors `base + lane + 32 u` (for `u < U`, those below `nvec`) to
+/// `acc[u]`, issuing all `U` loads before the first add.
+///
+/// # Safety
+/// `row` must hold `nvec` 16-byte vectors.
+#[inline(always)]
+pub unsafe fn accumulate_rows<const U: usize>(acc: &mut [[f32; 8]; U], row: u64, base: u32, nvec: u32, load: unsafe fn(*const [u32; 4]) -> [u32; 4]) {
+    let lane = laneid();
+    let mut v = [[0u32; 4]; U];
+    for (u, vu) in v.iter_mut().enumerate() {
+        let j = base + lane + 32 * u as u32;
+        if j < nvec {
+            // SAFETY: j < nvec.
+            *vu = unsafe { load((row as *const [u32; 4]).add(j as usize)) };
+        }
+    }
+    for (u, a) in acc.iter_mut().enumerate() {
+        if base + lane + 32 * (u as u32) < nvec {
+            accumulate_bf16x8(a, v[u]);
+        }
     }
 }

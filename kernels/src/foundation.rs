@@ -48,8 +48,9 @@ pub unsafe extern "ptx-kernel" fn heap_pattern_check(p: PatternParams) {
         // SAFETY: own control block.
         ok = unsafe { w.wait_reached(&raw const (*me).test_flags[tid as usize], p.signal, phase::TEST_SIGNAL, tid) };
     }
-    bar_sync_0();
-    if !ok {
+    // Every thread learns the outcome, so whole warps leave together (the warp sums below
+    // need all 32 lanes).
+    if !bar_red_and_pred_0(ok) {
         // The timeout is reported; the host turns it into an error before any count.
         return;
     }

@@ -2,7 +2,7 @@
 //! of the e4m3 and bf16 conversions (the device uses `cvt` instructions, checked against
 //! these by the device-layer GPU test).
 
-use crate::abi::{scale_fmt, E4M3_MAX, FP8_AMAX_FLOOR};
+use crate::abi::{E4M3_MAX, FP8_AMAX_FLOOR, scale_fmt};
 
 /// The scale of one 128-channel group and its reciprocal.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -73,11 +73,7 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     if e == 0xf && b & 7 == 7 {
         return f32::NAN;
     }
-    if e == 0 {
-        sign * m * (1.0 / 512.0)
-    } else {
-        sign * (1.0 + m / 8.0) * pow2(e - 7)
-    }
+    if e == 0 { sign * m * (1.0 / 512.0) } else { sign * (1.0 + m / 8.0) * pow2(e - 7) }
 }
 
 /// bf16 bits -> f32 (exact).

@@ -19,6 +19,8 @@ use crate::sync::*;
 
 /// Vectors in flight per lane in the row copies.
 const UNROLL: usize = 4;
+/// Vectors per lane per step of the combine reduction.
+const RED_UNROLL: usize = 4;
 
 /// One block per destination rank: is_token_in_rank, token positions, counts.
 /// Dynamic shared memory: `4 * (32 + E / R)` bytes.
@@ -127,9 +129,7 @@ pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
         }
         let ok = bar_red_and_pred_0(ok);
         // Count rank `s` sends to rank `r`, as `s` told this rank.
-        let c = |s: u32, r: u32| -> u32 {
-            if ok { ld_relaxed_sys_global_u32(rec(rank, par, s).add(r as usize) as *const u32) } else { 0 }
-        };
+        let c = |s: u32, r: u32| -> u32 { if ok { ld_relaxed_sys_global_u32(rec(rank, par, s).add(r as usize) as *const u32) } else { 0 } };
         // Thread 0 computes the offsets; `fine` tells the host whether they are usable.
         let mut fine = ok;
         if tid == 0 {
@@ -283,7 +283,11 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
     // index a home rank can have (the host checked N <= max_tokens).
     unsafe {
         let src_base = p.src_base as *const i32;
-        let num_recv = ld_global_nc_s32(src_base.add(world as usize)) as u32;
+        let received = ld_global_nc_s32(src_base.add(world as usize)) as u32;
+        let num_recv = core::cmp::min(received, p.y_rows);
+        if received > p.y_rows && ctaid_x() == 0 && tid_x() == 0 {
+            w.report(status::SHORT_INPUT, phase::HT_COMBINE, rank, p.y_rows as u64, received as u64, 0);
+        }
         let sb = if lane >= 1 && lane <= world { ld_global_nc_s32(src_base.add(lane as usize)) } else { i32::MAX };
         let mut i = gw;
         while i < num_recv {
@@ -307,28 +311,32 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
             while t < p.num_tokens {
                 let inr = if lane < world { ld_global_nc_u8((p.is_token_in_rank as *const u8).add((t * world + lane) as usize)) } else { 0 };
                 let mask = vote_sync_ballot_b32(FULL, inr != 0);
+                // Ranks outermost (in rank order, so the sum is deterministic), RED_UNROLL
+                // vectors per lane innermost: that many independent loads in flight.
                 let mut base = 0u32;
                 while base < nvec {
-                    let j = base + lane;
-                    if j < nvec {
-                        let mut acc = [0f32; 8];
-                        for r in 0..MAX_RANKS {
-                            if mask >> r & 1 != 0 {
-                                let a = own + p.comb_x_off + slot(r as u32, t) * row_bytes + j as u64 * 16;
-                                accumulate_bf16x8(&mut acc, ld_global_v4_u32(a as *const [u32; 4]));
-                            }
-                        }
-                        let at = t as u64 * row_bytes + j as u64 * 16;
-                        if p.bias0 != 0 {
-                            accumulate_bf16x8(&mut acc, ld_global_nc_v4_u32((p.bias0 + at) as *const [u32; 4]));
-                        }
-                        if p.bias1 != 0 {
-                            accumulate_bf16x8(&mut acc, ld_global_nc_v4_u32((p.bias1 + at) as *const [u32; 4]));
-                        }
-                        let a = p.out + t as u64 * row_bytes + j as u64 * 16;
-                        st_global_v4_u32(a as *mut [u32; 4], pack_bf16x8(&acc));
+                    let mut acc = [[0f32; 8]; RED_UNROLL];
+                    let mut m = mask;
+                    while m != 0 {
+                        let r = m.trailing_zeros();
+                        m &= m - 1;
+                        let row = own + p.comb_x_off + slot(r, t) * row_bytes;
+                        accumulate_rows(&mut acc, row, base, nvec, ld_global_v4_u32);
                     }
-                    base += 32;
+                    let at = t as u64 * row_bytes;
+                    if p.bias0 != 0 {
+                        accumulate_rows(&mut acc, p.bias0 + at, base, nvec, ld_global_nc_v4_u32);
+                    }
+                    if p.bias1 != 0 {
+                        accumulate_rows(&mut acc, p.bias1 + at, base, nvec, ld_global_nc_v4_u32);
+                    }
+                    for (u, a) in acc.iter().enumerate() {
+                        let j = base + lane + 32 * u as u32;
+                        if j < nvec {
+                            st_global_v4_u32((p.out + at + j as u64 * 16) as *mut [u32; 4], pack_bf16x8(a));
+                        }
+                    }
+                    base += 32 * RED_UNROLL as u32;
                 }
                 if p.out_weights != 0 && (lane as u64) < k {
                     let mut acc = 0f32;

@@ -20,8 +20,10 @@ use crate::fp::fp8_scale;
 use crate::ptx::*;
 use crate::sync::*;
 
-/// Vectors in flight per lane in the BF16 row copies.
+/// Vectors in flight per lane in the BF16 row copies and the combine reduction.
 const UNROLL: usize = 4;
+/// Vectors per work unit (one warp) of the combine halves.
+const CHUNK: u32 = 32 * UNROLL as u32;
 
 /// Send half (every block) and receive half (block 0), as `stages` says. One warp per token.
 #[unsafe(no_mangle)]
@@ -36,7 +38,8 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
         }
         if p.stages & stage::RECV != 0 && ctaid_x() == 0 {
             let me = control(&p.peers, rank);
-            let ok = wait_all_sources(&w, |s| &raw const (*me).ll_dispatch_arrive[p.half as usize][s as usize], p.send_blocks, phase::LL_DISPATCH_RECV);
+            let ok =
+                wait_all_sources(&w, |s| &raw const (*me).ll_dispatch_arrive[p.half as usize][s as usize], p.send_blocks, phase::LL_DISPATCH_RECV);
             if ok && tid_x() < world {
                 st_relaxed_sys_global_u32(&raw mut (*me).ll_dispatch_arrive[p.half as usize][tid_x() as usize], 0);
             }
@@ -53,15 +56,18 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
                 j += ntid_x();
             }
         }
-        let _ = lane;
     }
 }
 
+/// Each block takes a contiguous share of the tokens, `warps` at a time. Phase 1: warp `w`
+/// reserves the rows of token `base + w` (one remote atomic per top-k slot) and leaves their
+/// addresses in shared memory. Phase 2: the whole block streams each of those tokens, every
+/// thread one 16-byte vector (8 channels; 16 threads form a 128-channel FP8 group), to every
+/// reserved row.
 unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
-    let (lane, world, rank) = (laneid(), w.world, w.rank);
-    let warps = ntid_x() / 32;
-    let gw = ctaid_x() * warps + tid_x() / 32;
-    let total_warps = nctaid_x() * warps;
+    let (tid, nt, lane) = (tid_x(), ntid_x(), laneid());
+    let (warp, warps) = (tid / 32, nt / 32);
+    let (world, rank) = (w.world, w.rank);
     let k = p.k as usize;
     let epr = p.experts_per_rank as i64;
     let num_experts = epr * world as i64;
@@ -69,92 +75,127 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
     let fp8 = p.fp8 != 0;
     let row_bytes = if fp8 { p.hidden as u64 } else { 2 * p.hidden as u64 };
     let is64 = p.idx_i64 != 0;
-    // SAFETY: as in `ll_dispatch`.
+    let nvec = p.hidden / 8;
+    let smem = dyn_smem_base();
+    let dst_at = |wi: u32, kk: u32| smem + (wi * MAX_TOPK as u32 + kk) * 8;
+    let scale_at = |wi: u32, kk: u32| smem + (warps * MAX_TOPK as u32 + wi * MAX_TOPK as u32 + kk) * 8;
+    let mask_at = |wi: u32| smem + 16 * warps * MAX_TOPK as u32 + 4 * wi;
+    let per_block = p.num_tokens.div_ceil(nctaid_x());
+    let t0 = core::cmp::min(ctaid_x() * per_block, p.num_tokens);
+    let t1 = core::cmp::min(t0 + per_block, p.num_tokens);
+    // SAFETY: as in `ll_dispatch`; shared memory holds `ll_dispatch_smem_bytes(warps)`.
     unsafe {
-        let mut t = gw;
-        while t < p.num_tokens {
-            let e = if (lane as usize) < k { load_topk_idx(p.topk_idx, t as usize * k + lane as usize, is64) } else { -1 };
-            if (lane as usize) < k && (e < -1 || e >= num_experts) {
-                w.report(status::BAD_EXPERT, phase::LL_DISPATCH_SEND, t, num_experts as u64, e as u64, 0);
-            }
-            let mut valid = e >= 0 && e < num_experts;
-            let (mut dst, mut dst_scale) = (0u64, 0u64);
-            if valid {
-                let (dr, el) = ((e / epr) as u32, (e % epr) as u64);
-                let hb = peer_base(&p.peers, dr) + p.half_off;
-                let slot = atom_relaxed_sys_global_add_u32((hb + p.layout.slot_counter + 4 * el) as *mut u32, 1) as u64;
-                if slot >= rows_per_expert {
-                    w.report(status::CAPACITY, phase::LL_DISPATCH_SEND, dr, rows_per_expert, slot + 1, 0);
-                    valid = false;
-                } else {
-                    let row = el * rows_per_expert + slot;
-                    st_global_u32((hb + p.layout.recv_meta + 4 * row) as *mut u32, rank << 24 | lane << 16 | t);
-                    dst = hb + p.layout.recv_x + row * row_bytes;
-                    dst_scale = hb + p.layout.recv_scales + row * p.scale_row_bytes as u64;
+        let mut base = t0;
+        while base < t1 {
+            // Phase 1: reservations, one token per warp.
+            let t = base + warp;
+            let mut kmask = 0;
+            if t < t1 {
+                let e = if (lane as usize) < k { load_topk_idx(p.topk_idx, t as usize * k + lane as usize, is64) } else { -1 };
+                if (lane as usize) < k && (e < -1 || e >= num_experts) {
+                    w.report(status::BAD_EXPERT, phase::LL_DISPATCH_SEND, t, num_experts as u64, e as u64, 0);
+                }
+                let mut valid = e >= 0 && e < num_experts;
+                let (mut dst, mut dst_scale) = (0u64, 0u64);
+                if valid {
+                    let (dr, el) = ((e / epr) as u32, (e % epr) as u64);
+                    let hb = peer_base(&p.peers, dr) + p.half_off;
+                    let slot = atom_relaxed_sys_global_add_u32((hb + p.layout.slot_counter + 4 * el) as *mut u32, 1) as u64;
+                    if slot >= rows_per_expert {
+                        w.report(status::CAPACITY, phase::LL_DISPATCH_SEND, dr, rows_per_expert, slot + 1, 0);
+                        valid = false;
+                    } else {
+                        let row = el * rows_per_expert + slot;
+                        st_global_u32((hb + p.layout.recv_meta + 4 * row) as *mut u32, rank << 24 | lane << 16 | t);
+                        dst = hb + p.layout.recv_x + row * row_bytes;
+                        dst_scale = hb + p.layout.recv_scales + row * p.scale_row_bytes as u64;
+                    }
+                }
+                kmask = vote_sync_ballot_b32(FULL, valid);
+                if (lane as usize) < MAX_TOPK {
+                    st_shared_cta_v2_u32(dst_at(warp, lane), [dst as u32, (dst >> 32) as u32]);
+                    st_shared_cta_v2_u32(scale_at(warp, lane), [dst_scale as u32, (dst_scale >> 32) as u32]);
                 }
             }
-            let kmask = vote_sync_ballot_b32(FULL, valid);
-            let src = p.x + t as u64 * 2 * p.hidden as u64;
-            if fp8 {
-                quantize_to_lane_dests(src, p.hidden, p.scale_fmt, dst, dst_scale, kmask);
-            } else {
-                warp_copy_to_lane_dests::<UNROLL>(src, p.hidden / 8, dst, kmask);
+            if lane == 0 {
+                st_shared_cta_u32(mask_at(warp), kmask);
             }
-            t += total_warps;
+            bar_sync_0();
+            // Phase 2: the block streams each reserved token.
+            let count = core::cmp::min(warps, t1 - base);
+            for i in 0..count {
+                let t = base + i;
+                let kmask = ld_shared_cta_u32(mask_at(i));
+                let src = p.x + t as u64 * 2 * p.hidden as u64;
+                let mut j = tid;
+                // Every thread runs the same number of passes (the group maximum needs whole warps).
+                for _ in 0..nvec.div_ceil(nt) {
+                    let active = j < nvec;
+                    let v = if active { ld_global_nc_L1_no_allocate_v4_u32((src as *const [u32; 4]).add(j as usize)) } else { [0; 4] };
+                    if fp8 {
+                        let (q, sc) = quantize_bf16x8(v, p.scale_fmt);
+                        let mut m = kmask;
+                        while m != 0 {
+                            let kk = m.trailing_zeros();
+                            m &= m - 1;
+                            if active {
+                                let d = ld_shared_u64(dst_at(i, kk));
+                                st_global_v2_u32((d as *mut [u32; 2]).add(j as usize), q);
+                                if lane % 16 == 0 {
+                                    let g = (j / 16) as u64;
+                                    let ds = ld_shared_u64(scale_at(i, kk));
+                                    if p.scale_fmt == scale_fmt::UE8M0 {
+                                        st_global_u8((ds + g) as *mut u8, sc.ue8m0);
+                                    } else {
+                                        st_global_u32((ds + 4 * g) as *mut u32, sc.scale.to_bits());
+                                    }
+                                }
+                            }
+                        }
+                    } else if active {
+                        let mut m = kmask;
+                        while m != 0 {
+                            let kk = m.trailing_zeros();
+                            m &= m - 1;
+                            let d = ld_shared_u64(dst_at(i, kk));
+                            st_global_L1_no_allocate_v4_u32((d as *mut [u32; 4]).add(j as usize), v);
+                        }
+                    }
+                    j += nt;
+                }
+            }
+            bar_sync_0();
+            base += warps;
         }
     }
 }
 
-/// The warp casts one BF16 row of `hidden` channels to FP8 e4m3 (one scale per 128 channels:
-/// 16 lanes of 8 channels each) and stores it and the scales to the destination of every lane
-/// in `mask` (lane `d` holds its row address `dst` and scale-row address `dst_scale`).
+/// Reads a u64 from shared memory (two words).
 #[inline(always)]
-unsafe fn quantize_to_lane_dests(src: u64, hidden: u32, fmt: u32, dst: u64, dst_scale: u64, mask: u32) {
-    let lane = laneid();
-    let nvec = hidden / 8;
-    let mut base = 0u32;
-    // SAFETY: the caller guarantees the row and destinations hold `hidden` channels.
-    unsafe {
-        while base < nvec {
-            let j = base + lane;
-            let active = j < nvec;
-            let v = if active { ld_global_nc_L1_no_allocate_v4_u32((src as *const [u32; 4]).add(j as usize)) } else { [0; 4] };
-            let mut f = [0f32; 8];
-            let mut amax = 0f32;
-            for i in 0..4 {
-                let (a, b) = unpack_bf16x2(v[i]);
-                f[2 * i] = a;
-                f[2 * i + 1] = b;
-                amax = max_f32(amax, max_f32(abs_f32(a), abs_f32(b)));
-            }
-            let amax = group_max_f32(amax, 16);
-            let sc = fp8_scale(amax, fmt);
-            let mut q = [0u32; 2];
-            for i in 0..4 {
-                let pair = cvt_rn_satfinite_e4m3x2_f32(mul_rn_f32(f[2 * i + 1], sc.inv), mul_rn_f32(f[2 * i], sc.inv)) as u32;
-                q[i / 2] |= pair << (16 * (i % 2));
-            }
-            let g = (j / 16) as u64;
-            let mut m = mask;
-            while m != 0 {
-                let d = m.trailing_zeros();
-                m &= m - 1;
-                let out = shfl_idx_u64(FULL, dst, d);
-                let out_scale = shfl_idx_u64(FULL, dst_scale, d);
-                if active {
-                    st_global_v2_u32((out as *mut [u32; 2]).add(j as usize), q);
-                    if lane % 16 == 0 {
-                        if fmt == scale_fmt::UE8M0 {
-                            st_global_u8((out_scale + g) as *mut u8, sc.ue8m0);
-                        } else {
-                            st_global_u32((out_scale + 4 * g) as *mut u32, sc.scale.to_bits());
-                        }
-                    }
-                }
-            }
-            base += 32;
-        }
+unsafe fn ld_shared_u64(a: u32) -> u64 {
+    // SAFETY: the caller passes an 8-byte slot it wrote.
+    unsafe { ld_shared_cta_u32(a) as u64 | (ld_shared_cta_u32(a + 4) as u64) << 32 }
+}
+
+/// Casts 8 bf16 channels to FP8 e4m3; the scale covers the 128 channels of the 16-lane group
+/// (every lane of the warp must call it).
+#[inline(always)]
+fn quantize_bf16x8(v: [u32; 4], fmt: u32) -> ([u32; 2], crate::fp::Fp8Scale) {
+    let mut f = [0f32; 8];
+    let mut amax = 0f32;
+    for i in 0..4 {
+        let (a, b) = unpack_bf16x2(v[i]);
+        f[2 * i] = a;
+        f[2 * i + 1] = b;
+        amax = max_f32(amax, max_f32(abs_f32(a), abs_f32(b)));
     }
+    let sc = fp8_scale(group_max_f32(amax, 16), fmt);
+    let mut q = [0u32; 2];
+    for i in 0..4 {
+        let pair = cvt_rn_satfinite_e4m3x2_f32(mul_rn_f32(f[2 * i + 1], sc.inv), mul_rn_f32(f[2 * i], sc.inv)) as u32;
+        q[i / 2] |= pair << (16 * (i % 2));
+    }
+    (q, sc)
 }
 
 /// Send half (every block: each received row back to its home) and receive half (every
@@ -217,8 +258,11 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
         }
         bar_sync_0();
         let total_rows = carry;
-        let mut i = gw;
-        while i < total_rows {
+        // Work unit: (row, chunk of CHUNK vectors), one per warp.
+        let chunks = (p.hidden / 8).div_ceil(CHUNK);
+        let mut unit = gw;
+        while unit < total_rows * chunks {
+            let (i, c) = (unit / chunks, unit % chunks);
             // Largest expert e with prefix[e] <= i.
             let (mut lo, mut hi) = (0u32, epr);
             while hi - lo > 1 {
@@ -233,11 +277,12 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
             let row = e as u64 * rows_per_expert + (i - ld_shared_cta_u32(prefix + 4 * e)) as u64;
             let meta = ld_global_nc_s32((dh + p.layout.recv_meta + 4 * row) as *const i32) as u32;
             let (s, kk, t) = (meta >> 24, ((meta >> 16) & 0xff) as u64, (meta & 0xffff) as u64);
-            let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t * k + kk) * row_bytes;
-            warp_copy_to_lane_dests::<UNROLL>(p.y + row * row_bytes, p.hidden / 8, dst, 1);
-            i += total_warps;
+            let off = c as u64 * CHUNK as u64 * 16;
+            let n = core::cmp::min(CHUNK, p.hidden / 8 - c * CHUNK);
+            let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t * k + kk) * row_bytes + off;
+            warp_copy_to_lane_dests::<UNROLL>(p.y + row * row_bytes + off, n, dst, 1);
+            unit += total_warps;
         }
-        let _ = lane;
     }
 }
 
@@ -250,12 +295,15 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
     let num_experts = p.experts_per_rank as i64 * p.wait.world as i64;
     let row_bytes = 2 * p.hidden as u64;
     let nvec = p.hidden / 8;
+    let chunks = nvec.div_ceil(CHUNK);
     let ch = peer_base(&p.peers, p.wait.rank) + p.combine_half_off + p.layout.comb_x;
     let is64 = p.idx_i64 != 0;
     // SAFETY: as in `ll_combine`.
     unsafe {
-        let mut t = gw;
-        while t < p.num_tokens {
+        // Work unit: (token, chunk of CHUNK vectors), one per warp; slots outermost, in order.
+        let mut unit = gw;
+        while unit < p.num_tokens * chunks {
+            let (t, c) = (unit / chunks, unit % chunks);
             let (e, wt) = if (lane as usize) < k {
                 let i = t as usize * k + lane as usize;
                 (load_topk_idx(p.topk_idx, i, is64), ld_global_nc_f32((p.topk_weights as *const f32).add(i)))
@@ -263,31 +311,40 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
                 (-1, 0.0)
             };
             let kmask = vote_sync_ballot_b32(FULL, e >= 0 && e < num_experts);
-            let mut base = 0u32;
-            while base < nvec {
-                let j = base + lane;
-                let mut acc = [0f32; 8];
+            let end = core::cmp::min(nvec, (c + 1) * CHUNK);
+            let mut base = c * CHUNK;
+            while base < end {
+                let mut acc = [[0f32; 8]; UNROLL];
                 let mut m = kmask;
                 while m != 0 {
                     let kk = m.trailing_zeros();
                     m &= m - 1;
                     let wk = f32::from_bits(shfl_sync_idx_b32(FULL, wt.to_bits(), kk));
-                    if j < nvec {
-                        let a = ch + (t as u64 * k as u64 + kk as u64) * row_bytes + j as u64 * 16;
-                        let v = ld_global_v4_u32(a as *const [u32; 4]);
-                        for i in 0..4 {
-                            let (x0, x1) = unpack_bf16x2(v[i]);
-                            acc[2 * i] = fma_rn_f32(wk, x0, acc[2 * i]);
-                            acc[2 * i + 1] = fma_rn_f32(wk, x1, acc[2 * i + 1]);
+                    let row = (ch + (t as u64 * k as u64 + kk as u64) * row_bytes) as *const [u32; 4];
+                    let mut v = [[0u32; 4]; UNROLL];
+                    for (u, vu) in v.iter_mut().enumerate() {
+                        let j = base + lane + 32 * u as u32;
+                        if j < end {
+                            *vu = ld_global_v4_u32(row.add(j as usize));
+                        }
+                    }
+                    for (u, a) in acc.iter_mut().enumerate() {
+                        for q in 0..4 {
+                            let (x0, x1) = unpack_bf16x2(v[u][q]);
+                            a[2 * q] = fma_rn_f32(wk, x0, a[2 * q]);
+                            a[2 * q + 1] = fma_rn_f32(wk, x1, a[2 * q + 1]);
                         }
                     }
                 }
-                if j < nvec {
-                    st_global_v4_u32((p.out + t as u64 * row_bytes + j as u64 * 16) as *mut [u32; 4], pack_bf16x8(&acc));
+                for (u, a) in acc.iter().enumerate() {
+                    let j = base + lane + 32 * u as u32;
+                    if j < end {
+                        st_global_v4_u32((p.out + t as u64 * row_bytes + j as u64 * 16) as *mut [u32; 4], pack_bf16x8(a));
+                    }
                 }
-                base += 32;
+                base += 32 * UNROLL as u32;
             }
-            t += total_warps;
+            unit += total_warps;
         }
     }
 }

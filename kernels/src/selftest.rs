@@ -7,7 +7,6 @@ use crate::abi::*;
 use crate::dev::*;
 use crate::ptx::*;
 
-
 /// Words of scratch each part uses.
 const BULK_WORDS: usize = 256;
 

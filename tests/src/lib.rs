@@ -6,7 +6,7 @@
 //! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) plus `MOE_EP_TEST_WORLD`;
 //! in the child the test body runs as that rank of that world only.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use moe_ep::{Group, GroupConfig};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -193,7 +193,10 @@ pub fn compare<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]
 }
 
 /// Copies a cudarc slice to the host.
-pub fn to_host<T: cudarc::driver::DeviceRepr + Default + Clone>(stream: &std::sync::Arc<cudarc::driver::CudaStream>, s: &cudarc::driver::CudaSlice<T>) -> Result<Vec<T>> {
+pub fn to_host<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    s: &cudarc::driver::CudaSlice<T>,
+) -> Result<Vec<T>> {
     Ok(stream.clone_dtoh(s)?)
 }
 
@@ -253,6 +256,15 @@ pub fn upload<T: cudarc::driver::DeviceRepr + Clone + Default>(stream: &std::syn
 }
 
 /// A device array of `len` copies of `poison` (so unwritten outputs show).
-pub fn poisoned<T: cudarc::driver::DeviceRepr + Clone + Default>(stream: &std::sync::Arc<cudarc::driver::CudaStream>, len: usize, poison: T) -> Result<DevBuf<T>> {
+pub fn poisoned<T: cudarc::driver::DeviceRepr + Clone + Default>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    len: usize,
+    poison: T,
+) -> Result<DevBuf<T>> {
     upload(stream, &vec![poison; len])
+}
+
+/// Little-endian bytes to bf16 values (no alignment needed).
+pub fn bytes_to_bf16(b: &[u8]) -> Vec<half::bf16> {
+    b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
 }

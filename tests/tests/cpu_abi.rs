@@ -1,7 +1,7 @@
 //! CPU: the shared ABI (sizes, offsets, layout math) that host and device must agree on.
 
-use moe_ep::abi::*;
 use moe_ep::Kernel;
+use moe_ep::abi::*;
 use std::mem::{offset_of, size_of};
 
 #[test]

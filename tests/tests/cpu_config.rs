@@ -1,8 +1,8 @@
 //! CPU: configuration validation gives typed errors naming the argument and the value.
 
+use moe_ep::Error;
 use moe_ep::ht::HtConfig;
 use moe_ep::ll::LlConfig;
-use moe_ep::Error;
 
 fn name_of(r: Result<(), Error>) -> (&'static str, String) {
     match r {

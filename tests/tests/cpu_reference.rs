@@ -12,18 +12,18 @@ fn cpu_e4m3_known_values() {
         (-0.0, 0x80),
         (1.0, 0x38),
         (-1.0, 0xb8),
-        (1.0625, 0x38),  // halfway between 1.0 (m=0) and 1.125 (m=1): to even (m=0)
-        (1.1875, 0x3a),  // halfway between 1.125 (m=1) and 1.25 (m=2): to even (m=2)
+        (1.0625, 0x38), // halfway between 1.0 (m=0) and 1.125 (m=1): to even (m=0)
+        (1.1875, 0x3a), // halfway between 1.125 (m=1) and 1.25 (m=2): to even (m=2)
         (448.0, 0x7e),
-        (464.0, 0x7e),   // tie between 448 and 480: even mantissa (448)
-        (1000.0, 0x7e),  // saturates
+        (464.0, 0x7e),  // tie between 448 and 480: even mantissa (448)
+        (1000.0, 0x7e), // saturates
         (f32::INFINITY, 0x7e),
         (-1000.0, 0xfe),
-        (0.015625, 0x08), // 2^-6, smallest normal
-        (0.001953125, 0x01), // 2^-9, smallest subnormal
+        (0.015625, 0x08),     // 2^-6, smallest normal
+        (0.001953125, 0x01),  // 2^-9, smallest subnormal
         (0.0009765625, 0x00), // 2^-10: tie between 0 and 2^-9, to even (0)
         (0.0029296875, 0x02), // 1.5 * 2^-9: tie, to even (2)
-        (0.013671875, 0x07), // 7 * 2^-9
+        (0.013671875, 0x07),  // 7 * 2^-9
         (0.0146484375, 0x08), // 7.5 * 2^-9: tie between 7 and 8, to even (8 = smallest normal)
     ];
     for &(x, want) in cases {
@@ -77,8 +77,10 @@ fn cpu_layout_hand_example() {
 #[test]
 fn cpu_ht_dispatch_and_combine_hand_example() {
     // 2 ranks, hidden 1 "row" of 4 bytes to keep it readable: rows are tagged by rank/token.
-    let rank = |tag: u8, idx: Vec<i64>| HtRank { x: (0..3).flat_map(|t| [tag, t, 0, 0]).collect(), scales: None, topk_idx: idx, topk_weights: vec![0.5; 6] };
-    let w = HtWorld { num_experts: 4, hidden: 2, k: 2, row_bytes: 4, ranks: vec![rank(10, vec![0, 1, 2, -1, 1, 3]), rank(20, vec![3, 2, 0, 0, -1, -1])] };
+    let rank =
+        |tag: u8, idx: Vec<i64>| HtRank { x: (0..3).flat_map(|t| [tag, t, 0, 0]).collect(), scales: None, topk_idx: idx, topk_weights: vec![0.5; 6] };
+    let w =
+        HtWorld { num_experts: 4, hidden: 2, k: 2, row_bytes: 4, ranks: vec![rank(10, vec![0, 1, 2, -1, 1, 3]), rank(20, vec![3, 2, 0, 0, -1, -1])] };
     let r0 = w.dispatch(0, 1);
     // Rank 0 gets rank 0's tokens 0 and 2, then rank 1's token 1.
     assert_eq!(r0.num_recv, 3);

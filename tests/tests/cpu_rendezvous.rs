@@ -2,8 +2,8 @@
 //! its failure modes: a rank that never arrives, a wrong world size, a duplicate rank, garbage
 //! on the socket. Every failure must be an error naming what went wrong, within the deadline.
 
-use moe_ep::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
 use moe_ep::Error;
+use moe_ep::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -207,10 +207,24 @@ fn cpu_rendezvous_garbage_on_the_socket() {
 #[test]
 fn cpu_process_config_from_env_conventions() {
     let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
-    let c = ProcessConfig::from_lookup(env(&[("RANK", "2"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "29500")])).unwrap();
+    let c = ProcessConfig::from_lookup(env(&[
+        ("RANK", "2"),
+        ("WORLD_SIZE", "4"),
+        ("LOCAL_RANK", "1"),
+        ("MASTER_ADDR", "10.0.0.1"),
+        ("MASTER_PORT", "29500"),
+    ]))
+    .unwrap();
     assert_eq!(c, ProcessConfig { rank: 2, world: 4, device: 1, master_addr: "10.0.0.1".into(), master_port: 29500 });
     // MOE_EP_* names win; LOCAL_RANK defaults to RANK; MASTER_ADDR to loopback.
-    let c = ProcessConfig::from_lookup(env(&[("RANK", "2"), ("MOE_EP_RANK", "3"), ("WORLD_SIZE", "4"), ("MASTER_PORT", "1"), ("MOE_EP_MASTER_PORT", "2")])).unwrap();
+    let c = ProcessConfig::from_lookup(env(&[
+        ("RANK", "2"),
+        ("MOE_EP_RANK", "3"),
+        ("WORLD_SIZE", "4"),
+        ("MASTER_PORT", "1"),
+        ("MOE_EP_MASTER_PORT", "2"),
+    ]))
+    .unwrap();
     assert_eq!((c.rank, c.device, c.master_addr.as_str(), c.master_port), (3, 3, "127.0.0.1", 2));
     let err = |pairs| match ProcessConfig::from_lookup(env(pairs)) {
         Err(Error::InvalidArgument { name, reason }) => format!("{name}: {reason}"),

@@ -1,9 +1,9 @@
 //! GPU tests of the foundation: the device layer, the symmetric heap in both process modes,
 //! barriers, and deadlines. Each prints SKIP with the reason where GPUs are missing.
 
-use anyhow::{ensure, Result};
-use moe_ep::abi::{selftest_out as o, SELFTEST_CVT_INPUTS};
-use moe_ep::{diag, Error, Group};
+use anyhow::{Result, ensure};
+use moe_ep::abi::{SELFTEST_CVT_INPUTS, selftest_out as o};
+use moe_ep::{Error, Group, diag};
 use moe_ep_kernels::fp::{f32_to_bf16, f32_to_e4m3};
 use moe_ep_tests::*;
 use std::time::{Duration, Instant};
@@ -15,7 +15,24 @@ fn gpu1_device_layer_selftest() -> Result<()> {
     }
     // Conversion inputs: special values, every e4m3 rounding boundary region, random spread.
     let mut rng = moe_ep::reference::Rng::new(fresh_seed("selftest"));
-    let mut inp: Vec<f32> = vec![0.0, -0.0, 1.0, -1.0, 448.0, 449.0, 464.0, 465.0, -500.0, 1e-9, 0.0009765625, 0.001953125, 0.0029296875, f32::INFINITY, f32::NEG_INFINITY, 3.0e38];
+    let mut inp: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        448.0,
+        449.0,
+        464.0,
+        465.0,
+        -500.0,
+        1e-9,
+        0.0009765625,
+        0.001953125,
+        0.0029296875,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        3.0e38,
+    ];
     while inp.len() < SELFTEST_CVT_INPUTS {
         let e = rng.below(40) as i32 - 20;
         inp.push(rng.normal() * 2f32.powi(e));
@@ -56,7 +73,8 @@ fn gpu1_device_layer_selftest() -> Result<()> {
         ("%dynamic_smem_size", w[o::DYN_SMEM], 8192),
         ("%smid", w[o::SMID_VALID], 1),
     ];
-    let bad: Vec<String> = checks.iter().filter(|(_, got, want)| got != want).map(|(n, got, want)| format!("{n}: got {got:#x} want {want:#x}")).collect();
+    let bad: Vec<String> =
+        checks.iter().filter(|(_, got, want)| got != want).map(|(n, got, want)| format!("{n}: got {got:#x} want {want:#x}")).collect();
     ensure!(bad.is_empty(), "device layer mismatches:\n{}", bad.join("\n"));
     // Hardware conversions against the CPU reference conversions, bit for bit.
     let want_fp8: Vec<u8> = inp.iter().map(|&x| f32_to_e4m3(x)).collect();

@@ -1,10 +1,10 @@
 //! GPU tests of the high-throughput kernels against the CPU reference: both process modes,
 //! every rank count, outputs poisoned first, fresh random inputs, whole outputs compared.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result, ensure};
 use half::bf16;
 use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig, Payload};
-use moe_ep::reference::{gen_bf16, gen_fp8, gen_routing, HtRank, HtWorld, Rng, Routing};
+use moe_ep::reference::{HtRank, HtWorld, Rng, Routing, gen_bf16, gen_fp8, gen_routing};
 use moe_ep::{Group, TopkIdx};
 use moe_ep_tests::*;
 
@@ -76,7 +76,7 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     let idx32 = upload(s, &mine.topk_idx.iter().map(|&e| e as i32).collect::<Vec<_>>())?;
     let topk = if case.i32_idx { TopkIdx::I32(&idx32) } else { TopkIdx::I64(&idx64) };
     let weights = upload(s, &mine.topk_weights)?;
-    let x_bf16 = upload(s, bytemuck::cast_slice::<u8, bf16>(if case.fp8 { &[] } else { &mine.x }))?;
+    let x_bf16 = upload(s, &bytes_to_bf16(if case.fp8 { &[] } else { &mine.x }))?;
     let x_fp8 = upload(s, if case.fp8 { &mine.x[..] } else { &[] })?;
     let scales = upload(s, mine.scales.as_deref().unwrap_or(&[]))?;
     let payload = if case.fp8 { Payload::Fp8 { x: &x_fp8, scales: &scales } } else { Payload::Bf16(&x_bf16) };
@@ -91,7 +91,8 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
 
     // Dispatch, receive buffer poisoned first.
     buf.poison(s, 0xEE)?;
-    let args = DispatchArgs { x: payload, topk_idx: Some(topk), topk_weights: Some(&weights), expert_alignment: case.alignment, wait_for_counts: true };
+    let args =
+        DispatchArgs { x: payload, topk_idx: Some(topk), topk_weights: Some(&weights), expert_alignment: case.alignment, wait_for_counts: true };
     let (handle, _ev) = buf.dispatch(s, &layout, &args)?;
     buf.check()?;
     let want = w.dispatch(me, case.alignment);
@@ -104,8 +105,9 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     let out = poisoned(s, n * h, bf16::from_bits(0xFFFF))?;
     let out_w = poisoned(s, n * k, f32::NAN)?;
     let bias = upload(s, bytemuck::cast_slice::<u16, bf16>(&gen_bf16(&mut Rng::new(seed ^ 0xb1a5 ^ me as u64), n * h, 0.5)))?;
-    let with_bias = seed % 2 == 0;
-    let cargs = CombineArgs { x: &y, topk_weights: Some(&recv_w), bias: [with_bias.then_some(&bias as _), None], out: &out, out_weights: Some(&out_w) };
+    let with_bias = seed.is_multiple_of(2);
+    let cargs =
+        CombineArgs { x: &y, topk_weights: Some(&recv_w), bias: [with_bias.then_some(&bias as _), None], out: &out, out_weights: Some(&out_w) };
     buf.combine(s, &handle, &cargs)?;
     buf.check()?;
     let ys: Vec<Vec<u16>> = (0..world).map(|r| combine_input(seed, r, w.dispatch(r, 1).num_recv, h)).collect();
@@ -113,7 +115,11 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     let bias_host: Vec<u16> = bytemuck::cast_slice::<bf16, u16>(&bias.to_vec(s)?).to_vec();
     let (want_out, want_w) = w.combine(me, &|r| &ys[r][..], Some(&|r| &yws[r][..]), with_bias.then_some(&bias_host[..]), None);
     compare("combined x", bytemuck::cast_slice::<bf16, u16>(&out.to_vec(s)?), &want_out)?;
-    compare("combined weights", &out_w.to_vec(s)?.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), &want_w.iter().map(|v| v.to_bits()).collect::<Vec<_>>())?;
+    compare(
+        "combined weights",
+        &out_w.to_vec(s)?.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        &want_w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+    )?;
 
     // Cached dispatch of the same routing (no count exchange) lands the same rows.
     let mut handle = handle;
@@ -124,7 +130,13 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     Ok(())
 }
 
-fn check_recv(buf: &HtBuffer<'_>, h: &moe_ep::ht::Handle, s: &std::sync::Arc<cudarc::driver::CudaStream>, want: &moe_ep::reference::HtRecv, case: &Case) -> Result<()> {
+fn check_recv(
+    buf: &HtBuffer<'_>,
+    h: &moe_ep::ht::Handle,
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    want: &moe_ep::reference::HtRecv,
+    case: &Case,
+) -> Result<()> {
     ensure!(h.num_recv() == Some(want.num_recv), "num_recv {:?}, expected {}", h.num_recv(), want.num_recv);
     let counts: Vec<i32> = h.expert_counts().unwrap().iter().map(|&c| c as i32).collect();
     compare("per-expert counts", &counts, &want.expert_counts)?;
@@ -155,25 +167,31 @@ fn cases(name: &str, list: Vec<Case>) -> Result<()> {
 
 #[test]
 fn gpu2_ht_uniform_bf16_and_fp8() -> Result<()> {
-    cases("gpu2_ht_uniform_bf16_and_fp8", vec![
-        Case::base(7168, 8, 256, 512),
-        Case { fp8: true, ..Case::base(7168, 8, 256, 512) },
-        Case { alignment: 128, i32_idx: true, ..Case::base(2048, 8, 64, 300) },
-    ])
+    cases(
+        "gpu2_ht_uniform_bf16_and_fp8",
+        vec![
+            Case::base(7168, 8, 256, 512),
+            Case { fp8: true, ..Case::base(7168, 8, 256, 512) },
+            Case { alignment: 128, i32_idx: true, ..Case::base(2048, 8, 64, 300) },
+        ],
+    )
 }
 
 #[test]
 fn gpu2_ht_edge_routing() -> Result<()> {
-    cases("gpu2_ht_edge_routing", vec![
-        // -1 slots.
-        Case { drop: 0.3, ..Case::base(2048, 8, 256, 256) },
-        // A rank with zero tokens.
-        Case { empty_rank: Some(1), ..Case::base(2048, 8, 256, 256) },
-        // Every token to one rank (so the others receive nothing).
-        Case { routing: Routing::OneRank(0), ..Case::base(2048, 8, 64, 256) },
-        // Every token to the same experts.
-        Case { routing: Routing::SameExperts(3), fp8: true, ..Case::base(2048, 2, 64, 256) },
-    ])
+    cases(
+        "gpu2_ht_edge_routing",
+        vec![
+            // -1 slots.
+            Case { drop: 0.3, ..Case::base(2048, 8, 256, 256) },
+            // A rank with zero tokens.
+            Case { empty_rank: Some(1), ..Case::base(2048, 8, 256, 256) },
+            // Every token to one rank (so the others receive nothing).
+            Case { routing: Routing::OneRank(0), ..Case::base(2048, 8, 64, 256) },
+            // Every token to the same experts.
+            Case { routing: Routing::SameExperts(3), fp8: true, ..Case::base(2048, 2, 64, 256) },
+        ],
+    )
 }
 
 #[test]
@@ -188,4 +206,117 @@ fn gpu2_ht_shapes() -> Result<()> {
     }
     v.push(Case { fp8: true, ..Case::base(16384, 8, 256, 64) });
     cases("gpu2_ht_shapes", v)
+}
+
+/// Expected combine output when every rank returns the received rows unchanged: each token
+/// summed once per rank it went to, in rank order (f32), rounded to bf16.
+fn identity_combine(x: &[u16], idx: &[i64], k: usize, experts: usize, world: usize, hidden: usize) -> Vec<u16> {
+    use moe_ep_kernels::fp::{bf16_to_f32, f32_to_bf16};
+    let l = moe_ep::reference::layout(idx, k, experts, world);
+    let n = idx.len() / k;
+    let mut out = vec![0u16; n * hidden];
+    for t in 0..n {
+        let copies = (0..world).filter(|&r| l.is_token_in_rank[t * world + r] == 1).count();
+        for c in 0..hidden {
+            let mut acc = 0f32;
+            for _ in 0..copies {
+                acc += bf16_to_f32(x[t * hidden + c]);
+            }
+            out[t * hidden + c] = f32_to_bf16(acc);
+        }
+    }
+    out
+}
+
+/// Layout, dispatch (no host synchronisation) and combine captured in one CUDA graph and
+/// replayed 100 times with new tokens, routing and weights each time.
+#[test]
+fn gpu2_ht_graph_replay_100() -> Result<()> {
+    use cudarc::driver::sys;
+    run_both_modes("gpu2_ht_graph_replay_100", |g, seed| {
+        let (e, hd, k, t) = (64, 1024, 8, 256);
+        let world = g.world();
+        let me = g.rank();
+        let s = g.stream().clone();
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let make = |it: u64| {
+            let mut rng = Rng::new(seed ^ it.wrapping_mul(0x9e37_79b9) ^ me as u64);
+            let (idx, w) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.2);
+            (gen_bf16(&mut rng, t * hd, 1.0), idx, w)
+        };
+        let (x0, i0, w0) = make(0);
+        let mut x = upload(&s, &x0.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
+        let mut idx = upload(&s, &i0)?;
+        let mut wts = upload(&s, &w0)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        let layout = buf.new_layout(&s, t, k)?;
+        let mut h = buf.new_handle(&layout)?;
+        let run = |buf: &mut HtBuffer<'_>, h: &mut moe_ep::ht::Handle| -> moe_ep::Result<()> {
+            buf.layout_into(&s, TopkIdx::I64(&idx), &layout)?;
+            let args = DispatchArgs {
+                x: Payload::Bf16(&x),
+                topk_idx: Some(TopkIdx::I64(&idx)),
+                topk_weights: Some(&wts),
+                expert_alignment: 1,
+                wait_for_counts: false,
+            };
+            buf.dispatch_into(&s, h, &args)?;
+            let y = buf.recv_x_bf16(h)?;
+            buf.combine(&s, h, &CombineArgs { x: &y, topk_weights: None, bias: [None, None], out: &out, out_weights: None })?;
+            Ok(())
+        };
+        run(&mut buf, &mut h)?;
+        buf.check()?;
+        s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let captured = run(&mut buf, &mut h);
+        let graph = s.end_capture(sys::CUgraphInstantiate_flags(0))?;
+        captured?;
+        let graph = graph.context("empty graph")?;
+        for it in 1..=100u64 {
+            let (xn, inn, wn) = make(it);
+            x.write(&s, &xn.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
+            idx.write(&s, &inn)?;
+            wts.write(&s, &wn)?;
+            graph.launch()?;
+            g.check()?;
+            let got: Vec<u16> = out.to_vec(&s)?.iter().map(|v| v.to_bits()).collect();
+            compare(&format!("replay {it}: combined rows"), &got, &identity_combine(&xn, &inn, k, e, world, hd))?;
+        }
+        Ok(())
+    })
+}
+
+/// Dispatch and combine on a separate communication stream, ordered with the compute stream
+/// only through the events the operations return.
+#[test]
+fn gpu2_ht_async_streams() -> Result<()> {
+    run_both_modes("gpu2_ht_async_streams", |g, seed| {
+        let (e, hd, k, t) = (256, 2048, 8, 512);
+        let world = g.world();
+        let me = g.rank();
+        let compute = g.context().new_stream()?;
+        let comm = g.context().new_stream()?;
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut rng = Rng::new(seed ^ me as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
+        // Inputs are produced on the compute stream...
+        let x = upload(&compute, &x_h.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
+        let idx = upload(&compute, &idx_h)?;
+        let wts = upload(&compute, &w_h)?;
+        let out = poisoned(&compute, t * hd, bf16::from_bits(0xFFFF))?;
+        let ready = compute.record_event(None)?;
+        // ...and consumed on the communication stream after it waits for them.
+        comm.wait(&ready)?;
+        let layout = buf.layout(&comm, TopkIdx::I64(&idx), k)?;
+        let (h, dispatched) = buf.dispatch(&comm, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+        compute.wait(&dispatched)?;
+        let y = buf.recv_x_bf16(&h)?;
+        let combined = buf.combine(&comm, &h, &CombineArgs { x: &y, topk_weights: None, bias: [None, None], out: &out, out_weights: None })?;
+        compute.wait(&combined)?;
+        let got: Vec<u16> = out.to_vec(&compute)?.iter().map(|v| v.to_bits()).collect();
+        compare("combined rows", &got, &identity_combine(&x_h, &idx_h, k, e, world, hd))?;
+        buf.check()?;
+        Ok(())
+    })
 }

@@ -2,12 +2,12 @@
 //! rank count, received rows compared as sets keyed by (source rank, token, slot), FP8 values
 //! and scales bit-exact, combine within one bf16 ulp (in practice bit-exact).
 
-use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{sys, CudaStream};
+use anyhow::{Context, Result, bail, ensure};
+use cudarc::driver::{CudaStream, sys};
 use half::bf16;
 use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig};
 use moe_ep::ll::{LlBuffer, LlCombineArgs, LlCombineInput, LlConfig, LlDispatchArgs, LlHandle, LlPayload, ScaleFormat};
-use moe_ep::reference::{gen_bf16, gen_routing, LlRow, LlWorld, Rng, Routing};
+use moe_ep::reference::{LlRow, LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{Group, TopkIdx};
 use moe_ep_kernels::fp::{bf16_to_f32, f32_to_bf16};
 use moe_ep_tests::*;
@@ -32,7 +32,19 @@ struct Case {
 
 impl Case {
     fn base(hidden: usize, k: usize, experts: usize, tokens: usize) -> Self {
-        Case { hidden, k, experts, max_tokens: tokens, tokens, routing: Routing::Scores, drop: 0.0, zero_rank: false, payload: LlPayload::Fp8(ScaleFormat::F32), hook: false, zero_copy: false }
+        Case {
+            hidden,
+            k,
+            experts,
+            max_tokens: tokens,
+            tokens,
+            routing: Routing::Scores,
+            drop: 0.0,
+            zero_rank: false,
+            payload: LlPayload::Fp8(ScaleFormat::F32),
+            hook: false,
+            zero_copy: false,
+        }
     }
 
     fn world(&self, world: usize, seed: u64) -> LlWorld {
@@ -61,7 +73,14 @@ fn ulp_diff(a: u16, b: u16) -> u32 {
 }
 
 /// Reads what `h` delivered and compares it with the reference as sets.
-fn check_dispatch(g: &Group, buf: &LlBuffer<'_>, h: &LlHandle, w: &LlWorld, case: &Case, s: &Arc<CudaStream>) -> Result<Vec<Vec<(usize, usize, usize)>>> {
+fn check_dispatch(
+    g: &Group,
+    buf: &LlBuffer<'_>,
+    h: &LlHandle,
+    w: &LlWorld,
+    case: &Case,
+    s: &Arc<CudaStream>,
+) -> Result<Vec<Vec<(usize, usize, usize)>>> {
     let me = g.rank();
     let epr = case.experts / g.world();
     let rows_pe = g.world() * case.max_tokens;
@@ -189,36 +208,45 @@ fn cases(name: &str, list: Vec<Case>) -> Result<()> {
 
 #[test]
 fn gpu2_ll_formats() -> Result<()> {
-    cases("gpu2_ll_formats", vec![
-        Case::base(7168, 8, 256, 128),
-        Case { payload: LlPayload::Fp8(ScaleFormat::F32Pow2), ..Case::base(7168, 8, 256, 128) },
-        Case { payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(7168, 8, 256, 128) },
-        Case { payload: LlPayload::Bf16, ..Case::base(7168, 8, 256, 128) },
-    ])
+    cases(
+        "gpu2_ll_formats",
+        vec![
+            Case::base(7168, 8, 256, 128),
+            Case { payload: LlPayload::Fp8(ScaleFormat::F32Pow2), ..Case::base(7168, 8, 256, 128) },
+            Case { payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(7168, 8, 256, 128) },
+            Case { payload: LlPayload::Bf16, ..Case::base(7168, 8, 256, 128) },
+        ],
+    )
 }
 
 #[test]
 fn gpu2_ll_edges() -> Result<()> {
-    cases("gpu2_ll_edges", vec![
-        Case { drop: 0.3, ..Case::base(2048, 8, 64, 96) },
-        Case { zero_rank: true, ..Case::base(2048, 8, 64, 96) },
-        Case { routing: Routing::SameExperts(5), ..Case::base(2048, 4, 64, 64) },
-        // N = T, and fewer tokens than T.
-        Case { max_tokens: 200, tokens: 200, ..Case::base(1024, 6, 32, 200) },
-        Case { max_tokens: 256, tokens: 100, ..Case::base(1024, 6, 32, 100) },
-    ])
+    cases(
+        "gpu2_ll_edges",
+        vec![
+            Case { drop: 0.3, ..Case::base(2048, 8, 64, 96) },
+            Case { zero_rank: true, ..Case::base(2048, 8, 64, 96) },
+            Case { routing: Routing::SameExperts(5), ..Case::base(2048, 4, 64, 64) },
+            // N = T, and fewer tokens than T.
+            Case { max_tokens: 200, tokens: 200, ..Case::base(1024, 6, 32, 200) },
+            Case { max_tokens: 256, tokens: 100, ..Case::base(1024, 6, 32, 100) },
+        ],
+    )
 }
 
 #[test]
 fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
-    cases("gpu2_ll_shapes_hook_zero_copy", vec![
-        Case::base(128, 1, 16, 32),
-        Case { payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(640, 16, 128, 48) },
-        Case::base(16384, 2, 32, 16),
-        Case { hook: true, ..Case::base(4096, 8, 64, 64) },
-        Case { zero_copy: true, ..Case::base(4096, 8, 64, 64) },
-        Case { hook: true, zero_copy: true, payload: LlPayload::Bf16, ..Case::base(2048, 8, 64, 64) },
-    ])
+    cases(
+        "gpu2_ll_shapes_hook_zero_copy",
+        vec![
+            Case::base(128, 1, 16, 32),
+            Case { payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(640, 16, 128, 48) },
+            Case::base(16384, 2, 32, 16),
+            Case { hook: true, ..Case::base(4096, 8, 64, 64) },
+            Case { zero_copy: true, ..Case::base(4096, 8, 64, 64) },
+            Case { hook: true, zero_copy: true, payload: LlPayload::Bf16, ..Case::base(2048, 8, 64, 64) },
+        ],
+    )
 }
 
 /// One graph holds a BF16 dispatch and a combine whose input is the received rows themselves
@@ -245,9 +273,14 @@ fn gpu2_ll_graph_replay_1000() -> Result<()> {
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         // Warm-up outside the capture (module load, first-touch).
         let run = |buf: &mut LlBuffer<'_>| -> moe_ep::Result<()> {
-            let (h, _) = buf.dispatch(&s, &LlDispatchArgs { x: &x, topk_idx: TopkIdx::I64(&idx), payload: LlPayload::Bf16, stats: None, hook: false })?;
+            let (h, _) =
+                buf.dispatch(&s, &LlDispatchArgs { x: &x, topk_idx: TopkIdx::I64(&idx), payload: LlPayload::Bf16, stats: None, hook: false })?;
             let y = buf.recv_x_bf16(&h)?;
-            buf.combine(&s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: &wts, out: &out, hook: false })?;
+            buf.combine(
+                &s,
+                &h,
+                &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: &wts, out: &out, hook: false },
+            )?;
             Ok(())
         };
         run(&mut buf)?;
@@ -266,7 +299,8 @@ fn gpu2_ll_graph_replay_1000() -> Result<()> {
             if it % 100 == 0 || it <= 3 {
                 g.check()?;
                 let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(&s)?).to_vec();
-                let w = LlWorld { num_experts: e, hidden: hd, k, x: vec![xn.clone(); 1], topk_idx: vec![in_.clone()], topk_weights: vec![wn.clone()] };
+                let w =
+                    LlWorld { num_experts: e, hidden: hd, k, x: vec![xn.clone(); 1], topk_idx: vec![in_.clone()], topk_weights: vec![wn.clone()] };
                 let want = w.combine(0, &|tt, _| xn[tt * hd..(tt + 1) * hd].to_vec());
                 let worst = got.iter().zip(&want).map(|(&a, &b)| ulp_diff(a, b)).max().unwrap_or(0);
                 ensure!(worst <= 1, "replay {it}: combine differs by {worst} ulps");
@@ -300,9 +334,14 @@ fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
         let want_ll = LlWorld { num_experts: e, hidden: hd, k, x: vec![x_h.clone()], topk_idx: vec![idx_h.clone()], topk_weights: vec![w_h.clone()] }
             .combine(0, &|tt, _| x_h[tt * hd..(tt + 1) * hd].to_vec());
         for it in 0..1000 {
-            let (h, _) = ll.dispatch(&s, &LlDispatchArgs { x: &x, topk_idx: TopkIdx::I64(&idx), payload: LlPayload::Bf16, stats: None, hook: false })?;
+            let (h, _) =
+                ll.dispatch(&s, &LlDispatchArgs { x: &x, topk_idx: TopkIdx::I64(&idx), payload: LlPayload::Bf16, stats: None, hook: false })?;
             let y = ll.recv_x_bf16(&h)?;
-            ll.combine(&s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: &wts, out: &out, hook: false })?;
+            ll.combine(
+                &s,
+                &h,
+                &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: &wts, out: &out, hook: false },
+            )?;
             let (hh, _) = ht.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
             let yh = ht.recv_x_bf16(&hh)?;
             ht.combine(&s, &hh, &CombineArgs { x: &yh, topk_weights: None, bias: [None, None], out: &out_ht, out_weights: None })?;

@@ -22,7 +22,12 @@ fn ptx_kernel_parameter_blocks_match_the_host() {
         let head = format!(".entry {}(", k.name());
         let at = PTX.find(&head).unwrap_or_else(|| panic!("kernel {} missing from the PTX", k.name()));
         let decl = &PTX[at..at + 200];
-        let size: usize = decl.split('[').nth(1).and_then(|r| r.split(']').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{}: no by-value parameter block in {decl:?}", k.name()));
+        let size: usize = decl
+            .split('[')
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}: no by-value parameter block in {decl:?}", k.name()));
         assert_eq!(size, k.param_bytes(), "{}: the PTX takes {size} bytes, the host passes {}", k.name(), k.param_bytes());
         // Exactly one parameter.
         let params = &decl[..decl.find(')').unwrap()];
@@ -33,24 +38,74 @@ fn ptx_kernel_parameter_blocks_match_the_host() {
 #[test]
 fn ptx_device_layer_instructions_present() {
     for insn in [
-        "mov.u32 %r", "%globaltimer", "nanosleep.u32",
-        "bar.sync 0", "bar.red.and.pred", "bar.warp.sync",
-        "shfl.sync.idx.b32", "shfl.sync.bfly.b32", "shfl.sync.up.b32", "vote.sync.ballot.b32", "vote.sync.any.pred", "elect.sync",
-        "ld.acquire.sys.global.u32", "ld.acquire.gpu.global.u32", "ld.relaxed.sys.global.u32", "ld.volatile.global.u32",
-        "ld.global.nc.v4.u32", "ld.global.nc.L1::no_allocate.v4.u32", "ld.global.v4.u32", "ld.global.nc.u8",
-        "st.release.sys.global.u32", "st.release.gpu.global.u32", "st.relaxed.sys.global.u32", "st.relaxed.sys.global.u64",
-        "st.volatile.global.u32", "st.global.v4.u32", "st.global.L1::no_allocate.v4.u32", "st.global.v2.u32", "st.global.u8",
-        "fence.acq_rel.sys", "fence.acq_rel.gpu", "fence.proxy.async.shared::cta", "fence.proxy.async.global",
-        "atom.relaxed.sys.global.add.u32", "atom.acq_rel.gpu.global.add.u32", "atom.relaxed.sys.global.cas.b32",
-        "red.release.sys.global.add.u32", "red.relaxed.gpu.global.add.s32", "atom.shared::cta.add.u32",
-        "mbarrier.init.shared::cta.b64", "mbarrier.arrive.expect_tx.shared::cta.b64", "mbarrier.try_wait.parity.shared::cta.b64",
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes", "cp.async.bulk.global.shared::cta.bulk_group",
-        "cp.async.bulk.commit_group", "cp.async.bulk.wait_group.read 0", "cp.async.bulk.wait_group 0",
-        "cvt.rn.satfinite.e4m3x2.f32", "cvt.rn.bf16x2.f32", "cvt.f32.bf16",
-        "add.rn.f32", "mul.rn.f32", "fma.rn.f32", "div.rn.f32", "max.f32", "abs.f32",
-        "cvta.to.global.u64", "fence.sc.sys", "ld.acquire.sys.global.u64", "ld.global.nc.u16", "st.global.u64",
-        "st.shared::cta.v4.u32", "st.shared::cta.v2.u32", "ld.shared::cta.v4.u32", "ld.shared::cta.u32", "%smid",
-        "%dynamic_smem_size", "ld.relaxed.sys.global.s32",
+        "mov.u32 %r",
+        "%globaltimer",
+        "nanosleep.u32",
+        "bar.sync 0",
+        "bar.red.and.pred",
+        "bar.warp.sync",
+        "shfl.sync.idx.b32",
+        "shfl.sync.bfly.b32",
+        "shfl.sync.up.b32",
+        "vote.sync.ballot.b32",
+        "vote.sync.any.pred",
+        "elect.sync",
+        "ld.acquire.sys.global.u32",
+        "ld.acquire.gpu.global.u32",
+        "ld.relaxed.sys.global.u32",
+        "ld.volatile.global.u32",
+        "ld.global.nc.v4.u32",
+        "ld.global.nc.L1::no_allocate.v4.u32",
+        "ld.global.v4.u32",
+        "ld.global.nc.u8",
+        "st.release.sys.global.u32",
+        "st.release.gpu.global.u32",
+        "st.relaxed.sys.global.u32",
+        "st.relaxed.sys.global.u64",
+        "st.volatile.global.u32",
+        "st.global.v4.u32",
+        "st.global.L1::no_allocate.v4.u32",
+        "st.global.v2.u32",
+        "st.global.u8",
+        "fence.acq_rel.sys",
+        "fence.acq_rel.gpu",
+        "fence.proxy.async.shared::cta",
+        "fence.proxy.async.global",
+        "atom.relaxed.sys.global.add.u32",
+        "atom.acq_rel.gpu.global.add.u32",
+        "atom.relaxed.sys.global.cas.b32",
+        "red.release.sys.global.add.u32",
+        "red.relaxed.gpu.global.add.s32",
+        "atom.shared::cta.add.u32",
+        "mbarrier.init.shared::cta.b64",
+        "mbarrier.arrive.expect_tx.shared::cta.b64",
+        "mbarrier.try_wait.parity.shared::cta.b64",
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "cp.async.bulk.global.shared::cta.bulk_group",
+        "cp.async.bulk.commit_group",
+        "cp.async.bulk.wait_group.read 0",
+        "cp.async.bulk.wait_group 0",
+        "cvt.rn.satfinite.e4m3x2.f32",
+        "cvt.rn.bf16x2.f32",
+        "cvt.f32.bf16",
+        "add.rn.f32",
+        "mul.rn.f32",
+        "fma.rn.f32",
+        "div.rn.f32",
+        "max.f32",
+        "abs.f32",
+        "cvta.to.global.u64",
+        "fence.sc.sys",
+        "ld.acquire.sys.global.u64",
+        "ld.global.nc.u16",
+        "st.global.u64",
+        "st.shared::cta.v4.u32",
+        "st.shared::cta.v2.u32",
+        "ld.shared::cta.v4.u32",
+        "ld.shared::cta.u32",
+        "%smid",
+        "%dynamic_smem_size",
+        "ld.relaxed.sys.global.s32",
     ] {
         assert!(PTX.contains(insn), "`{insn}` missing from the PTX (a wrapper was dropped or renamed)");
     }
@@ -58,9 +113,10 @@ fn ptx_device_layer_instructions_present() {
 
 #[test]
 fn ptx_assembles_without_spills() {
-    let Some(ptxas) = std::env::var("MOE_EP_PTXAS").ok().or_else(|| {
-        std::process::Command::new("ptxas").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "ptxas".to_string())
-    }) else {
+    let Some(ptxas) = std::env::var("MOE_EP_PTXAS")
+        .ok()
+        .or_else(|| std::process::Command::new("ptxas").arg("--version").output().ok().filter(|o| o.status.success()).map(|_| "ptxas".to_string()))
+    else {
         println!("SKIP ptx_assembles_without_spills: no ptxas (cargo xtask test provides one through MOE_EP_PTXAS)");
         return;
     };

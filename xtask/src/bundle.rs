@@ -1,6 +1,6 @@
 //! `gpu-bundle`: everything a GPU machine with no Rust needs, in `target/gpu-bundle/`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::process::Command;
 
@@ -26,12 +26,15 @@ fi
 nvidia-smi -L | tee "$out/devices.txt"
 status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
+  # Each test binary gets its own log and a time limit (TEST_LIMIT seconds, default 600).
   for t in "$here"/tests/*; do
-    echo "=== $(basename "$t")" | tee -a "$out/tests.log"
-    "$t" --test-threads=1 "$@" 2>&1 | tee -a "$out/tests.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    name=$(basename "$t")
+    timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/test-${name%%-*}.log" 2>&1
+    rc=$?
+    echo "=== $name: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/test-${name%%-*}.log" | head -n 30
   done
-  grep -E "^test result|FAILED|panicked|SKIP" "$out/tests.log" | sort | uniq -c | sort -rn | head -n 40
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   if [ "$what" = all ]; then set --; fi

@@ -11,7 +11,7 @@
 mod bundle;
 mod ptx;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,6 +1,6 @@
 //! `build-ptx`: build, validate with ptxas, report.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,7 +18,13 @@ pub fn build_and_check(root: &Path) -> Result<PathBuf> {
     check_text(&ptx)?;
     let ptxas = find_ptxas(root)?;
     let cubin = root.join("target/ptx/moe_ep_kernels.cubin");
-    let out = Command::new(&ptxas).args(["-arch=sm_90", "-v"]).arg(&ptx_path).arg("-o").arg(&cubin).output().with_context(|| format!("running {}", ptxas.display()))?;
+    let out = Command::new(&ptxas)
+        .args(["-arch=sm_90", "-v"])
+        .arg(&ptx_path)
+        .arg("-o")
+        .arg(&cubin)
+        .output()
+        .with_context(|| format!("running {}", ptxas.display()))?;
     let log = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!("ptxas rejected the PTX:\n{log}");

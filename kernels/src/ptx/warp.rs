@@ -18,7 +18,9 @@ pub fn shfl_sync_idx_b32(mask: u32, a: u32, src: u32) -> u32 {
 pub fn shfl_sync_bfly_b32(mask: u32, a: u32, lanemask: u32) -> u32 {
     let d: u32;
     // SAFETY: register exchange among converged lanes of `mask`.
-    unsafe { asm!("shfl.sync.bfly.b32 {0}, {1}, {2}, 0x1f, {3};", out(reg32) d, in(reg32) a, in(reg32) lanemask, in(reg32) mask, options(nomem, nostack)) };
+    unsafe {
+        asm!("shfl.sync.bfly.b32 {0}, {1}, {2}, 0x1f, {3};", out(reg32) d, in(reg32) a, in(reg32) lanemask, in(reg32) mask, options(nomem, nostack))
+    };
     d
 }
 

@@ -1,7 +1,7 @@
 //! Cross-rank barrier over the symmetric heap, and block-completion counters.
 
 use super::Waiter;
-use crate::abi::{phase, Control, Peers};
+use crate::abi::{Control, Peers, phase};
 use crate::dev::peer_base;
 use crate::ptx::*;
 

@@ -1,6 +1,6 @@
 //! Deadline-bounded spin-waits and error reporting.
 
-use crate::abi::{status, ErrorRecord, WaitCtx};
+use crate::abi::{ErrorRecord, WaitCtx, status};
 use crate::ptx::*;
 
 /// Polls between deadline checks (a `%globaltimer` read and an abort check).
@@ -57,14 +57,7 @@ impl Waiter {
     /// # Safety
     /// `p` must be valid, aligned global memory (local or peer-mapped).
     #[inline(always)]
-    pub unsafe fn spin_acquire_sys_u32(
-        &self,
-        p: *const u32,
-        phase: u32,
-        peer: u32,
-        expected: u32,
-        done: impl Fn(u32) -> bool,
-    ) -> Option<u32> {
+    pub unsafe fn spin_acquire_sys_u32(&self, p: *const u32, phase: u32, peer: u32, expected: u32, done: impl Fn(u32) -> bool) -> Option<u32> {
         let start = globaltimer();
         let mut polls = 0u32;
         loop {
@@ -106,8 +99,6 @@ impl Waiter {
     #[inline(always)]
     pub unsafe fn wait_reached(&self, p: *const u32, expected: u32, phase: u32, peer: u32) -> bool {
         // SAFETY: forwarded.
-        unsafe {
-            self.spin_acquire_sys_u32(p, phase, peer, expected, |v| v.wrapping_sub(expected) as i32 >= 0).is_some()
-        }
+        unsafe { self.spin_acquire_sys_u32(p, phase, peer, expected, |v| v.wrapping_sub(expected) as i32 >= 0).is_some() }
     }
 }
