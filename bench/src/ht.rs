@@ -228,7 +228,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let sweep_tokens: Vec<usize> = if o.sweep { vec![128, 256, 512, 1024, 2048, 4096, 8192] } else { vec![] };
     let sweep_sms: Vec<u32> = if o.sweep { vec![8, 16, 24, 32] } else { vec![] };
     let max_tokens = sweep_tokens.iter().cloned().chain([o.tokens]).max().unwrap();
-    let cfg = HtConfig { num_sms: o.sms, ..HtConfig::new(EXPERTS, HIDDEN, TOPK, max_tokens, world) };
+    let cfg = HtConfig { num_sms: o.sms, combine_push_blocks: o.push, ..HtConfig::new(EXPERTS, HIDDEN, TOPK, max_tokens, world) };
     let mut buf = HtBuffer::new(g, cfg).context("creating the high-throughput buffer")?;
 
     // The main point, DeepEP's defaults.

@@ -60,33 +60,47 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 6];
     let warm = 10;
     let iters = o.iters.max(50) * 2;
+    // Every timed operation starts right after a GPU barrier (outside its events), so the
+    // figure is the operation's latency with all ranks entering together, not the skew the
+    // previous operation left between ranks.
+    let combine = |hook| LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: topk, topk_weights: &wts, out: &out, hook };
     for it in 0..warm + iters {
-        // Whole calls.
-        let e: Vec<_> = (0..3).map(|_| ev()).collect::<Result<_, _>>()?;
-        e[0].record(s)?;
-        let (h, _) = buf.dispatch(s, &fp8)?;
-        e[1].record(s)?;
-        buf.combine(s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: topk, topk_weights: &wts, out: &out, hook: false })?;
-        e[2].record(s)?;
-        // Hook mode: the four halves.
-        let f: Vec<_> = (0..5).map(|_| ev()).collect::<Result<_, _>>()?;
-        f[0].record(s)?;
-        let (mut h, _) = buf.dispatch(s, &LlDispatchArgs { hook: true, ..fp8 })?;
-        f[1].record(s)?;
-        buf.dispatch_recv(s, &mut h, None)?;
-        f[2].record(s)?;
-        let (pending, _) =
-            buf.combine(s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: topk, topk_weights: &wts, out: &out, hook: true })?;
-        f[3].record(s)?;
-        buf.combine_recv(s, pending.expect("hook mode returns the receive half"))?;
-        f[4].record(s)?;
-        f[4].synchronize()?;
+        let mut t = [0f64; 6];
+        let mut timed = |i: usize, f: &mut dyn FnMut() -> moe_ep::Result<()>| -> Result<()> {
+            g.launch_barrier(s, 1)?;
+            let (a, b) = (ev()?, ev()?);
+            a.record(s)?;
+            f()?;
+            b.record(s)?;
+            b.synchronize()?;
+            t[i] = a.elapsed_ms(&b)? as f64 * 1e3;
+            Ok(())
+        };
+        let mut h = None;
+        timed(0, &mut || {
+            h = Some(buf.dispatch(s, &fp8)?.0);
+            Ok(())
+        })?;
+        let hd = h.take().unwrap();
+        timed(1, &mut || buf.combine(s, &hd, &combine(false)).map(|_| ()))?;
+        let mut hh = None;
+        timed(2, &mut || {
+            hh = Some(buf.dispatch(s, &LlDispatchArgs { hook: true, ..fp8 })?.0);
+            Ok(())
+        })?;
+        let mut hh = hh.take().unwrap();
+        timed(3, &mut || buf.dispatch_recv(s, &mut hh, None).map(|_| ()))?;
+        let mut pending = None;
+        timed(4, &mut || {
+            pending = buf.combine(s, &hh, &combine(true))?.0;
+            Ok(())
+        })?;
+        let p = pending.take().expect("hook mode returns the receive half");
+        let mut p = Some(p);
+        timed(5, &mut || buf.combine_recv(s, p.take().unwrap()).map(|_| ()))?;
         if it >= warm {
-            let t = |a: &cudarc::driver::CudaEvent, b: &cudarc::driver::CudaEvent| -> Result<f64> { Ok(a.elapsed_ms(b)? as f64 * 1e3) };
-            samples[0].push(t(&e[0], &e[1])?);
-            samples[1].push(t(&e[1], &e[2])?);
-            for j in 0..4 {
-                samples[2 + j].push(t(&f[j], &f[j + 1])?);
+            for (v, x) in samples.iter_mut().zip(t) {
+                v.push(x);
             }
         }
     }
@@ -129,7 +143,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         head.extend(OPS);
         head.push("dispatch + combine");
         let mut body = format!(
-            "{TOKENS} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, FP8 dispatch (f32 scales), BF16 combine; {} blocks x {} threads; microseconds, medians of {iters} back-to-back runs; checked against the CPU reference first.\n\n",
+            "{TOKENS} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, FP8 dispatch (f32 scales), BF16 combine; {} blocks x {} threads; microseconds (each operation timed from a common start: a GPU barrier precedes it, outside the timing), medians of {iters} runs; checked against the CPU reference first.\n\n",
             buf.config().num_blocks,
             buf.config().threads
         );

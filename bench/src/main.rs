@@ -30,13 +30,15 @@ pub struct Opts {
     pub out: Option<std::path::PathBuf>,
     pub tokens: usize,
     pub sms: u32,
+    /// Combine blocks that push (0 = the library's default, half).
+    pub push: u32,
     pub iters: usize,
     pub sweep: bool,
     pub quick: bool,
 }
 
 fn parse() -> Result<Opts> {
-    let mut o = Opts { what: vec![], ranks: None, out: None, tokens: 4096, sms: 24, iters: 60, sweep: true, quick: false };
+    let mut o = Opts { what: vec![], ranks: None, out: None, tokens: 4096, sms: 24, push: 0, iters: 60, sweep: true, quick: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -46,6 +48,7 @@ fn parse() -> Result<Opts> {
             "--out" => o.out = Some(val("--out")?.into()),
             "--tokens" => o.tokens = val("--tokens")?.parse()?,
             "--sms" => o.sms = val("--sms")?.parse()?,
+            "--push" => o.push = val("--push")?.parse()?,
             "--iters" => o.iters = val("--iters")?.parse()?,
             "--no-sweep" => o.sweep = false,
             "--quick" => {
@@ -54,7 +57,9 @@ fn parse() -> Result<Opts> {
                 o.iters = 20;
             }
             "-h" | "--help" => {
-                println!("usage: moe-ep-bench [p2p|ht|ll|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--iters N] [--no-sweep] [--quick]");
+                println!(
+                    "usage: moe-ep-bench [p2p|ht|ll|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--no-sweep] [--quick]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),

@@ -74,7 +74,7 @@ pub fn table(head: &[&str], rows: &[Vec<String>]) -> String {
 
 /// An SVG line chart: `series` of (name, points (x, y)), x on a log2 axis.
 pub fn line_chart(title: &str, xlabel: &str, ylabel: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
-    let (w, h, l, r, t, b) = (720.0, 420.0, 70.0, 170.0, 40.0, 50.0);
+    let (w, h, l, r, t, b) = (770.0, 420.0, 70.0, 220.0, 40.0, 50.0);
     let xs: Vec<f64> = series.iter().flat_map(|s| s.1.iter().map(|p| p.0.log2())).collect();
     let ymax = series.iter().flat_map(|s| s.1.iter().map(|p| p.1)).fold(1.0f64, f64::max) * 1.1;
     let (x0, x1) = (xs.iter().cloned().fold(f64::MAX, f64::min), xs.iter().cloned().fold(f64::MIN, f64::max).max(1.0));

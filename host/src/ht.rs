@@ -43,13 +43,15 @@ pub struct HtConfig {
     pub num_sms: u32,
     /// Threads per block of the dispatch and combine kernels.
     pub threads: u32,
+    /// Combine blocks that send rows home (the rest reduce as rows arrive); 0 = half.
+    pub combine_push_blocks: u32,
 }
 
 impl HtConfig {
     /// A configuration with the defaults tuned for `world` ranks.
     pub fn new(num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize, world: usize) -> Self {
         let (num_sms, threads) = Self::tuned(world);
-        HtConfig { num_experts, hidden, max_topk, max_tokens_per_rank, recv_capacity: None, num_sms, threads }
+        HtConfig { num_experts, hidden, max_topk, max_tokens_per_rank, recv_capacity: None, num_sms, threads, combine_push_blocks: 0 }
     }
 
     /// Tuned (SMs, threads) for 2, 4 and 8 ranks (24 SMs like DeepEP's default; the
@@ -112,6 +114,12 @@ impl HtConfig {
             return Err(Error::invalid(
                 "num_sms",
                 format!("{} blocks but the GPU has {sm_count} SMs (the kernels need every block resident)", self.num_sms),
+            ));
+        }
+        if self.num_sms < 2 || self.combine_push_blocks >= self.num_sms {
+            return Err(Error::invalid(
+                "combine_push_blocks",
+                format!("{} of {} blocks push; combine needs at least one pushing and one reducing block", self.combine_push_blocks, self.num_sms),
             ));
         }
         if self.threads < 32 || self.threads > 1024 || !self.threads.is_multiple_of(32) {
@@ -289,9 +297,11 @@ impl<'g> HtBuffer<'g> {
     }
 
     /// Collective: changes the dispatch and combine launch sizes (every rank must pass the
-    /// same values, since each receiver waits for every sender's blocks).
+    /// same values, since each receiver waits for every sender's blocks). A combine push-block
+    /// count that no longer fits falls back to the default (half).
     pub fn set_launch(&mut self, num_sms: u32, threads: u32) -> Result<()> {
-        let cfg = HtConfig { num_sms, threads, ..self.cfg };
+        let push = if self.cfg.combine_push_blocks < num_sms { self.cfg.combine_push_blocks } else { 0 };
+        let cfg = HtConfig { num_sms, threads, combine_push_blocks: push, ..self.cfg };
         cfg.validate(self.g.world(), self.g.sm_count())?;
         self.cfg = cfg;
         Ok(())
@@ -642,15 +652,17 @@ impl<'g> HtBuffer<'g> {
             bias1: args.bias[1].map_or(0, |b| b.device_addr()),
             out: args.out.device_addr(),
             out_weights: args.out_weights.map_or(0, |w| w.device_addr()),
+            token_pos: h.layout.0.token_pos.device_addr(),
             recv_src_off: self.hl.recv_src,
             comb_x_off: self.hl.comb_x,
             comb_w_off: self.hl.comb_w,
+            comb_flags_off: self.hl.comb_flags,
             num_tokens: n as u32,
             hidden: hd as u32,
             k: k as u32,
             max_tokens: self.cfg.max_tokens_per_rank as u32,
             y_rows: y_rows.min(u32::MAX as usize) as u32,
-            _pad: 0,
+            push_blocks: if self.cfg.combine_push_blocks == 0 { self.cfg.num_sms / 2 } else { self.cfg.combine_push_blocks },
         };
         self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, 0, stream, &p)?;
         self.last.set(LastOp::Combine);

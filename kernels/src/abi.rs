@@ -135,17 +135,13 @@ pub struct Control {
     pub barrier_epoch: u32,
     /// High-throughput notify: this rank's call counter (local only).
     pub notify_seq: u32,
-    /// High-throughput combine: blocks done (local, self-cleaning).
-    pub ht_combine_done: u32,
     /// Low-latency combine: blocks done per half (local, self-cleaning).
     pub ll_combine_done: [u32; 2],
-    pub _pad0: [u32; 3],
+    pub _pad0: [u32; 4],
     /// High-throughput notify: flag per (parity, source) holding the source's call counter.
     pub notify_flags: [[u32; MAX_RANKS]; 2],
     /// High-throughput dispatch: blocks of each source whose rows have landed.
     pub ht_dispatch_arrive: [u32; MAX_RANKS],
-    /// High-throughput combine: blocks of each expert rank whose rows have landed.
-    pub ht_combine_arrive: [u32; MAX_RANKS],
     /// Low-latency dispatch: blocks of each source done, per half.
     pub ll_dispatch_arrive: [[u32; MAX_RANKS]; 2],
     /// Low-latency combine: blocks of each expert rank done, per half.
@@ -452,9 +448,14 @@ pub struct HtCombineParams {
     pub out: u64,
     /// Out: `f32 [N, K]` or 0.
     pub out_weights: u64,
+    /// `i32 [N, R]` from the layout (this rank as sender): finds this rank's own rows in `y`.
+    pub token_pos: u64,
     pub recv_src_off: u64,
     pub comb_x_off: u64,
     pub comb_w_off: u64,
+    /// Heap offset of the row flags `u32 [R][max_tokens]`: 1 once expert rank `r`'s row for a
+    /// token has landed (the reducer zeroes it).
+    pub comb_flags_off: u64,
     pub num_tokens: u32,
     pub hidden: u32,
     pub k: u32,
@@ -462,7 +463,8 @@ pub struct HtCombineParams {
     pub max_tokens: u32,
     /// Rows `y` (and `y_weights`) hold; more received rows are an error, not a read past the end.
     pub y_rows: u32,
-    pub _pad: u32,
+    /// Blocks `0..push_blocks` send rows home; the others reduce as rows arrive.
+    pub push_blocks: u32,
 }
 
 /// Heap layout of a high-throughput buffer (offsets from the heap base). Computed once by
@@ -478,6 +480,7 @@ pub struct HtHeapLayout {
     pub recv_src: u64,
     pub comb_x: u64,
     pub comb_w: u64,
+    pub comb_flags: u64,
     pub total: u64,
 }
 
@@ -495,8 +498,9 @@ impl HtHeapLayout {
         let recv_src = align_up(recv_w + capacity * max_topk * 4, a);
         let comb_x = align_up(recv_src + capacity * 4, a);
         let comb_w = align_up(comb_x + world * max_tokens * hidden * 2, a);
-        let total = align_up(comb_w + world * max_tokens * max_topk * 4, a);
-        HtHeapLayout { notify, recv_x, recv_scales, recv_idx, recv_w, recv_src, comb_x, comb_w, total }
+        let comb_flags = align_up(comb_w + world * max_tokens * max_topk * 4, a);
+        let total = align_up(comb_flags + world * max_tokens * 4, a);
+        HtHeapLayout { notify, recv_x, recv_scales, recv_idx, recv_w, recv_src, comb_x, comb_w, comb_flags, total }
     }
 }
 

@@ -3,14 +3,17 @@
 //! Dispatch writes every row once, straight into its final place in the receiver's heap
 //! (`recv_x[row]`), reading the token once and storing it to each rank that needs it. Counts
 //! are exchanged first (notify), so every sender knows its rows' places in every receiver.
-//! Combine writes each expert rank's row for a token into slot `[expert rank][token]` of the
-//! home rank's staging area; once every rank's blocks have arrived, the home sums the slots
-//! in rank order (f32), so the result is bitwise deterministic.
+//! Combine splits its blocks: pushers write each received row into slot `[expert rank][token]`
+//! of the home rank's staging area and raise that slot's flag; reducers on the home sum a
+//! token's rows as soon as its flags are up, in rank order (f32), so the result is bitwise
+//! deterministic and the reduction overlaps the transfer. A rank's own rows are read straight
+//! from the combine input.
 //!
 //! Protocol (see `docs/protocol.md`): notify flags are the notify call counter, released at
 //! `.sys` and acquired by the owner; dispatch and combine end with one `red.release.sys.add`
 //! per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to
-//! reach the sender's grid size, and zeroes.
+//! reach the sender's grid size, and zeroes; combine releases one flag per row and the reducer
+//! acquires it, then zeroes it.
 
 use crate::abi::*;
 use crate::dev::*;
@@ -266,15 +269,16 @@ pub unsafe extern "ptx-kernel" fn ht_dispatch(p: HtDispatchParams) {
     }
 }
 
-/// Sends each received row back to its home rank's staging slot, then (every block, once
-/// every rank's blocks have arrived) reduces this rank's tokens over ranks in rank order.
+/// Combine. Blocks `0..push_blocks` push: every received row of another home goes to slot
+/// `[this rank][token]` of that home's staging area, then its flag is released. The other
+/// blocks reduce this rank's tokens in order: wait for the flags of the ranks that hold the
+/// token, sum the rows in rank order (this rank's own row straight from `y`), zero the flags.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
     let w = Waiter::new(&p.wait);
     let (lane, world, rank) = (laneid(), w.world, w.rank);
     let warps = ntid_x() / 32;
-    let gw = ctaid_x() * warps + tid_x() / 32;
-    let total_warps = nctaid_x() * warps;
+    let warp = tid_x() / 32;
     let k = p.k as u64;
     let row_bytes = p.hidden as u64 * 2;
     let nvec = p.hidden / 8;
@@ -288,31 +292,72 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
         if received > p.y_rows && ctaid_x() == 0 && tid_x() == 0 {
             w.report(status::SHORT_INPUT, phase::HT_COMBINE, rank, p.y_rows as u64, received as u64, 0);
         }
-        let sb = if lane >= 1 && lane <= world { ld_global_nc_s32(src_base.add(lane as usize)) } else { i32::MAX };
-        let mut i = gw;
-        while i < num_recv {
-            let s = vote_sync_ballot_b32(FULL, sb <= i as i32).count_ones();
-            let t = ld_global_nc_s32((peer_base(&p.peers, rank) + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
-            let home = peer_base(&p.peers, s);
-            let dst = home + p.comb_x_off + slot(rank, t) * row_bytes;
-            warp_copy_to_lane_dests::<UNROLL>(p.y + i as u64 * row_bytes, nvec, dst, 1);
-            if p.y_weights != 0 && (lane as u64) < k {
-                let v = ld_global_nc_f32((p.y_weights as *const f32).add((i as u64 * k + lane as u64) as usize));
-                st_global_u32((home + p.comb_w_off + (slot(rank, t) * k + lane as u64) * 4) as *mut u32, v.to_bits());
+        let own = peer_base(&p.peers, rank);
+        if ctaid_x() < p.push_blocks {
+            // Rows of source s are [start_s, start_s + count_s); visit them round-robin over
+            // sources so every home gets its tokens at the same pace, in token order.
+            let (start, count) = if lane < world {
+                let a = ld_global_nc_s32(src_base.add(lane as usize)) as u32;
+                let b = core::cmp::min(ld_global_nc_s32(src_base.add(lane as usize + 1)) as u32, num_recv);
+                (a, b.saturating_sub(a))
+            } else {
+                (0, 0)
+            };
+            let mut most = count;
+            let mut d = 1;
+            while d < 32 {
+                most = core::cmp::max(most, shfl_sync_bfly_b32(FULL, most, d));
+                d <<= 1;
             }
-            i += total_warps;
-        }
-        signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ht_combine_arrive[rank as usize]);
-        let me = control(&p.peers, rank);
-        let ok = wait_all_sources(&w, |s| &raw const (*me).ht_combine_arrive[s as usize], nctaid_x(), phase::HT_COMBINE);
-        if ok {
-            let own = peer_base(&p.peers, rank);
-            let mut t = gw;
+            let mut v = ctaid_x() * warps + warp;
+            while v < world * most {
+                let (s, j) = (v % world, v / world);
+                let first = shfl_sync_idx_b32(FULL, start, s);
+                if s != rank && j < shfl_sync_idx_b32(FULL, count, s) {
+                    let i = first + j;
+                    let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+                    let home = peer_base(&p.peers, s);
+                    let dst = home + p.comb_x_off + slot(rank, t) * row_bytes;
+                    warp_copy_to_lane_dests::<UNROLL>(p.y + i as u64 * row_bytes, nvec, dst, 1);
+                    if p.y_weights != 0 && (lane as u64) < k {
+                        let wv = ld_global_nc_f32((p.y_weights as *const f32).add((i as u64 * k + lane as u64) as usize));
+                        st_global_u32((home + p.comb_w_off + (slot(rank, t) * k + lane as u64) * 4) as *mut u32, wv.to_bits());
+                    }
+                    // The warp's stores, then the flag (release covers the whole warp after
+                    // the warp barrier).
+                    bar_warp_sync(FULL);
+                    if lane == 0 {
+                        st_release_sys_global_u32((home + p.comb_flags_off + slot(rank, t) * 4) as *mut u32, 1);
+                    }
+                }
+                v += p.push_blocks * warps;
+            }
+        } else {
+            let local_base = ld_global_nc_s32(src_base.add(rank as usize)) as u64;
+            let reducers = (nctaid_x() - p.push_blocks) * warps;
+            let mut t = (ctaid_x() - p.push_blocks) * warps + warp;
             while t < p.num_tokens {
                 let inr = if lane < world { ld_global_nc_u8((p.is_token_in_rank as *const u8).add((t * world + lane) as usize)) } else { 0 };
                 let mask = vote_sync_ballot_b32(FULL, inr != 0);
-                // Ranks outermost (in rank order, so the sum is deterministic), RED_UNROLL
-                // vectors per lane innermost: that many independent loads in flight.
+                let mut ok = true;
+                if lane < world && lane != rank && inr != 0 {
+                    let flag = (own + p.comb_flags_off + slot(lane, t) * 4) as *mut u32;
+                    ok = w.wait_eq(flag, 1, phase::HT_COMBINE, lane);
+                    if ok {
+                        st_relaxed_sys_global_u32(flag, 0);
+                    }
+                }
+                if vote_sync_any_pred(FULL, !ok) {
+                    // Reported; leave the token (the host turns the record into an error).
+                    t += reducers;
+                    continue;
+                }
+                let local_row = if mask >> rank & 1 != 0 {
+                    local_base + ld_global_nc_s32((p.token_pos as *const i32).add((t * world + rank) as usize)) as u64
+                } else {
+                    0
+                };
+                let at = t as u64 * row_bytes;
                 let mut base = 0u32;
                 while base < nvec {
                     let mut acc = [[0f32; 8]; RED_UNROLL];
@@ -320,10 +365,12 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                     while m != 0 {
                         let r = m.trailing_zeros();
                         m &= m - 1;
-                        let row = own + p.comb_x_off + slot(r, t) * row_bytes;
-                        accumulate_rows(&mut acc, row, base, nvec, ld_global_v4_u32);
+                        if r == rank {
+                            accumulate_rows(&mut acc, p.y + local_row * row_bytes, base, nvec, ld_global_nc_v4_u32);
+                        } else {
+                            accumulate_rows(&mut acc, own + p.comb_x_off + slot(r, t) * row_bytes, base, nvec, ld_global_v4_u32);
+                        }
                     }
-                    let at = t as u64 * row_bytes;
                     if p.bias0 != 0 {
                         accumulate_rows(&mut acc, p.bias0 + at, base, nvec, ld_global_nc_v4_u32);
                     }
@@ -340,20 +387,19 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                 }
                 if p.out_weights != 0 && (lane as u64) < k {
                     let mut acc = 0f32;
-                    for r in 0..MAX_RANKS {
+                    for r in 0..world {
                         if mask >> r & 1 != 0 {
-                            let a = own + p.comb_w_off + (slot(r as u32, t) * k + lane as u64) * 4;
+                            let a = if r == rank {
+                                p.y_weights + (local_row * k + lane as u64) * 4
+                            } else {
+                                own + p.comb_w_off + (slot(r, t) * k + lane as u64) * 4
+                            };
                             acc = add_rn_f32(acc, f32::from_bits(ld_relaxed_sys_global_u32(a as *const u32)));
                         }
                     }
                     st_global_u32((p.out_weights as *mut u32).add((t as u64 * k + lane as u64) as usize), acc.to_bits());
                 }
-                t += total_warps;
-            }
-        }
-        if last_block_done(&raw mut (*me).ht_combine_done) && ok {
-            for s in 0..world {
-                st_relaxed_sys_global_u32(&raw mut (*me).ht_combine_arrive[s as usize], 0);
+                t += reducers;
             }
         }
     }

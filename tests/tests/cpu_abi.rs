@@ -17,7 +17,6 @@ fn cpu_abi_sizes_and_offsets() {
     for off in [
         offset_of!(Control, notify_flags),
         offset_of!(Control, ht_dispatch_arrive),
-        offset_of!(Control, ht_combine_arrive),
         offset_of!(Control, ll_dispatch_arrive),
         offset_of!(Control, ll_combine_arrive),
         offset_of!(Control, test_flags),
@@ -34,7 +33,7 @@ fn cpu_abi_sizes_and_offsets() {
 }
 
 fn regions_ht(l: &HtHeapLayout) -> Vec<u64> {
-    vec![l.notify, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.comb_x, l.comb_w, l.total]
+    vec![l.notify, l.recv_x, l.recv_scales, l.recv_idx, l.recv_w, l.recv_src, l.comb_x, l.comb_w, l.comb_flags, l.total]
 }
 
 #[test]
@@ -56,7 +55,8 @@ fn cpu_ht_heap_layout_is_ordered_aligned_and_sized() {
             assert!(l.recv_src - l.recv_w >= cap * k * 4);
             assert!(l.comb_x - l.recv_src >= cap * 4);
             assert!(l.comb_w - l.comb_x >= world * tokens * hidden * 2);
-            assert!(l.total - l.comb_w >= world * tokens * k * 4);
+            assert!(l.comb_flags - l.comb_w >= world * tokens * k * 4);
+            assert!(l.total - l.comb_flags >= world * tokens * 4);
             assert!(l.recv_x - l.notify >= 2 * world * (world + epr) * 4);
         }
     }

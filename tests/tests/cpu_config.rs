@@ -34,6 +34,8 @@ fn cpu_ht_config_limits() {
         (HtConfig { recv_capacity: Some(0), ..ok }, 4, "recv_capacity", "0"),
         (HtConfig { num_sms: 200, ..ok }, 4, "num_sms", "200"),
         (HtConfig { threads: 100, ..ok }, 4, "threads", "100"),
+        (HtConfig { combine_push_blocks: 24, ..ok }, 4, "combine_push_blocks", "24 of 24"),
+        (HtConfig { num_sms: 1, ..ok }, 4, "combine_push_blocks", "of 1"),
     ];
     for (c, world, name, value) in cases {
         let (n, reason) = name_of(c.validate(world, 132));

@@ -3,7 +3,8 @@
 //! - `build-ptx`: compile the kernels to PTX (through `host/build.rs`), validate it with
 //!   `ptxas -arch=sm_90 -v` and print every kernel's registers, stack, shared memory and
 //!   spills; fail on a ptxas error, an unresolved external or a spill.
-//! - `test`: `build-ptx`, then every test of the workspace (GPU tests SKIP without GPUs).
+//! - `test`: `cargo fmt --check`, `build-ptx`, then every test of the workspace (GPU tests
+//!   SKIP without GPUs).
 //! - `bench`: the benchmark on the local GPUs (`moe-ep-bench`, release build).
 //! - `gpu-bundle`: release test and bench binaries plus the PTX and a `run.sh` under
 //!   `target/gpu-bundle/`, for a GPU machine with no Rust and no network.
@@ -69,6 +70,8 @@ pub fn cargo_env(root: &Path, args: &[&str], env: &[(&str, String)]) -> Result<(
 }
 
 fn test(root: &Path, rest: &[String]) -> Result<()> {
+    // Tidy first: formatting is part of the gate.
+    cargo(root, &["fmt", "--all", "--", "--check"]).context("code is not formatted; run `cargo fmt --all`")?;
     let ptxas = ptx::build_and_check(root)?;
     let mut args = vec!["test", "--workspace"];
     args.extend(refs(rest));
