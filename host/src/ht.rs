@@ -19,7 +19,7 @@ use crate::driver::MappedHost;
 use crate::error::{DriverContext, Error, Result};
 use crate::group::{Group, Kernel};
 use crate::heap::SymmetricHeap;
-use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len};
+use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len, check_model_shape};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use half::bf16;
 use moe_ep_kernels::abi::*;
@@ -88,15 +88,7 @@ impl HtConfig {
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
     pub fn validate(&self, world: usize, sm_count: u32) -> Result<()> {
-        if !(2..=MAX_RANKS).contains(&world) {
-            return Err(Error::invalid("world", format!("{world} ranks; high-throughput kernels need 2..={MAX_RANKS}")));
-        }
-        if self.hidden == 0 || !self.hidden.is_multiple_of(FP8_GROUP) || self.hidden > MAX_HIDDEN {
-            return Err(Error::invalid("hidden", format!("{} is not a multiple of {FP8_GROUP} in {FP8_GROUP}..={MAX_HIDDEN}", self.hidden)));
-        }
-        if !(1..=MAX_TOPK).contains(&self.max_topk) {
-            return Err(Error::invalid("max_topk", format!("{} is outside 1..={MAX_TOPK}", self.max_topk)));
-        }
+        check_model_shape("high-throughput", world, self.hidden, self.max_topk)?;
         if self.num_experts < world || !self.num_experts.is_multiple_of(world) {
             return Err(Error::invalid("num_experts", format!("{} is not a positive multiple of the {world} ranks", self.num_experts)));
         }

@@ -119,6 +119,22 @@ impl TopkIdx<'_> {
     }
 }
 
+/// Limits both kernel families share: rank count, hidden size, top-k (`family` names the
+/// kernels in the message).
+pub(crate) fn check_model_shape(family: &str, world: usize, hidden: usize, max_topk: usize) -> Result<()> {
+    use moe_ep_kernels::abi::{FP8_GROUP, MAX_HIDDEN, MAX_RANKS, MAX_TOPK};
+    if !(2..=MAX_RANKS).contains(&world) {
+        return Err(crate::Error::invalid("world", format!("{world} ranks; {family} kernels need 2..={MAX_RANKS}")));
+    }
+    if hidden == 0 || !hidden.is_multiple_of(FP8_GROUP) || hidden > MAX_HIDDEN {
+        return Err(crate::Error::invalid("hidden", format!("{hidden} is not a multiple of {FP8_GROUP} in {FP8_GROUP}..={MAX_HIDDEN}")));
+    }
+    if !(1..=MAX_TOPK).contains(&max_topk) {
+        return Err(crate::Error::invalid("max_topk", format!("{max_topk} is outside 1..={MAX_TOPK}")));
+    }
+    Ok(())
+}
+
 /// Checks that `arg` holds exactly `want` elements.
 pub(crate) fn check_len(name: &'static str, got: usize, want: usize, shape: impl FnOnce() -> String) -> Result<()> {
     if got != want {

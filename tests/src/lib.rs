@@ -142,6 +142,16 @@ pub fn run_both_modes(test_name: &str, body: impl Fn(&Group, u64) -> Result<()> 
     Ok(())
 }
 
+/// Runs every case of `list` (fresh seed per case) at every rank count in both modes.
+pub fn run_cases<C: Copy + std::fmt::Debug + Sync>(name: &str, list: &[C], run_case: fn(&Group, u64, C) -> Result<()>) -> Result<()> {
+    run_both_modes(name, |g, seed| {
+        for (i, c) in list.iter().enumerate() {
+            run_case(g, seed.wrapping_add(i as u64), *c).with_context(|| format!("rank {} case {c:?}", g.rank()))?;
+        }
+        Ok(())
+    })
+}
+
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())

@@ -157,12 +157,7 @@ fn check_recv(
 }
 
 fn cases(name: &str, list: Vec<Case>) -> Result<()> {
-    run_both_modes(name, |g, seed| {
-        for (i, c) in list.iter().enumerate() {
-            run_case(g, seed.wrapping_add(i as u64), *c).with_context(|| format!("rank {} case {c:?}", g.rank()))?;
-        }
-        Ok(())
-    })
+    run_cases(name, &list, run_case)
 }
 
 #[test]
