@@ -48,38 +48,51 @@ pub unsafe extern "ptx-kernel" fn ht_layout(p: HtLayoutParams) {
             j += nt;
         }
         bar_sync_0();
-        let chunk = n.div_ceil(nt);
-        let t0 = core::cmp::min(tid * chunk, n);
-        let t1 = core::cmp::min(t0 + chunk, n);
-        let hits = |t: u32, count_experts: bool| -> bool {
+        // Rounds of `nt` consecutive tokens, one per thread (coalesced reads, all k ids of a
+        // token in flight at once); a block scan per round keeps positions in token order.
+        let mut total = 0u32;
+        let mut t0 = 0u32;
+        while t0 < n {
+            let t = t0 + tid;
             let mut hit = false;
-            for j in 0..k {
-                let x = load_topk_idx(p.topk_idx, t as usize * k + j, is64);
-                if x < -1 || x >= e {
+            if t < n {
+                // Eight ids in flight at a time (a larger register array would not unroll and
+                // would land in local memory).
+                let mut bad = None;
+                for j0 in (0..k).step_by(8) {
+                    let mut ids = [-1i64; 8];
+                    for (j, id) in ids.iter_mut().enumerate() {
+                        if j0 + j < k {
+                            *id = load_topk_idx(p.topk_idx, t as usize * k + j0 + j, is64);
+                        }
+                    }
+                    for (j, &x) in ids.iter().enumerate() {
+                        if j0 + j < k {
+                            if x < -1 || x >= e {
+                                bad = Some(x);
+                            } else if x >= lo && x < hi {
+                                hit = true;
+                                atom_shared_cta_add_u32(counters + 4 * (x - lo) as u32, 1);
+                            }
+                        }
+                    }
+                }
+                if let Some(x) = bad {
                     if r == 0 {
                         w.report(status::BAD_EXPERT, phase::HT_LAYOUT, t, e as u64, x as u64, 0);
                     }
-                } else if x >= lo && x < hi {
-                    hit = true;
-                    if count_experts {
-                        atom_shared_cta_add_u32(counters + 4 * (x - lo) as u32, 1);
-                    }
                 }
             }
-            hit
-        };
-        let mut count = 0u32;
-        for t in t0..t1 {
-            count += hits(t, true) as u32;
+            let (pos, round) = block_exclusive_scan_u32(hit as u32, smem);
+            if t < n {
+                let at = t as usize * world as usize + r as usize;
+                st_global_u8((p.is_token_in_rank as *mut u8).add(at), hit as u8);
+                st_global_u32((p.token_pos as *mut u32).add(at), if hit { total + pos } else { u32::MAX });
+            }
+            total += round;
+            t0 += nt;
         }
-        let (mut pos, total) = block_exclusive_scan_u32(count, smem);
-        for t in t0..t1 {
-            let hit = hits(t, false);
-            let at = t as usize * world as usize + r as usize;
-            st_global_u8((p.is_token_in_rank as *mut u8).add(at), hit as u8);
-            st_global_u32((p.token_pos as *mut u32).add(at), if hit { pos } else { u32::MAX });
-            pos += hit as u32;
-        }
+        bar_sync_0();
         if tid == 0 {
             st_global_u32((p.tokens_per_rank as *mut u32).add(r as usize), total);
         }

@@ -29,7 +29,7 @@ const CHUNK: u32 = 32 * UNROLL as u32;
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
     let w = Waiter::new(&p.wait);
-    let (lane, world, rank) = (laneid(), w.world, w.rank);
+    let (world, rank) = (w.world, w.rank);
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
         if p.stages & stage::SEND != 0 {
@@ -227,7 +227,7 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
 }
 
 unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
-    let (lane, world, rank) = (laneid(), w.world, w.rank);
+    let (world, rank) = (w.world, w.rank);
     let (tid, nt) = (tid_x(), ntid_x());
     let warps = nt / 32;
     let gw = ctaid_x() * warps + tid / 32;
