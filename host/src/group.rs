@@ -332,9 +332,16 @@ impl Group {
         self.check()
     }
 
-    /// Enqueues `iters` back-to-back GPU barriers (one launch) on `stream`.
+    /// Enqueues `iters` back-to-back GPU barriers (one launch) on `stream`, on the group's
+    /// control heap (every rank must issue the group's barriers in the same order).
     pub fn launch_barrier(&self, stream: &CudaStream, iters: u32) -> Result<()> {
-        let p = moe_ep_kernels::abi::BarrierParams { wait: self.wait_ctx(), peers: self.heap.peers(), iters, _pad: 0 };
+        self.launch_barrier_on(stream, &self.heap, iters)
+    }
+
+    /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
+    /// different buffers never pair up across ranks).
+    pub(crate) fn launch_barrier_on(&self, stream: &CudaStream, heap: &SymmetricHeap, iters: u32) -> Result<()> {
+        let p = moe_ep_kernels::abi::BarrierParams { wait: self.wait_ctx(), peers: heap.peers(), iters, _pad: 0 };
         self.launch(Kernel::Barrier, 1, 32, 0, stream, &p)
     }
 
@@ -379,11 +386,16 @@ impl Group {
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled
     /// kernel allows (a multiple of 32).
     pub(crate) fn launch<P: Pod>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
-        debug_assert_eq!(std::mem::size_of::<P>(), k.param_bytes(), "parameter block of {}", k.name());
+        if std::mem::size_of::<P>() != k.param_bytes() {
+            return Err(Error::InvalidState {
+                reason: format!("internal: {} takes {} parameter bytes, got {}", k.name(), k.param_bytes(), std::mem::size_of::<P>()),
+            });
+        }
         let f = &self.kernels.functions[&k];
         let block = block.min(f.max_threads) / 32 * 32;
         self.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
-        // SAFETY: `P` is the kernel's parameter block (size checked above and by the PTX test);
+        // SAFETY: `P` is the kernel's parameter block (size checked above, and against the PTX's
+        // declaration by the PTX test);
         // every address in it belongs to allocations the caller keeps alive until the stream
         // has run the kernel.
         unsafe { driver::launch(f.raw, grid.max(1), block.max(32), smem, stream, params) }

@@ -36,6 +36,9 @@ impl SymmetricHeap {
     /// zeroed on every rank before any rank can touch a peer's copy.
     pub(crate) fn new(ctx: &Arc<CudaContext>, exchange: &Arc<dyn Exchange>, mode: Mode, bytes: u64, timeout: Duration) -> Result<Self> {
         let (rank, world) = (exchange.rank(), exchange.world());
+        if world > MAX_RANKS {
+            return Err(Error::invalid("world", format!("{world} ranks exceed the {MAX_RANKS} a heap maps")));
+        }
         let sizes = exchange.all_gather(&bytes.to_le_bytes(), timeout)?;
         for (r, s) in sizes.iter().enumerate() {
             let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap size".into() })?);
@@ -72,7 +75,6 @@ impl SymmetricHeap {
                 }
             }
         }
-        debug_assert!(world <= MAX_RANKS);
         exchange.barrier(timeout)?;
         Ok(heap)
     }

@@ -54,14 +54,11 @@ impl HtConfig {
         HtConfig { num_experts, hidden, max_topk, max_tokens_per_rank, recv_capacity: None, num_sms, threads, combine_push_blocks: 0 }
     }
 
-    /// Tuned (SMs, threads) for 2, 4 and 8 ranks (24 SMs like DeepEP's default; the
-    /// benchmark's sweep in `bench/results/` shows the trade-off).
-    pub const fn tuned(world: usize) -> (u32, u32) {
-        match world {
-            0..=2 => (24, 1024),
-            3..=4 => (24, 1024),
-            _ => (24, 1024),
-        }
+    /// Default (SMs, threads) for `world` ranks: 24 SMs (DeepEP's default budget) and 1024
+    /// threads. Measured at EP2 only so far (`bench/results/`); EP4 and EP8 use the same values
+    /// until they are measured.
+    pub const fn tuned(_world: usize) -> (u32, u32) {
+        (24, 1024)
     }
 
     /// Receive rows per rank.
@@ -126,6 +123,10 @@ impl HtConfig {
 pub struct Layout(Arc<LayoutData>);
 
 struct LayoutData {
+    /// The buffer that made it (layouts and handles only work with their own buffer).
+    buffer: u64,
+    /// Bumped by every `layout_into`, so a handle can tell the routing changed under it.
+    version: std::sync::atomic::AtomicU64,
     is_token_in_rank: CudaSlice<u8>,
     token_pos: CudaSlice<i32>,
     tokens_per_rank: CudaSlice<i32>,
@@ -202,6 +203,9 @@ impl<'a> DispatchArgs<'a> {
 
 /// Everything combine (and a cached dispatch) needs from a dispatch.
 pub struct Handle {
+    buffer: u64,
+    /// The layout version the counts and offsets were computed for.
+    layout_version: u64,
     generation: u64,
     layout: Layout,
     dest_base: CudaSlice<i32>,
@@ -263,6 +267,8 @@ pub struct CombineArgs<'a> {
 /// A high-throughput buffer: the symmetric heap holding every rank's receive rows and
 /// combine staging, plus the host-mapped word that tells the host the received count.
 pub struct HtBuffer<'g> {
+    /// Unique per buffer in this process.
+    id: u64,
     g: &'g Group,
     cfg: HtConfig,
     hl: HtHeapLayout,
@@ -280,7 +286,9 @@ impl<'g> HtBuffer<'g> {
         let hl = cfg.heap_layout(g.world());
         let heap = g.new_heap(hl.total)?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
-        Ok(HtBuffer { g, cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(HtBuffer { id, g, cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
     }
 
     /// The configuration.
@@ -328,6 +336,8 @@ impl<'g> HtBuffer<'g> {
         }
         let alloc_err = |what: &'static str| move || format!("allocating the layout's {what}");
         Ok(Layout(Arc::new(LayoutData {
+            buffer: self.id,
+            version: std::sync::atomic::AtomicU64::new(0),
             is_token_in_rank: stream.alloc_zeros::<u8>((n * world).max(1)).during("cuMemAlloc", alloc_err("is_token_in_rank"))?,
             token_pos: stream.alloc_zeros::<i32>((n * world).max(1)).during("cuMemAlloc", alloc_err("token_pos"))?,
             tokens_per_rank: stream.alloc_zeros::<i32>(world).during("cuMemAlloc", alloc_err("tokens_per_rank"))?,
@@ -339,7 +349,9 @@ impl<'g> HtBuffer<'g> {
 
     /// Recomputes `layout` from new routing of the same shape (graph-capturable).
     pub fn layout_into(&self, stream: &Arc<CudaStream>, topk_idx: TopkIdx<'_>, layout: &Layout) -> Result<()> {
+        self.check_own_layout(layout)?;
         let d = &layout.0;
+        d.version.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (n, k) = (d.num_tokens, d.k);
         check_len("topk_idx", topk_idx.elems(), n * k, || format!("[{n}, {k}]"))?;
         let p = HtLayoutParams {
@@ -358,12 +370,22 @@ impl<'g> HtBuffer<'g> {
         self.g.launch(Kernel::HtLayout, self.g.world() as u32, 1024, smem, stream, &p)
     }
 
+    fn check_own_layout(&self, layout: &Layout) -> Result<()> {
+        if layout.0.buffer != self.id {
+            return Err(Error::InvalidState { reason: "this layout belongs to another high-throughput buffer".into() });
+        }
+        Ok(())
+    }
+
     /// Allocates a handle for `layout` (do this before a graph capture).
     pub fn new_handle(&self, layout: &Layout) -> Result<Handle> {
+        self.check_own_layout(layout)?;
         let s = self.g.stream();
         let world = self.g.world();
         let e = || "allocating a dispatch handle".to_string();
         let h = Handle {
+            buffer: self.id,
+            layout_version: 0,
             generation: 0,
             layout: layout.clone(),
             dest_base: s.alloc_zeros::<i32>(world).during("cuMemAlloc", e)?,
@@ -393,6 +415,7 @@ impl<'g> HtBuffer<'g> {
     /// `wait_for_counts` is off).
     pub fn dispatch_into(&mut self, stream: &Arc<CudaStream>, h: &mut Handle, args: &DispatchArgs<'_>) -> Result<CudaEvent> {
         self.check_dispatch_args(h, args)?;
+        h.layout_version = h.layout.0.version.load(std::sync::atomic::Ordering::Relaxed);
         let world = self.g.world();
         self.ticket = self.ticket.wrapping_add(1).max(1);
         let wait = args.wait_for_counts;
@@ -434,12 +457,25 @@ impl<'g> HtBuffer<'g> {
             return Err(Error::InvalidState { reason: "cached dispatch needs a handle that went through a full dispatch".into() });
         }
         self.check_dispatch_args(h, args)?;
-        self.g.launch_barrier(stream, 1)?;
+        self.check_layout_unchanged(h)?;
+        self.g.launch_barrier_on(stream, &self.heap, 1)?;
         self.launch_dispatch(stream, h, args)?;
         self.event(stream)
     }
 
+    fn check_layout_unchanged(&self, h: &Handle) -> Result<()> {
+        if h.layout.0.version.load(std::sync::atomic::Ordering::Relaxed) != h.layout_version {
+            return Err(Error::InvalidState {
+                reason: "the layout was recomputed (layout_into) after this handle's dispatch; dispatch again with the new routing".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn check_dispatch_args(&self, h: &Handle, args: &DispatchArgs<'_>) -> Result<()> {
+        if h.buffer != self.id {
+            return Err(Error::InvalidState { reason: "this handle belongs to another high-throughput buffer".into() });
+        }
         let (n, k, hd) = (h.layout.0.num_tokens, h.layout.0.k, self.cfg.hidden);
         match args.x {
             Payload::Bf16(x) => check_len("x", x.elems(), n * hd, || format!("[{n}, {hd}] bf16"))?,
@@ -523,6 +559,9 @@ impl<'g> HtBuffer<'g> {
     }
 
     fn check_handle(&self, h: &Handle) -> Result<()> {
+        if h.buffer != self.id {
+            return Err(Error::InvalidState { reason: "this handle belongs to another high-throughput buffer".into() });
+        }
         if h.generation != self.generation || h.generation == 0 {
             return Err(Error::InvalidState {
                 reason: format!(
@@ -599,6 +638,7 @@ impl<'g> HtBuffer<'g> {
     /// weights) may be its inputs.
     pub fn combine(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'_>) -> Result<CudaEvent> {
         self.check_handle(h)?;
+        self.check_layout_unchanged(h)?;
         let (n, k, hd) = (h.layout.0.num_tokens, h.layout.0.k, self.cfg.hidden);
         // Rows of the input: at least the received count when the host knows it; otherwise the
         // kernel checks (and reports a short input instead of reading past it).
@@ -631,7 +671,7 @@ impl<'g> HtBuffer<'g> {
         if self.last.get() == LastOp::Combine {
             // A second combine of the same dispatch: peers must not write staging rows that
             // this rank may still be reducing.
-            self.g.launch_barrier(stream, 1)?;
+            self.g.launch_barrier_on(stream, &self.heap, 1)?;
         }
         let p = HtCombineParams {
             wait: self.g.wait_ctx(),

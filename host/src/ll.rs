@@ -173,10 +173,12 @@ pub struct LlCombineArgs<'a> {
     pub hook: bool,
 }
 
-/// A combine whose receive half has not run yet (hook mode).
+/// A combine whose receive half has not run yet (hook mode). It borrows the combine's
+/// arguments, so the tensors the receive half reads and writes outlive its launch.
 #[must_use = "run LlBuffer::combine_recv to finish the combine"]
-pub struct LlCombinePending {
+pub struct LlCombinePending<'a> {
     params: LlCombineParams,
+    _args: std::marker::PhantomData<&'a ()>,
 }
 
 /// A low-latency buffer.
@@ -402,7 +404,7 @@ impl<'g> LlBuffer<'g> {
     /// Combine: every received row back to its home; homes sum `w_k * y_k` in slot order.
     /// In hook mode returns the pending receive half.
     /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
-    pub fn combine(&self, stream: &Arc<CudaStream>, h: &LlHandle, args: &LlCombineArgs<'_>) -> Result<(Option<LlCombinePending>, CudaEvent)> {
+    pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &LlHandle, args: &LlCombineArgs<'a>) -> Result<(Option<LlCombinePending<'a>>, CudaEvent)> {
         self.check_view(h)?;
         if self.pending_combine.get() {
             return Err(Error::InvalidState { reason: "the previous low-latency combine's receive hook has not run".into() });
@@ -442,17 +444,17 @@ impl<'g> LlBuffer<'g> {
             half: half as u32,
             stages: if args.hook { stage::SEND } else { stage::SEND | stage::RECV },
             send_blocks: self.cfg.num_blocks,
-            _pad: 0,
+            slot_k: self.cfg.max_topk as u32,
         };
         self.launch_combine(stream, &p)?;
         self.combines.set(self.combines.get() + 1);
         self.pending_combine.set(args.hook);
-        let pending = args.hook.then_some(LlCombinePending { params: LlCombineParams { stages: stage::RECV, ..p } });
+        let pending = args.hook.then_some(LlCombinePending { params: LlCombineParams { stages: stage::RECV, ..p }, _args: std::marker::PhantomData });
         Ok((pending, self.event(stream)?))
     }
 
     /// The receive half of a hook-mode combine.
-    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: LlCombinePending) -> Result<CudaEvent> {
+    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: LlCombinePending<'_>) -> Result<CudaEvent> {
         self.launch_combine(stream, &pending.params)?;
         self.pending_combine.set(false);
         self.event(stream)
@@ -474,7 +476,7 @@ impl<'g> LlBuffer<'g> {
             unsafe { crate::driver::memset_d8_async(base + self.hl.recv_x, byte, bytes, stream) }
                 .during("cuMemsetD8Async", || "poisoning the receive buffer".into())?;
         }
-        self.g.launch_barrier(stream, 1)
+        self.g.launch_barrier_on(stream, &self.heap, 1)
     }
 
     /// Synchronises and reports any device error of this rank (see [`Group::check`]).

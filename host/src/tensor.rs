@@ -43,8 +43,9 @@ impl<T> DeviceArg<T> for CudaViewMut<'_, T> {
     }
 }
 
-/// A read-only view of `len` elements of a buffer's heap (a receive buffer, counts). It
-/// borrows the buffer, so it cannot outlive the next operation that would overwrite it.
+/// A view of `len` elements of a buffer's heap (received rows, counts, a zero-copy input). It
+/// borrows the buffer, so it cannot outlive the next operation that would overwrite it. Like
+/// any [`DeviceArg`] it can be passed where an operation reads or writes device memory.
 #[derive(Clone, Copy, Debug)]
 pub struct HeapView<'a, T> {
     ptr: u64,

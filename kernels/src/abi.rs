@@ -83,8 +83,9 @@ pub mod phase {
     }
 }
 
-/// What a kernel reports when something goes wrong. Lives in host-mapped pinned memory, one
-/// per rank; the first failing thread claims it (`claim` 0 -> 1), fills it, then publishes
+/// What a kernel reports when something goes wrong. Lives in device memory, one per rank (the
+/// host reads it after synchronising: system-scope atomics on host memory over PCIe are not
+/// guaranteed); the first failing thread claims it (`claim` 0 -> 1), fills it, then publishes
 /// `status` with a `.sys` release.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -395,7 +396,8 @@ pub struct HtNotifyParams {
     pub host_ticket: u32,
 }
 
-/// `ht_barrier_then_dispatch` / `ht_dispatch`: rows to every rank that needs them.
+/// `ht_dispatch`: rows to every rank that needs them (a cached dispatch runs the `barrier`
+/// kernel first).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct HtDispatchParams {
@@ -641,7 +643,9 @@ pub struct LlCombineParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
-    pub _pad: u32,
+    /// Slots per token in the combine rows area (the buffer's `max_topk`, the same on every
+    /// rank whatever its own `k`).
+    pub slot_k: u32,
 }
 
 /// [`LlCombineParams::stages`] bits.

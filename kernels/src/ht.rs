@@ -10,10 +10,10 @@
 //! from the combine input.
 //!
 //! Protocol (see `docs/protocol.md`): notify flags are the notify call counter, released at
-//! `.sys` and acquired by the owner; dispatch and combine end with one `red.release.sys.add`
-//! per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to
-//! reach the sender's grid size, and zeroes; combine releases one flag per row and the reducer
-//! acquires it, then zeroes it.
+//! `.sys` and acquired by the owner; dispatch ends with one `red.release.sys.add` per (block,
+//! rank) on the receiver's arrival counter, which the receiver acquires, waits to reach the
+//! sender's grid size, and zeroes; combine releases one flag per row, which the reducer
+//! acquires and then zeroes.
 
 use crate::abi::*;
 use crate::dev::*;
@@ -360,16 +360,22 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                         st_relaxed_sys_global_u32(flag, 0);
                     }
                 }
-                if vote_sync_any_pred(FULL, !ok) {
-                    // Reported; leave the token (the host turns the record into an error).
-                    t += reducers;
-                    continue;
-                }
+                // The acquiring lanes' view reaches the whole warp before anyone reads the rows.
+                bar_warp_sync(FULL);
                 let local_row = if mask >> rank & 1 != 0 {
                     local_base + ld_global_nc_s32((p.token_pos as *const i32).add((t * world + rank) as usize)) as u64
                 } else {
                     0
                 };
+                let short = mask >> rank & 1 != 0 && local_row >= num_recv as u64;
+                if short && lane == 0 {
+                    w.report(status::SHORT_INPUT, phase::HT_COMBINE, rank, p.y_rows as u64, local_row + 1, 0);
+                }
+                if vote_sync_any_pred(FULL, !ok) || short {
+                    // Reported; leave the token (the host turns the record into an error).
+                    t += reducers;
+                    continue;
+                }
                 let at = t as u64 * row_bytes;
                 let mut base = 0u32;
                 while base < nvec {

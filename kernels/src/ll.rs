@@ -200,7 +200,7 @@ fn quantize_bf16x8(v: [u32; 4], fmt: u32) -> ([u32; 2], crate::fp::Fp8Scale) {
 
 /// Send half (every block: each received row back to its home) and receive half (every
 /// block: its share of this rank's tokens), as `stages` says.
-/// Dynamic shared memory: `4 * (E_local + 1)` bytes.
+/// Dynamic shared memory: `4 * (E_local + 1) + 128` bytes (prefix of the counts, scan scratch).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     let w = Waiter::new(&p.wait);
@@ -279,7 +279,7 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
             let (s, kk, t) = (meta >> 24, ((meta >> 16) & 0xff) as u64, (meta & 0xffff) as u64);
             let off = c as u64 * CHUNK as u64 * 16;
             let n = core::cmp::min(CHUNK, p.hidden / 8 - c * CHUNK);
-            let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t * k + kk) * row_bytes + off;
+            let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t * p.slot_k as u64 + kk) * row_bytes + off;
             warp_copy_to_lane_dests::<UNROLL>(p.y + row * row_bytes + off, n, dst, 1);
             unit += total_warps;
         }
@@ -320,7 +320,7 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
                     let kk = m.trailing_zeros();
                     m &= m - 1;
                     let wk = f32::from_bits(shfl_sync_idx_b32(FULL, wt.to_bits(), kk));
-                    let row = (ch + (t as u64 * k as u64 + kk as u64) * row_bytes) as *const [u32; 4];
+                    let row = (ch + (t as u64 * p.slot_k as u64 + kk as u64) * row_bytes) as *const [u32; 4];
                     let mut v = [[0u32; 4]; UNROLL];
                     for (u, vu) in v.iter_mut().enumerate() {
                         let j = base + lane + 32 * u as u32;

@@ -315,3 +315,47 @@ fn gpu2_ht_async_streams() -> Result<()> {
         Ok(())
     })
 }
+
+/// Misuse is refused with a typed error before anything is launched: a handle whose routing
+/// was recomputed, a handle or layout of another buffer, a stale handle.
+#[test]
+fn gpu2_ht_misuse_is_refused() -> Result<()> {
+    run_both_modes("gpu2_ht_misuse_is_refused", |g, seed| {
+        let (e, hd, k, t) = (64, 256, 4, 64);
+        let world = g.world();
+        let s = g.stream().clone();
+        let mut a = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut b = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut rng = Rng::new(seed ^ g.rank() as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        let layout = a.layout(&s, TopkIdx::I64(&idx), k)?;
+        let args = DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts);
+        let (mut h, _) = a.dispatch(&s, &layout, &args)?;
+        let refused = |r: moe_ep::Result<_>, what: &str| -> Result<()> {
+            match r {
+                Err(moe_ep::Error::InvalidState { .. }) => Ok(()),
+                Err(e) => anyhow::bail!("{what}: expected InvalidState, got {e}"),
+                Ok(_) => anyhow::bail!("{what}: accepted"),
+            }
+        };
+        refused(b.new_handle(&layout).map(|_| ()), "layout of another buffer")?;
+        refused(b.cached_dispatch(&s, &mut h, &args).map(|_| ()), "handle of another buffer")?;
+        let y = a.recv_x_bf16(&h)?.to_vec(&s)?;
+        let y = upload(&s, &y)?;
+        a.layout_into(&s, TopkIdx::I64(&idx), &layout)?;
+        let cargs = CombineArgs { x: &y, topk_weights: None, bias: [None, None], out: &out, out_weights: None };
+        refused(a.combine(&s, &h, &cargs).map(|_| ()), "handle whose layout was recomputed")?;
+        refused(a.cached_dispatch(&s, &mut h, &args).map(|_| ()), "cached dispatch after the layout changed")?;
+        // After a fresh full dispatch the handle is good again; an older handle is stale.
+        let (h2, _) = a.dispatch(&s, &layout, &args)?;
+        a.dispatch_into(&s, &mut h, &args)?;
+        refused(a.recv_x_bf16(&h2).map(|_| ()), "stale handle")?;
+        a.combine(&s, &h, &cargs)?;
+        a.check()?;
+        Ok(())
+    })
+}
