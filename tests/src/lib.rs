@@ -1,7 +1,8 @@
-//! Test harness: GPU discovery with honest SKIPs, the two process modes, comparisons.
+//! Test harness: GPU discovery with honest skips, the two process modes, comparisons.
 //!
 //! GPU tests are named `gpu1_*` (one GPU) and `gpuN_*` (several), so `cargo test gpu` or
-//! `cargo test cpu` filter them. A multi-process test spawns one child per rank: the child is
+//! `cargo test cpu` filter them. GPU test binaries use [`gpu_main`] as their harness: a test
+//! the machine cannot run is reported as ignored, with the reason, never as passed. A multi-process test spawns one child per rank: the child is
 //! this same test binary, run with `--exact <test name>` and the rank in torchrun's variables
 //! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) plus `MOE_EP_TEST_WORLD`;
 //! in the child the test body runs as that rank of that world only.
@@ -24,43 +25,107 @@ pub fn gpu_count() -> std::result::Result<usize, String> {
     moe_ep::device_count().map_err(|e| e.to_string())
 }
 
-/// The rank counts a multi-GPU test runs at: 2..=GPUs (or `MOE_EP_TEST_RANKS`, comma
-/// separated). Prints SKIP with the reason and returns an empty list when fewer than 2 GPUs.
-pub fn rank_counts(test: &str) -> Vec<usize> {
-    if in_child() {
-        // The child runs the world its parent asked for.
-        return vec![std::env::var("MOE_EP_TEST_WORLD").unwrap().parse().unwrap()];
-    }
-    let n = match gpu_count() {
-        Ok(n) => n,
-        Err(e) => {
-            println!("SKIP {test}: {e}");
-            return Vec::new();
-        }
-    };
-    if n < 2 {
-        println!("SKIP {test}: needs at least 2 GPUs, found {n}");
-        return Vec::new();
-    }
-    if let Ok(list) = std::env::var("MOE_EP_TEST_RANKS") {
-        return list.split(',').filter_map(|s| s.trim().parse().ok()).filter(|&w| (2..=n).contains(&w)).collect();
-    }
-    (2..=n.min(moe_ep::abi::MAX_RANKS)).collect()
+/// GPUs a test needs, from its name: `gpu1_*` one, every other `gpu*` test two.
+pub fn gpus_needed(test: &str) -> usize {
+    if test.starts_with("gpu1_") { 1 } else { 2 }
 }
 
-/// True when at least one GPU is present (else prints SKIP with the reason).
-pub fn have_gpu(test: &str) -> bool {
+/// Why `test` cannot run on this machine (no driver, too few GPUs), or `None` when it can.
+pub fn skip_reason(test: &str) -> Option<String> {
+    let need = gpus_needed(test);
     match gpu_count() {
-        Ok(n) if n >= 1 => true,
-        Ok(_) => {
-            println!("SKIP {test}: no GPU found");
-            false
-        }
-        Err(e) => {
-            println!("SKIP {test}: {e}");
-            false
-        }
+        Err(e) => Some(e),
+        Ok(n) if n < need => Some(format!("needs {need} GPU(s), this machine has {n}")),
+        Ok(_) => None,
     }
+}
+
+/// The rank counts a multi-GPU test runs at: 2..=GPUs (at most 8), or `MOE_EP_TEST_RANKS`
+/// (comma separated). A rank count the machine cannot run, or no GPUs at all, is an error:
+/// the harness never lets a test pass without running it (tests that cannot run are reported
+/// as ignored by [`gpu_main`] before they start).
+pub fn rank_counts(test: &str) -> Result<Vec<usize>> {
+    if in_child() {
+        // The child runs the world its parent asked for.
+        let w = std::env::var("MOE_EP_TEST_WORLD").unwrap_or_default();
+        return Ok(vec![w.parse().with_context(|| format!("MOE_EP_TEST_WORLD={w:?}"))?]);
+    }
+    let n = gpu_count().map_err(|e| anyhow::anyhow!("{test} cannot run: {e}"))?;
+    let max = n.min(moe_ep::abi::MAX_RANKS);
+    if max < 2 {
+        bail!("{test} needs at least 2 GPUs; this machine has {n}");
+    }
+    match std::env::var("MOE_EP_TEST_RANKS") {
+        Ok(list) => parse_rank_list(&list, max),
+        Err(_) => Ok((2..=max).collect()),
+    }
+}
+
+/// Parses `MOE_EP_TEST_RANKS` for a machine that runs `2..=max` ranks: every entry must be a
+/// rank count in that range, and at least one must be given.
+pub fn parse_rank_list(list: &str, max: usize) -> Result<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let w: usize = part.parse().with_context(|| format!("MOE_EP_TEST_RANKS={list:?}: {part:?} is not a rank count"))?;
+        if !(2..=max).contains(&w) {
+            bail!("MOE_EP_TEST_RANKS={list:?}: {w} ranks cannot run here (this machine runs 2..={max})");
+        }
+        v.push(w);
+    }
+    if v.is_empty() {
+        bail!("MOE_EP_TEST_RANKS={list:?} names no rank count");
+    }
+    Ok(v)
+}
+
+/// Appends one line to the file `MOE_EP_TEST_REPORT` names (`cargo xtask test` sets it and
+/// counts GPU tests run and skipped from it); nothing when it is unset.
+pub fn report_line(kind: &str, test: &str, detail: &str) {
+    use std::io::Write;
+    if let Ok(path) = std::env::var("MOE_EP_TEST_REPORT")
+        && let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+    {
+        let _ = writeln!(f, "{kind}\t{test}\t{}", detail.replace(['\n', '\t'], " "));
+    }
+}
+
+/// `main` of a GPU test binary (`harness = false`): tests run one at a time; a test this
+/// machine cannot run is reported as **ignored** with its reason (printed, and recorded for
+/// `cargo xtask test`'s summary), never as passed. `--include-ignored` runs it anyway, and it
+/// then fails with the reason.
+pub fn gpu_main(tests: &[(&'static str, fn() -> Result<()>)]) -> std::process::ExitCode {
+    let mut args = libtest_mimic::Arguments::from_args();
+    args.test_threads = Some(1);
+    let mut trials = Vec::new();
+    for &(name, body) in tests {
+        let skip = if in_child() { None } else { skip_reason(name) };
+        let selected = args.filter.as_deref().is_none_or(|f| if args.exact { name == f } else { name.contains(f) });
+        if let Some(reason) = &skip
+            && selected
+            && !args.list
+        {
+            println!("SKIP {name}: {reason}");
+            report_line("skip", name, reason);
+        }
+        trials.push(
+            libtest_mimic::Trial::test(name, move || {
+                let r = body().map_err(|e| libtest_mimic::Failed::from(format!("{e:#}")));
+                if !in_child() {
+                    report_line(if r.is_ok() { "pass" } else { "fail" }, name, "");
+                }
+                r
+            })
+            .with_ignored_flag(skip.is_some()),
+        );
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A case's expert count at `world` ranks: `experts` rounded up to a multiple of the rank
+/// count (256 experts at 3 ranks become 258, 86 per rank), so every case runs at every rank
+/// count from 2 to 8 instead of being refused where the experts do not divide.
+pub fn experts_for(world: usize, experts: usize) -> usize {
+    experts.div_ceil(world) * world
 }
 
 /// Group settings for tests: a 20-second deadline so a hang fails fast.
@@ -127,7 +192,11 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
 /// Runs a test body at every rank count in both modes, with fresh random inputs (`seed`,
 /// printed; every rank of one run gets the same seed so each can rebuild every rank's inputs).
 pub fn run_both_modes(test_name: &str, body: impl Fn(&Group, u64) -> Result<()> + Sync) -> Result<()> {
-    for world in rank_counts(test_name) {
+    let worlds = rank_counts(test_name)?;
+    if !in_child() {
+        report_line("ranks", test_name, &format!("{worlds:?}"));
+    }
+    for world in worlds {
         let seed = fresh_seed(test_name);
         if !in_child() {
             println!("{test_name}: {world} ranks, threads, seed {seed}");

@@ -30,7 +30,7 @@ impl Case {
     }
 
     fn world(&self, world: usize, seed: u64) -> HtWorld {
-        let experts = if self.experts == 0 { world } else { self.experts };
+        let experts = if self.experts == 0 { world } else { experts_for(world, self.experts) };
         let ranks = (0..world)
             .map(|r| {
                 let mut rng = Rng::new(seed ^ (r as u64 + 1).wrapping_mul(0x1234_5678_9abc));
@@ -160,7 +160,6 @@ fn cases(name: &str, list: Vec<Case>) -> Result<()> {
     run_cases(name, &list, run_case)
 }
 
-#[test]
 fn gpu2_ht_uniform_bf16_and_fp8() -> Result<()> {
     cases(
         "gpu2_ht_uniform_bf16_and_fp8",
@@ -172,7 +171,6 @@ fn gpu2_ht_uniform_bf16_and_fp8() -> Result<()> {
     )
 }
 
-#[test]
 fn gpu2_ht_edge_routing() -> Result<()> {
     cases(
         "gpu2_ht_edge_routing",
@@ -189,7 +187,6 @@ fn gpu2_ht_edge_routing() -> Result<()> {
     )
 }
 
-#[test]
 fn gpu2_ht_shapes() -> Result<()> {
     let mut v = Vec::new();
     for hidden in [128, 2048, 7168, 8192, 16384] {
@@ -225,12 +222,12 @@ fn identity_combine(x: &[u16], idx: &[i64], k: usize, experts: usize, world: usi
 
 /// Layout, dispatch (no host synchronisation) and combine captured in one CUDA graph and
 /// replayed 100 times with new tokens, routing and weights each time.
-#[test]
 fn gpu2_ht_graph_replay_100() -> Result<()> {
     use cudarc::driver::sys;
     run_both_modes("gpu2_ht_graph_replay_100", |g, seed| {
-        let (e, hd, k, t) = (64, 1024, 8, 256);
+        let (hd, k, t) = (1024, 8, 256);
         let world = g.world();
+        let e = experts_for(world, 64);
         let me = g.rank();
         let s = g.stream().clone();
         let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
@@ -283,11 +280,11 @@ fn gpu2_ht_graph_replay_100() -> Result<()> {
 
 /// Dispatch and combine on a separate communication stream, ordered with the compute stream
 /// only through the events the operations return.
-#[test]
 fn gpu2_ht_async_streams() -> Result<()> {
     run_both_modes("gpu2_ht_async_streams", |g, seed| {
-        let (e, hd, k, t) = (256, 2048, 8, 512);
+        let (hd, k, t) = (2048, 8, 512);
         let world = g.world();
+        let e = experts_for(world, 256);
         let me = g.rank();
         let compute = g.context().new_stream()?;
         let comm = g.context().new_stream()?;
@@ -318,11 +315,11 @@ fn gpu2_ht_async_streams() -> Result<()> {
 
 /// Misuse is refused with a typed error before anything is launched: a handle whose routing
 /// was recomputed, a handle or layout of another buffer, a stale handle.
-#[test]
 fn gpu2_ht_misuse_is_refused() -> Result<()> {
     run_both_modes("gpu2_ht_misuse_is_refused", |g, seed| {
-        let (e, hd, k, t) = (64, 256, 4, 64);
+        let (hd, k, t) = (256, 4, 64);
         let world = g.world();
+        let e = experts_for(world, 64);
         let s = g.stream().clone();
         let mut a = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
         let mut b = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
@@ -358,4 +355,15 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
         a.check()?;
         Ok(())
     })
+}
+
+fn main() -> std::process::ExitCode {
+    gpu_main(&[
+        ("gpu2_ht_uniform_bf16_and_fp8", gpu2_ht_uniform_bf16_and_fp8),
+        ("gpu2_ht_edge_routing", gpu2_ht_edge_routing),
+        ("gpu2_ht_shapes", gpu2_ht_shapes),
+        ("gpu2_ht_graph_replay_100", gpu2_ht_graph_replay_100),
+        ("gpu2_ht_async_streams", gpu2_ht_async_streams),
+        ("gpu2_ht_misuse_is_refused", gpu2_ht_misuse_is_refused),
+    ])
 }

@@ -134,6 +134,7 @@ fn check_dispatch(
 
 fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     let world = g.world();
+    let case = Case { experts: experts_for(world, case.experts), ..case };
     let me = g.rank();
     let w = case.world(world, seed);
     let epr = case.experts / world;
@@ -201,7 +202,6 @@ fn cases(name: &str, list: Vec<Case>) -> Result<()> {
     run_cases(name, &list, run_case)
 }
 
-#[test]
 fn gpu2_ll_formats() -> Result<()> {
     cases(
         "gpu2_ll_formats",
@@ -214,7 +214,6 @@ fn gpu2_ll_formats() -> Result<()> {
     )
 }
 
-#[test]
 fn gpu2_ll_edges() -> Result<()> {
     cases(
         "gpu2_ll_edges",
@@ -229,7 +228,6 @@ fn gpu2_ll_edges() -> Result<()> {
     )
 }
 
-#[test]
 fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
     cases(
         "gpu2_ll_shapes_hook_zero_copy",
@@ -247,11 +245,11 @@ fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
 /// One graph holds a BF16 dispatch and a combine whose input is the received rows themselves
 /// (identity experts): out = sum_k w_k * x. Replayed 1000 times with new tokens, routing and
 /// weights uploaded before each replay.
-#[test]
 fn gpu2_ll_graph_replay_1000() -> Result<()> {
     run_both_modes("gpu2_ll_graph_replay_1000", |g, seed| {
-        let (e, hd, k, t) = (64, 1024, 8, 64);
+        let (hd, k, t) = (1024, 8, 64);
         let world = g.world();
+        let e = experts_for(world, 64);
         let me = g.rank();
         let buf = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
         let mut buf = buf;
@@ -308,11 +306,11 @@ fn gpu2_ll_graph_replay_1000() -> Result<()> {
 
 /// 1000 back-to-back low-latency calls, each followed by a high-throughput dispatch and
 /// combine on the same GPUs; checked at intervals.
-#[test]
 fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
     run_both_modes("gpu2_ll_alternating_with_ht_1000", |g, seed| {
-        let (e, hd, k, t) = (64, 512, 4, 32);
+        let (hd, k, t) = (512, 4, 32);
         let world = g.world();
+        let e = experts_for(world, 64);
         let me = g.rank();
         let s = g.stream().clone();
         let mut ll = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
@@ -364,4 +362,14 @@ fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
         }
         Ok(())
     })
+}
+
+fn main() -> std::process::ExitCode {
+    gpu_main(&[
+        ("gpu2_ll_formats", gpu2_ll_formats),
+        ("gpu2_ll_edges", gpu2_ll_edges),
+        ("gpu2_ll_shapes_hook_zero_copy", gpu2_ll_shapes_hook_zero_copy),
+        ("gpu2_ll_graph_replay_1000", gpu2_ll_graph_replay_1000),
+        ("gpu2_ll_alternating_with_ht_1000", gpu2_ll_alternating_with_ht_1000),
+    ])
 }

@@ -73,7 +73,39 @@ fn test(root: &Path, rest: &[String]) -> Result<()> {
     // Tidy first: formatting is part of the gate.
     cargo(root, &["fmt", "--all", "--", "--check"]).context("code is not formatted; run `cargo fmt --all`")?;
     let ptxas = ptx::build_and_check(root)?;
+    let report = root.join("target/gpu-test-report.tsv");
+    let _ = std::fs::remove_file(&report);
     let mut args = vec!["test", "--workspace"];
     args.extend(refs(rest));
-    cargo_env(root, &args, &[("MOE_EP_PTXAS", ptxas.display().to_string())])
+    let result = cargo_env(root, &args, &[("MOE_EP_PTXAS", ptxas.display().to_string()), ("MOE_EP_TEST_REPORT", report.display().to_string())]);
+    println!("{}", gpu_summary(&std::fs::read_to_string(&report).unwrap_or_default()));
+    result
+}
+
+/// The last line of `cargo xtask test`: GPU tests run and skipped, with the reasons, from the
+/// lines the GPU test harness appends to `MOE_EP_TEST_REPORT` (`kind<TAB>test<TAB>detail`).
+fn gpu_summary(report: &str) -> String {
+    let mut skipped: Vec<(&str, &str)> = Vec::new();
+    let (mut passed, mut failed) = (Vec::new(), Vec::new());
+    for line in report.lines() {
+        let mut f = line.splitn(3, '\t');
+        match (f.next(), f.next(), f.next()) {
+            (Some("skip"), Some(t), Some(why)) => skipped.push((t, why)),
+            (Some("pass"), Some(t), _) => passed.push(t),
+            (Some("fail"), Some(t), _) => failed.push(t),
+            _ => {}
+        }
+    }
+    let mut reasons: Vec<&str> = skipped.iter().map(|s| s.1).collect();
+    reasons.sort_unstable();
+    reasons.dedup();
+    let mut s =
+        format!("GPU tests: {} run ({} passed, {} failed), {} skipped", passed.len() + failed.len(), passed.len(), failed.len(), skipped.len());
+    if !reasons.is_empty() {
+        s += &format!(" ({})", reasons.join("; "));
+    }
+    if !failed.is_empty() {
+        s += &format!("; failed: {}", failed.join(", "));
+    }
+    s
 }
