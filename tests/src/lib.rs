@@ -89,11 +89,14 @@ pub fn report_line(kind: &str, test: &str, detail: &str) {
     }
 }
 
+/// A GPU test's body.
+pub type GpuTest = fn() -> Result<()>;
+
 /// `main` of a GPU test binary (`harness = false`): tests run one at a time; a test this
 /// machine cannot run is reported as **ignored** with its reason (printed, and recorded for
 /// `cargo xtask test`'s summary), never as passed. `--include-ignored` runs it anyway, and it
 /// then fails with the reason.
-pub fn gpu_main(tests: &[(&'static str, fn() -> Result<()>)]) -> std::process::ExitCode {
+pub fn gpu_main(tests: &[(&'static str, GpuTest)]) -> std::process::ExitCode {
     let mut args = libtest_mimic::Arguments::from_args();
     args.test_threads = Some(1);
     let mut trials = Vec::new();
