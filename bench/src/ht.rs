@@ -1,6 +1,6 @@
 //! High-throughput benchmark: DeepEP's defaults, NCCL all-to-all baseline, P2P limit, sweep.
 
-use crate::report::{Report, line_chart, table};
+use crate::report::{Report, Series, line_chart, table};
 use crate::{Opts, median};
 use anyhow::{Context, Result, ensure};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
@@ -269,10 +269,11 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         }
         let ring_min = ring.iter().map(|v| v[0]).fold(f64::MAX, f64::min);
         let mut body = format!(
-            "{} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} experts, scores |randn|+1, {} SMs, {} threads; medians of {} runs; results checked against the CPU reference first.\n\n",
+            "{} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS} experts, scores |randn|+1, {} SMs; threads per block launched: dispatch {}, combine {}; medians of {} runs; results checked against the CPU reference first.\n\n",
             o.tokens,
             o.sms,
-            buf.config().threads,
+            g.launch_threads(moe_ep::Kernel::HtDispatch, buf.config().threads),
+            g.launch_threads(moe_ep::Kernel::HtCombine, buf.config().threads),
             o.iters
         );
         body += &table(&["rank", "operation", "us", "logical GB/s", "NVLink GB/s"], &rows);
@@ -348,12 +349,17 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
             let body = table(&["tokens/rank", "SMs", "dispatch BF16 cached GB/s", "dispatch FP8 cached GB/s", "combine GB/s"], &rows)
                 + "\n(logical GB/s of the slowest rank; full figures in sweep.csv, plot in sweep.svg)\n";
             rep.section(&format!("High-throughput sweep, EP{world}"), body);
-            rep.csv.extend(csv);
-            rep.svg = Some(line_chart(
-                &format!("moe-ep EP{world} on {} ({} SMs)", g.device_name(), o.sms),
-                "tokens per rank",
-                "logical GB/s (slowest rank)",
-                &series,
+            rep.files.push(("sweep.csv".into(), csv.join("\n") + "\n"));
+            let series: Vec<Series> = series.into_iter().map(|(n, pts)| Series { points: pts, ..Series::line(&n) }).collect();
+            rep.files.push((
+                "sweep.svg".into(),
+                line_chart(
+                    &format!("moe-ep EP{world} on {} ({} SMs)", g.device_name(), o.sms),
+                    "tokens per rank",
+                    "logical GB/s (slowest rank)",
+                    &series,
+                    true,
+                ),
             ));
         }
     }

@@ -1,111 +1,241 @@
 //! Low-latency benchmark: 128 tokens per rank, hidden 7168, top-8 of 256, FP8 dispatch, BF16
-//! combine; both calls and their send/receive halves; the flag round trip beside them.
+//! combine in both modes; the send/receive halves; the grid size; a sweep over tokens per
+//! rank; the flag round trip beside them. Every timed path is checked against the CPU
+//! reference first (FP8 dispatch, both combine modes with non-zero expert outputs).
 
-use crate::report::{Report, table};
+use crate::report::{Report, Series, line_chart, table};
 use crate::{Opts, median};
-use anyhow::{Result, ensure};
-use cudarc::driver::sys;
+use anyhow::{Context, Result, ensure};
+use cudarc::driver::{CudaSlice, CudaStream, sys};
 use half::bf16;
+use moe_ep::abi::scale_fmt;
 use moe_ep::diag;
-use moe_ep::ll::{LlBuffer, LlCombineArgs, LlCombineInput, LlConfig, LlDispatchArgs, LlPayload, ScaleFormat};
+use moe_ep::ll::{LlBuffer, LlCombineArgs, LlCombineInput, LlCombineMode, LlConfig, LlDispatchArgs};
 use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{Group, TopkIdx};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 const EXPERTS: usize = 256;
 const HIDDEN: usize = 7168;
 const TOPK: usize = 8;
 const TOKENS: usize = 128;
+const SEED: u64 = 0x11;
 
-const OPS: [&str; 6] = ["dispatch", "combine", "dispatch send", "dispatch recv", "combine send", "combine recv"];
+/// Timed operations at the main point.
+const OPS: [&str; 7] = [
+    "dispatch",
+    "combine (per expert)",
+    "combine (pre-reduced)",
+    "dispatch send",
+    "dispatch recv",
+    "combine send (pre-reduced)",
+    "combine recv (pre-reduced)",
+];
+
+/// Every rank's inputs for `n` tokens (each rank regenerates all of them from the seed).
+fn world_inputs(world: usize, experts: usize, n: usize) -> LlWorld {
+    let mut w = LlWorld { num_experts: experts, hidden: HIDDEN, k: TOPK, x: vec![], topk_idx: vec![], topk_weights: vec![] };
+    for r in 0..world {
+        let mut rng = Rng::new(SEED ^ (r as u64) << 8 ^ (n as u64) << 32);
+        let (idx, wt) = gen_routing(&mut rng, n, TOPK, experts, world, Routing::Scores, 0.0);
+        w.x.push(gen_bf16(&mut rng, n * HIDDEN, 1.0));
+        w.topk_idx.push(idx);
+        w.topk_weights.push(wt);
+    }
+    w
+}
+
+/// The expert output for (global expert, source rank, token, slot): non-zero, deterministic,
+/// so every rank can compute what any expert returns.
+fn expert_output(e: usize, src: usize, t: usize, slot: usize) -> Vec<u16> {
+    gen_bf16(&mut Rng::new(0xe0 ^ (e as u64) << 40 ^ (src as u64) << 32 ^ (t as u64) << 8 ^ slot as u64), HIDDEN, 1.0)
+}
+
+/// One rank's device inputs.
+struct Inputs {
+    x: CudaSlice<bf16>,
+    idx: CudaSlice<i64>,
+    w: CudaSlice<f32>,
+}
+
+fn upload(s: &Arc<CudaStream>, w: &LlWorld, me: usize) -> Result<Inputs> {
+    let one = |v: &[u16]| -> Vec<bf16> { v.iter().map(|&b| bf16::from_bits(b)).collect() };
+    let nonempty = |n: usize| n.max(1);
+    let mut x = s.alloc_zeros::<bf16>(nonempty(w.x[me].len()))?;
+    let mut idx = s.alloc_zeros::<i64>(nonempty(w.topk_idx[me].len()))?;
+    let mut wt = s.alloc_zeros::<f32>(nonempty(w.topk_weights[me].len()))?;
+    if !w.x[me].is_empty() {
+        s.memcpy_htod(&one(&w.x[me]), &mut x)?;
+        s.memcpy_htod(&w.topk_idx[me], &mut idx)?;
+        s.memcpy_htod(&w.topk_weights[me], &mut wt)?;
+    }
+    Ok(Inputs { x, idx, w: wt })
+}
+
+/// FP8 dispatch (weights carried) of `inp`.
+fn fp8_args(inp: &Inputs, hook: bool) -> LlDispatchArgs<'_> {
+    LlDispatchArgs { topk_weights: Some(&inp.w), hook, ..LlDispatchArgs::fp8(&inp.x, TopkIdx::I64(&inp.idx)) }
+}
+
+fn combine_args<'a>(inp: &'a Inputs, y: &'a CudaSlice<bf16>, out: &'a CudaSlice<bf16>, mode: LlCombineMode, hook: bool) -> LlCombineArgs<'a> {
+    LlCombineArgs {
+        x: LlCombineInput::Tensor(y),
+        topk_idx: TopkIdx::I64(&inp.idx),
+        topk_weights: (mode == LlCombineMode::PerExpert).then_some(&inp.w as _),
+        out,
+        mode,
+        hook,
+    }
+}
+
+/// Correctness first: the FP8 dispatch against the reference (every received row, its
+/// scales, counts and sources), then both combine modes with non-zero expert outputs, bit for
+/// bit. Returns the expert-output tensor it built (reused by the timing loop).
+fn check(g: &Group, buf: &mut LlBuffer<'_>, w: &LlWorld, inp: &Inputs) -> Result<CudaSlice<bf16>> {
+    let (world, me, s) = (g.world(), g.rank(), g.stream());
+    let epr = w.num_experts / world;
+    let rows_pe = world * TOKENS;
+    let (h, _) = buf.dispatch(s, &fp8_args(inp, false))?;
+    buf.check()?;
+    let counts = buf.recv_count(&h)?.to_vec(s)?;
+    let meta = buf.recv_src_info(&h)?.to_vec(s)?;
+    let x = buf.recv_x_fp8(&h)?.to_vec(s)?;
+    let sc = buf.recv_scales(&h)?.to_vec(s)?;
+    let want = w.dispatch(me, Some(scale_fmt::F32));
+    let groups = HIDDEN / 128;
+    let mut y = vec![0u16; epr * rows_pe * HIDDEN];
+    for e in 0..epr {
+        ensure!(counts[e] as usize == want[e].len(), "rank {me} expert {e}: {} rows, expected {}", counts[e], want[e].len());
+        let mut by_key: HashMap<_, _> = want[e].iter().map(|r| ((r.src_rank, r.src_token, r.slot), r)).collect();
+        for j in 0..counts[e] as usize {
+            let row = e * rows_pe + j;
+            let m = meta[row] as usize;
+            let key = (m >> 24, m & 0xffff, (m >> 16) & 0xff);
+            let r = by_key.remove(&key).with_context(|| format!("rank {me} expert {e} row {j}: unexpected source {key:?}"))?;
+            ensure!(x[row * HIDDEN..(row + 1) * HIDDEN] == r.payload[..], "rank {me} expert {e} row {j}: FP8 row differs");
+            let got: Vec<u8> = sc[row * groups..(row + 1) * groups].iter().flat_map(|v| v.to_le_bytes()).collect();
+            ensure!(got == r.scales, "rank {me} expert {e} row {j}: scales differ");
+            y[row * HIDDEN..(row + 1) * HIDDEN].copy_from_slice(&expert_output(me * epr + e, key.0, key.1, key.2));
+        }
+        ensure!(by_key.is_empty(), "rank {me} expert {e}: {} rows missing", by_key.len());
+    }
+    let y = s.clone_htod(&y.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
+    let idx = &w.topk_idx[me];
+    let y_of = |t: usize, j: usize| expert_output(idx[t * TOPK + j] as usize, me, t, j);
+    for mode in [LlCombineMode::PerExpert, LlCombineMode::PreReduced] {
+        let out = s.clone_htod(&vec![bf16::from_bits(0xffff); TOKENS * HIDDEN])?;
+        buf.combine(s, &h, &combine_args(inp, &y, &out, mode, false))?;
+        buf.check()?;
+        let got: Vec<u16> = s.clone_dtoh(&out)?.iter().map(|v| v.to_bits()).collect();
+        let want = match mode {
+            LlCombineMode::PerExpert => w.combine(me, &y_of),
+            LlCombineMode::PreReduced => w.combine_pre_reduced(me, &y_of),
+        };
+        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        ensure!(bad == 0, "rank {me}: {mode:?} combine differs from the reference in {bad} of {} values", want.len());
+    }
+    Ok(y)
+}
+
+/// Microseconds of `f` on `s`, started right after a GPU barrier (outside the timing), so every
+/// rank enters together.
+fn timed(g: &Group, s: &Arc<CudaStream>, f: &mut dyn FnMut() -> moe_ep::Result<()>) -> Result<f64> {
+    let ctx = s.context();
+    let (a, b) = (ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?);
+    g.launch_barrier(s, 1)?;
+    a.record(s)?;
+    f()?;
+    b.record(s)?;
+    b.synchronize()?;
+    Ok(a.elapsed_ms(&b)? as f64 * 1e3)
+}
+
+/// Medians (us) of dispatch, combine per expert, combine pre-reduced (and, with `halves`, the
+/// hook-mode halves) over `iters` runs after a warm-up.
+fn measure(
+    g: &Group,
+    buf: &mut LlBuffer<'_>,
+    inp: &Inputs,
+    y: &CudaSlice<bf16>,
+    out: &CudaSlice<bf16>,
+    iters: usize,
+    halves: bool,
+) -> Result<Vec<f64>> {
+    let s = g.stream();
+    let nops = if halves { 7 } else { 3 };
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); nops];
+    for it in 0..10 + iters {
+        let mut t = vec![0f64; nops];
+        let mut h = None;
+        t[0] = timed(g, s, &mut || {
+            h = Some(buf.dispatch(s, &fp8_args(inp, false))?.0);
+            Ok(())
+        })?;
+        let h = h.take().context("dispatch handle")?;
+        t[1] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, LlCombineMode::PerExpert, false)).map(|_| ()))?;
+        t[2] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, LlCombineMode::PreReduced, false)).map(|_| ()))?;
+        if halves {
+            let mut hh = None;
+            t[3] = timed(g, s, &mut || {
+                hh = Some(buf.dispatch(s, &fp8_args(inp, true))?.0);
+                Ok(())
+            })?;
+            let mut hh = hh.take().context("dispatch handle")?;
+            t[4] = timed(g, s, &mut || buf.dispatch_recv(s, &mut hh, None).map(|_| ()))?;
+            let mut pending = None;
+            t[5] = timed(g, s, &mut || {
+                pending = buf.combine(s, &hh, &combine_args(inp, y, out, LlCombineMode::PreReduced, true))?.0;
+                Ok(())
+            })?;
+            let mut p = pending.take();
+            t[6] = timed(g, s, &mut || buf.combine_recv(s, p.take().expect("hook mode returns the receive half")).map(|_| ()))?;
+        }
+        if it >= 10 {
+            for (v, x) in samples.iter_mut().zip(&t) {
+                v.push(*x);
+            }
+        }
+    }
+    buf.check()?;
+    Ok(samples.iter_mut().map(|v| median(v)).collect())
+}
+
+/// Slowest rank per value (rank 0 only).
+fn slowest(all: &[Vec<f64>]) -> Vec<f64> {
+    (0..all[0].len()).map(|i| all.iter().map(|v| v[i]).fold(0.0, f64::max)).collect()
+}
 
 pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let world = g.world();
     let me = g.rank();
     let s = g.stream();
-    let mut buf = LlBuffer::new(g, LlConfig::new(EXPERTS, HIDDEN, TOPK, TOKENS))?;
-    let mut rng = Rng::new(0x11 ^ me as u64);
-    let (idx_h, w_h) = gen_routing(&mut rng, TOKENS, TOPK, EXPERTS, world, Routing::Scores, 0.0);
-    let x_h = gen_bf16(&mut rng, TOKENS * HIDDEN, 1.0);
-    let x = s.clone_htod(&x_h.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
-    let idx = s.clone_htod(&idx_h)?;
-    let wts = s.clone_htod(&w_h)?;
-    let out = s.alloc_zeros::<bf16>(TOKENS * HIDDEN)?;
-    let epr = EXPERTS / world;
-    let y = s.alloc_zeros::<bf16>(epr * world * TOKENS * HIDDEN)?;
-    let topk = TopkIdx::I64(&idx);
-
-    // Correctness first: BF16 dispatch, identity experts (combine of the received rows).
-    {
-        let (h, _) = buf.dispatch(s, &LlDispatchArgs { x: &x, topk_idx: topk, payload: LlPayload::Bf16, stats: None, hook: false })?;
-        let rx = buf.recv_x_bf16(&h)?;
-        buf.combine(s, &h, &LlCombineArgs { x: LlCombineInput::Tensor(&rx), topk_idx: topk, topk_weights: &wts, out: &out, hook: false })?;
-        buf.check()?;
-        let w = LlWorld {
-            num_experts: EXPERTS,
-            hidden: HIDDEN,
-            k: TOPK,
-            x: vec![x_h.clone()],
-            topk_idx: vec![idx_h.clone()],
-            topk_weights: vec![w_h.clone()],
-        };
-        let want = w.combine(0, &|t, _| x_h[t * HIDDEN..(t + 1) * HIDDEN].to_vec());
-        let got: Vec<u16> = s.clone_dtoh(&out)?.iter().map(|v| v.to_bits()).collect();
-        ensure!(got == want, "rank {me}: low-latency dispatch + combine differ from the reference");
-    }
-    g.host_barrier()?;
-
-    let ctx = s.context();
-    let ev = || ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
-    let fp8 = LlDispatchArgs { x: &x, topk_idx: topk, payload: LlPayload::Fp8(ScaleFormat::F32), stats: None, hook: false };
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); 6];
-    let warm = 10;
+    // 256 experts, rounded up to a multiple of the rank count where it does not divide.
+    let experts = EXPERTS.div_ceil(world) * world;
     let iters = o.iters.max(50) * 2;
-    // Every timed operation starts right after a GPU barrier (outside its events), so the
-    // figure is the operation's latency with all ranks entering together, not the skew the
-    // previous operation left between ranks.
-    let combine = |hook| LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: topk, topk_weights: &wts, out: &out, hook };
-    for it in 0..warm + iters {
-        let mut t = [0f64; 6];
-        let mut timed = |i: usize, f: &mut dyn FnMut() -> moe_ep::Result<()>| -> Result<()> {
-            g.launch_barrier(s, 1)?;
-            let (a, b) = (ev()?, ev()?);
-            a.record(s)?;
-            f()?;
-            b.record(s)?;
-            b.synchronize()?;
-            t[i] = a.elapsed_ms(&b)? as f64 * 1e3;
-            Ok(())
-        };
-        let mut h = None;
-        timed(0, &mut || {
-            h = Some(buf.dispatch(s, &fp8)?.0);
-            Ok(())
-        })?;
-        let hd = h.take().unwrap();
-        timed(1, &mut || buf.combine(s, &hd, &combine(false)).map(|_| ()))?;
-        let mut hh = None;
-        timed(2, &mut || {
-            hh = Some(buf.dispatch(s, &LlDispatchArgs { hook: true, ..fp8 })?.0);
-            Ok(())
-        })?;
-        let mut hh = hh.take().unwrap();
-        timed(3, &mut || buf.dispatch_recv(s, &mut hh, None).map(|_| ()))?;
-        let mut pending = None;
-        timed(4, &mut || {
-            pending = buf.combine(s, &hh, &combine(true))?.0;
-            Ok(())
-        })?;
-        let p = pending.take().expect("hook mode returns the receive half");
-        let mut p = Some(p);
-        timed(5, &mut || buf.combine_recv(s, p.take().unwrap()).map(|_| ()))?;
-        if it >= warm {
-            for (v, x) in samples.iter_mut().zip(t) {
-                v.push(x);
-            }
-        }
+    let device = g.device_name().to_string();
+
+    // The main point: DeepEP's setup, one block per SM.
+    let w = world_inputs(world, experts, TOKENS);
+    let inp = upload(s, &w, me)?;
+    let mut buf = LlBuffer::new(g, LlConfig::new(experts, HIDDEN, TOPK, TOKENS))?;
+    let y = check(g, &mut buf, &w, &inp).context("checking the low-latency kernels against the CPU reference")?;
+    let out = s.alloc_zeros::<bf16>(TOKENS * HIDDEN)?;
+    g.host_barrier()?;
+    let main = measure(g, &mut buf, &inp, &y, &out, iters, true)?;
+    let grid = buf.config().num_blocks;
+    let threads = buf.config().threads;
+    let launched = (g.launch_threads(moe_ep::Kernel::LlDispatch, threads), g.launch_threads(moe_ep::Kernel::LlCombine, threads));
+
+    // Grid sizes: the smallest that keeps the figures.
+    let grids: Vec<u32> = if o.quick { vec![] } else { [16u32, 24, 32, 48, 64, 96].into_iter().filter(|&b| b < g.sm_count()).collect() };
+    let mut by_grid = Vec::new();
+    for &b in &grids {
+        buf.set_launch(b, threads)?;
+        by_grid.push((b, measure(g, &mut buf, &inp, &y, &out, iters / 2, false)?));
     }
-    buf.check()?;
-    let us: Vec<f64> = samples.iter_mut().map(|v| median(v)).collect();
+    buf.set_launch(grid, threads)?;
+
     // The flag round trip in the same run.
     let mut rtt = f64::NAN;
     for _ in 0..2 {
@@ -121,35 +251,118 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
             }
         };
     }
-    let mut vals = us.clone();
-    vals.push(rtt);
-    if let Some(all) = Report::gather(g, &vals)? {
-        let mut rows = Vec::new();
-        let mut worst = [0f64; 6];
-        for (r, v) in all.iter().enumerate() {
-            let mut row = vec![r.to_string()];
-            for i in 0..6 {
-                row.push(format!("{:.1}", v[i]));
-                worst[i] = worst[i].max(v[i]);
-            }
-            row.push(format!("{:.1}", v[0] + v[1]));
-            rows.push(row);
+    drop(buf);
+
+    // Tokens per rank, 1 to 512.
+    let sweep: Vec<usize> = if o.sweep { vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 512] } else { vec![] };
+    let mut by_tokens = Vec::new();
+    if !sweep.is_empty() {
+        let t_max = *sweep.last().unwrap();
+        let mut sbuf = LlBuffer::new(g, LlConfig::new(experts, HIDDEN, TOPK, t_max))?;
+        let mut ys = s.alloc_zeros::<bf16>(experts / world * world * t_max * HIDDEN)?;
+        let outs = s.alloc_zeros::<bf16>(t_max * HIDDEN)?;
+        // Non-zero expert outputs (the timing does not depend on the values; the main point
+        // above checked them).
+        let vals: Vec<bf16> = gen_bf16(&mut Rng::new(3), ys.len(), 1.0).iter().map(|&b| bf16::from_bits(b)).collect();
+        s.memcpy_htod(&vals, &mut ys)?;
+        for &n in &sweep {
+            let wn = world_inputs(world, experts, n);
+            let inp_n = upload(s, &wn, me)?;
+            g.host_barrier()?;
+            by_tokens.push((n, measure(g, &mut sbuf, &inp_n, &ys, &outs, iters / 2, false)?));
         }
-        let mut srow = vec!["slowest".to_string()];
-        srow.extend(worst.iter().map(|v| format!("{v:.1}")));
-        srow.push(format!("{:.1}", worst[0] + worst[1]));
-        rows.push(srow);
-        let mut head = vec!["rank"];
-        head.extend(OPS);
-        head.push("dispatch + combine");
-        let mut body = format!(
-            "{TOKENS} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {EXPERTS}, FP8 dispatch (f32 scales), BF16 combine; {} blocks x {} threads; microseconds (each operation timed from a common start: a GPU barrier precedes it, outside the timing), medians of {iters} runs; checked against the CPU reference first.\n\n",
-            buf.config().num_blocks,
-            buf.config().threads
-        );
-        body += &table(&head, &rows);
-        body += &format!("\nFlag round trip in the same run (rank 0 <-> rank 1): {:.2} us.\n", all[0][6]);
-        rep.section(&format!("Low-latency, EP{world}"), body);
     }
+
+    let mut vals = main.clone();
+    vals.push(rtt);
+    for (_, v) in &by_grid {
+        vals.extend(v);
+    }
+    for (_, v) in &by_tokens {
+        vals.extend(v);
+    }
+    let Some(all) = Report::gather(g, &vals)? else { return Ok(()) };
+    let worst = slowest(&all);
+    let mut rows = Vec::new();
+    for (r, v) in all.iter().enumerate() {
+        let mut row = vec![r.to_string()];
+        row.extend(v[..7].iter().map(|x| format!("{x:.1}")));
+        rows.push(row);
+    }
+    let mut srow = vec!["slowest".to_string()];
+    srow.extend(worst[..7].iter().map(|x| format!("{x:.1}")));
+    rows.push(srow);
+    let mut head = vec!["rank"];
+    head.extend(OPS);
+    let mut body = format!(
+        "{device}, {world} ranks. {TOKENS} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {experts}, FP8 dispatch (f32 scales, weights travel), BF16 combine; {grid} blocks; threads per block launched: dispatch {}, combine {}; microseconds, each operation timed from a common start (a GPU barrier precedes it, outside the timing), medians of {iters} runs.\n\nChecked against the CPU reference before timing, on this machine: the FP8 dispatch (every received row, scale, count and source) and both combine modes with non-zero expert outputs, bit for bit.\n\n",
+        launched.0, launched.1
+    );
+    body += &table(&head, &rows);
+    body += &format!(
+        "\nSlowest rank: dispatch + combine {:.1} us (pre-reduced), {:.1} us (per expert). Flag round trip in the same run (rank 0 <-> rank 1): {:.2} us.\n",
+        worst[0] + worst[2],
+        worst[0] + worst[1],
+        all[0][7]
+    );
+    let mut at = 8;
+    if !by_grid.is_empty() {
+        let mut grows = Vec::new();
+        let mut rows_csv = Vec::new();
+        for &(b, _) in &by_grid {
+            let v = &worst[at..at + 3];
+            grows.push(vec![b.to_string(), format!("{:.1}", v[0]), format!("{:.1}", v[1]), format!("{:.1}", v[2])]);
+            rows_csv.push((b, v.to_vec()));
+            at += 3;
+        }
+        grows.push(vec![format!("{grid} (default)"), format!("{:.1}", worst[0]), format!("{:.1}", worst[1]), format!("{:.1}", worst[2])]);
+        body += "\nGrid size (blocks, one per SM), slowest rank, us:\n\n";
+        body += &table(&["blocks", "dispatch", "combine (per expert)", "combine (pre-reduced)"], &grows);
+        let keep = |i: usize| -> u32 { rows_csv.iter().find(|(_, v)| v[i] <= worst[i] * 1.05).map_or(grid, |(b, _)| *b) };
+        body += &format!(
+            "\nSmallest grid within 5% of the {grid}-block figure: dispatch {} blocks, combine per expert {} blocks, combine pre-reduced {} blocks.\n",
+            keep(0),
+            keep(1),
+            keep(2)
+        );
+    }
+    if !by_tokens.is_empty() {
+        let mut trows = Vec::new();
+        let mut csv = vec!["tokens,dispatch_us,combine_per_expert_us,combine_pre_reduced_us".to_string()];
+        let mut series: Vec<Series> = ["dispatch", "combine (per expert)", "combine (pre-reduced)"].iter().map(|n| Series::line(n)).collect();
+        for &(n, _) in &by_tokens {
+            let v = &worst[at..at + 3];
+            trows.push(vec![n.to_string(), format!("{:.1}", v[0]), format!("{:.1}", v[1]), format!("{:.1}", v[2])]);
+            csv.push(format!("{n},{:.2},{:.2},{:.2}", v[0], v[1], v[2]));
+            for (sr, &x) in series.iter_mut().zip(v) {
+                sr.points.push((n as f64, x));
+            }
+            at += 3;
+        }
+        // DeepEP V1 on the same kind of machine (ANCHORS.md), where it was measured.
+        let anchors: &[(f64, f64, f64)] = match world {
+            4 => &[(128.0, 33.5, 58.5), (256.0, 57.8, 103.4)],
+            2 => &[(128.0, 28.4, 41.1)],
+            _ => &[],
+        };
+        if !anchors.is_empty() {
+            series.push(Series::points("DeepEP V1 dispatch (ANCHORS, 4 x H200)", anchors.iter().map(|a| (a.0, a.1)).collect()));
+            series.push(Series::points("DeepEP V1 combine (ANCHORS, 4 x H200)", anchors.iter().map(|a| (a.0, a.2)).collect()));
+        }
+        body += &format!("\nTokens per rank, {grid} blocks, slowest rank, us (plot: ll_latency.svg):\n\n");
+        body += &table(&["tokens/rank", "dispatch", "combine (per expert)", "combine (pre-reduced)"], &trows);
+        rep.files.push(("ll_sweep.csv".into(), csv.join("\n") + "\n"));
+        rep.files.push((
+            "ll_latency.svg".into(),
+            line_chart(
+                &format!("moe-ep low-latency EP{world}, {device}, {grid} blocks"),
+                "tokens per rank",
+                "latency, us (slowest rank)",
+                &series,
+                true,
+            ),
+        ));
+    }
+    rep.section(&format!("Low-latency, EP{world}"), body);
     Ok(())
 }

@@ -99,7 +99,7 @@ fn run() -> Result<()> {
         ll::run(&g, &o, &mut rep)?;
     }
     if g.rank() == 0 {
-        rep.finish(o.out.as_deref())?;
+        rep.finish(o.out.as_deref(), report::PREFACE)?;
     }
     g.host_barrier()?;
     Ok(())

@@ -57,14 +57,6 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
                 per.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" / "),
                 format!("{min:.1}"),
             ]);
-            if engine == CopyEngine::Registers {
-                let e = rep.p2p_ring.get_or_insert((0.0, 0.0));
-                if sms == 24 {
-                    e.0 = min;
-                } else {
-                    e.1 = min;
-                }
-            }
         }
     }
     // Flag round trips between rank 0 and every other rank.
@@ -94,7 +86,6 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     if me == 0 {
         let min_pair = best_reg_per_pair.iter().cloned().fold(f64::MAX, f64::min);
         let max_rtt = rtts.iter().map(|r| r.1).fold(0.0, f64::max);
-        rep.rtt_us = Some(max_rtt);
         let mut body = table(&["pair", "engine", "SMs", "GB/s"], &rows);
         body += &format!("\nAll ranks storing to their ring neighbour at once ({} MiB x {iters}):\n\n", bytes >> 20);
         body += &table(&["engine", "SMs", "GB/s per rank", "slowest"], &ring);

@@ -383,6 +383,12 @@ impl Group {
         SymmetricHeap::new(&self.ctx, &self.exchange, self.mode, bytes, self.cfg.rendezvous_timeout)
     }
 
+    /// Threads per block a launch of `k` asking for `requested` actually gets: the request,
+    /// clamped to what the compiled kernel's registers allow, in whole warps.
+    pub fn launch_threads(&self, k: Kernel, requested: u32) -> u32 {
+        (requested.min(self.kernels.functions[&k].max_threads) / 32 * 32).max(32)
+    }
+
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled
     /// kernel allows (a multiple of 32).
     pub(crate) fn launch<P: Pod>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
@@ -392,13 +398,13 @@ impl Group {
             });
         }
         let f = &self.kernels.functions[&k];
-        let block = block.min(f.max_threads) / 32 * 32;
+        let block = self.launch_threads(k, block);
         self.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
         // SAFETY: `P` is the kernel's parameter block (size checked above, and against the PTX's
         // declaration by the PTX test);
         // every address in it belongs to allocations the caller keeps alive until the stream
         // has run the kernel.
-        unsafe { driver::launch(f.raw, grid.max(1), block.max(32), smem, stream, params) }
+        unsafe { driver::launch(f.raw, grid.max(1), block, smem, stream, params) }
             .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.rank, k.name()))
     }
 }

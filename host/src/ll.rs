@@ -1,10 +1,13 @@
 //! Low-latency dispatch and combine (decode: at most a few hundred tokens per rank).
 //!
-//! No count round trip: each (token, top-k slot) reserves a row in its expert's receive area
-//! on the owning rank with one remote atomic and writes it there (cast to FP8 on the way by
-//! default); the receive side waits for every rank's arrival counters and reads the per-expert
-//! row counts. Addresses never change, so a dispatch + combine pair can be captured in a CUDA
-//! graph and replayed. Each kind of call alternates between two halves of the buffer, and each
+//! No count round trip: each token goes **once** to every rank that holds one of its experts
+//! (cast to FP8 on the way by default), into a fixed slot per (source, token); the receive side
+//! waits for every rank's arrival counters and places each token into every local expert's
+//! packed rows, so the output is per-expert packed rows with counts and source info. Combine
+//! sends each (token, slot) row home ([`LlCombineMode::PerExpert`], exact) or one pre-reduced
+//! row per (token, expert rank) ([`LlCombineMode::PreReduced`], about half the bytes).
+//! Addresses never change, so a dispatch + combine pair can be captured in a CUDA graph and
+//! replayed. Each kind of call alternates between two halves of the buffer, and each
 //! call's receive half cleans what the next call of that half needs, so consecutive calls need
 //! no reset barrier.
 //!
@@ -105,6 +108,45 @@ impl ScaleFormat {
     }
 }
 
+/// How the received FP8 scales are laid out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScaleLayout {
+    /// `[E_local, R * T, G]`: each row's scales side by side.
+    #[default]
+    RowMajor,
+    /// `[E_local, G, M]`, `M` = `R * T` rounded up to a multiple of 4 ([`LlBuffer::scale_rows`]):
+    /// column-major and 16-byte (TMA) aligned, as grouped FP8 GEMMs such as DeepGEMM read it.
+    /// Scale `g` of packed row `r` of expert `e` is element `(e * G + g) * M + r` (f32), or byte
+    /// `g % 4` of word `(e * ceil(G / 4) + g / 4) * M + r` (UE8M0).
+    ColumnMajor,
+}
+
+impl ScaleLayout {
+    fn code(self) -> u32 {
+        match self {
+            ScaleLayout::RowMajor => scale_layout::ROW_MAJOR,
+            ScaleLayout::ColumnMajor => scale_layout::COLUMN_MAJOR,
+        }
+    }
+}
+
+/// How combine brings expert outputs home.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LlCombineMode {
+    /// Every (token, top-k slot) row goes home; the home computes `sum_k w_k * y_k` in f32 with
+    /// fused multiply-adds in slot order and rounds once to bf16. Deterministic, and bit-exact
+    /// with `reference::LlWorld::combine`.
+    #[default]
+    PerExpert,
+    /// Each expert rank computes `p_r = bf16(sum over its slots k, in order, of w_k * y_k)` (f32,
+    /// fused multiply-adds) and sends one row per (token, rank); the home computes
+    /// `bf16(sum over ranks r, in order, of p_r)` in f32. Deterministic, bit-exact with
+    /// `reference::LlWorld::combine_pre_reduced`; against the per-expert result it differs by
+    /// the extra rounding of each `p_r` (at most half a bf16 ulp of `p_r` each) plus the final
+    /// rounding. Needs the dispatch to have carried `topk_weights`; these weights are used.
+    PreReduced,
+}
+
 /// What a low-latency dispatch delivers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LlPayload {
@@ -121,11 +163,31 @@ pub struct LlDispatchArgs<'a> {
     pub x: &'a dyn DeviceArg<bf16>,
     /// `[N, K]`, -1 = no expert.
     pub topk_idx: TopkIdx<'a>,
+    /// `f32 [N, K]` router weights: they travel with the tokens, for a
+    /// [`LlCombineMode::PreReduced`] combine (the per-expert combine takes them at home).
+    pub topk_weights: Option<&'a dyn DeviceArg<f32>>,
     pub payload: LlPayload,
+    /// Layout of the received FP8 scales.
+    pub scale_layout: ScaleLayout,
     /// `i32 [E_local]`: received rows per local expert are added to it.
     pub stats: Option<&'a dyn DeviceArg<i32>>,
     /// Launch only the send half; run [`LlBuffer::dispatch_recv`] later.
     pub hook: bool,
+}
+
+impl<'a> LlDispatchArgs<'a> {
+    /// FP8 (f32 scales, row-major) dispatch of `x` routed by `topk_idx`, no weights, no hook.
+    pub fn fp8(x: &'a dyn DeviceArg<bf16>, topk_idx: TopkIdx<'a>) -> Self {
+        LlDispatchArgs {
+            x,
+            topk_idx,
+            topk_weights: None,
+            payload: LlPayload::Fp8(ScaleFormat::F32),
+            scale_layout: ScaleLayout::RowMajor,
+            stats: None,
+            hook: false,
+        }
+    }
 }
 
 /// Handle of one dispatch (for its views and its combine).
@@ -136,6 +198,8 @@ pub struct LlHandle {
     num_tokens: usize,
     k: usize,
     payload: LlPayload,
+    scale_layout: ScaleLayout,
+    has_weights: bool,
     received: bool,
 }
 
@@ -165,10 +229,12 @@ pub struct LlCombineArgs<'a> {
     pub x: LlCombineInput<'a>,
     /// The same `[N, K]` routing the dispatch used.
     pub topk_idx: TopkIdx<'a>,
-    /// `f32 [N, K]`.
-    pub topk_weights: &'a dyn DeviceArg<f32>,
+    /// `f32 [N, K]` weights, needed by [`LlCombineMode::PerExpert`] (a pre-reduced combine
+    /// uses the ones the dispatch carried and refuses these).
+    pub topk_weights: Option<&'a dyn DeviceArg<f32>>,
     /// Out: `bf16 [N, H]`.
     pub out: &'a dyn DeviceArg<bf16>,
+    pub mode: LlCombineMode,
     /// Launch only the send half; run [`LlBuffer::combine_recv`] later.
     pub hook: bool,
 }
@@ -217,6 +283,19 @@ impl<'g> LlBuffer<'g> {
         &self.cfg
     }
 
+    /// Collective: changes the kernels' blocks and threads per block (every rank must pass the
+    /// same values: each receiver waits for every sender's blocks). Not while a hook-mode call
+    /// is pending.
+    pub fn set_launch(&mut self, num_blocks: u32, threads: u32) -> Result<()> {
+        if self.pending_dispatch || self.pending_combine.get() {
+            return Err(Error::InvalidState { reason: "set_launch while a hook-mode receive half is pending".into() });
+        }
+        let cfg = LlConfig { num_blocks, threads, ..self.cfg };
+        cfg.validate(self.g.world(), self.g.sm_count())?;
+        self.cfg = LlConfig { num_blocks: if num_blocks == 0 { self.g.sm_count().max(1) } else { num_blocks }, ..cfg };
+        Ok(())
+    }
+
     fn epr(&self) -> usize {
         self.cfg.num_experts / self.g.world()
     }
@@ -252,7 +331,6 @@ impl<'g> LlBuffer<'g> {
             LlPayload::Bf16 => (0, 0),
             LlPayload::Fp8(f) => (1, f.code()),
         };
-        let cols = (self.cfg.hidden / FP8_GROUP) as u32;
         LlDispatchParams {
             wait: self.g.wait_ctx(),
             peers: self.heap.peers(),
@@ -260,6 +338,7 @@ impl<'g> LlBuffer<'g> {
             half_off: self.half_off(half),
             x: args.x.device_addr(),
             topk_idx: args.topk_idx.addr(),
+            topk_weights: args.topk_weights.map_or(0, |w| w.device_addr()),
             stats: args.stats.map_or(0, |s| s.device_addr()),
             num_tokens: n as u32,
             hidden: self.cfg.hidden as u32,
@@ -269,10 +348,10 @@ impl<'g> LlBuffer<'g> {
             max_tokens: self.cfg.max_tokens_per_rank as u32,
             fp8,
             scale_fmt: fmt,
+            scale_layout: args.scale_layout.code(),
             half: half as u32,
             stages,
             send_blocks: self.cfg.num_blocks,
-            scale_row_bytes: if fmt == scale_fmt::UE8M0 { cols.div_ceil(4) * 4 } else { 4 * cols },
         }
     }
 
@@ -291,13 +370,29 @@ impl<'g> LlBuffer<'g> {
         if let Some(s) = args.stats {
             check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
         }
+        if let Some(w) = args.topk_weights {
+            check_len("topk_weights", w.elems(), n * k, || format!("[{n}, {k}] f32"))?;
+        }
         let half = (self.dispatches % 2) as usize;
-        let stages = if args.hook { stage::SEND } else { stage::SEND | stage::RECV };
+        let mut stages = if args.hook { stage::SEND } else { stage::SEND | stage::RECV };
+        // Testing only (see `stage::NO_REUSE_GUARD`): lets the reuse test show the race.
+        if std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_some() {
+            stages |= stage::NO_REUSE_GUARD;
+        }
         let p = self.dispatch_params(half, n, k, args, stages);
         self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, ll_dispatch_smem_bytes(self.cfg.threads / 32), stream, &p)?;
         self.dispatches += 1;
         self.pending_dispatch = args.hook;
-        let h = LlHandle { generation: self.dispatches, half, num_tokens: n, k, payload: args.payload, received: !args.hook };
+        let h = LlHandle {
+            generation: self.dispatches,
+            half,
+            num_tokens: n,
+            k,
+            payload: args.payload,
+            scale_layout: args.scale_layout,
+            has_weights: args.topk_weights.is_some(),
+            received: !args.hook,
+        };
         Ok((h, self.event(stream)?))
     }
 
@@ -308,20 +403,28 @@ impl<'g> LlBuffer<'g> {
                 reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
             });
         }
+        let (fp8, fmt) = match h.payload {
+            LlPayload::Bf16 => (0, 0),
+            LlPayload::Fp8(f) => (1, f.code()),
+        };
         let mut p = LlDispatchParams { stages: stage::RECV, ..Default::default() };
         p.wait = self.g.wait_ctx();
         p.peers = self.heap.peers();
         p.layout = self.hl;
         p.half_off = self.half_off(h.half);
         p.half = h.half as u32;
+        p.hidden = self.cfg.hidden as u32;
         p.experts_per_rank = self.epr() as u32;
         p.max_tokens = self.cfg.max_tokens_per_rank as u32;
+        p.fp8 = fp8;
+        p.scale_fmt = fmt;
+        p.scale_layout = h.scale_layout.code();
         p.send_blocks = self.cfg.num_blocks;
         if let Some(s) = stats {
             check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
             p.stats = s.device_addr();
         }
-        self.g.launch(Kernel::LlDispatch, 1, 512, 0, stream, &p)?;
+        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, 0, stream, &p)?;
         h.received = true;
         self.pending_dispatch = false;
         self.event(stream)
@@ -373,25 +476,41 @@ impl<'g> LlBuffer<'g> {
         Ok(self.view(h, self.hl.recv_x, self.epr() * self.rows_per_expert() * self.cfg.hidden))
     }
 
-    /// f32 scales `[E_local, R * T, H / 128]` (F32 and F32Pow2 formats).
+    /// Rows per expert in the column-major scale layout: `R * T` rounded up to a multiple of 4
+    /// (the `M` of [`ScaleLayout::ColumnMajor`]).
+    pub fn scale_rows(&self) -> usize {
+        ll_scale_rows(self.g.world() as u64, self.cfg.max_tokens_per_rank as u64) as usize
+    }
+
+    /// Rows of a scale view: `R * T` row-major, [`LlBuffer::scale_rows`] column-major.
+    fn scale_view_rows(&self, h: &LlHandle) -> usize {
+        match h.scale_layout {
+            ScaleLayout::RowMajor => self.rows_per_expert(),
+            ScaleLayout::ColumnMajor => self.scale_rows(),
+        }
+    }
+
+    /// f32 scales (F32 and F32Pow2 formats): `[E_local, R * T, H / 128]` row-major, or
+    /// `[E_local, H / 128, M]` column-major ([`ScaleLayout`]).
     pub fn recv_scales(&self, h: &LlHandle) -> Result<HeapView<'_, f32>> {
         self.check_view(h)?;
         match h.payload {
             LlPayload::Fp8(ScaleFormat::F32 | ScaleFormat::F32Pow2) => {
-                Ok(self.view(h, self.hl.recv_scales, self.epr() * self.rows_per_expert() * self.cfg.hidden / FP8_GROUP))
+                Ok(self.view(h, self.hl.recv_scales, self.epr() * self.scale_view_rows(h) * self.cfg.hidden / FP8_GROUP))
             }
             _ => Err(Error::InvalidState { reason: "the dispatch has no f32 scales (BF16 or UE8M0)".into() }),
         }
     }
 
-    /// Packed UE8M0 scales `u32 [E_local, R * T, ceil(H / 512)]` (byte `g` of a row is group `g`).
+    /// Packed UE8M0 scales: `u32 [E_local, R * T, ceil(H / 512)]` row-major (byte `g` of a row
+    /// is group `g`), or `u32 [E_local, ceil(H / 512), M]` column-major ([`ScaleLayout`]).
     pub fn recv_scales_ue8m0(&self, h: &LlHandle) -> Result<HeapView<'_, u32>> {
         self.check_view(h)?;
         if h.payload != LlPayload::Fp8(ScaleFormat::Ue8m0) {
             return Err(Error::InvalidState { reason: "the dispatch did not use UE8M0 scales".into() });
         }
         let words = (self.cfg.hidden / FP8_GROUP).div_ceil(4);
-        Ok(self.view(h, self.hl.recv_scales, self.epr() * self.rows_per_expert() * words))
+        Ok(self.view(h, self.hl.recv_scales, self.epr() * self.scale_view_rows(h) * words))
     }
 
     /// The zero-copy combine input `bf16 [E_local, R * T, H]` for `h`'s combine: the caller's
@@ -401,7 +520,7 @@ impl<'g> LlBuffer<'g> {
         Ok(self.view(h, self.hl.comb_in, self.epr() * self.rows_per_expert() * self.cfg.hidden))
     }
 
-    /// Combine: every received row back to its home; homes sum `w_k * y_k` in slot order.
+    /// Combine: expert outputs back to their homes, per expert or pre-reduced ([`LlCombineMode`]).
     /// In hook mode returns the pending receive half.
     /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
     pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &LlHandle, args: &LlCombineArgs<'a>) -> Result<(Option<LlCombinePending<'a>>, CudaEvent)> {
@@ -414,7 +533,25 @@ impl<'g> LlBuffer<'g> {
         if k != h.k {
             return Err(Error::invalid("topk_idx", format!("has k = {k} but the dispatch used k = {}", h.k)));
         }
-        check_len("topk_weights", args.topk_weights.elems(), n * k, || format!("[{n}, {k}] f32"))?;
+        let weights = match (args.mode, args.topk_weights) {
+            (LlCombineMode::PerExpert, Some(w)) => {
+                check_len("topk_weights", w.elems(), n * k, || format!("[{n}, {k}] f32"))?;
+                w.device_addr()
+            }
+            (LlCombineMode::PerExpert, None) => return Err(Error::invalid("topk_weights", "the per-expert combine needs [N, K] weights")),
+            (LlCombineMode::PreReduced, Some(_)) => {
+                return Err(Error::invalid(
+                    "topk_weights",
+                    "a pre-reduced combine uses the weights its dispatch carried; pass None (or combine per expert)",
+                ));
+            }
+            (LlCombineMode::PreReduced, None) if !h.has_weights => {
+                return Err(Error::InvalidState {
+                    reason: "a pre-reduced combine needs a dispatch that carried topk_weights (LlDispatchArgs::topk_weights)".into(),
+                });
+            }
+            (LlCombineMode::PreReduced, None) => 0,
+        };
         check_len("out", args.out.elems(), n * hd, || format!("[{n}, {hd}] bf16"))?;
         let y = match args.x {
             LlCombineInput::Tensor(t) => {
@@ -433,7 +570,7 @@ impl<'g> LlBuffer<'g> {
             combine_half_off: self.half_off(half),
             y,
             topk_idx: args.topk_idx.addr(),
-            topk_weights: args.topk_weights.device_addr(),
+            topk_weights: weights,
             out: args.out.device_addr(),
             num_tokens: n as u32,
             hidden: hd as u32,
@@ -444,7 +581,12 @@ impl<'g> LlBuffer<'g> {
             half: half as u32,
             stages: if args.hook { stage::SEND } else { stage::SEND | stage::RECV },
             send_blocks: self.cfg.num_blocks,
-            slot_k: self.cfg.max_topk as u32,
+            slot_k: self.cfg.max_topk.max(self.g.world()) as u32,
+            mode: match args.mode {
+                LlCombineMode::PerExpert => combine_mode::PER_EXPERT,
+                LlCombineMode::PreReduced => combine_mode::PRE_REDUCED,
+            },
+            _pad: 0,
         };
         self.launch_combine(stream, &p)?;
         self.combines.set(self.combines.get() + 1);

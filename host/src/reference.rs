@@ -434,4 +434,42 @@ impl LlWorld {
         });
         out
     }
+
+    /// Pre-reduced combine on `home`: each expert rank `r` holding token `t` computes
+    /// `p_r = bf16(sum over its slots k, in order, of w_k * y(t, k))` (f32, fused multiply-adds
+    /// from 0); the home adds the `p_r` in rank order in f32 (from 0) and rounds to bf16.
+    pub fn combine_pre_reduced(&self, home: usize, y: &(dyn Fn(usize, usize) -> Vec<u16> + Sync)) -> Vec<u16> {
+        let (k, h, world) = (self.k, self.hidden, self.world());
+        let epr = self.num_experts / world;
+        let idx = &self.topk_idx[home];
+        let w = &self.topk_weights[home];
+        let n = idx.len() / k;
+        let mut out = vec![0u16; n * h];
+        out.par_chunks_mut(h.max(1)).enumerate().for_each(|(t, o)| {
+            let mut acc = vec![0f32; h];
+            for r in 0..world {
+                let mut part: Option<Vec<f32>> = None;
+                for j in 0..k {
+                    let e = idx[t * k + j];
+                    if e < 0 || e as usize >= self.num_experts || e as usize / epr != r {
+                        continue;
+                    }
+                    let row = y(t, j);
+                    let p = part.get_or_insert_with(|| vec![0f32; h]);
+                    for (a, &v) in p.iter_mut().zip(&row) {
+                        *a = w[t * k + j].mul_add(bf16_to_f32(v), *a);
+                    }
+                }
+                if let Some(p) = part {
+                    for (a, &v) in acc.iter_mut().zip(&p) {
+                        *a += bf16_to_f32(f32_to_bf16(v));
+                    }
+                }
+            }
+            for (d, a) in o.iter_mut().zip(&acc) {
+                *d = f32_to_bf16(*a);
+            }
+        });
+        out
+    }
 }

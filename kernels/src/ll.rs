@@ -1,15 +1,25 @@
 //! Low-latency (decode) kernels: no count exchange, fixed addresses.
 //!
-//! Dispatch: for each (token, top-k slot) the sender reserves a row in the destination
-//! expert's receive area with one `atom.relaxed.sys.add` on that expert's slot counter in
-//! the receiver's heap, writes metadata and the row (cast to FP8 on the way, scales beside),
-//! and after all its tokens every block adds 1 to each rank's arrival counter with a `.sys`
-//! release. The receive half waits until every source's blocks have arrived; the slot counters
-//! are then the per-expert row counts (rows are contiguous from 0, in no particular order).
-//! It copies them out and zeroes them for the next call of this half.
+//! Dispatch sends each token **once per destination rank**, whatever the number of that
+//! rank's experts it picked: the FP8 cast happens once, in registers, and the row lands in
+//! slot `[source][token]` of the destination's `tok_x`, with a routing row (the local expert
+//! of each top-k slot, and the weights) beside it. Every block then adds 1 to each rank's
+//! arrival counter with a `.sys` release. The receive half waits for every source's blocks and
+//! places each received token into every local expert's packed rows (`recv_x[expert][slot]`,
+//! slots taken with this GPU's own atomics), so users see per-expert packed rows, counts and
+//! source info, as before.
 //!
-//! Combine: each received row goes back to slot `[token][k]` of its home rank; the home waits
-//! for every rank's blocks, then sums `w_k * y_k` in f32 over k in order (fused multiply-add).
+//! Before a sender writes into a peer's half for the `n`-th time, it waits until that peer has
+//! started its own `n`-th dispatch on the half (`ll_free`), which ends the peer's views of the
+//! half's previous dispatch: three dispatches without a combine can no longer overwrite rows a
+//! peer is still reading.
+//!
+//! Combine has two modes ([`combine_mode`]):
+//! - **per expert** (exact): each received row goes back to slot `[token][k]` of its home; the
+//!   home sums `w_k * y_k` in f32 over k in order (fused multiply-add), rounds once.
+//! - **pre-reduced**: each expert rank sums `w_k * y_k` over its own slots of a token (f32,
+//!   slot order, fused multiply-add), rounds to bf16 and sends one row per (token, rank) to
+//!   slot `[token][rank]`; the home adds those rows in rank order (f32) and rounds.
 //!
 //! Halves alternate per call on the host, so a call's receive half cleans what the next call
 //! of the same half needs; see `docs/protocol.md` for the ordering argument.
@@ -24,145 +34,121 @@ use crate::sync::*;
 const UNROLL: usize = 4;
 /// Vectors per work unit (one warp) of the combine halves.
 const CHUNK: u32 = 32 * UNROLL as u32;
+/// Vectors in flight per lane when the receive half copies a token into expert rows.
+const RECV_UNROLL: usize = 8;
+/// Tokens a block loads at once in the send half (their loads overlap).
+const SEND_BATCH: u32 = 2;
+/// "No local expert" in a routing row.
+const NO_EXPERT: u32 = 0xffff;
 
-/// Send half (every block) and receive half (block 0), as `stages` says. One warp per token.
+/// Send half (every block) and receive half (every block), as `stages` says.
+/// Dynamic shared memory: [`ll_dispatch_smem_bytes`].
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
     let w = Waiter::new(&p.wait);
     let (world, rank) = (w.world, w.rank);
+    let h = p.half as usize;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
+        let me = control(&p.peers, rank);
+        // This dispatch's number on this half; the last receive block stores it at the end, so
+        // every block reads the same value here.
+        let seq = core::ptr::read_volatile(&raw const (*me).ll_dispatch_seq[h]).wrapping_add(1);
         if p.stages & stage::SEND != 0 {
-            dispatch_send(&p, &w);
-            signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ll_dispatch_arrive[p.half as usize][rank as usize]);
-        }
-        if p.stages & stage::RECV != 0 && ctaid_x() == 0 {
-            let me = control(&p.peers, rank);
-            let ok =
-                wait_all_sources(&w, |s| &raw const (*me).ll_dispatch_arrive[p.half as usize][s as usize], p.send_blocks, phase::LL_DISPATCH_RECV);
-            if ok && tid_x() < world {
-                st_relaxed_sys_global_u32(&raw mut (*me).ll_dispatch_arrive[p.half as usize][tid_x() as usize], 0);
+            if ctaid_x() == 0 && tid_x() < world {
+                // This rank's views of the half's previous dispatch are dead: peers may write.
+                st_release_sys_global_u32(&raw mut (*control(&p.peers, tid_x())).ll_free[h][rank as usize], seq);
             }
-            let hb = peer_base(&p.peers, rank) + p.half_off;
-            let mut j = tid_x();
-            while j < p.experts_per_rank {
-                let counter = (hb + p.layout.slot_counter + 4 * j as u64) as *mut u32;
-                let c = core::cmp::min(ld_relaxed_sys_global_u32(counter), world * p.max_tokens);
-                st_global_u32((hb + p.layout.recv_count + 4 * j as u64) as *mut u32, c);
-                if p.stats != 0 {
-                    red_relaxed_gpu_global_add_s32((p.stats as *mut i32).add(j as usize), c as i32);
-                }
-                st_relaxed_sys_global_u32(counter, 0);
-                j += ntid_x();
+            // A peer that never frees its half is reported; nothing is sent or signalled then,
+            // so the peers time out too instead of reading stale rows.
+            let guard = p.stages & stage::NO_REUSE_GUARD == 0;
+            if !guard || wait_all_sources_reached(&w, |s| &raw const (*me).ll_free[h][s as usize], seq, phase::LL_DISPATCH_SEND) {
+                dispatch_send(&p, &w);
+                signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ll_dispatch_arrive[h][rank as usize]);
+            }
+        }
+        if p.stages & stage::RECV != 0 {
+            let ok = wait_all_sources(&w, |s| &raw const (*me).ll_dispatch_arrive[h][s as usize], p.send_blocks, phase::LL_DISPATCH_RECV);
+            if ok {
+                dispatch_recv(&p, &w);
+            }
+            if last_block_of_grid(&raw mut (*me).ll_dispatch_done[h]) {
+                finish_dispatch(&p, &w, ok, seq);
             }
         }
     }
 }
 
+/// The last receive block: publishes the per-expert counts, cleans the counters for the next
+/// dispatch of this half and stores its sequence number.
+unsafe fn finish_dispatch(p: &LlDispatchParams, w: &Waiter, ok: bool, seq: u32) {
+    let (world, rank) = (w.world, w.rank);
+    let h = p.half as usize;
+    let rows_per_expert = world * p.max_tokens;
+    // SAFETY: as in `ll_dispatch`; every block of the grid has finished its receive work.
+    unsafe {
+        let me = control(&p.peers, rank);
+        let hb = peer_base(&p.peers, rank) + p.half_off;
+        let mut j = tid_x();
+        while j < p.experts_per_rank {
+            let counter = (hb + p.layout.slot_counter + 4 * j as u64) as *mut u32;
+            let c = core::cmp::min(ld_relaxed_sys_global_u32(counter), rows_per_expert);
+            st_global_u32((hb + p.layout.recv_count + 4 * j as u64) as *mut u32, c);
+            if p.stats != 0 {
+                red_relaxed_gpu_global_add_s32((p.stats as *mut i32).add(j as usize), c as i32);
+            }
+            st_relaxed_sys_global_u32(counter, 0);
+            j += ntid_x();
+        }
+        if ok && tid_x() < world {
+            st_relaxed_sys_global_u32(&raw mut (*me).ll_dispatch_arrive[h][tid_x() as usize], 0);
+        }
+        if tid_x() == 0 {
+            core::ptr::write_volatile(&raw mut (*me).ll_dispatch_seq[h], seq);
+        }
+    }
+}
+
 /// Each block takes a contiguous share of the tokens, `warps` at a time. Phase 1: warp `w`
-/// reserves the rows of token `base + w` (one remote atomic per top-k slot) and leaves their
-/// addresses in shared memory. Phase 2: the whole block streams each of those tokens, every
-/// thread one 16-byte vector (8 channels; 16 threads form a 128-channel FP8 group), to every
-/// reserved row.
+/// routes token `base + w`: which ranks get it, and every rank's routing row (its local expert
+/// per top-k slot, and the weights). Phase 2: the block streams those tokens, each thread 16
+/// channels (8 threads form a 128-channel FP8 group), cast once and stored to every rank that
+/// needs the token, `SEND_BATCH` tokens' loads in flight at a time.
 unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
     let (tid, nt, lane) = (tid_x(), ntid_x(), laneid());
     let (warp, warps) = (tid / 32, nt / 32);
     let (world, rank) = (w.world, w.rank);
-    let k = p.k as usize;
+    let k = p.k;
     let epr = p.experts_per_rank as i64;
     let num_experts = epr * world as i64;
-    let rows_per_expert = (world * p.max_tokens) as u64;
-    let fp8 = p.fp8 != 0;
-    let row_bytes = if fp8 { p.hidden as u64 } else { 2 * p.hidden as u64 };
     let is64 = p.idx_i64 != 0;
-    let nvec = p.hidden / 8;
-    let smem = dyn_smem_base();
-    let dst_at = |wi: u32, kk: u32| smem + (wi * MAX_TOPK as u32 + kk) * 8;
-    let scale_at = |wi: u32, kk: u32| smem + (warps * MAX_TOPK as u32 + wi * MAX_TOPK as u32 + kk) * 8;
-    let mask_at = |wi: u32| smem + 16 * warps * MAX_TOPK as u32 + 4 * wi;
+    let masks = dyn_smem_base();
+    let first = rank as u64 * p.max_tokens as u64;
     let per_block = p.num_tokens.div_ceil(nctaid_x());
     let t0 = core::cmp::min(ctaid_x() * per_block, p.num_tokens);
     let t1 = core::cmp::min(t0 + per_block, p.num_tokens);
-    // SAFETY: as in `ll_dispatch`; shared memory holds `ll_dispatch_smem_bytes(warps)`.
+    // SAFETY: as in `ll_dispatch`; shared memory holds one mask per warp.
     unsafe {
+        if ctaid_x() == 0 && tid < world {
+            // How many routing rows this rank writes to every rank.
+            let hb = peer_base(&p.peers, tid) + p.half_off;
+            st_global_u32((hb + p.layout.src_ntok + 4 * rank as u64) as *mut u32, p.num_tokens);
+        }
         let mut base = t0;
         while base < t1 {
-            // Phase 1: reservations, one token per warp.
             let t = base + warp;
-            let mut kmask = 0;
             if t < t1 {
-                let e = if (lane as usize) < k { load_topk_idx(p.topk_idx, t as usize * k + lane as usize, is64) } else { -1 };
-                if (lane as usize) < k && (e < -1 || e >= num_experts) {
-                    w.report(status::BAD_EXPERT, phase::LL_DISPATCH_SEND, t, num_experts as u64, e as u64, 0);
+                let dmask = route_token(p, w, t, first + t as u64, num_experts, epr, is64, k);
+                if lane == 0 {
+                    st_shared_cta_u32(masks + 4 * warp, dmask);
                 }
-                let mut valid = e >= 0 && e < num_experts;
-                let (mut dst, mut dst_scale) = (0u64, 0u64);
-                if valid {
-                    let (dr, el) = ((e / epr) as u32, (e % epr) as u64);
-                    let hb = peer_base(&p.peers, dr) + p.half_off;
-                    let slot = atom_relaxed_sys_global_add_u32((hb + p.layout.slot_counter + 4 * el) as *mut u32, 1) as u64;
-                    if slot >= rows_per_expert {
-                        w.report(status::CAPACITY, phase::LL_DISPATCH_SEND, dr, rows_per_expert, slot + 1, 0);
-                        valid = false;
-                    } else {
-                        let row = el * rows_per_expert + slot;
-                        st_global_u32((hb + p.layout.recv_meta + 4 * row) as *mut u32, rank << 24 | lane << 16 | t);
-                        dst = hb + p.layout.recv_x + row * row_bytes;
-                        dst_scale = hb + p.layout.recv_scales + row * p.scale_row_bytes as u64;
-                    }
-                }
-                kmask = vote_sync_ballot_b32(FULL, valid);
-                if (lane as usize) < MAX_TOPK {
-                    st_shared_cta_v2_u32(dst_at(warp, lane), [dst as u32, (dst >> 32) as u32]);
-                    st_shared_cta_v2_u32(scale_at(warp, lane), [dst_scale as u32, (dst_scale >> 32) as u32]);
-                }
-            }
-            if lane == 0 {
-                st_shared_cta_u32(mask_at(warp), kmask);
             }
             bar_sync_0();
-            // Phase 2: the block streams each reserved token.
             let count = core::cmp::min(warps, t1 - base);
-            for i in 0..count {
-                let t = base + i;
-                let kmask = ld_shared_cta_u32(mask_at(i));
-                let src = p.x + t as u64 * 2 * p.hidden as u64;
-                let mut j = tid;
-                // Every thread runs the same number of passes (the group maximum needs whole warps).
-                for _ in 0..nvec.div_ceil(nt) {
-                    let active = j < nvec;
-                    let v = if active { ld_global_nc_L1_no_allocate_v4_u32((src as *const [u32; 4]).add(j as usize)) } else { [0; 4] };
-                    if fp8 {
-                        let (q, sc) = quantize_bf16x8(v, p.scale_fmt);
-                        let mut m = kmask;
-                        while m != 0 {
-                            let kk = m.trailing_zeros();
-                            m &= m - 1;
-                            if active {
-                                let d = ld_shared_u64(dst_at(i, kk));
-                                st_global_v2_u32((d as *mut [u32; 2]).add(j as usize), q);
-                                if lane % 16 == 0 {
-                                    let g = (j / 16) as u64;
-                                    let ds = ld_shared_u64(scale_at(i, kk));
-                                    if p.scale_fmt == scale_fmt::UE8M0 {
-                                        st_global_u8((ds + g) as *mut u8, sc.ue8m0);
-                                    } else {
-                                        st_global_u32((ds + 4 * g) as *mut u32, sc.scale.to_bits());
-                                    }
-                                }
-                            }
-                        }
-                    } else if active {
-                        let mut m = kmask;
-                        while m != 0 {
-                            let kk = m.trailing_zeros();
-                            m &= m - 1;
-                            let d = ld_shared_u64(dst_at(i, kk));
-                            st_global_L1_no_allocate_v4_u32((d as *mut [u32; 4]).add(j as usize), v);
-                        }
-                    }
-                    j += nt;
-                }
+            let mut i = 0;
+            while i < count {
+                stream_tokens(p, base + i, core::cmp::min(SEND_BATCH, count - i), first, masks + 4 * i);
+                i += SEND_BATCH;
             }
             bar_sync_0();
             base += warps;
@@ -170,52 +156,326 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
     }
 }
 
-/// Reads a u64 from shared memory (two words).
+/// Phase 1 for token `t` (one warp): writes the token's routing row (and weights) to every
+/// rank and returns the mask of ranks that hold one of its experts.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn ld_shared_u64(a: u32) -> u64 {
-    // SAFETY: the caller passes an 8-byte slot it wrote.
-    unsafe { ld_shared_cta_u32(a) as u64 | (ld_shared_cta_u32(a + 4) as u64) << 32 }
+unsafe fn route_token(p: &LlDispatchParams, w: &Waiter, t: u32, slot: u64, num_experts: i64, epr: i64, is64: bool, k: u32) -> u32 {
+    let lane = laneid();
+    // SAFETY: the host validated `topk_idx` (and `topk_weights`) as [N, k].
+    unsafe {
+        let i = t as usize * k as usize + lane as usize;
+        let e = if lane < k { load_topk_idx(p.topk_idx, i, is64) } else { -1 };
+        let wt = if lane < k && p.topk_weights != 0 { ld_global_nc_f32((p.topk_weights as *const f32).add(i)) } else { 0.0 };
+        if lane < k && (e < -1 || e >= num_experts) {
+            w.report(status::BAD_EXPERT, phase::LL_DISPATCH_SEND, t, num_experts as u64, e as u64, 0);
+        }
+        let valid = lane < k && e >= 0 && e < num_experts;
+        let (dest, local) = if valid { ((e / epr) as u32, (e % epr) as u32) } else { (u32::MAX, NO_EXPERT) };
+        // Lane d builds rank d's row: slot j holds the local expert when slot j's expert lives
+        // on rank d. Written out slot by slot so the row stays in registers (a loop here is
+        // not unrolled, and its arrays would go to local memory).
+        let wbits = wt.to_bits();
+        let entry = |j: u32| -> (u32, u32) {
+            let dj = shfl_sync_idx_b32(FULL, dest, j);
+            let lj = shfl_sync_idx_b32(FULL, local, j);
+            let wj = shfl_sync_idx_b32(FULL, wbits, j);
+            if dj == lane { (lj, wj) } else { (NO_EXPERT, 0) }
+        };
+        let e = [
+            entry(0),
+            entry(1),
+            entry(2),
+            entry(3),
+            entry(4),
+            entry(5),
+            entry(6),
+            entry(7),
+            entry(8),
+            entry(9),
+            entry(10),
+            entry(11),
+            entry(12),
+            entry(13),
+            entry(14),
+            entry(15),
+        ];
+        const _: () = assert!(MAX_TOPK == 16);
+        let pair = |q: usize| e[2 * q].0 | e[2 * q + 1].0 << 16;
+        let route = [pair(0), pair(1), pair(2), pair(3), pair(4), pair(5), pair(6), pair(7)];
+        let hit = e.iter().any(|x| x.0 != NO_EXPERT);
+        let wts = |q: usize| [e[4 * q].1, e[4 * q + 1].1, e[4 * q + 2].1, e[4 * q + 3].1];
+        if lane < w.world {
+            let hb = peer_base(&p.peers, lane) + p.half_off;
+            let r = (hb + p.layout.tok_route + slot * 2 * MAX_TOPK as u64) as *mut [u32; 4];
+            st_global_v4_u32(r, [route[0], route[1], route[2], route[3]]);
+            st_global_v4_u32(r.add(1), [route[4], route[5], route[6], route[7]]);
+            if hit && p.topk_weights != 0 {
+                let wr = (hb + p.layout.tok_w + slot * 4 * MAX_TOPK as u64) as *mut [u32; 4];
+                st_global_v4_u32(wr, wts(0));
+                st_global_v4_u32(wr.add(1), wts(1));
+                st_global_v4_u32(wr.add(2), wts(2));
+                st_global_v4_u32(wr.add(3), wts(3));
+            }
+        }
+        vote_sync_ballot_b32(FULL, hit)
+    }
 }
 
-/// Casts 8 bf16 channels to FP8 e4m3; the scale covers the 128 channels of the 16-lane group
-/// (every lane of the warp must call it).
+/// Phase 2 for tokens `t..t + n` (the whole block): each thread loads 16 channels of every
+/// token first, then casts and stores them to every rank in the token's mask (`masks`: one u32
+/// per token in shared memory).
 #[inline(always)]
-fn quantize_bf16x8(v: [u32; 4], fmt: u32) -> ([u32; 2], crate::fp::Fp8Scale) {
-    let mut f = [0f32; 8];
+unsafe fn stream_tokens(p: &LlDispatchParams, t: u32, n: u32, first: u64, masks: u32) {
+    let (tid, nt) = (tid_x(), ntid_x());
+    let fp8 = p.fp8 != 0;
+    let hidden = p.hidden as u64;
+    let n16 = p.hidden / 16;
+    let groups = (p.hidden / FP8_GROUP as u32) as u64;
+    // SAFETY: as in `ll_dispatch`.
+    unsafe {
+        // Every thread runs the same number of passes (the group maximum needs whole groups).
+        let mut c = tid;
+        for _ in 0..n16.div_ceil(nt) {
+            let active = c < n16;
+            let load = |u: u32| -> [[u32; 4]; 2] {
+                if active && u < n {
+                    let src = (p.x + (t + u) as u64 * 2 * hidden) as *const [u32; 4];
+                    [ld_global_nc_L1_no_allocate_v4_u32(src.add(2 * c as usize)), ld_global_nc_L1_no_allocate_v4_u32(src.add(2 * c as usize + 1))]
+                } else {
+                    [[0; 4]; 2]
+                }
+            };
+            let store = |u: u32, v: [[u32; 4]; 2]| {
+                let mask = if u < n { ld_shared_cta_u32(masks + 4 * u) } else { 0 };
+                let slot = first + (t + u) as u64;
+                if fp8 {
+                    // Every lane quantizes (the group maximum is a warp shuffle), even with no
+                    // destination.
+                    let (q, sc) = quantize_bf16x16(v, p.scale_fmt);
+                    let mut m = mask;
+                    while m != 0 {
+                        let d = m.trailing_zeros();
+                        m &= m - 1;
+                        if active {
+                            let hb = peer_base(&p.peers, d) + p.half_off;
+                            st_global_L1_no_allocate_v4_u32((hb + p.layout.tok_x + slot * 2 * hidden + 16 * c as u64) as *mut [u32; 4], q);
+                            if c % 8 == 0 {
+                                let g = (c / 8) as u64;
+                                st_global_u32((hb + p.layout.tok_scales + (slot * groups + g) * 4) as *mut u32, sc.to_bits());
+                            }
+                        }
+                    }
+                } else if active {
+                    let mut m = mask;
+                    while m != 0 {
+                        let d = m.trailing_zeros();
+                        m &= m - 1;
+                        let hb = peer_base(&p.peers, d) + p.half_off;
+                        let dst = (hb + p.layout.tok_x + slot * 2 * hidden + 32 * c as u64) as *mut [u32; 4];
+                        st_global_L1_no_allocate_v4_u32(dst, v[0]);
+                        st_global_L1_no_allocate_v4_u32(dst.add(1), v[1]);
+                    }
+                }
+            };
+            // All loads first (written out, so the values stay in registers), then the stores.
+            const _: () = assert!(SEND_BATCH == 2);
+            let (v0, v1) = (load(0), load(1));
+            store(0, v0);
+            store(1, v1);
+            c += nt;
+        }
+    }
+}
+
+/// Casts 16 bf16 channels to FP8 e4m3; the scale (returned as f32; a power of two for the
+/// power-of-two formats) covers the 128 channels of the 8-lane group (every lane of the warp
+/// must call it).
+#[inline(always)]
+fn quantize_bf16x16(v: [[u32; 4]; 2], fmt: u32) -> ([u32; 4], f32) {
+    let mut f = [0f32; 16];
     let mut amax = 0f32;
-    for i in 0..4 {
-        let (a, b) = unpack_bf16x2(v[i]);
+    for i in 0..8 {
+        let (a, b) = unpack_bf16x2(v[i / 4][i % 4]);
         f[2 * i] = a;
         f[2 * i + 1] = b;
         amax = max_f32(amax, max_f32(abs_f32(a), abs_f32(b)));
     }
-    let sc = fp8_scale(group_max_f32(amax, 16), fmt);
-    let mut q = [0u32; 2];
-    for i in 0..4 {
+    let sc = fp8_scale(group_max_f32(amax, 8), fmt);
+    let mut q = [0u32; 4];
+    for i in 0..8 {
         let pair = cvt_rn_satfinite_e4m3x2_f32(mul_rn_f32(f[2 * i + 1], sc.inv), mul_rn_f32(f[2 * i], sc.inv)) as u32;
         q[i / 2] |= pair << (16 * (i % 2));
     }
-    (q, sc)
+    (q, sc.scale)
 }
 
-/// Send half (every block: each received row back to its home) and receive half (every
-/// block: its share of this rank's tokens), as `stages` says.
+/// The `i`-th received token in source order: (source, token), given the per-source counts at
+/// `ntok` (`u32 [world]`, read with `load`).
+#[inline(always)]
+unsafe fn locate(ntok: u64, world: u32, i: u32, load: unsafe fn(*const u32) -> u32) -> (u32, u32) {
+    let mut rest = i;
+    let mut s = 0;
+    while s < world {
+        // SAFETY: `ntok` holds `world` counts.
+        let n = unsafe { load((ntok as *const u32).add(s as usize)) };
+        if rest < n {
+            return (s, rest);
+        }
+        rest -= n;
+        s += 1;
+    }
+    (world, 0)
+}
+
+/// Tokens received from every source (sum of `ntok[0..world]`).
+#[inline(always)]
+unsafe fn total_tokens(ntok: u64, world: u32, load: unsafe fn(*const u32) -> u32) -> u32 {
+    let mut total = 0;
+    for s in 0..world {
+        // SAFETY: `ntok` holds `world` counts.
+        total += unsafe { load((ntok as *const u32).add(s as usize)) };
+    }
+    total
+}
+
+/// Reads a u32 kernel input (never written while the kernel runs).
+unsafe fn ld_input_u32(p: *const u32) -> u32 {
+    // SAFETY: forwarded.
+    unsafe { ld_global_nc_s32(p as *const i32) as u32 }
+}
+
+/// Receive half, one warp per received token: take a packed row in each local expert the token
+/// picked (this GPU's atomics), record where (for combine) and who sent it, then copy the row
+/// (and its scales, in the requested format and layout) into every one of those rows.
+unsafe fn dispatch_recv(p: &LlDispatchParams, w: &Waiter) {
+    let lane = laneid();
+    let warps = ntid_x() / 32;
+    let gw = ctaid_x() * warps + tid_x() / 32;
+    let total_warps = nctaid_x() * warps;
+    let (world, rank) = (w.world, w.rank);
+    let hb = peer_base(&p.peers, w.rank) + p.half_off;
+    let rows_pe = (world * p.max_tokens) as u64;
+    let hidden = p.hidden as u64;
+    let fp8 = p.fp8 != 0;
+    let row_bytes = if fp8 { hidden } else { 2 * hidden };
+    let groups = p.hidden / FP8_GROUP as u32;
+    let scale_rows = ll_scale_rows(world as u64, p.max_tokens as u64);
+    let ue8m0 = p.scale_fmt == scale_fmt::UE8M0;
+    let ntok = hb + p.layout.src_ntok;
+    // SAFETY: as in `ll_dispatch`; every source's rows were acquired before (arrival counters).
+    unsafe {
+        let total = total_tokens(ntok, world, ld_global_u32);
+        let mut u = gw;
+        while u < total {
+            let (s, t) = locate(ntok, world, u, ld_global_u32);
+            let slot = s as u64 * p.max_tokens as u64 + t as u64;
+            let word = if lane < MAX_TOPK as u32 {
+                ld_global_u32((hb + p.layout.tok_route + slot * 2 * MAX_TOPK as u64 + 4 * (lane / 2) as u64) as *const u32)
+            } else {
+                u32::MAX
+            };
+            let le = (word >> (16 * (lane % 2))) & 0xffff;
+            let mut valid = le != NO_EXPERT;
+            if valid && le >= p.experts_per_rank {
+                w.report(status::BAD_EXPERT, phase::LL_DISPATCH_RECV, s, p.experts_per_rank as u64, le as u64, 0);
+                valid = false;
+            }
+            let mut row = u32::MAX as u64;
+            if valid {
+                let pos = atom_relaxed_gpu_global_add_u32((hb + p.layout.slot_counter + 4 * le as u64) as *mut u32, 1) as u64;
+                if pos >= rows_pe {
+                    w.report(status::CAPACITY, phase::LL_DISPATCH_RECV, rank, rows_pe, pos + 1, 0);
+                    valid = false;
+                } else {
+                    row = le as u64 * rows_pe + pos;
+                    st_global_u32((hb + p.layout.recv_meta + 4 * row) as *mut u32, s << 24 | lane << 16 | t);
+                }
+            }
+            if lane < MAX_TOPK as u32 {
+                st_global_u32((hb + p.layout.tok_pos + (slot * MAX_TOPK as u64 + lane as u64) * 4) as *mut u32, row as u32);
+            }
+            let mask = vote_sync_ballot_b32(FULL, valid);
+            if mask != 0 {
+                let src = hb + p.layout.tok_x + slot * 2 * hidden;
+                let dst = hb + p.layout.recv_x + row.wrapping_mul(row_bytes);
+                warp_copy_to_lane_dests_with::<RECV_UNROLL>(src, (row_bytes / 16) as u32, dst, mask, ld_global_v4_u32);
+            }
+            if fp8 && mask != 0 {
+                // Every lane runs the same passes (the row addresses travel by shfl).
+                for pass in 0..groups.div_ceil(32) {
+                    let g = lane + 32 * pass;
+                    let sc =
+                        if g < groups { ld_global_u32((hb + p.layout.tok_scales + (slot * groups as u64 + g as u64) * 4) as *const u32) } else { 0 };
+                    let mut m = mask;
+                    while m != 0 {
+                        let j = m.trailing_zeros();
+                        m &= m - 1;
+                        let r = shfl_idx_u64(FULL, row, j);
+                        if g < groups {
+                            let at = scale_address(p, r, g, groups, rows_pe, scale_rows, ue8m0);
+                            if ue8m0 {
+                                st_global_u8(at as *mut u8, (sc >> 23) as u8);
+                            } else {
+                                st_global_u32(at as *mut u32, sc);
+                            }
+                        }
+                    }
+                }
+            }
+            u += total_warps;
+        }
+    }
+}
+
+/// Heap address of group `g`'s scale of packed row `row` in the dispatch's scale format and
+/// layout.
+#[inline(always)]
+fn scale_address(p: &LlDispatchParams, row: u64, g: u32, groups: u32, rows_pe: u64, scale_rows: u64, ue8m0: bool) -> u64 {
+    let base = peer_base(&p.peers, p.wait.rank) + p.half_off + p.layout.recv_scales;
+    let g = g as u64;
+    if p.scale_layout == scale_layout::COLUMN_MAJOR {
+        let (e, r) = (row / rows_pe, row % rows_pe);
+        if ue8m0 {
+            let words = groups.div_ceil(4) as u64;
+            base + ((e * words + g / 4) * scale_rows + r) * 4 + g % 4
+        } else {
+            base + ((e * groups as u64 + g) * scale_rows + r) * 4
+        }
+    } else if ue8m0 {
+        base + row * (groups.div_ceil(4) as u64 * 4) + g
+    } else {
+        base + (row * groups as u64 + g) * 4
+    }
+}
+
+/// Send half (every block: each received row, or each pre-reduced (token, rank) row, back to
+/// its home) and receive half (every block: its share of this rank's tokens), as `stages` says.
 /// Dynamic shared memory: `4 * (E_local + 1) + 128` bytes (prefix of the counts, scan scratch).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     let w = Waiter::new(&p.wait);
     let rank = w.rank;
+    let reduced = p.mode == combine_mode::PRE_REDUCED;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
         if p.stages & stage::SEND != 0 {
-            combine_send(&p, &w);
+            if reduced {
+                combine_send_reduced(&p, &w);
+            } else {
+                combine_send(&p, &w);
+            }
             signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ll_combine_arrive[p.half as usize][rank as usize]);
         }
         if p.stages & stage::RECV != 0 {
             let me = control(&p.peers, rank);
             let ok = wait_all_sources(&w, |s| &raw const (*me).ll_combine_arrive[p.half as usize][s as usize], p.send_blocks, phase::LL_COMBINE_RECV);
             if ok {
-                combine_reduce(&p);
+                if reduced {
+                    combine_reduce_ranks(&p);
+                } else {
+                    combine_reduce(&p);
+                }
             }
             if last_block_done(&raw mut (*me).ll_combine_done[p.half as usize]) && ok {
                 for s in 0..w.world {
@@ -226,6 +486,8 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     }
 }
 
+/// Per-expert send: every packed row goes to slot `[token][k]` of its home, one warp per
+/// (row, chunk of `CHUNK` vectors).
 unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
     let (world, rank) = (w.world, w.rank);
     let (tid, nt) = (tid_x(), ntid_x());
@@ -235,7 +497,6 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
     let epr = p.experts_per_rank;
     let rows_per_expert = (world * p.max_tokens) as u64;
     let row_bytes = 2 * p.hidden as u64;
-    let k = p.k as u64;
     let dh = peer_base(&p.peers, rank) + p.dispatch_half_off;
     let prefix = dyn_smem_base();
     // SAFETY: as in `ll_combine`; shared memory holds `epr + 1` words.
@@ -258,7 +519,6 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
         }
         bar_sync_0();
         let total_rows = carry;
-        // Work unit: (row, chunk of CHUNK vectors), one per warp.
         let chunks = (p.hidden / 8).div_ceil(CHUNK);
         let mut unit = gw;
         while unit < total_rows * chunks {
@@ -286,6 +546,103 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
     }
 }
 
+/// Pre-reduced send: for every token this rank received, one warp per (token, chunk) sums
+/// `w_k * y_k` over the token's slots here (f32, slot order, fused multiply-add), rounds to
+/// bf16 and stores the chunk into slot `[token][this rank]` of the home.
+unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
+    let (world, rank) = (w.world, w.rank);
+    let lane = laneid();
+    let warps = ntid_x() / 32;
+    let gw = ctaid_x() * warps + tid_x() / 32;
+    let total_warps = nctaid_x() * warps;
+    let row_bytes = 2 * p.hidden as u64;
+    let nvec = p.hidden / 8;
+    let chunks = nvec.div_ceil(CHUNK);
+    let dh = peer_base(&p.peers, rank) + p.dispatch_half_off;
+    let ntok = dh + p.layout.src_ntok;
+    // SAFETY: as in `ll_combine`; the dispatch's metadata was written by an earlier kernel.
+    unsafe {
+        let total = total_tokens(ntok, world, ld_input_u32);
+        let mut unit = gw;
+        while unit < total * chunks {
+            let (i, c) = (unit / chunks, unit % chunks);
+            let (s, t) = locate(ntok, world, i, ld_input_u32);
+            let slot = s as u64 * p.max_tokens as u64 + t as u64;
+            let (pos, wt) = if lane < MAX_TOPK as u32 {
+                let at = slot * MAX_TOPK as u64 + lane as u64;
+                (ld_input_u32((dh + p.layout.tok_pos + 4 * at) as *const u32), ld_global_nc_f32((dh + p.layout.tok_w + 4 * at) as *const f32))
+            } else {
+                (u32::MAX, 0.0)
+            };
+            let kmask = vote_sync_ballot_b32(FULL, pos != u32::MAX);
+            if kmask != 0 {
+                let end = core::cmp::min(nvec, (c + 1) * CHUNK);
+                let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t as u64 * p.slot_k as u64 + rank as u64) * row_bytes;
+                weighted_sum_rows(
+                    kmask,
+                    wt,
+                    |kk| p.y + shfl_sync_idx_b32(FULL, pos, kk) as u64 * row_bytes,
+                    ld_global_nc_v4_u32,
+                    c * CHUNK,
+                    end,
+                    dst,
+                );
+            }
+            unit += total_warps;
+        }
+    }
+}
+
+/// `out[base..end] = bf16(sum over k in kmask, ascending, of w_k * row(k))` with fused
+/// multiply-adds in f32, where lane `k` holds `w_k`; `row(k)` gives row k's address.
+#[inline(always)]
+unsafe fn weighted_sum_rows(
+    kmask: u32,
+    wt: f32,
+    row: impl Fn(u32) -> u64,
+    load: unsafe fn(*const [u32; 4]) -> [u32; 4],
+    start: u32,
+    end: u32,
+    out: u64,
+) {
+    let lane = laneid();
+    let mut base = start;
+    while base < end {
+        let mut acc = [[0f32; 8]; UNROLL];
+        let mut m = kmask;
+        while m != 0 {
+            let kk = m.trailing_zeros();
+            m &= m - 1;
+            let wk = f32::from_bits(shfl_sync_idx_b32(FULL, wt.to_bits(), kk));
+            let r = row(kk) as *const [u32; 4];
+            let mut v = [[0u32; 4]; UNROLL];
+            for (u, vu) in v.iter_mut().enumerate() {
+                let j = base + lane + 32 * u as u32;
+                if j < end {
+                    // SAFETY: the caller's rows hold `end` vectors.
+                    *vu = unsafe { load(r.add(j as usize)) };
+                }
+            }
+            for (u, a) in acc.iter_mut().enumerate() {
+                for q in 0..4 {
+                    let (x0, x1) = unpack_bf16x2(v[u][q]);
+                    a[2 * q] = fma_rn_f32(wk, x0, a[2 * q]);
+                    a[2 * q + 1] = fma_rn_f32(wk, x1, a[2 * q + 1]);
+                }
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            let j = base + lane + 32 * u as u32;
+            if j < end {
+                // SAFETY: the caller's output holds `end` vectors.
+                unsafe { st_global_v4_u32((out + j as u64 * 16) as *mut [u32; 4], pack_bf16x8(a)) };
+            }
+        }
+        base += 32 * UNROLL as u32;
+    }
+}
+
+/// Per-expert receive: one warp per (token, chunk) sums `w_k * y_k` over the token's slots.
 unsafe fn combine_reduce(p: &LlCombineParams) {
     let lane = laneid();
     let warps = ntid_x() / 32;
@@ -300,7 +657,6 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
     let is64 = p.idx_i64 != 0;
     // SAFETY: as in `ll_combine`.
     unsafe {
-        // Work unit: (token, chunk of CHUNK vectors), one per warp; slots outermost, in order.
         let mut unit = gw;
         while unit < p.num_tokens * chunks {
             let (t, c) = (unit / chunks, unit % chunks);
@@ -312,29 +668,50 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
             };
             let kmask = vote_sync_ballot_b32(FULL, e >= 0 && e < num_experts);
             let end = core::cmp::min(nvec, (c + 1) * CHUNK);
+            let out = p.out + t as u64 * row_bytes;
+            weighted_sum_rows(kmask, wt, |kk| ch + (t as u64 * p.slot_k as u64 + kk as u64) * row_bytes, ld_global_v4_u32, c * CHUNK, end, out);
+            unit += total_warps;
+        }
+    }
+}
+
+/// Pre-reduced receive: one warp per (token, chunk) adds the rows of the ranks that hold the
+/// token, in rank order (f32), and rounds once.
+unsafe fn combine_reduce_ranks(p: &LlCombineParams) {
+    let lane = laneid();
+    let warps = ntid_x() / 32;
+    let gw = ctaid_x() * warps + tid_x() / 32;
+    let total_warps = nctaid_x() * warps;
+    let k = p.k as usize;
+    let epr = p.experts_per_rank as i64;
+    let num_experts = epr * p.wait.world as i64;
+    let row_bytes = 2 * p.hidden as u64;
+    let nvec = p.hidden / 8;
+    let chunks = nvec.div_ceil(CHUNK);
+    let ch = peer_base(&p.peers, p.wait.rank) + p.combine_half_off + p.layout.comb_x;
+    let is64 = p.idx_i64 != 0;
+    // SAFETY: as in `ll_combine`.
+    unsafe {
+        let mut unit = gw;
+        while unit < p.num_tokens * chunks {
+            let (t, c) = (unit / chunks, unit % chunks);
+            let e = if (lane as usize) < k { load_topk_idx(p.topk_idx, t as usize * k + lane as usize, is64) } else { -1 };
+            let mut ranks = if e >= 0 && e < num_experts { 1u32 << (e / epr) } else { 0 };
+            let mut d = 1;
+            while d < 32 {
+                ranks |= shfl_sync_bfly_b32(FULL, ranks, d);
+                d <<= 1;
+            }
+            let end = core::cmp::min(nvec, (c + 1) * CHUNK);
             let mut base = c * CHUNK;
             while base < end {
                 let mut acc = [[0f32; 8]; UNROLL];
-                let mut m = kmask;
+                let mut m = ranks;
                 while m != 0 {
-                    let kk = m.trailing_zeros();
+                    let r = m.trailing_zeros();
                     m &= m - 1;
-                    let wk = f32::from_bits(shfl_sync_idx_b32(FULL, wt.to_bits(), kk));
-                    let row = (ch + (t as u64 * p.slot_k as u64 + kk as u64) * row_bytes) as *const [u32; 4];
-                    let mut v = [[0u32; 4]; UNROLL];
-                    for (u, vu) in v.iter_mut().enumerate() {
-                        let j = base + lane + 32 * u as u32;
-                        if j < end {
-                            *vu = ld_global_v4_u32(row.add(j as usize));
-                        }
-                    }
-                    for (u, a) in acc.iter_mut().enumerate() {
-                        for q in 0..4 {
-                            let (x0, x1) = unpack_bf16x2(v[u][q]);
-                            a[2 * q] = fma_rn_f32(wk, x0, a[2 * q]);
-                            a[2 * q + 1] = fma_rn_f32(wk, x1, a[2 * q + 1]);
-                        }
-                    }
+                    let row = ch + (t as u64 * p.slot_k as u64 + r as u64) * row_bytes;
+                    accumulate_rows(&mut acc, row, base, end, ld_global_v4_u32);
                 }
                 for (u, a) in acc.iter().enumerate() {
                     let j = base + lane + 32 * u as u32;

@@ -107,6 +107,10 @@ pub unsafe extern "ptx-kernel" fn ptx_selftest(p: SelftestParams) {
             ok &= (ld_acquire_sys_global_u64(scratch.add(8) as *const u64) == 0x0123_4567_89ab_cdef) as u32;
             ok &= (ld_global_nc_u16(scratch.add(64) as *const u16) == (ld_relaxed_sys_global_u32(scratch.add(64)) & 0xffff) as u16) as u32;
             ok &= (ld_relaxed_sys_global_s32(scratch.add(64) as *const i32) as u32 == ld_relaxed_sys_global_u32(scratch.add(64))) as u32;
+            st_global_v2_u32(scratch.add(12) as *mut [u32; 2], [5, 6]);
+            ok &= (ld_global_u32(scratch.add(13)) == 6) as u32;
+            ok &= (atom_relaxed_gpu_global_add_u32(scratch.add(12), 2) == 5) as u32;
+            ok &= (ld_relaxed_sys_global_u32(scratch.add(12)) == 7) as u32;
             st_shared_cta_v4_u32(smem + 256, [1, 2, 3, 4]);
             st_shared_cta_v2_u32(smem + 256, [9, 8]);
             let v = ld_shared_cta_v4_u32(smem + 256);

@@ -106,6 +106,8 @@ fn ptx_device_layer_instructions_present() {
         "%smid",
         "%dynamic_smem_size",
         "ld.relaxed.sys.global.s32",
+        "ld.global.u32",
+        "atom.relaxed.gpu.global.add.u32",
     ] {
         assert!(PTX.contains(insn), "`{insn}` missing from the PTX (a wrapper was dropped or renamed)");
     }

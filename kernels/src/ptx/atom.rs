@@ -26,6 +26,10 @@ atom_global!(
     /// no ordering. Use to reserve slots in a peer's buffer.
     atom_relaxed_sys_global_add_u32, "atom.relaxed.sys.global.add.u32");
 atom_global!(
+    /// `atom.relaxed.gpu.global.add.u32` (PTX 6.0, sm_70): fetch-and-add among blocks of this
+    /// GPU, no ordering. Use to take slots in this GPU's own buffers.
+    atom_relaxed_gpu_global_add_u32, "atom.relaxed.gpu.global.add.u32");
+atom_global!(
     /// `atom.acq_rel.gpu.global.add.u32` (PTX 6.0, sm_70): fetch-and-add among blocks of this
     /// GPU that also orders: the last block to arrive sees everything the others did.
     atom_acq_rel_gpu_global_add_u32, "atom.acq_rel.gpu.global.add.u32");

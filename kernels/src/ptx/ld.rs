@@ -46,6 +46,10 @@ ld_scalar!(
     /// `ld.relaxed.sys.global.s32` (PTX 6.0, sm_70): signed form of [`ld_relaxed_sys_global_u32`].
     ld_relaxed_sys_global_s32, "ld.relaxed.sys.global.s32", i32, reg32);
 ld_scalar!(
+    /// `ld.global.u32` (PTX 1.0, all sm): weak 4-byte load. Use for metadata written during the
+    /// kernel by peers, after an acquire made it visible.
+    ld_global_u32, "ld.global.u32", u32, reg32);
+ld_scalar!(
     /// `ld.volatile.global.u32` (PTX 1.1, all sm): every load reaches memory, no ordering.
     /// Prefer `ld.relaxed` on sm_70+; kept for host-written words polled by old-style loops.
     ld_volatile_global_u32, "ld.volatile.global.u32", u32, reg32);

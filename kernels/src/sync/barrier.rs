@@ -78,6 +78,22 @@ pub unsafe fn wait_all_sources(w: &Waiter, counter: impl Fn(u32) -> *const u32, 
     bar_red_and_pred_0(ok)
 }
 
+/// [`wait_all_sources`] for epochs: waits until `counter(src)` has reached `expected`
+/// (wrapping comparison, so a source already past it counts).
+///
+/// # Safety
+/// As [`wait_all_sources`].
+#[inline(always)]
+pub unsafe fn wait_all_sources_reached(w: &Waiter, counter: impl Fn(u32) -> *const u32, expected: u32, phase: u32) -> bool {
+    let tid = tid_x();
+    let mut ok = true;
+    if tid < w.world {
+        // SAFETY: the caller guarantees the counter addresses.
+        ok = unsafe { w.wait_reached(counter(tid), expected, phase, tid) };
+    }
+    bar_red_and_pred_0(ok)
+}
+
 /// Last-block detection for self-cleaning counters: returns true in thread 0 of the last
 /// block of the grid to call it (and resets `done` to 0 there).
 ///
@@ -99,4 +115,16 @@ pub unsafe fn last_block_done(done: *mut u32) -> bool {
     } else {
         false
     }
+}
+
+/// [`last_block_done`] for the whole block: every thread of the grid's last block to call it
+/// gets true (and `done` is reset), every other thread false.
+///
+/// # Safety
+/// As [`last_block_done`].
+#[inline(always)]
+pub unsafe fn last_block_of_grid(done: *mut u32) -> bool {
+    // SAFETY: forwarded.
+    let last = unsafe { last_block_done(done) };
+    bar_red_and_pred_0(tid_x() != 0 || last)
 }
