@@ -5,8 +5,9 @@
 //! - `ht`: high-throughput dispatch (full and cached, BF16 and FP8) and combine with DeepEP's
 //!   defaults, beside an NCCL all-to-all of the same traffic and the P2P limit, plus a sweep
 //!   over tokens per rank and SM budget;
-//! - `ll`: low-latency dispatch and combine (and their send/receive halves) beside the flag
-//!   round trip.
+//! - `ll`: low-latency dispatch and both combine modes (and their send/receive halves), grid
+//!   sizes and a sweep over tokens per rank, beside the flag round trip;
+//! - `tune`: the high-throughput combine's push/reduce block split for each SM budget.
 //!
 //! Without `RANK` in the environment it launches one process per local GPU (or `--ranks N`)
 //! and waits for them; rank 0 prints the tables and, with `--out DIR`, writes them there.
@@ -43,7 +44,7 @@ fn parse() -> Result<Opts> {
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
         match a.as_str() {
-            "p2p" | "ht" | "ll" | "all" => o.what.push(a.clone()),
+            "p2p" | "ht" | "ll" | "tune" | "all" => o.what.push(a.clone()),
             "--ranks" => o.ranks = Some(val("--ranks")?.parse()?),
             "--out" => o.out = Some(val("--out")?.into()),
             "--tokens" => o.tokens = val("--tokens")?.parse()?,
@@ -58,7 +59,8 @@ fn parse() -> Result<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: moe-ep-bench [p2p|ht|ll|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--no-sweep] [--quick]"
+                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--no-sweep] [--quick]\n\
+                     all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget"
                 );
                 std::process::exit(0);
             }
@@ -97,6 +99,9 @@ fn run() -> Result<()> {
     }
     if o.what.iter().any(|w| w == "ll") {
         ll::run(&g, &o, &mut rep)?;
+    }
+    if o.what.iter().any(|w| w == "tune") {
+        ht::tune(&g, &o, &mut rep)?;
     }
     if g.rank() == 0 {
         rep.finish(o.out.as_deref(), report::PREFACE)?;

@@ -43,7 +43,8 @@ pub struct HtConfig {
     pub num_sms: u32,
     /// Threads per block of the dispatch and combine kernels.
     pub threads: u32,
-    /// Combine blocks that send rows home (the rest reduce as rows arrive); 0 = half.
+    /// Combine blocks that send rows home (the rest reduce as rows arrive); 0 = the tuned
+    /// split for the rank count and SM budget ([`HtConfig::tuned_push_blocks`]).
     pub combine_push_blocks: u32,
 }
 
@@ -59,6 +60,31 @@ impl HtConfig {
     /// until they are measured.
     pub const fn tuned(_world: usize) -> (u32, u32) {
         (24, 1024)
+    }
+
+    /// Combine blocks that push rows home, of `num_sms` blocks, for `world` ranks: the split
+    /// measured best on 4 x H200 (`moe-ep-bench tune`, `bench/results/`), at least one pushing
+    /// and one reducing block.
+    pub const fn tuned_push_blocks(world: usize, num_sms: u32) -> u32 {
+        // Pushers' share of the blocks, in eighths: each pusher moves (R-1)/R of its rows over
+        // NVLink, each reducer reads R rows per token, so more ranks want more pushers.
+        let eighths = match world {
+            0..=2 => 4,
+            _ => 4,
+        };
+        let p = num_sms * eighths / 8;
+        if p == 0 {
+            1
+        } else if p >= num_sms {
+            num_sms - 1
+        } else {
+            p
+        }
+    }
+
+    /// Combine blocks that push: `combine_push_blocks`, or the tuned split when it is 0.
+    pub fn push_blocks(&self, world: usize) -> u32 {
+        if self.combine_push_blocks == 0 { Self::tuned_push_blocks(world, self.num_sms) } else { self.combine_push_blocks }
     }
 
     /// Receive rows per rank.
@@ -302,6 +328,15 @@ impl<'g> HtBuffer<'g> {
     pub fn set_launch(&mut self, num_sms: u32, threads: u32) -> Result<()> {
         let push = if self.cfg.combine_push_blocks < num_sms { self.cfg.combine_push_blocks } else { 0 };
         let cfg = HtConfig { num_sms, threads, combine_push_blocks: push, ..self.cfg };
+        cfg.validate(self.g.world(), self.g.sm_count())?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// Collective: sets how many combine blocks push rows home (0: the tuned split); every
+    /// rank must pass the same value.
+    pub fn set_combine_push_blocks(&mut self, push: u32) -> Result<()> {
+        let cfg = HtConfig { combine_push_blocks: push, ..self.cfg };
         cfg.validate(self.g.world(), self.g.sm_count())?;
         self.cfg = cfg;
         Ok(())
@@ -694,7 +729,7 @@ impl<'g> HtBuffer<'g> {
             k: k as u32,
             max_tokens: self.cfg.max_tokens_per_rank as u32,
             y_rows: y_rows.min(u32::MAX as usize) as u32,
-            push_blocks: if self.cfg.combine_push_blocks == 0 { self.cfg.num_sms / 2 } else { self.cfg.combine_push_blocks },
+            push_blocks: self.cfg.push_blocks(self.g.world()),
         };
         self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, 0, stream, &p)?;
         self.last.set(LastOp::Combine);

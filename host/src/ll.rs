@@ -424,7 +424,7 @@ impl<'g> LlBuffer<'g> {
             check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
             p.stats = s.device_addr();
         }
-        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, 0, stream, &p)?;
+        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, ll_dispatch_smem_bytes(self.cfg.threads / 32), stream, &p)?;
         h.received = true;
         self.pending_dispatch = false;
         self.event(stream)

@@ -688,9 +688,11 @@ pub struct LlDispatchParams {
     pub send_blocks: u32,
 }
 
-/// Dynamic shared memory of `ll_dispatch` with `warps` warps per block: one rank mask per warp.
+/// Dynamic shared memory of `ll_dispatch` with `warps` warps per block: one rank mask per warp
+/// (send half), or the per-source token prefix (receive half), whichever is larger.
 pub const fn ll_dispatch_smem_bytes(warps: u32) -> u32 {
-    4 * warps
+    let prefix = 4 * (MAX_RANKS as u32 + 1);
+    if 4 * warps > prefix { 4 * warps } else { prefix }
 }
 
 /// `ll_combine`: send half (and, fused, the receive half in every block).

@@ -183,13 +183,13 @@ pub unsafe fn warp_copy_to_lane_dests_with<const U: usize>(src: u64, nvec: u32, 
     }
 }
 
-/// Adds row `row`'s vectors `base + lane + 32 u` (for `u < U`, those below `nvec`) to
-/// `acc[u]`, issuing all `U` loads before the first add.
+/// Loads row `row`'s vectors `base + lane + 32 u` (for `u < U`, those below `nvec`; zeros
+/// elsewhere), all `U` loads issued before any use.
 ///
 /// # Safety
 /// `row` must hold `nvec` 16-byte vectors.
 #[inline(always)]
-pub unsafe fn accumulate_rows<const U: usize>(acc: &mut [[f32; 8]; U], row: u64, base: u32, nvec: u32, load: unsafe fn(*const [u32; 4]) -> [u32; 4]) {
+pub unsafe fn load_row_vectors<const U: usize>(row: u64, base: u32, nvec: u32, load: unsafe fn(*const [u32; 4]) -> [u32; 4]) -> [[u32; 4]; U] {
     let lane = laneid();
     let mut v = [[0u32; 4]; U];
     for (u, vu) in v.iter_mut().enumerate() {
@@ -199,9 +199,71 @@ pub unsafe fn accumulate_rows<const U: usize>(acc: &mut [[f32; 8]; U], row: u64,
             *vu = unsafe { load((row as *const [u32; 4]).add(j as usize)) };
         }
     }
+    v
+}
+
+/// Adds the bf16 vectors [`load_row_vectors`] returned to `acc` (IEEE adds).
+#[inline(always)]
+pub fn add_row_vectors<const U: usize>(acc: &mut [[f32; 8]; U], v: &[[u32; 4]; U], base: u32, nvec: u32) {
+    let lane = laneid();
     for (u, a) in acc.iter_mut().enumerate() {
         if base + lane + 32 * (u as u32) < nvec {
             accumulate_bf16x8(a, v[u]);
+        }
+    }
+}
+
+/// Adds row `row`'s vectors `base + lane + 32 u` (for `u < U`, those below `nvec`) to
+/// `acc[u]`, issuing all `U` loads before the first add.
+///
+/// # Safety
+/// `row` must hold `nvec` 16-byte vectors.
+#[inline(always)]
+pub unsafe fn accumulate_rows<const U: usize>(acc: &mut [[f32; 8]; U], row: u64, base: u32, nvec: u32, load: unsafe fn(*const [u32; 4]) -> [u32; 4]) {
+    // SAFETY: forwarded.
+    let v = unsafe { load_row_vectors::<U>(row, base, nvec, load) };
+    add_row_vectors(acc, &v, base, nvec);
+}
+
+/// Sums into `acc`, in ascending bit order of `mask`, the rows `row(bit)`, two rows' loads in
+/// flight at a time. Rows with `readonly(bit)` (kernel inputs) are read through the read-only
+/// path, the others (written by peers during the kernel) with weak loads.
+///
+/// # Safety
+/// Every `row(bit)` must hold `nvec` 16-byte vectors, and a `readonly` row must not be
+/// written while the kernel runs.
+#[inline(always)]
+pub unsafe fn accumulate_rows_in_order<const U: usize>(
+    acc: &mut [[f32; 8]; U],
+    mask: u32,
+    row: impl Fn(u32) -> u64,
+    readonly: impl Fn(u32) -> bool,
+    base: u32,
+    nvec: u32,
+) {
+    let load = |r: u32| -> [[u32; 4]; U] {
+        // SAFETY: the caller guarantees the rows.
+        unsafe {
+            if readonly(r) {
+                load_row_vectors::<U>(row(r), base, nvec, ld_global_nc_v4_u32)
+            } else {
+                load_row_vectors::<U>(row(r), base, nvec, ld_global_v4_u32)
+            }
+        }
+    };
+    let mut m = mask;
+    while m != 0 {
+        let a = m.trailing_zeros();
+        m &= m - 1;
+        let va = load(a);
+        if m != 0 {
+            let b = m.trailing_zeros();
+            m &= m - 1;
+            let vb = load(b);
+            add_row_vectors(acc, &va, base, nvec);
+            add_row_vectors(acc, &vb, base, nvec);
+        } else {
+            add_row_vectors(acc, &va, base, nvec);
         }
     }
 }

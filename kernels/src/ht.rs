@@ -20,8 +20,11 @@ use crate::dev::*;
 use crate::ptx::*;
 use crate::sync::*;
 
-/// Vectors in flight per lane in the row copies.
+/// Vectors in flight per lane in the dispatch row copies.
 const UNROLL: usize = 4;
+/// Vectors in flight per lane when combine pushes rows home (more bytes in flight per warp
+/// keep the link busy with fewer pushing blocks).
+const PUSH_UNROLL: usize = 8;
 /// Vectors per lane per step of the combine reduction.
 const RED_UNROLL: usize = 4;
 
@@ -331,7 +334,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                     let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
                     let home = peer_base(&p.peers, s);
                     let dst = home + p.comb_x_off + slot(rank, t) * row_bytes;
-                    warp_copy_to_lane_dests::<UNROLL>(p.y + i as u64 * row_bytes, nvec, dst, 1);
+                    warp_copy_to_lane_dests::<PUSH_UNROLL>(p.y + i as u64 * row_bytes, nvec, dst, 1);
                     if p.y_weights != 0 && (lane as u64) < k {
                         let wv = ld_global_nc_f32((p.y_weights as *const f32).add((i as u64 * k + lane as u64) as usize));
                         st_global_u32((home + p.comb_w_off + (slot(rank, t) * k + lane as u64) * 4) as *mut u32, wv.to_bits());
@@ -380,16 +383,15 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                 let mut base = 0u32;
                 while base < nvec {
                     let mut acc = [[0f32; 8]; RED_UNROLL];
-                    let mut m = mask;
-                    while m != 0 {
-                        let r = m.trailing_zeros();
-                        m &= m - 1;
-                        if r == rank {
-                            accumulate_rows(&mut acc, p.y + local_row * row_bytes, base, nvec, ld_global_nc_v4_u32);
-                        } else {
-                            accumulate_rows(&mut acc, own + p.comb_x_off + slot(r, t) * row_bytes, base, nvec, ld_global_v4_u32);
-                        }
-                    }
+                    // Ranks in order; this rank's own row straight from the input.
+                    accumulate_rows_in_order(
+                        &mut acc,
+                        mask,
+                        |r| if r == rank { p.y + local_row * row_bytes } else { own + p.comb_x_off + slot(r, t) * row_bytes },
+                        |r| r == rank,
+                        base,
+                        nvec,
+                    );
                     if p.bias0 != 0 {
                         accumulate_rows(&mut acc, p.bias0 + at, base, nvec, ld_global_nc_v4_u32);
                     }

@@ -56,14 +56,15 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
         let seq = core::ptr::read_volatile(&raw const (*me).ll_dispatch_seq[h]).wrapping_add(1);
         if p.stages & stage::SEND != 0 {
             if ctaid_x() == 0 && tid_x() < world {
-                // This rank's views of the half's previous dispatch are dead: peers may write.
-                st_release_sys_global_u32(&raw mut (*control(&p.peers, tid_x())).ll_free[h][rank as usize], seq);
+                // This rank's views of the half's previous dispatch are dead (that kernel and
+                // every earlier one on the stream have ended): peers may write the half.
+                st_relaxed_sys_global_u32(&raw mut (*control(&p.peers, tid_x())).ll_free[h][rank as usize], seq);
             }
-            // A peer that never frees its half is reported; nothing is sent or signalled then,
-            // so the peers time out too instead of reading stale rows.
-            let guard = p.stages & stage::NO_REUSE_GUARD == 0;
-            if !guard || wait_all_sources_reached(&w, |s| &raw const (*me).ll_free[h][s as usize], seq, phase::LL_DISPATCH_SEND) {
-                dispatch_send(&p, &w);
+            // Each sending lane waits for its destination's flag right before its first store
+            // there (overlapping the wait with the loads). A peer that never frees its half is
+            // reported; nothing more is sent or signalled then, so the peers time out too
+            // instead of reading stale rows.
+            if dispatch_send(&p, &w, seq) {
                 signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ll_dispatch_arrive[h][rank as usize]);
             }
         }
@@ -114,7 +115,7 @@ unsafe fn finish_dispatch(p: &LlDispatchParams, w: &Waiter, ok: bool, seq: u32) 
 /// per top-k slot, and the weights). Phase 2: the block streams those tokens, each thread 16
 /// channels (8 threads form a 128-channel FP8 group), cast once and stored to every rank that
 /// needs the token, `SEND_BATCH` tokens' loads in flight at a time.
-unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
+unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
     let (tid, nt, lane) = (tid_x(), ntid_x(), laneid());
     let (warp, warps) = (tid / 32, nt / 32);
     let (world, rank) = (w.world, w.rank);
@@ -127,23 +128,37 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
     let per_block = p.num_tokens.div_ceil(nctaid_x());
     let t0 = core::cmp::min(ctaid_x() * per_block, p.num_tokens);
     let t1 = core::cmp::min(t0 + per_block, p.num_tokens);
+    let guard = p.stages & stage::NO_REUSE_GUARD == 0;
     // SAFETY: as in `ll_dispatch`; shared memory holds one mask per warp.
     unsafe {
+        let mut ok = true;
         if ctaid_x() == 0 && tid < world {
             // How many routing rows this rank writes to every rank.
-            let hb = peer_base(&p.peers, tid) + p.half_off;
-            st_global_u32((hb + p.layout.src_ntok + 4 * rank as u64) as *mut u32, p.num_tokens);
+            ok = !guard
+                || w.wait_reached(&raw const (*control(&p.peers, rank)).ll_free[p.half as usize][tid as usize], seq, phase::LL_DISPATCH_SEND, tid);
+            if ok {
+                let hb = peer_base(&p.peers, tid) + p.half_off;
+                st_global_u32((hb + p.layout.src_ntok + 4 * rank as u64) as *mut u32, p.num_tokens);
+            }
+        }
+        if !bar_red_and_pred_0(ok) {
+            return false;
         }
         let mut base = t0;
         while base < t1 {
             let t = base + warp;
+            let mut ok = true;
             if t < t1 {
-                let dmask = route_token(p, w, t, first + t as u64, num_experts, epr, is64, k);
+                let (dmask, routed) = route_token(p, w, t, first + t as u64, num_experts, epr, is64, k, seq, guard);
+                ok = routed;
                 if lane == 0 {
                     st_shared_cta_u32(masks + 4 * warp, dmask);
                 }
             }
-            bar_sync_0();
+            // Every warp with a token waited for every rank's flag: the block may store.
+            if !bar_red_and_pred_0(ok) {
+                return false;
+            }
             let count = core::cmp::min(warps, t1 - base);
             let mut i = 0;
             while i < count {
@@ -153,14 +168,28 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter) {
             bar_sync_0();
             base += warps;
         }
+        true
     }
 }
 
 /// Phase 1 for token `t` (one warp): writes the token's routing row (and weights) to every
-/// rank and returns the mask of ranks that hold one of its experts.
+/// rank, lane `d` after waiting until rank `d` has freed its half for dispatch `seq`
+/// (unless `guard` is off), and returns the mask of ranks that hold one of its experts and
+/// whether every wait succeeded.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn route_token(p: &LlDispatchParams, w: &Waiter, t: u32, slot: u64, num_experts: i64, epr: i64, is64: bool, k: u32) -> u32 {
+unsafe fn route_token(
+    p: &LlDispatchParams,
+    w: &Waiter,
+    t: u32,
+    slot: u64,
+    num_experts: i64,
+    epr: i64,
+    is64: bool,
+    k: u32,
+    seq: u32,
+    guard: bool,
+) -> (u32, bool) {
     let lane = laneid();
     // SAFETY: the host validated `topk_idx` (and `topk_weights`) as [N, k].
     unsafe {
@@ -205,7 +234,11 @@ unsafe fn route_token(p: &LlDispatchParams, w: &Waiter, t: u32, slot: u64, num_e
         let route = [pair(0), pair(1), pair(2), pair(3), pair(4), pair(5), pair(6), pair(7)];
         let hit = e.iter().any(|x| x.0 != NO_EXPERT);
         let wts = |q: usize| [e[4 * q].1, e[4 * q + 1].1, e[4 * q + 2].1, e[4 * q + 3].1];
-        if lane < w.world {
+        let mut ok = true;
+        if lane < w.world && guard {
+            ok = w.wait_reached(&raw const (*control(&p.peers, w.rank)).ll_free[p.half as usize][lane as usize], seq, phase::LL_DISPATCH_SEND, lane);
+        }
+        if lane < w.world && ok {
             let hb = peer_base(&p.peers, lane) + p.half_off;
             let r = (hb + p.layout.tok_route + slot * 2 * MAX_TOPK as u64) as *mut [u32; 4];
             st_global_v4_u32(r, [route[0], route[1], route[2], route[3]]);
@@ -218,7 +251,7 @@ unsafe fn route_token(p: &LlDispatchParams, w: &Waiter, t: u32, slot: u64, num_e
                 st_global_v4_u32(wr.add(3), wts(3));
             }
         }
-        vote_sync_ballot_b32(FULL, hit)
+        (vote_sync_ballot_b32(FULL, hit), !vote_sync_any_pred(FULL, !ok))
     }
 }
 
@@ -310,33 +343,49 @@ fn quantize_bf16x16(v: [[u32; 4]; 2], fmt: u32) -> ([u32; 4], f32) {
     (q, sc.scale)
 }
 
-/// The `i`-th received token in source order: (source, token), given the per-source counts at
-/// `ntok` (`u32 [world]`, read with `load`).
+/// Loads the `world` per-source token counts at `ntok` (with `load`) into shared memory as an
+/// exclusive prefix (`world + 1` words at `prefix`; the last is the total) and returns the
+/// total. All threads must call it.
+///
+/// # Safety
+/// `prefix` must be `world + 1` free words of shared memory; `ntok` must hold `world` counts.
 #[inline(always)]
-unsafe fn locate(ntok: u64, world: u32, i: u32, load: unsafe fn(*const u32) -> u32) -> (u32, u32) {
-    let mut rest = i;
-    let mut s = 0;
-    while s < world {
-        // SAFETY: `ntok` holds `world` counts.
-        let n = unsafe { load((ntok as *const u32).add(s as usize)) };
-        if rest < n {
-            return (s, rest);
+unsafe fn token_prefix(ntok: u64, world: u32, prefix: u32, load: unsafe fn(*const u32) -> u32) -> u32 {
+    let tid = tid_x();
+    // SAFETY: the caller guarantees both ranges.
+    unsafe {
+        if tid < world {
+            st_shared_cta_u32(prefix + 4 * (tid + 1), load((ntok as *const u32).add(tid as usize)));
         }
-        rest -= n;
-        s += 1;
+        bar_sync_0();
+        if tid == 0 {
+            let mut acc = 0;
+            st_shared_cta_u32(prefix, 0);
+            for s in 1..=world {
+                acc += ld_shared_cta_u32(prefix + 4 * s);
+                st_shared_cta_u32(prefix + 4 * s, acc);
+            }
+        }
+        bar_sync_0();
+        ld_shared_cta_u32(prefix + 4 * world)
     }
-    (world, 0)
 }
 
-/// Tokens received from every source (sum of `ntok[0..world]`).
+/// The `i`-th received token in source order, (source, token), from the prefix that
+/// [`token_prefix`] left in shared memory.
+///
+/// # Safety
+/// `prefix` must hold [`token_prefix`]'s result and `i` be below its total.
 #[inline(always)]
-unsafe fn total_tokens(ntok: u64, world: u32, load: unsafe fn(*const u32) -> u32) -> u32 {
-    let mut total = 0;
-    for s in 0..world {
-        // SAFETY: `ntok` holds `world` counts.
-        total += unsafe { load((ntok as *const u32).add(s as usize)) };
+unsafe fn locate(prefix: u32, world: u32, i: u32) -> (u32, u32) {
+    let mut s = 0;
+    // SAFETY: the caller guarantees the prefix.
+    unsafe {
+        while s + 1 < world && ld_shared_cta_u32(prefix + 4 * (s + 1)) <= i {
+            s += 1;
+        }
+        (s, i - ld_shared_cta_u32(prefix + 4 * s))
     }
-    total
 }
 
 /// Reads a u32 kernel input (never written while the kernel runs).
@@ -345,9 +394,10 @@ unsafe fn ld_input_u32(p: *const u32) -> u32 {
     unsafe { ld_global_nc_s32(p as *const i32) as u32 }
 }
 
-/// Receive half, one warp per received token: take a packed row in each local expert the token
-/// picked (this GPU's atomics), record where (for combine) and who sent it, then copy the row
-/// (and its scales, in the requested format and layout) into every one of those rows.
+/// Receive half, one warp per received token: load its routing row, row and scales, take a
+/// packed row in each local expert the token picked (this GPU's atomics), record where (for
+/// combine) and who sent it, then store the row (and its scales, in the requested format and
+/// layout) into every one of those rows.
 unsafe fn dispatch_recv(p: &LlDispatchParams, w: &Waiter) {
     let lane = laneid();
     let warps = ntid_x() / 32;
@@ -359,22 +409,47 @@ unsafe fn dispatch_recv(p: &LlDispatchParams, w: &Waiter) {
     let hidden = p.hidden as u64;
     let fp8 = p.fp8 != 0;
     let row_bytes = if fp8 { hidden } else { 2 * hidden };
+    let nvec = (row_bytes / 16) as u32;
     let groups = p.hidden / FP8_GROUP as u32;
     let scale_rows = ll_scale_rows(world as u64, p.max_tokens as u64);
     let ue8m0 = p.scale_fmt == scale_fmt::UE8M0;
-    let ntok = hb + p.layout.src_ntok;
-    // SAFETY: as in `ll_dispatch`; every source's rows were acquired before (arrival counters).
+    let prefix = dyn_smem_base();
+    // SAFETY: as in `ll_dispatch`; every source's rows were acquired before (arrival counters);
+    // shared memory holds `world + 1` words.
     unsafe {
-        let total = total_tokens(ntok, world, ld_global_u32);
+        let total = token_prefix(hb + p.layout.src_ntok, world, prefix, ld_global_u32);
         let mut u = gw;
         while u < total {
-            let (s, t) = locate(ntok, world, u, ld_global_u32);
+            let (s, t) = locate(prefix, world, u);
             let slot = s as u64 * p.max_tokens as u64 + t as u64;
+            // Everything this token needs is loaded at once: routing, the row's first vectors,
+            // its scales.
             let word = if lane < MAX_TOPK as u32 {
                 ld_global_u32((hb + p.layout.tok_route + slot * 2 * MAX_TOPK as u64 + 4 * (lane / 2) as u64) as *const u32)
             } else {
                 u32::MAX
             };
+            let src = (hb + p.layout.tok_x + slot * 2 * hidden) as *const [u32; 4];
+            let load_round = |r: u32| -> [[u32; 4]; RECV_UNROLL] {
+                let mut v = [[0u32; 4]; RECV_UNROLL];
+                for (q, vq) in v.iter_mut().enumerate() {
+                    let j = r * 32 * RECV_UNROLL as u32 + lane + 32 * q as u32;
+                    if j < nvec {
+                        *vq = ld_global_v4_u32(src.add(j as usize));
+                    }
+                }
+                v
+            };
+            let mut v = load_round(0);
+            let mut sc = [0u32; MAX_HIDDEN / FP8_GROUP / 32];
+            if fp8 {
+                for (q, x) in sc.iter_mut().enumerate() {
+                    let g = lane + 32 * q as u32;
+                    if g < groups {
+                        *x = ld_global_u32((hb + p.layout.tok_scales + (slot * groups as u64 + g as u64) * 4) as *const u32);
+                    }
+                }
+            }
             let le = (word >> (16 * (lane % 2))) & 0xffff;
             let mut valid = le != NO_EXPERT;
             if valid && le >= p.experts_per_rank {
@@ -397,27 +472,40 @@ unsafe fn dispatch_recv(p: &LlDispatchParams, w: &Waiter) {
             }
             let mask = vote_sync_ballot_b32(FULL, valid);
             if mask != 0 {
-                let src = hb + p.layout.tok_x + slot * 2 * hidden;
                 let dst = hb + p.layout.recv_x + row.wrapping_mul(row_bytes);
-                warp_copy_to_lane_dests_with::<RECV_UNROLL>(src, (row_bytes / 16) as u32, dst, mask, ld_global_v4_u32);
-            }
-            if fp8 && mask != 0 {
-                // Every lane runs the same passes (the row addresses travel by shfl).
-                for pass in 0..groups.div_ceil(32) {
-                    let g = lane + 32 * pass;
-                    let sc =
-                        if g < groups { ld_global_u32((hb + p.layout.tok_scales + (slot * groups as u64 + g as u64) * 4) as *const u32) } else { 0 };
+                let rounds = nvec.div_ceil(32 * RECV_UNROLL as u32);
+                for r in 0..rounds {
+                    if r > 0 {
+                        v = load_round(r);
+                    }
+                    let mut m = mask;
+                    while m != 0 {
+                        let j = m.trailing_zeros();
+                        m &= m - 1;
+                        let out = shfl_idx_u64(FULL, dst, j) as *mut [u32; 4];
+                        for (q, vq) in v.iter().enumerate() {
+                            let i = r * 32 * RECV_UNROLL as u32 + lane + 32 * q as u32;
+                            if i < nvec {
+                                st_global_v4_u32(out.add(i as usize), *vq);
+                            }
+                        }
+                    }
+                }
+                if fp8 {
                     let mut m = mask;
                     while m != 0 {
                         let j = m.trailing_zeros();
                         m &= m - 1;
                         let r = shfl_idx_u64(FULL, row, j);
-                        if g < groups {
-                            let at = scale_address(p, r, g, groups, rows_pe, scale_rows, ue8m0);
-                            if ue8m0 {
-                                st_global_u8(at as *mut u8, (sc >> 23) as u8);
-                            } else {
-                                st_global_u32(at as *mut u32, sc);
+                        for (q, &x) in sc.iter().enumerate() {
+                            let g = lane + 32 * q as u32;
+                            if g < groups {
+                                let at = scale_address(p, r, g, groups, rows_pe, scale_rows, ue8m0);
+                                if ue8m0 {
+                                    st_global_u8(at as *mut u8, (x >> 23) as u8);
+                                } else {
+                                    st_global_u32(at as *mut u32, x);
+                                }
                             }
                         }
                     }
@@ -559,14 +647,15 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
     let nvec = p.hidden / 8;
     let chunks = nvec.div_ceil(CHUNK);
     let dh = peer_base(&p.peers, rank) + p.dispatch_half_off;
-    let ntok = dh + p.layout.src_ntok;
-    // SAFETY: as in `ll_combine`; the dispatch's metadata was written by an earlier kernel.
+    let prefix = dyn_smem_base();
+    // SAFETY: as in `ll_combine`; the dispatch's metadata was written by an earlier kernel;
+    // shared memory holds `world + 1` words.
     unsafe {
-        let total = total_tokens(ntok, world, ld_input_u32);
+        let total = token_prefix(dh + p.layout.src_ntok, world, prefix, ld_input_u32);
         let mut unit = gw;
         while unit < total * chunks {
             let (i, c) = (unit / chunks, unit % chunks);
-            let (s, t) = locate(ntok, world, i, ld_input_u32);
+            let (s, t) = locate(prefix, world, i);
             let slot = s as u64 * p.max_tokens as u64 + t as u64;
             let (pos, wt) = if lane < MAX_TOPK as u32 {
                 let at = slot * MAX_TOPK as u64 + lane as u64;
@@ -609,11 +698,7 @@ unsafe fn weighted_sum_rows(
     let mut base = start;
     while base < end {
         let mut acc = [[0f32; 8]; UNROLL];
-        let mut m = kmask;
-        while m != 0 {
-            let kk = m.trailing_zeros();
-            m &= m - 1;
-            let wk = f32::from_bits(shfl_sync_idx_b32(FULL, wt.to_bits(), kk));
+        let load_slot = |kk: u32| -> [[u32; 4]; UNROLL] {
             let r = row(kk) as *const [u32; 4];
             let mut v = [[0u32; 4]; UNROLL];
             for (u, vu) in v.iter_mut().enumerate() {
@@ -623,12 +708,32 @@ unsafe fn weighted_sum_rows(
                     *vu = unsafe { load(r.add(j as usize)) };
                 }
             }
+            v
+        };
+        let fma_slot = |acc: &mut [[f32; 8]; UNROLL], kk: u32, v: &[[u32; 4]; UNROLL]| {
+            let wk = f32::from_bits(shfl_sync_idx_b32(FULL, wt.to_bits(), kk));
             for (u, a) in acc.iter_mut().enumerate() {
                 for q in 0..4 {
                     let (x0, x1) = unpack_bf16x2(v[u][q]);
                     a[2 * q] = fma_rn_f32(wk, x0, a[2 * q]);
                     a[2 * q + 1] = fma_rn_f32(wk, x1, a[2 * q + 1]);
                 }
+            }
+        };
+        // Two slots' loads in flight at a time; the sums still go slot by slot, in order.
+        let mut m = kmask;
+        while m != 0 {
+            let ka = m.trailing_zeros();
+            m &= m - 1;
+            let va = load_slot(ka);
+            if m != 0 {
+                let kb = m.trailing_zeros();
+                m &= m - 1;
+                let vb = load_slot(kb);
+                fma_slot(&mut acc, ka, &va);
+                fma_slot(&mut acc, kb, &vb);
+            } else {
+                fma_slot(&mut acc, ka, &va);
             }
         }
         for (u, a) in acc.iter().enumerate() {
@@ -706,13 +811,8 @@ unsafe fn combine_reduce_ranks(p: &LlCombineParams) {
             let mut base = c * CHUNK;
             while base < end {
                 let mut acc = [[0f32; 8]; UNROLL];
-                let mut m = ranks;
-                while m != 0 {
-                    let r = m.trailing_zeros();
-                    m &= m - 1;
-                    let row = ch + (t as u64 * p.slot_k as u64 + r as u64) * row_bytes;
-                    accumulate_rows(&mut acc, row, base, end, ld_global_v4_u32);
-                }
+                let row = |r: u32| ch + (t as u64 * p.slot_k as u64 + r as u64) * row_bytes;
+                accumulate_rows_in_order(&mut acc, ranks, row, |_| false, base, end);
                 for (u, a) in acc.iter().enumerate() {
                     let j = base + lane + 32 * u as u32;
                     if j < end {

@@ -110,7 +110,9 @@ pub unsafe extern "ptx-kernel" fn ptx_selftest(p: SelftestParams) {
             st_global_v2_u32(scratch.add(12) as *mut [u32; 2], [5, 6]);
             ok &= (ld_global_u32(scratch.add(13)) == 6) as u32;
             ok &= (atom_relaxed_gpu_global_add_u32(scratch.add(12), 2) == 5) as u32;
-            ok &= (ld_relaxed_sys_global_u32(scratch.add(12)) == 7) as u32;
+            red_release_sys_global_add_u32(scratch.add(12), 3);
+            red_relaxed_sys_global_add_u32(scratch.add(12), 4);
+            ok &= (ld_relaxed_sys_global_u32(scratch.add(12)) == 14) as u32;
             st_shared_cta_v4_u32(smem + 256, [1, 2, 3, 4]);
             st_shared_cta_v2_u32(smem + 256, [9, 8]);
             let v = ld_shared_cta_v4_u32(smem + 256);

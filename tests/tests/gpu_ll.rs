@@ -293,6 +293,7 @@ fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
 
 /// What `me` gets from combining its own tokens when every expert returns the received row
 /// unchanged (identity experts), in `mode`.
+#[allow(clippy::too_many_arguments)]
 fn identity_combine(e: usize, hd: usize, k: usize, world: usize, me: usize, x: &[u16], idx: &[i64], w: &[f32], mode: LlCombineMode) -> Vec<u16> {
     let mut lw = LlWorld { num_experts: e, hidden: hd, k, x: vec![vec![]; world], topk_idx: vec![vec![]; world], topk_weights: vec![vec![]; world] };
     lw.x[me] = x.to_vec();

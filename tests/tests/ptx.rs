@@ -108,6 +108,7 @@ fn ptx_device_layer_instructions_present() {
         "ld.relaxed.sys.global.s32",
         "ld.global.u32",
         "atom.relaxed.gpu.global.add.u32",
+        "red.relaxed.sys.global.add.u32",
     ] {
         assert!(PTX.contains(insn), "`{insn}` missing from the PTX (a wrapper was dropped or renamed)");
     }

@@ -64,6 +64,21 @@ pub unsafe fn red_release_sys_global_add_u32(p: *mut u32, v: u32) {
     };
 }
 
+/// `red.relaxed.sys.global.add.u32` (PTX 6.0, sm_70): add without a result, visible to every
+/// GPU, no ordering. After one `fence.acq_rel.sys` it publishes like a release (the fence
+/// orders everything before it), so several counters cost one fence instead of one each.
+///
+/// # Safety
+/// `p` must be a valid, aligned address of global memory (local or peer-mapped).
+#[inline(always)]
+pub unsafe fn red_relaxed_sys_global_add_u32(p: *mut u32, v: u32) {
+    // SAFETY: the caller guarantees `p` is valid global memory.
+    unsafe {
+        asm!("{{ .reg .b64 g; cvta.to.global.u64 g, {0}; red.relaxed.sys.global.add.u32 [g], {1}; }}",
+            in(reg64) p, in(reg32) v, options(nostack))
+    };
+}
+
 /// `red.relaxed.gpu.global.add.s32` (PTX 6.0, sm_70): add without a result on this GPU, no
 /// ordering. Use for statistics.
 ///

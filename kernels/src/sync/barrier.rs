@@ -43,9 +43,11 @@ pub unsafe fn barrier_block(peers: &Peers, w: &Waiter) -> bool {
 }
 
 /// Signals "this block's writes to every rank have landed": after a block barrier, thread 0
-/// fences at `.sys` scope and adds 1 to `counter(rank)` on every rank. Threads that issued
-/// bulk stores must have waited for them (`cp.async.bulk.wait_group 0`) and fenced the async
-/// proxy (`fence.proxy.async.global`) before calling.
+/// fences once at `.sys` scope and adds 1 to `counter(rank)` on every rank with relaxed
+/// reductions (fence + relaxed atomic is a release; one fence for all ranks instead of a
+/// release, which drains the NVLink writes again, per rank). Threads that issued bulk stores
+/// must have waited for them (`cp.async.bulk.wait_group 0`) and fenced the async proxy
+/// (`fence.proxy.async.global`) before calling.
 ///
 /// # Safety
 /// `counter(r)` must give a valid u32 in rank `r`'s heap; all threads of the block must call it.
@@ -56,7 +58,7 @@ pub unsafe fn signal_all_ranks(w: &Waiter, counter: impl Fn(u32) -> *mut u32) {
         fence_acq_rel_sys();
         for r in 0..w.world {
             // SAFETY: the caller guarantees the counter addresses.
-            unsafe { red_release_sys_global_add_u32(counter(r), 1) };
+            unsafe { red_relaxed_sys_global_add_u32(counter(r), 1) };
         }
     }
 }
