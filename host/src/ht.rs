@@ -66,11 +66,12 @@ impl HtConfig {
     /// measured best on 4 x H200 (`moe-ep-bench tune`, `bench/results/`), at least one pushing
     /// and one reducing block.
     pub const fn tuned_push_blocks(world: usize, num_sms: u32) -> u32 {
-        // Pushers' share of the blocks, in eighths: each pusher moves (R-1)/R of its rows over
-        // NVLink, each reducer reads R rows per token, so more ranks want more pushers.
+        // Pushers' share of the blocks, in eighths. EP4 (measured at 8, 16, 24 and 32 SMs): 5/8
+        // was best at every budget. EP2: half (measured at 24 SMs). More ranks send a larger
+        // share of the rows over NVLink; 3 and 5 to 8 ranks use the EP4 split (not measured).
         let eighths = match world {
             0..=2 => 4,
-            _ => 4,
+            _ => 5,
         };
         let p = num_sms * eighths / 8;
         if p == 0 {

@@ -20,6 +20,14 @@ pub fn peer_base(peers: &Peers, r: u32) -> u64 {
     v
 }
 
+/// This warp's index among the grid's warps with blocks interleaved (warp `w` of block `b` is
+/// `w * blocks + b`), so consecutive work units land on different SMs: a light load (fewer
+/// units than warps) spreads over every SM instead of filling the first few.
+#[inline(always)]
+pub fn grid_warp_interleaved() -> u32 {
+    (tid_x() / 32) * nctaid_x() + ctaid_x()
+}
+
 /// 64-bit `shfl.sync.idx`.
 #[inline(always)]
 pub fn shfl_idx_u64(mask: u32, v: u64, src: u32) -> u64 {

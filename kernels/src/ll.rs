@@ -401,7 +401,7 @@ unsafe fn ld_input_u32(p: *const u32) -> u32 {
 unsafe fn dispatch_recv(p: &LlDispatchParams, w: &Waiter) {
     let lane = laneid();
     let warps = ntid_x() / 32;
-    let gw = ctaid_x() * warps + tid_x() / 32;
+    let gw = grid_warp_interleaved();
     let total_warps = nctaid_x() * warps;
     let (world, rank) = (w.world, w.rank);
     let hb = peer_base(&p.peers, w.rank) + p.half_off;
@@ -580,7 +580,7 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
     let (world, rank) = (w.world, w.rank);
     let (tid, nt) = (tid_x(), ntid_x());
     let warps = nt / 32;
-    let gw = ctaid_x() * warps + tid / 32;
+    let gw = grid_warp_interleaved();
     let total_warps = nctaid_x() * warps;
     let epr = p.experts_per_rank;
     let rows_per_expert = (world * p.max_tokens) as u64;
@@ -641,7 +641,7 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
     let (world, rank) = (w.world, w.rank);
     let lane = laneid();
     let warps = ntid_x() / 32;
-    let gw = ctaid_x() * warps + tid_x() / 32;
+    let gw = grid_warp_interleaved();
     let total_warps = nctaid_x() * warps;
     let row_bytes = 2 * p.hidden as u64;
     let nvec = p.hidden / 8;
@@ -751,7 +751,7 @@ unsafe fn weighted_sum_rows(
 unsafe fn combine_reduce(p: &LlCombineParams) {
     let lane = laneid();
     let warps = ntid_x() / 32;
-    let gw = ctaid_x() * warps + tid_x() / 32;
+    let gw = grid_warp_interleaved();
     let total_warps = nctaid_x() * warps;
     let k = p.k as usize;
     let num_experts = p.experts_per_rank as i64 * p.wait.world as i64;
@@ -785,7 +785,7 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
 unsafe fn combine_reduce_ranks(p: &LlCombineParams) {
     let lane = laneid();
     let warps = ntid_x() / 32;
-    let gw = ctaid_x() * warps + tid_x() / 32;
+    let gw = grid_warp_interleaved();
     let total_warps = nctaid_x() * warps;
     let k = p.k as usize;
     let epr = p.experts_per_rank as i64;
