@@ -91,20 +91,15 @@ fn run() -> Result<()> {
     let cfg = GroupConfig { timeout: Duration::from_secs(30), rendezvous_timeout: Duration::from_secs(120) };
     let g = Group::from_env(cfg).context("joining the benchmark group")?;
     let mut rep = Report::new(&g);
-    if o.what.iter().any(|w| w == "p2p") {
-        p2p::run(&g, &o, &mut rep)?;
-    }
-    if o.what.iter().any(|w| w == "ht") {
-        ht::run(&g, &o, &mut rep)?;
-    }
-    if o.what.iter().any(|w| w == "ll") {
-        ll::run(&g, &o, &mut rep)?;
-    }
-    if o.what.iter().any(|w| w == "tune") {
-        ht::tune(&g, &o, &mut rep)?;
-    }
-    if g.rank() == 0 {
-        rep.finish(o.out.as_deref(), report::PREFACE)?;
+    // The report is written after every part, so a part that fails keeps what came before.
+    let parts: [(&str, fn(&Group, &Opts, &mut Report) -> Result<()>); 4] = [("p2p", p2p::run), ("ht", ht::run), ("ll", ll::run), ("tune", ht::tune)];
+    for (name, part) in parts {
+        if o.what.iter().any(|w| w == name) {
+            part(&g, &o, &mut rep)?;
+            if g.rank() == 0 {
+                rep.finish(o.out.as_deref(), report::PREFACE)?;
+            }
+        }
     }
     g.host_barrier()?;
     Ok(())
