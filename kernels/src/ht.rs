@@ -10,8 +10,8 @@
 //! from the combine input.
 //!
 //! Protocol (see `docs/protocol.md`): notify flags are the notify call counter, released at
-//! `.sys` and acquired by the owner; dispatch ends with one `red.release.sys.add` per (block,
-//! rank) on the receiver's arrival counter, which the receiver acquires, waits to reach the
+//! `.sys` and acquired by the owner; dispatch ends with one `fence.acq_rel.sys` per block and a
+//! relaxed add per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to reach the
 //! sender's grid size, and zeroes; combine releases one flag per row, which the reducer
 //! acquires and then zeroes.
 

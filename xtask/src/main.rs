@@ -4,7 +4,7 @@
 //!   `ptxas -arch=sm_90 -v` and print every kernel's registers, stack, shared memory and
 //!   spills; fail on a ptxas error, an unresolved external or a spill.
 //! - `test`: `cargo fmt --check`, `build-ptx`, then every test of the workspace (GPU tests
-//!   SKIP without GPUs).
+//!   are reported as ignored without GPUs, and a last line counts GPU tests run and skipped).
 //! - `bench`: the benchmark on the local GPUs (`moe-ep-bench`, release build).
 //! - `gpu-bundle`: release test and bench binaries plus the PTX and a `run.sh` under
 //!   `target/gpu-bundle/`, for a GPU machine with no Rust and no network.

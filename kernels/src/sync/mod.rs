@@ -9,7 +9,7 @@
 //! | flag | written by | with | read by | with |
 //! | --- | --- | --- | --- | --- |
 //! | barrier slot `s` | rank `s` | `fence.acq_rel.sys` + `st.release.sys` | owner | `ld.acquire.sys` |
-//! | arrival counter | every block of every sender | `fence.acq_rel.sys` + `red.release.sys.add` | receiver | `ld.acquire.sys` |
+//! | arrival counter | every block of every sender | `fence.acq_rel.sys` once + `red.relaxed.sys.add` per rank | receiver | `ld.acquire.sys` |
 //! | error record | first failing thread | `atom.cas.sys` claim, `st.release.sys` status | host, other waiters | memcpy after sync, `ld.relaxed.sys` |
 
 mod barrier;
