@@ -28,6 +28,27 @@ pub fn grid_warp_interleaved() -> u32 {
     (tid_x() / 32) * nctaid_x() + ctaid_x()
 }
 
+/// `(a / b, a % b)` for a divisor the host guarantees non-zero. Rust's `/` checks for zero and
+/// panics, and a panic compiles to `trap`, which poisons the whole CUDA context; a zero divisor
+/// gives `(0, 0)` here instead.
+#[inline(always)]
+pub fn div_rem_u32(a: u32, b: u32) -> (u32, u32) {
+    if b == 0 { (0, 0) } else { (a / b, a % b) }
+}
+
+/// [`div_rem_u32`] for u64.
+#[inline(always)]
+pub fn div_rem_u64(a: u64, b: u64) -> (u64, u64) {
+    if b == 0 { (0, 0) } else { (a / b, a % b) }
+}
+
+/// `a.div_ceil(b)` for a divisor the host guarantees non-zero (0 for a zero divisor; see
+/// [`div_rem_u32`]).
+#[inline(always)]
+pub fn div_ceil_u32(a: u32, b: u32) -> u32 {
+    if b == 0 { 0 } else { a.div_ceil(b) }
+}
+
 /// 64-bit `shfl.sync.idx`.
 #[inline(always)]
 pub fn shfl_idx_u64(mask: u32, v: u64, src: u32) -> u64 {

@@ -34,7 +34,7 @@ pub unsafe extern "ptx-kernel" fn heap_pattern_write(p: PatternParams) {
         }
     }
     // SAFETY: `test_flags[rank]` is in every peer's control block.
-    unsafe { signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).test_flags[w.rank as usize]) };
+    unsafe { signal_all_ranks(&w, |r| rank_slot(&raw mut (*control(&p.peers, r)).test_flags, w.rank)) };
 }
 
 /// Waits for every source's signal, then counts words that differ from the source's pattern.
@@ -46,7 +46,7 @@ pub unsafe extern "ptx-kernel" fn heap_pattern_check(p: PatternParams) {
     let mut ok = true;
     if tid < w.world {
         // SAFETY: own control block.
-        ok = unsafe { w.wait_reached(&raw const (*me).test_flags[tid as usize], p.signal, phase::TEST_SIGNAL, tid) };
+        ok = unsafe { w.wait_reached(rank_slot(&raw mut (*me).test_flags, tid), p.signal, phase::TEST_SIGNAL, tid) };
     }
     // Every thread learns the outcome, so whole warps leave together (the warp sums below
     // need all 32 lanes).
@@ -127,7 +127,7 @@ unsafe fn copy_bulk(src: u64, dst: u64, bytes: u64) {
         return;
     }
     let chunks = bytes.div_ceil(BULK_CHUNK as u64);
-    let per_block = chunks.div_ceil(nctaid_x() as u64);
+    let per_block = div_rem_u64(chunks + nctaid_x() as u64 - 1, nctaid_x() as u64).0;
     let first = ctaid_x() as u64 * per_block;
     let last = core::cmp::min(first + per_block, chunks);
     if first >= last {
@@ -187,8 +187,8 @@ pub unsafe extern "ptx-kernel" fn ping_pong(p: PingPongParams) {
     let peer = control(&p.peers, p.peer);
     // SAFETY: control blocks of this rank and the peer are valid heap memory.
     unsafe {
-        let mine = &raw const (*me).ping_flags[p.peer as usize];
-        let theirs = &raw mut (*peer).ping_flags[w.rank as usize];
+        let mine = rank_slot(&raw mut (*me).ping_flags, p.peer);
+        let theirs = rank_slot(&raw mut (*peer).ping_flags, w.rank);
         let start = globaltimer();
         for i in 1..=p.iters {
             if p.initiator != 0 {
@@ -216,6 +216,6 @@ pub unsafe extern "ptx-kernel" fn wait_forever(p: WaitTestParams) {
     let me = control(&p.peers, w.rank);
     if tid_x() == 0 {
         // SAFETY: own control block.
-        unsafe { w.wait_reached(&raw const (*me).test_flags[p.peer as usize], p.value, phase::TEST_SIGNAL, p.peer) };
+        unsafe { w.wait_reached(rank_slot(&raw mut (*me).test_flags, p.peer), p.value, phase::TEST_SIGNAL, p.peer) };
     }
 }

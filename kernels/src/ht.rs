@@ -36,7 +36,7 @@ pub unsafe extern "ptx-kernel" fn ht_layout(p: HtLayoutParams) {
     let r = ctaid_x();
     let (tid, nt, world) = (tid_x(), ntid_x(), w.world);
     let (n, k, e) = (p.num_tokens, p.k as usize, p.num_experts as i64);
-    let epr = p.num_experts / world;
+    let epr = div_rem_u32(p.num_experts, world).0;
     let lo = (r * epr) as i64;
     let hi = lo + epr as i64;
     let smem = dyn_smem_base();
@@ -130,7 +130,7 @@ pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
         let par = seq & 1;
         let mut idx = tid;
         while idx < world * rec_len {
-            let (r, i) = (idx / rec_len, idx % rec_len);
+            let (r, i) = div_rem_u32(idx, rec_len);
             let v = if i < world {
                 ld_global_nc_s32((p.tokens_per_rank as *const i32).add(i as usize))
             } else {
@@ -143,8 +143,8 @@ pub unsafe extern "ptx-kernel" fn ht_notify(p: HtNotifyParams) {
         let mut ok = true;
         if tid < world {
             fence_acq_rel_sys();
-            st_release_sys_global_u32(&raw mut (*control(&p.peers, tid)).notify_flags[par as usize][rank as usize], seq);
-            ok = w.wait_eq(&raw const (*me).notify_flags[par as usize][tid as usize], seq, phase::HT_NOTIFY, tid);
+            st_release_sys_global_u32(half_rank_slot(&raw mut (*control(&p.peers, tid)).notify_flags, par, rank), seq);
+            ok = w.wait_eq(half_rank_slot(&raw mut (*me).notify_flags, par, tid), seq, phase::HT_NOTIFY, tid);
         }
         let ok = bar_red_and_pred_0(ok);
         // Count rank `s` sends to rank `r`, as `s` told this rank.
@@ -253,7 +253,7 @@ pub unsafe extern "ptx-kernel" fn ht_dispatch(p: HtDispatchParams) {
                     let drow = shfl_idx_u64(FULL, row as u64, d);
                     let dbase = shfl_idx_u64(FULL, lane_peer, d);
                     if p.topk_idx != 0 && (lane as usize) < k {
-                        let local = if e >= 0 && e / epr == d as i64 { (e - d as i64 * epr) as i32 } else { -1 };
+                        let local = if e >= 0 && div_rem_u64(e as u64, epr as u64).0 == d as u64 { (e - d as i64 * epr) as i32 } else { -1 };
                         let at = (drow * k as u64 + lane as u64) * 4;
                         st_global_u32((dbase + p.recv_idx_off + at) as *mut u32, local as u32);
                         if p.topk_weights != 0 {
@@ -274,12 +274,12 @@ pub unsafe extern "ptx-kernel" fn ht_dispatch(p: HtDispatchParams) {
             }
             t += total_warps;
         }
-        signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ht_dispatch_arrive[rank as usize]);
+        signal_all_ranks(&w, |r| rank_slot(&raw mut (*control(&p.peers, r)).ht_dispatch_arrive, rank));
         if ctaid_x() == 0 {
             let me = control(&p.peers, rank);
-            let ok = wait_all_sources(&w, |s| &raw const (*me).ht_dispatch_arrive[s as usize], nctaid_x(), phase::HT_DISPATCH);
+            let ok = wait_all_sources(&w, |s| rank_slot(&raw mut (*me).ht_dispatch_arrive, s), nctaid_x(), phase::HT_DISPATCH);
             if ok && tid_x() < world {
-                st_relaxed_sys_global_u32(&raw mut (*me).ht_dispatch_arrive[tid_x() as usize], 0);
+                st_relaxed_sys_global_u32(rank_slot(&raw mut (*me).ht_dispatch_arrive, tid_x()), 0);
             }
         }
     }
@@ -327,7 +327,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
             }
             let mut v = ctaid_x() * warps + warp;
             while v < world * most {
-                let (s, j) = (v % world, v / world);
+                let (j, s) = div_rem_u32(v, world);
                 let first = shfl_sync_idx_b32(FULL, start, s);
                 if s != rank && j < shfl_sync_idx_b32(FULL, count, s) {
                     let i = first + j;

@@ -47,33 +47,33 @@ const NO_EXPERT: u32 = 0xffff;
 pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
     let w = Waiter::new(&p.wait);
     let (world, rank) = (w.world, w.rank);
-    let h = p.half as usize;
+    let h = p.half;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
         let me = control(&p.peers, rank);
         // This dispatch's number on this half; the last receive block stores it at the end, so
         // every block reads the same value here.
-        let seq = core::ptr::read_volatile(&raw const (*me).ll_dispatch_seq[h]).wrapping_add(1);
+        let seq = core::ptr::read_volatile(half_slot(&raw mut (*me).ll_dispatch_seq, h)).wrapping_add(1);
         if p.stages & stage::SEND != 0 {
             if ctaid_x() == 0 && tid_x() < world {
                 // This rank's views of the half's previous dispatch are dead (that kernel and
                 // every earlier one on the stream have ended): peers may write the half.
-                st_relaxed_sys_global_u32(&raw mut (*control(&p.peers, tid_x())).ll_free[h][rank as usize], seq);
+                st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*control(&p.peers, tid_x())).ll_free, h, rank), seq);
             }
             // Each sending lane waits for its destination's flag right before its first store
             // there (overlapping the wait with the loads). A peer that never frees its half is
             // reported; nothing more is sent or signalled then, so the peers time out too
             // instead of reading stale rows.
             if dispatch_send(&p, &w, seq) {
-                signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ll_dispatch_arrive[h][rank as usize]);
+                signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_dispatch_arrive, h, rank));
             }
         }
         if p.stages & stage::RECV != 0 {
-            let ok = wait_all_sources(&w, |s| &raw const (*me).ll_dispatch_arrive[h][s as usize], p.send_blocks, phase::LL_DISPATCH_RECV);
+            let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, s), p.send_blocks, phase::LL_DISPATCH_RECV);
             if ok {
                 dispatch_recv(&p, &w);
             }
-            if last_block_of_grid(&raw mut (*me).ll_dispatch_done[h]) {
+            if last_block_of_grid(half_slot(&raw mut (*me).ll_dispatch_done, h)) {
                 finish_dispatch(&p, &w, ok, seq);
             }
         }
@@ -84,7 +84,7 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
 /// dispatch of this half and stores its sequence number.
 unsafe fn finish_dispatch(p: &LlDispatchParams, w: &Waiter, ok: bool, seq: u32) {
     let (world, rank) = (w.world, w.rank);
-    let h = p.half as usize;
+    let h = p.half;
     let rows_per_expert = world * p.max_tokens;
     // SAFETY: as in `ll_dispatch`; every block of the grid has finished its receive work.
     unsafe {
@@ -102,10 +102,10 @@ unsafe fn finish_dispatch(p: &LlDispatchParams, w: &Waiter, ok: bool, seq: u32) 
             j += ntid_x();
         }
         if ok && tid_x() < world {
-            st_relaxed_sys_global_u32(&raw mut (*me).ll_dispatch_arrive[h][tid_x() as usize], 0);
+            st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, tid_x()), 0);
         }
         if tid_x() == 0 {
-            core::ptr::write_volatile(&raw mut (*me).ll_dispatch_seq[h], seq);
+            core::ptr::write_volatile(half_slot(&raw mut (*me).ll_dispatch_seq, h), seq);
         }
     }
 }
@@ -125,7 +125,7 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
     let is64 = p.idx_i64 != 0;
     let masks = dyn_smem_base();
     let first = rank as u64 * p.max_tokens as u64;
-    let per_block = p.num_tokens.div_ceil(nctaid_x());
+    let per_block = div_ceil_u32(p.num_tokens, nctaid_x());
     let t0 = core::cmp::min(ctaid_x() * per_block, p.num_tokens);
     let t1 = core::cmp::min(t0 + per_block, p.num_tokens);
     let guard = p.stages & stage::NO_REUSE_GUARD == 0;
@@ -134,8 +134,8 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
         let mut ok = true;
         if ctaid_x() == 0 && tid < world {
             // How many routing rows this rank writes to every rank.
-            ok = !guard
-                || w.wait_reached(&raw const (*control(&p.peers, rank)).ll_free[p.half as usize][tid as usize], seq, phase::LL_DISPATCH_SEND, tid);
+            ok =
+                !guard || w.wait_reached(half_rank_slot(&raw mut (*control(&p.peers, rank)).ll_free, p.half, tid), seq, phase::LL_DISPATCH_SEND, tid);
             if ok {
                 let hb = peer_base(&p.peers, tid) + p.half_off;
                 st_global_u32((hb + p.layout.src_ntok + 4 * rank as u64) as *mut u32, p.num_tokens);
@@ -200,7 +200,12 @@ unsafe fn route_token(
             w.report(status::BAD_EXPERT, phase::LL_DISPATCH_SEND, t, num_experts as u64, e as u64, 0);
         }
         let valid = lane < k && e >= 0 && e < num_experts;
-        let (dest, local) = if valid { ((e / epr) as u32, (e % epr) as u32) } else { (u32::MAX, NO_EXPERT) };
+        let (dest, local) = if valid {
+            let (d, l) = div_rem_u64(e as u64, epr as u64);
+            (d as u32, l as u32)
+        } else {
+            (u32::MAX, NO_EXPERT)
+        };
         // Lane d builds rank d's row: slot j holds the local expert when slot j's expert lives
         // on rank d. Written out slot by slot so the row stays in registers (a loop here is
         // not unrolled, and its arrays would go to local memory).
@@ -236,7 +241,7 @@ unsafe fn route_token(
         let wts = |q: usize| [e[4 * q].1, e[4 * q + 1].1, e[4 * q + 2].1, e[4 * q + 3].1];
         let mut ok = true;
         if lane < w.world && guard {
-            ok = w.wait_reached(&raw const (*control(&p.peers, w.rank)).ll_free[p.half as usize][lane as usize], seq, phase::LL_DISPATCH_SEND, lane);
+            ok = w.wait_reached(half_rank_slot(&raw mut (*control(&p.peers, w.rank)).ll_free, p.half, lane), seq, phase::LL_DISPATCH_SEND, lane);
         }
         if lane < w.world && ok {
             let hb = peer_base(&p.peers, lane) + p.half_off;
@@ -269,7 +274,7 @@ unsafe fn stream_tokens(p: &LlDispatchParams, t: u32, n: u32, first: u64, masks:
     unsafe {
         // Every thread runs the same number of passes (the group maximum needs whole groups).
         let mut c = tid;
-        for _ in 0..n16.div_ceil(nt) {
+        for _ in 0..div_ceil_u32(n16, nt) {
             let active = c < n16;
             let load = |u: u32| -> [[u32; 4]; 2] {
                 if active && u < n {
@@ -523,7 +528,7 @@ fn scale_address(p: &LlDispatchParams, row: u64, g: u32, groups: u32, rows_pe: u
     let base = peer_base(&p.peers, p.wait.rank) + p.half_off + p.layout.recv_scales;
     let g = g as u64;
     if p.scale_layout == scale_layout::COLUMN_MAJOR {
-        let (e, r) = (row / rows_pe, row % rows_pe);
+        let (e, r) = div_rem_u64(row, rows_pe);
         if ue8m0 {
             let words = groups.div_ceil(4) as u64;
             base + ((e * words + g / 4) * scale_rows + r) * 4 + g % 4
@@ -553,11 +558,11 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
             } else {
                 combine_send(&p, &w);
             }
-            signal_all_ranks(&w, |r| &raw mut (*control(&p.peers, r)).ll_combine_arrive[p.half as usize][rank as usize]);
+            signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_combine_arrive, p.half, rank));
         }
         if p.stages & stage::RECV != 0 {
             let me = control(&p.peers, rank);
-            let ok = wait_all_sources(&w, |s| &raw const (*me).ll_combine_arrive[p.half as usize][s as usize], p.send_blocks, phase::LL_COMBINE_RECV);
+            let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), p.send_blocks, phase::LL_COMBINE_RECV);
             if ok {
                 if reduced {
                     combine_reduce_ranks(&p);
@@ -565,9 +570,9 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
                     combine_reduce(&p);
                 }
             }
-            if last_block_done(&raw mut (*me).ll_combine_done[p.half as usize]) && ok {
+            if last_block_done(half_slot(&raw mut (*me).ll_combine_done, p.half)) && ok {
                 for s in 0..w.world {
-                    st_relaxed_sys_global_u32(&raw mut (*me).ll_combine_arrive[p.half as usize][s as usize], 0);
+                    st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), 0);
                 }
             }
         }
@@ -610,7 +615,7 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
         let chunks = (p.hidden / 8).div_ceil(CHUNK);
         let mut unit = gw;
         while unit < total_rows * chunks {
-            let (i, c) = (unit / chunks, unit % chunks);
+            let (i, c) = div_rem_u32(unit, chunks);
             // Largest expert e with prefix[e] <= i.
             let (mut lo, mut hi) = (0u32, epr);
             while hi - lo > 1 {
@@ -654,7 +659,7 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
         let total = token_prefix(dh + p.layout.src_ntok, world, prefix, ld_input_u32);
         let mut unit = gw;
         while unit < total * chunks {
-            let (i, c) = (unit / chunks, unit % chunks);
+            let (i, c) = div_rem_u32(unit, chunks);
             let (s, t) = locate(prefix, world, i);
             let slot = s as u64 * p.max_tokens as u64 + t as u64;
             let (pos, wt) = if lane < MAX_TOPK as u32 {
@@ -764,7 +769,7 @@ unsafe fn combine_reduce(p: &LlCombineParams) {
     unsafe {
         let mut unit = gw;
         while unit < p.num_tokens * chunks {
-            let (t, c) = (unit / chunks, unit % chunks);
+            let (t, c) = div_rem_u32(unit, chunks);
             let (e, wt) = if (lane as usize) < k {
                 let i = t as usize * k + lane as usize;
                 (load_topk_idx(p.topk_idx, i, is64), ld_global_nc_f32((p.topk_weights as *const f32).add(i)))
@@ -799,9 +804,9 @@ unsafe fn combine_reduce_ranks(p: &LlCombineParams) {
     unsafe {
         let mut unit = gw;
         while unit < p.num_tokens * chunks {
-            let (t, c) = (unit / chunks, unit % chunks);
+            let (t, c) = div_rem_u32(unit, chunks);
             let e = if (lane as usize) < k { load_topk_idx(p.topk_idx, t as usize * k + lane as usize, is64) } else { -1 };
-            let mut ranks = if e >= 0 && e < num_experts { 1u32 << (e / epr) } else { 0 };
+            let mut ranks = if e >= 0 && e < num_experts { 1u32 << div_rem_u64(e as u64, epr as u64).0 } else { 0 };
             let mut d = 1;
             while d < 32 {
                 ranks |= shfl_sync_bfly_b32(FULL, ranks, d);

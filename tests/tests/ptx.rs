@@ -12,6 +12,10 @@ fn ptx_header_and_no_externals() {
     assert!((8.0..=9.0).contains(&v), "PTX ISA {v}");
     assert!(!PTX.contains(".extern .func"), "external function in the PTX");
     assert!(!PTX.lines().any(|l| l.trim_start().starts_with("call")), "a call survived inlining");
+    // Kernels never trap (a trap poisons the whole CUDA context): every impossible condition is
+    // an error record instead, so no panic path (bounds check, division by zero) may survive.
+    let traps = PTX.matches("trap;").count();
+    assert_eq!(traps, 0, "{traps} `trap` instructions in the PTX (a panic path survived: index with a checked helper, divide with dev::div_rem_*)");
     // IEEE division only (bit-exact scales), never the approximations.
     assert!(!PTX.contains("div.approx.f32") && !PTX.contains("div.full.f32"));
 }

@@ -1,7 +1,7 @@
 //! Cross-rank barrier over the symmetric heap, and block-completion counters.
 
 use super::Waiter;
-use crate::abi::{Control, Peers, phase};
+use crate::abi::{Control, MAX_RANKS, Peers, phase};
 use crate::dev::peer_base;
 use crate::ptx::*;
 
@@ -9,6 +9,26 @@ use crate::ptx::*;
 #[inline(always)]
 pub fn control(peers: &Peers, r: u32) -> *mut Control {
     peer_base(peers, r) as *mut Control
+}
+
+/// Word `i` of a per-rank array of the control block (`i` is a rank; it is taken modulo
+/// `MAX_RANKS`, so no value reaches outside the array, and no bounds check can `trap`).
+#[inline(always)]
+pub fn rank_slot(a: *mut [u32; MAX_RANKS], i: u32) -> *mut u32 {
+    a.cast::<u32>().wrapping_add(i as usize % MAX_RANKS)
+}
+
+/// Word `[h][i]` of a per-half, per-rank array of the control block (`h` modulo 2, `i` modulo
+/// `MAX_RANKS`; see [`rank_slot`]).
+#[inline(always)]
+pub fn half_rank_slot(a: *mut [[u32; MAX_RANKS]; 2], h: u32, i: u32) -> *mut u32 {
+    a.cast::<u32>().wrapping_add(h as usize % 2 * MAX_RANKS + i as usize % MAX_RANKS)
+}
+
+/// Word `h` of a per-half array of the control block (`h` modulo 2; see [`rank_slot`]).
+#[inline(always)]
+pub fn half_slot(a: *mut [u32; 2], h: u32) -> *mut u32 {
+    a.cast::<u32>().wrapping_add(h as usize % 2)
 }
 
 /// Cross-rank barrier run by one whole block (`blockDim >= world`). Every write the block
@@ -35,8 +55,8 @@ pub unsafe fn barrier_block(peers: &Peers, w: &Waiter) -> bool {
         let peer = control(peers, tid);
         // SAFETY: peer control blocks are valid mapped heap memory.
         unsafe {
-            st_release_sys_global_u32(&raw mut (*peer).barrier_slots[w.rank as usize], epoch);
-            ok = w.wait_reached(&raw const (*me).barrier_slots[tid as usize], epoch, phase::BARRIER, tid);
+            st_release_sys_global_u32(rank_slot(&raw mut (*peer).barrier_slots, w.rank), epoch);
+            ok = w.wait_reached(rank_slot(&raw mut (*me).barrier_slots, tid), epoch, phase::BARRIER, tid);
         }
     }
     bar_red_and_pred_0(ok)
