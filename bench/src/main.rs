@@ -92,7 +92,8 @@ fn run() -> Result<()> {
     let g = Group::from_env(cfg).context("joining the benchmark group")?;
     let mut rep = Report::new(&g);
     // The report is written after every part, so a part that fails keeps what came before.
-    let parts: [(&str, fn(&Group, &Opts, &mut Report) -> Result<()>); 4] = [("p2p", p2p::run), ("ht", ht::run), ("ll", ll::run), ("tune", ht::tune)];
+    type Part = fn(&Group, &Opts, &mut Report) -> Result<()>;
+    let parts: [(&str, Part); 4] = [("p2p", p2p::run), ("ht", ht::run), ("ll", ll::run), ("tune", ht::tune)];
     for (name, part) in parts {
         if o.what.iter().any(|w| w == name) {
             part(&g, &o, &mut rep)?;
@@ -116,6 +117,8 @@ fn launch(o: &Opts) -> Result<()> {
         bail!("--ranks {ranks} but this machine has {n} GPUs");
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // The ranks' shared secret, fresh for this run.
+    let secret = moe_ep::rendezvous::random_secret()?;
     let exe = std::env::current_exe()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut children = Vec::new();
@@ -127,7 +130,8 @@ fn launch(o: &Opts) -> Result<()> {
                 .env("WORLD_SIZE", ranks.to_string())
                 .env("LOCAL_RANK", r.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
+                .env("MOE_EP_MASTER_PORT", port.to_string())
+                .env("MOE_EP_SECRET", &secret)
                 .spawn()
                 .with_context(|| format!("starting rank {r}"))?,
         );

@@ -3,7 +3,7 @@
 //! these; they are public so a user can run the same checks on a new machine.
 
 use crate::driver::{self, DeviceAlloc};
-use crate::error::{DriverContext, Result};
+use crate::error::{DriverContext, Error, Result};
 use crate::group::{Group, Kernel};
 use cudarc::driver::CudaStream;
 use moe_ep_kernels::abi::*;
@@ -66,6 +66,7 @@ pub fn barrier_loop(g: &Group, launches: u32, iters_per_launch: u32) -> Result<(
 /// Runs a kernel that waits for a flag `peer` never writes, with deadline `timeout`; returns
 /// what the host got (expected: `Err(Error::Timeout { .. })` naming `peer`).
 pub fn wait_for_silent_peer(g: &Group, peer: usize, timeout: Duration) -> Result<()> {
+    check_rank(g, "peer", peer, true)?;
     let p = WaitTestParams { wait: g.wait_ctx_with(timeout), peers: g.control_peers(), peer: peer as u32, value: u32::MAX / 2 };
     g.launch(Kernel::WaitForever, 1, 32, 0, g.stream(), &p)?;
     g.check()
@@ -155,6 +156,10 @@ impl P2pProbe {
     /// Copies the source into `dst_rank`'s destination `iters` times with `blocks` blocks on
     /// `stream` and returns GB/s (not collective: only the sending rank calls it).
     pub fn copy_bandwidth(&self, g: &Group, stream: &CudaStream, dst_rank: usize, blocks: u32, engine: CopyEngine, iters: u32) -> Result<f64> {
+        check_rank(g, "dst_rank", dst_rank, true)?;
+        if blocks == 0 || blocks > g.sm_count().max(1) {
+            return Err(Error::invalid("blocks", format!("{blocks} is outside 1..={}", g.sm_count().max(1))));
+        }
         let p = P2pCopyParams {
             src: self.src.ptr(),
             dst: self.heap.peers().base[dst_rank] + CONTROL_BYTES,
@@ -178,6 +183,7 @@ impl P2pProbe {
 /// Flag round trips with `peer` (both ranks call it; `initiator` on exactly one). Returns the
 /// mean round trip in microseconds on the initiator.
 pub fn ping_pong(g: &Group, peer: usize, initiator: bool, iters: u32) -> Result<Option<f64>> {
+    check_rank(g, "peer", peer, false)?;
     let s = g.stream();
     let elapsed = DeviceAlloc::zeroed(g.context(), 8)?;
     // Zero this rank's ping flags, and meet the peer so both start from zero.
@@ -196,4 +202,13 @@ pub fn ping_pong(g: &Group, peer: usize, initiator: bool, iters: u32) -> Result<
     // SAFETY: `elapsed` holds one u64.
     unsafe { driver::copy_to_host(elapsed.ptr(), &mut ns, s) }.during("cuMemcpyDtoH", || "reading ping-pong time".into())?;
     Ok(Some(ns[0] as f64 / iters as f64 / 1e3))
+}
+
+/// `r` must be a rank of the group (and, unless `self_ok`, another rank than this one).
+fn check_rank(g: &Group, name: &'static str, r: usize, self_ok: bool) -> Result<()> {
+    if r >= g.world() || (!self_ok && r == g.rank()) {
+        let which = if self_ok { "a rank" } else { "another rank" };
+        return Err(Error::invalid(name, format!("{r} is not {which} of this {}-rank group (this is rank {})", g.world(), g.rank())));
+    }
+    Ok(())
 }

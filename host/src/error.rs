@@ -58,6 +58,11 @@ pub enum Error {
     #[error("{reason}")]
     InvalidState { reason: String },
 
+    /// Ranks passed different values to a collective call that needs the same on every rank
+    /// (a buffer's configuration, its launch sizes).
+    #[error("{what} differs across ranks: rank {rank} has {value}, rank {other_rank} has {other_value}; every rank must pass the same")]
+    CollectiveMismatch { what: &'static str, rank: usize, value: String, other_rank: usize, other_value: String },
+
     /// The device reported an error code this library does not know (a bug).
     #[error("rank {rank}: unknown device error record {record:?}")]
     Device { rank: usize, record: ErrorRecord },

@@ -227,25 +227,14 @@ impl Group {
         let (rank, world) = (exchange.rank(), exchange.world());
         let to = cfg.rendezvous_timeout;
         // Which GPU each rank drives, and whether this rank's GPU reaches every other.
-        let devs = exchange.all_gather(&(device as u32).to_le_bytes(), to)?;
-        let devices: Vec<usize> = devs.iter().map(|d| u32::from_le_bytes(d.as_slice().try_into().unwrap_or([0; 4])) as usize).collect();
+        let devices = parse_devices(&exchange.all_gather(&(device as u32).to_le_bytes(), to)?, rank, world)?;
         let mut row = vec![1u8; world];
         for (r, &d) in devices.iter().enumerate() {
             if r != rank && d != device {
                 row[r] = driver::peer::can_access(device, d).during("cuDeviceCanAccessPeer", || format!("checking GPU {device} -> GPU {d}"))? as u8;
             }
         }
-        let rows = exchange.all_gather(&row, to)?;
-        for (a, ra) in rows.iter().enumerate() {
-            for (b, &ok) in ra.iter().enumerate() {
-                if a != b && devices[a] == devices[b] {
-                    return Err(Error::invalid("device", format!("ranks {a} and {b} both use GPU {}; each rank needs its own GPU", devices[a])));
-                }
-                if ok == 0 {
-                    return Err(Error::NoPeerAccess { rank_a: a, device_a: devices[a], rank_b: b, device_b: devices[b] });
-                }
-            }
-        }
+        check_peer_rows(&exchange.all_gather(&row, to)?, &devices, rank)?;
         let mut peer_ctxs = Vec::new();
         if mode == Mode::Threads {
             for (r, &d) in devices.iter().enumerate() {
@@ -324,6 +313,38 @@ impl Group {
     /// All-gather of small blobs through the rendezvous (e.g. an NCCL id, benchmark results).
     pub fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.exchange.all_gather(data, self.cfg.rendezvous_timeout)
+    }
+
+    /// Collective: checks that every rank passed the same `value` (a configuration's canonical
+    /// text); a mismatch is an [`Error::CollectiveMismatch`] naming this rank's and the first
+    /// differing rank's values, on every rank.
+    pub(crate) fn agree(&self, what: &'static str, value: &str) -> Result<()> {
+        let all = self.exchange.all_gather(value.as_bytes(), self.cfg.rendezvous_timeout)?;
+        match all.iter().position(|v| v.as_slice() != value.as_bytes()) {
+            None => Ok(()),
+            Some(r) => Err(Error::CollectiveMismatch {
+                what,
+                rank: self.rank,
+                value: value.into(),
+                other_rank: r,
+                other_value: String::from_utf8_lossy(&all[r]).into_owned(),
+            }),
+        }
+    }
+
+    /// The smallest SM count of every rank's GPU (collective).
+    pub(crate) fn min_sm_count(&self) -> Result<u32> {
+        let all = self.exchange.all_gather(&self.sm_count.to_le_bytes(), self.cfg.rendezvous_timeout)?;
+        all.iter()
+            .enumerate()
+            .map(|(r, b)| {
+                <[u8; 4]>::try_from(b.as_slice()).map(u32::from_le_bytes).map_err(|_| Error::Rendezvous {
+                    rank: self.rank,
+                    world: self.world,
+                    reason: format!("rank {r} sent a malformed SM count ({} bytes)", b.len()),
+                })
+            })
+            .try_fold(u32::MAX, |m, c| c.map(|c| m.min(c)))
     }
 
     /// GPU barrier across all ranks on the group's stream, then [`Group::check`].
@@ -409,6 +430,49 @@ impl Group {
     }
 }
 
+/// Every rank's device ordinal from the all-gathered blobs (4 bytes each); anything else is a
+/// typed error naming the rank that sent it.
+fn parse_devices(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<usize>> {
+    if blobs.len() != world {
+        return Err(Error::Rendezvous { rank, world, reason: format!("device exchange returned {} entries for {world} ranks", blobs.len()) });
+    }
+    blobs
+        .iter()
+        .enumerate()
+        .map(|(r, b)| match <[u8; 4]>::try_from(b.as_slice()) {
+            Ok(v) => Ok(u32::from_le_bytes(v) as usize),
+            Err(_) => Err(Error::Rendezvous { rank, world, reason: format!("rank {r} sent a malformed device id ({} bytes, expected 4)", b.len()) }),
+        })
+        .collect()
+}
+
+/// Checks the all-gathered peer-access rows (one byte per rank, 1 = can access): every row has
+/// one entry per rank, no two ranks share a GPU, every pair reaches each other.
+fn check_peer_rows(rows: &[Vec<u8>], devices: &[usize], rank: usize) -> Result<()> {
+    let world = devices.len();
+    if rows.len() != world {
+        return Err(Error::Rendezvous { rank, world, reason: format!("peer-access exchange returned {} rows for {world} ranks", rows.len()) });
+    }
+    for (a, ra) in rows.iter().enumerate() {
+        if ra.len() != world {
+            return Err(Error::Rendezvous {
+                rank,
+                world,
+                reason: format!("rank {a} sent a peer-access row of {} entries for {world} ranks", ra.len()),
+            });
+        }
+        for (b, &ok) in ra.iter().enumerate() {
+            if a != b && devices[a] == devices[b] {
+                return Err(Error::invalid("device", format!("ranks {a} and {b} both use GPU {}; each rank needs its own GPU", devices[a])));
+            }
+            if ok == 0 {
+                return Err(Error::NoPeerAccess { rank_a: a, device_a: devices[a], rank_b: b, device_b: devices[b] });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn open_device(device: usize) -> Result<Arc<CudaContext>> {
     if !driver::driver_present() {
         return Err(Error::NoDevice { reason: "libcuda.so could not be loaded (no NVIDIA driver on this machine)".into() });
@@ -430,4 +494,25 @@ pub fn device_count() -> Result<usize> {
         return Err(Error::NoDevice { reason: "libcuda.so could not be loaded (no NVIDIA driver on this machine)".into() });
     }
     CudaContext::device_count().map(|c| c as usize).map_err(|e| Error::NoDevice { reason: format!("cuInit/cuDeviceGetCount failed: {e}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_device_ids_and_peer_rows_are_typed_errors() {
+        let ok = |d: u32| d.to_le_bytes().to_vec();
+        assert_eq!(parse_devices(&[ok(0), ok(3)], 0, 2).unwrap(), vec![0, 3]);
+        let e = parse_devices(&[ok(0), vec![1, 2, 3]], 0, 2).unwrap_err().to_string();
+        assert!(e.contains("rank 1 sent a malformed device id (3 bytes"), "{e}");
+        assert!(parse_devices(&[ok(0)], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
+        let devices = [0, 1];
+        check_peer_rows(&[vec![1, 1], vec![1, 1]], &devices, 0).unwrap();
+        let e = check_peer_rows(&[vec![1, 1], vec![1, 1, 1, 1, 1]], &devices, 0).unwrap_err().to_string();
+        assert!(e.contains("rank 1 sent a peer-access row of 5 entries for 2 ranks"), "{e}");
+        assert!(matches!(check_peer_rows(&[vec![1, 0], vec![1, 1]], &devices, 0), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
+        let e = check_peer_rows(&[vec![1, 1], vec![1, 1]], &[2, 2], 0).unwrap_err().to_string();
+        assert!(e.contains("both use GPU 2"), "{e}");
+    }
 }

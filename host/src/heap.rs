@@ -23,6 +23,8 @@ const DROP_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One rank's view of a symmetric heap.
 pub struct SymmetricHeap {
+    /// Unique per heap in this process (buffers tie their handles to it).
+    id: u64,
     local: DeviceAlloc,
     peers: Peers,
     /// Peer allocations opened over IPC (closed on drop, before `local` is freed).
@@ -50,7 +52,9 @@ impl SymmetricHeap {
             }
         }
         let local = DeviceAlloc::zeroed(ctx, bytes as usize)?;
-        let mut heap = SymmetricHeap { peers: Peers::default(), opened: Vec::new(), local, exchange: exchange.clone(), ctx: ctx.clone() };
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut heap = SymmetricHeap { id, peers: Peers::default(), opened: Vec::new(), local, exchange: exchange.clone(), ctx: ctx.clone() };
         match mode {
             Mode::Threads => {
                 let ptrs = exchange.all_gather(&heap.local.ptr().to_le_bytes(), timeout)?;
@@ -77,6 +81,11 @@ impl SymmetricHeap {
         }
         exchange.barrier(timeout)?;
         Ok(heap)
+    }
+
+    /// This heap's identity, unique in this process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Heap base of every rank, as mapped in this process.

@@ -307,14 +307,15 @@ pub struct HtBuffer<'g> {
 }
 
 impl<'g> HtBuffer<'g> {
-    /// Collective: every rank creates its buffer with the same configuration.
+    /// Collective: every rank creates its buffer with the same configuration (a mismatch is an
+    /// [`Error::CollectiveMismatch`] on every rank, before anything is allocated).
     pub fn new(g: &'g Group, cfg: HtConfig) -> Result<Self> {
         cfg.validate(g.world(), g.sm_count())?;
+        g.agree("high-throughput buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.heap_layout(g.world());
         let heap = g.new_heap(hl.total)?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = heap.id();
         Ok(HtBuffer { id, g, cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
     }
 
@@ -324,12 +325,14 @@ impl<'g> HtBuffer<'g> {
     }
 
     /// Collective: changes the dispatch and combine launch sizes (every rank must pass the
-    /// same values, since each receiver waits for every sender's blocks). A combine push-block
-    /// count that no longer fits falls back to the default (half).
+    /// same values, since each receiver waits for every sender's blocks; a mismatch is an
+    /// [`Error::CollectiveMismatch`] on every rank). A combine push-block count that no longer
+    /// fits falls back to the tuned split.
     pub fn set_launch(&mut self, num_sms: u32, threads: u32) -> Result<()> {
         let push = if self.cfg.combine_push_blocks < num_sms { self.cfg.combine_push_blocks } else { 0 };
         let cfg = HtConfig { num_sms, threads, combine_push_blocks: push, ..self.cfg };
         cfg.validate(self.g.world(), self.g.sm_count())?;
+        self.g.agree("high-throughput launch (set_launch)", &format!("{cfg:?}"))?;
         self.cfg = cfg;
         Ok(())
     }
@@ -339,6 +342,7 @@ impl<'g> HtBuffer<'g> {
     pub fn set_combine_push_blocks(&mut self, push: u32) -> Result<()> {
         let cfg = HtConfig { combine_push_blocks: push, ..self.cfg };
         cfg.validate(self.g.world(), self.g.sm_count())?;
+        self.g.agree("high-throughput combine split (set_combine_push_blocks)", &format!("{cfg:?}"))?;
         self.cfg = cfg;
         Ok(())
     }

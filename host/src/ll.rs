@@ -193,6 +193,8 @@ impl<'a> LlDispatchArgs<'a> {
 /// Handle of one dispatch (for its views and its combine).
 #[derive(Clone, Debug)]
 pub struct LlHandle {
+    /// The buffer (heap) that made it.
+    buffer: u64,
     generation: u64,
     half: usize,
     num_tokens: usize,
@@ -243,6 +245,8 @@ pub struct LlCombineArgs<'a> {
 /// arguments, so the tensors the receive half reads and writes outlive its launch.
 #[must_use = "run LlBuffer::combine_recv to finish the combine"]
 pub struct LlCombinePending<'a> {
+    /// The buffer (heap) whose combine this finishes.
+    buffer: u64,
     params: LlCombineParams,
     _args: std::marker::PhantomData<&'a ()>,
 }
@@ -260,10 +264,14 @@ pub struct LlBuffer<'g> {
 }
 
 impl<'g> LlBuffer<'g> {
-    /// Collective: every rank creates its buffer with the same configuration.
+    /// Collective: every rank creates its buffer with the same configuration (a mismatch is an
+    /// [`Error::CollectiveMismatch`] on every rank, before anything is allocated). The default
+    /// grid (`num_blocks: 0`) is the smallest SM count of the group's GPUs, the same on every
+    /// rank.
     pub fn new(g: &'g Group, cfg: LlConfig) -> Result<Self> {
         cfg.validate(g.world(), g.sm_count())?;
-        let cfg = LlConfig { num_blocks: if cfg.num_blocks == 0 { g.sm_count().max(1) } else { cfg.num_blocks }, ..cfg };
+        let cfg = LlConfig { num_blocks: if cfg.num_blocks == 0 { g.min_sm_count()?.max(1) } else { cfg.num_blocks }, ..cfg };
+        g.agree("low-latency buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.half_layout(g.world());
         let heap = g.new_heap(hl.heap_bytes())?;
         Ok(LlBuffer {
@@ -292,7 +300,9 @@ impl<'g> LlBuffer<'g> {
         }
         let cfg = LlConfig { num_blocks, threads, ..self.cfg };
         cfg.validate(self.g.world(), self.g.sm_count())?;
-        self.cfg = LlConfig { num_blocks: if num_blocks == 0 { self.g.sm_count().max(1) } else { num_blocks }, ..cfg };
+        let cfg = LlConfig { num_blocks: if num_blocks == 0 { self.g.min_sm_count()?.max(1) } else { num_blocks }, ..cfg };
+        self.g.agree("low-latency launch (set_launch)", &format!("{cfg:?}"))?;
+        self.cfg = cfg;
         Ok(())
     }
 
@@ -384,6 +394,7 @@ impl<'g> LlBuffer<'g> {
         self.dispatches += 1;
         self.pending_dispatch = args.hook;
         let h = LlHandle {
+            buffer: self.heap.id(),
             generation: self.dispatches,
             half,
             num_tokens: n,
@@ -398,6 +409,7 @@ impl<'g> LlBuffer<'g> {
 
     /// The receive half of a hook-mode dispatch.
     pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut LlHandle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
+        self.check_own(h.buffer)?;
         if h.received || h.generation != self.dispatches {
             return Err(Error::InvalidState {
                 reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
@@ -430,7 +442,15 @@ impl<'g> LlBuffer<'g> {
         self.event(stream)
     }
 
+    fn check_own(&self, buffer: u64) -> Result<()> {
+        if buffer != self.heap.id() {
+            return Err(Error::InvalidState { reason: "this handle belongs to another low-latency buffer".into() });
+        }
+        Ok(())
+    }
+
     fn check_view(&self, h: &LlHandle) -> Result<()> {
+        self.check_own(h.buffer)?;
         if !h.received {
             return Err(Error::InvalidState { reason: "the dispatch's receive hook has not run yet".into() });
         }
@@ -591,12 +611,17 @@ impl<'g> LlBuffer<'g> {
         self.launch_combine(stream, &p)?;
         self.combines.set(self.combines.get() + 1);
         self.pending_combine.set(args.hook);
-        let pending = args.hook.then_some(LlCombinePending { params: LlCombineParams { stages: stage::RECV, ..p }, _args: std::marker::PhantomData });
+        let pending = args.hook.then_some(LlCombinePending {
+            buffer: self.heap.id(),
+            params: LlCombineParams { stages: stage::RECV, ..p },
+            _args: std::marker::PhantomData,
+        });
         Ok((pending, self.event(stream)?))
     }
 
     /// The receive half of a hook-mode combine.
     pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: LlCombinePending<'_>) -> Result<CudaEvent> {
+        self.check_own(pending.buffer)?;
         self.launch_combine(stream, &pending.params)?;
         self.pending_combine.set(false);
         self.event(stream)

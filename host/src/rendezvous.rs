@@ -6,6 +6,14 @@
 //! and [`LocalExchange`] for one process driving several GPUs from threads. Every call has a
 //! deadline and fails with an error naming the ranks that did not show up; malformed input on
 //! the socket is an error, never a panic.
+//!
+//! **Authentication.** Every rank of a job holds the same secret ([`ProcessConfig::secret`]).
+//! Rank 0 greets each connection with a fresh random challenge; a joining rank answers with
+//! HMAC-SHA256(secret, challenge, rank, world), and rank 0 proves itself the same way in its
+//! welcome. A connection that fails this (a stranger, a stale process of another job, garbage)
+//! is refused and logged on standard error; it never aborts the job and never sees a handle.
+//! Handshakes run concurrently, each under its own deadline ([`HELLO_TIMEOUT`]), so silent
+//! connections cannot use up the rendezvous' time.
 
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
@@ -31,7 +39,33 @@ pub trait Exchange: Send + Sync {
 // Configuration from the environment
 // ---------------------------------------------------------------------------------------
 
-/// How a process joins a group: its rank, the group size, its GPU and rank 0's address.
+/// The job's shared secret (its `Debug` form never shows it).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
+/// A fresh random job secret (32 hex digits) for a launcher to pass to its ranks as
+/// `MOE_EP_SECRET`.
+pub fn random_secret() -> Result<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).map_err(|e| Error::Rendezvous { rank: 0, world: 0, reason: format!("no randomness for a job secret: {e}") })?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Offset from torchrun's `MASTER_PORT` to the port moe-ep's rendezvous listens on when
+/// `MOE_EP_MASTER_PORT` is not set: torchrun's own store already holds `MASTER_PORT`.
+pub const PORT_OFFSET: u16 = 1;
+
+/// How long rank 0 waits for one connection's hello before refusing it.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a process joins a group: its rank, the group size, its GPU, rank 0's address and the
+/// job's secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessConfig {
     pub rank: usize,
@@ -41,13 +75,23 @@ pub struct ProcessConfig {
     /// Where rank 0 listens.
     pub master_addr: String,
     pub master_port: u16,
+    /// Shared by every rank of the job; a connection that cannot prove it knows it is refused.
+    pub secret: Secret,
 }
 
 impl ProcessConfig {
     /// Reads torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-    /// `MASTER_PORT`); `MOE_EP_RANK`, `MOE_EP_WORLD_SIZE`, `MOE_EP_LOCAL_RANK`,
-    /// `MOE_EP_MASTER_ADDR` and `MOE_EP_MASTER_PORT` take precedence. `LOCAL_RANK` (the device)
-    /// defaults to `RANK`, `MASTER_ADDR` to 127.0.0.1.
+    /// `MASTER_PORT`); `MOE_EP_RANK`, `MOE_EP_WORLD_SIZE`, `MOE_EP_LOCAL_RANK` and
+    /// `MOE_EP_MASTER_ADDR` take precedence. `LOCAL_RANK` (the device) defaults to `RANK`,
+    /// `MASTER_ADDR` to 127.0.0.1.
+    ///
+    /// The port is `MOE_EP_MASTER_PORT`, or `MASTER_PORT + 1` ([`PORT_OFFSET`]) where only
+    /// torchrun's `MASTER_PORT` is set (torchrun's store listens on `MASTER_PORT` itself).
+    ///
+    /// The secret is `MOE_EP_SECRET` (launchers should set a random one, as the test harness and
+    /// the benchmark do). Without it the secret is derived from what every rank of a torchrun
+    /// job shares (`TORCHELASTIC_RUN_ID`, the master address and port, the world size): that
+    /// keeps strays and other jobs out, but not someone who can read the job's environment.
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -70,10 +114,25 @@ impl ProcessConfig {
             None => rank,
         };
         let master_addr = var("MOE_EP_MASTER_ADDR", "MASTER_ADDR").map(|(_, v)| v).unwrap_or_else(|| "127.0.0.1".into());
-        let (n, v) = var("MOE_EP_MASTER_PORT", "MASTER_PORT")
-            .ok_or_else(|| Error::invalid("MASTER_PORT", "neither MOE_EP_MASTER_PORT nor MASTER_PORT is set"))?;
-        let master_port: u16 = parse(n, &v)?;
-        let c = ProcessConfig { rank, world, device, master_addr, master_port };
+        let master_port: u16 = match (get("MOE_EP_MASTER_PORT"), get("MASTER_PORT")) {
+            (Some(v), _) => parse("MOE_EP_MASTER_PORT", &v)?,
+            (None, Some(v)) => {
+                let p: u16 = parse("MASTER_PORT", &v)?;
+                p.checked_add(PORT_OFFSET)
+                    .ok_or_else(|| Error::invalid("MASTER_PORT", format!("{p} + {PORT_OFFSET} is not a port; set MOE_EP_MASTER_PORT")))?
+            }
+            (None, None) => return Err(Error::invalid("MASTER_PORT", "neither MOE_EP_MASTER_PORT nor MASTER_PORT is set")),
+        };
+        let secret = match get("MOE_EP_SECRET") {
+            Some(s) if !s.is_empty() => s,
+            Some(_) => return Err(Error::invalid("MOE_EP_SECRET", "is empty")),
+            None => format!(
+                "moe-ep derived secret: run {}, master {master_addr}:{}, world {world}",
+                get("TORCHELASTIC_RUN_ID").unwrap_or_default(),
+                get("MASTER_PORT").unwrap_or_default()
+            ),
+        };
+        let c = ProcessConfig { rank, world, device, master_addr, master_port, secret: Secret(secret) };
         c.validate()?;
         Ok(c)
     }
@@ -104,9 +163,13 @@ impl ProcessConfig {
 // ---------------------------------------------------------------------------------------
 
 const MAGIC: u32 = 0x4d4f_4550; // "MOEP"
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 /// Largest blob a frame may carry (guards allocations against garbage lengths).
 const MAX_FRAME: usize = 16 << 20;
+/// Largest frame of the handshake (before a peer has authenticated).
+const MAX_HANDSHAKE_FRAME: usize = 1024;
+/// Bytes of the challenge and of a MAC.
+const NONCE: usize = 32;
 
 mod kind {
     pub const HELLO: u8 = 1;
@@ -114,6 +177,23 @@ mod kind {
     pub const DATA: u8 = 3;
     pub const ALL: u8 = 4;
     pub const FAIL: u8 = 5;
+    pub const CHALLENGE: u8 = 6;
+}
+
+/// HMAC-SHA256 of the job secret over a label, the challenge, and the claimed rank and world.
+fn mac(secret: &Secret, label: &[u8], nonce: &[u8], rank: u32, world: u32) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.0.as_bytes()).expect("HMAC takes keys of any length");
+    m.update(label);
+    m.update(nonce);
+    m.update(&rank.to_le_bytes());
+    m.update(&world.to_le_bytes());
+    m.finalize().into_bytes().into()
+}
+
+/// Compares two MACs in time independent of where they differ.
+fn mac_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Frame: magic u32, version u16, kind u8, pad u8, len u32, payload (little endian).
@@ -130,6 +210,11 @@ fn write_frame(s: &mut TcpStream, kind: u8, payload: &[u8]) -> std::io::Result<(
 
 /// Reads one frame; malformed input is an `InvalidData` error.
 fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    read_frame_max(s, MAX_FRAME)
+}
+
+/// Reads one frame of at most `max` payload bytes.
+fn read_frame_max(s: &mut TcpStream, max: usize) -> std::io::Result<(u8, Vec<u8>)> {
     let mut h = [0u8; 12];
     s.read_exact(&mut h)?;
     let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
@@ -142,8 +227,8 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
         return Err(bad(format!("protocol version {version}, expected {VERSION}")));
     }
     let len = u32::from_le_bytes(h[8..12].try_into().unwrap()) as usize;
-    if len > MAX_FRAME {
-        return Err(bad(format!("frame of {len} bytes exceeds the {MAX_FRAME}-byte limit")));
+    if len > max {
+        return Err(bad(format!("frame of {len} bytes exceeds the {max}-byte limit")));
     }
     let mut payload = vec![0u8; len];
     s.read_exact(&mut payload)?;
@@ -187,6 +272,48 @@ pub struct TcpExchange {
     conns: Mutex<Vec<TcpStream>>,
 }
 
+/// Labels of the two MACs of the handshake.
+const HELLO_LABEL: &[u8] = b"moe-ep rendezvous hello";
+const WELCOME_LABEL: &[u8] = b"moe-ep rendezvous welcome";
+
+/// What one connection's handshake at rank 0 came to.
+enum Handshake {
+    /// The peer proved it knows the secret.
+    Joined { rank: usize, world: usize, stream: TcpStream, peer: SocketAddr, nonce: Vec<u8> },
+    /// Refused (logged; the connection is dropped).
+    Refused { peer: SocketAddr, why: String },
+}
+
+/// Rank 0's side of one connection: challenge, then a hello within `timeout` whose MAC proves
+/// the secret. Runs on its own thread, so a silent peer delays nobody.
+fn handshake(mut s: TcpStream, peer: SocketAddr, secret: &Secret, timeout: Duration) -> Handshake {
+    let refuse = |why: String| Handshake::Refused { peer, why };
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    let mut nonce = vec![0u8; NONCE];
+    if let Err(e) = getrandom::fill(&mut nonce) {
+        return refuse(format!("no randomness for the challenge: {e}"));
+    }
+    if let Err(e) = write_frame(&mut s, kind::CHALLENGE, &nonce) {
+        return refuse(format!("sending the challenge: {e}"));
+    }
+    let hello = match read_frame_max(&mut s, MAX_HANDSHAKE_FRAME) {
+        Ok((kind::HELLO, p)) if p.len() == 8 + NONCE => p,
+        Ok((k, p)) => return refuse(format!("frame kind {k} of {} bytes instead of a hello", p.len())),
+        Err(e) if is_timeout(&e) => return refuse(format!("no hello within {timeout:?}")),
+        Err(e) => return refuse(e.to_string()),
+    };
+    let rank = u32::from_le_bytes(hello[0..4].try_into().expect("4 bytes"));
+    let world = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes"));
+    if !mac_eq(&hello[8..], &mac(secret, HELLO_LABEL, &nonce, rank, world)) {
+        let _ = write_frame(&mut s, kind::FAIL, b"rendezvous authentication failed (wrong job secret)");
+        return refuse(format!("claimed rank {rank} of {world} without the job's secret"));
+    }
+    Handshake::Joined { rank: rank as usize, world: world as usize, stream: s, peer, nonce }
+}
+
 impl TcpExchange {
     /// Joins the group described by `cfg` within `timeout`.
     pub fn connect(cfg: &ProcessConfig, timeout: Duration) -> Result<Self> {
@@ -196,101 +323,122 @@ impl TcpExchange {
         let deadline = Instant::now() + timeout;
         if cfg.rank == 0 {
             let listener = TcpListener::bind(addr).map_err(|e| err(format!("cannot listen on {addr}: {e}")))?;
-            Self::accept_all(cfg, listener, deadline, timeout)
-        } else {
-            let mut last;
-            let mut stream = loop {
-                match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                    Ok(s) => break s,
-                    Err(e) => last = e.to_string(),
-                }
-                if Instant::now() >= deadline {
-                    return Err(err(format!("could not reach rank 0 at {addr} within {timeout:?}: {last}")));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            };
-            let _ = stream.set_nodelay(true);
-            let mut hello = Vec::new();
-            hello.extend_from_slice(&(cfg.rank as u32).to_le_bytes());
-            hello.extend_from_slice(&(cfg.world as u32).to_le_bytes());
-            write_frame(&mut stream, kind::HELLO, &hello).map_err(|e| err(format!("sending hello to rank 0 at {addr}: {e}")))?;
-            stream.set_read_timeout(Some(remaining(deadline))).ok();
-            match read_frame(&mut stream) {
-                Ok((kind::WELCOME, _)) => {}
-                Ok((kind::FAIL, msg)) => return Err(err(String::from_utf8_lossy(&msg).into_owned())),
-                Ok((k, _)) => return Err(err(format!("rank 0 answered the hello with frame kind {k}"))),
-                Err(e) if is_timeout(&e) => {
-                    return Err(err(format!("rank 0 at {addr} did not complete the rendezvous within {timeout:?} (some rank is missing)")));
-                }
-                Err(e) => return Err(err(format!("waiting for rank 0 at {addr}: {e}"))),
-            }
-            Ok(TcpExchange { rank: cfg.rank, world: cfg.world, conns: Mutex::new(vec![stream]) })
+            return Self::accept_all(cfg, listener, deadline, timeout);
         }
+        let mut last;
+        let mut stream = loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(s) => break s,
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(err(format!("could not reach rank 0 at {addr} within {timeout:?}: {last}")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = stream.set_nodelay(true);
+        let read = |stream: &mut TcpStream, what: &str| -> Result<(u8, Vec<u8>)> {
+            stream.set_read_timeout(Some(remaining(deadline))).ok();
+            match read_frame_max(stream, MAX_HANDSHAKE_FRAME) {
+                Ok((kind::FAIL, msg)) => Err(err(String::from_utf8_lossy(&msg).into_owned())),
+                Ok(f) => Ok(f),
+                Err(e) if is_timeout(&e) => Err(err(format!(
+                    "rank 0 at {addr} did not complete the rendezvous within {timeout:?} (waiting for its {what}; some rank is missing)"
+                ))),
+                Err(e) => Err(err(format!("waiting for rank 0's {what} at {addr}: {e}"))),
+            }
+        };
+        let nonce = match read(&mut stream, "challenge")? {
+            (kind::CHALLENGE, n) if n.len() == NONCE => n,
+            (k, p) => return Err(err(format!("rank 0 at {addr} sent frame kind {k} ({} bytes) instead of a challenge", p.len()))),
+        };
+        let (rank, world) = (cfg.rank as u32, cfg.world as u32);
+        let mut hello = Vec::with_capacity(8 + NONCE);
+        hello.extend_from_slice(&rank.to_le_bytes());
+        hello.extend_from_slice(&world.to_le_bytes());
+        hello.extend_from_slice(&mac(&cfg.secret, HELLO_LABEL, &nonce, rank, world));
+        write_frame(&mut stream, kind::HELLO, &hello).map_err(|e| err(format!("sending hello to rank 0 at {addr}: {e}")))?;
+        match read(&mut stream, "welcome")? {
+            (kind::WELCOME, proof) if mac_eq(&proof, &mac(&cfg.secret, WELCOME_LABEL, &nonce, rank, world)) => {}
+            (kind::WELCOME, _) => {
+                return Err(err(format!("the process at {addr} could not prove it knows the job's secret (not this job's rank 0)")));
+            }
+            (k, _) => return Err(err(format!("rank 0 answered the hello with frame kind {k}"))),
+        }
+        Ok(TcpExchange { rank: cfg.rank, world: cfg.world, conns: Mutex::new(vec![stream]) })
     }
 
     fn accept_all(cfg: &ProcessConfig, listener: TcpListener, deadline: Instant, timeout: Duration) -> Result<Self> {
         let err = |reason: String| Error::Rendezvous { rank: 0, world: cfg.world, reason };
         listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
-        let mut slots: Vec<Option<(TcpStream, SocketAddr)>> = (1..cfg.world).map(|_| None).collect();
-        let mut rejected: Vec<String> = Vec::new();
-        let fail_all = |slots: &mut Vec<Option<(TcpStream, SocketAddr)>>, msg: &str| {
-            for (s, _) in slots.iter_mut().flatten() {
+        let mut slots: Vec<Option<(TcpStream, SocketAddr, Vec<u8>)>> = (1..cfg.world).map(|_| None).collect();
+        let mut refused: Vec<String> = Vec::new();
+        let fail_all = |slots: &mut Vec<Option<(TcpStream, SocketAddr, Vec<u8>)>>, msg: &str| {
+            for (s, _, _) in slots.iter_mut().flatten() {
                 let _ = write_frame(s, kind::FAIL, msg.as_bytes());
             }
         };
+        let (tx, rx) = std::sync::mpsc::channel::<Handshake>();
         while slots.iter().any(|s| s.is_none()) {
             if Instant::now() >= deadline {
                 let missing: Vec<usize> = slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| i + 1).collect();
                 let mut msg = format!("rank(s) {missing:?} of {} did not join within {timeout:?}", cfg.world);
-                if !rejected.is_empty() {
-                    msg += &format!("; rejected connections: {}", rejected.join("; "));
+                if !refused.is_empty() {
+                    msg += &format!("; refused connections: {}", refused.join("; "));
                 }
                 fail_all(&mut slots, &msg);
                 return Err(err(msg));
             }
-            let (mut s, peer) = match listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
+            let mut idle = true;
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    idle = false;
+                    let (tx, secret) = (tx.clone(), cfg.secret.clone());
+                    let per_peer = remaining(deadline).min(HELLO_TIMEOUT);
+                    std::thread::spawn(move || {
+                        let _ = tx.send(handshake(s, peer, &secret, per_peer));
+                    });
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(err(format!("accept: {e}"))),
-            };
-            s.set_nonblocking(false).ok();
-            s.set_nodelay(true).ok();
-            s.set_read_timeout(Some(remaining(deadline).min(Duration::from_secs(2)))).ok();
-            let hello = match read_frame(&mut s) {
-                Ok((kind::HELLO, p)) if p.len() == 8 => p,
-                Ok((k, p)) => {
-                    rejected.push(format!("{peer}: frame kind {k} of {} bytes instead of a hello", p.len()));
-                    continue;
-                }
-                Err(e) => {
-                    rejected.push(format!("{peer}: {e}"));
-                    continue;
-                }
-            };
-            let r = u32::from_le_bytes(hello[0..4].try_into().unwrap()) as usize;
-            let w = u32::from_le_bytes(hello[4..8].try_into().unwrap()) as usize;
-            let fatal = if w != cfg.world {
-                Some(format!("rank {r} (from {peer}) says the world size is {w}, rank 0 says {}", cfg.world))
-            } else if r == 0 || r >= cfg.world {
-                Some(format!("a process at {peer} claims rank {r}, outside 1..{}", cfg.world))
-            } else if let Some((_, first)) = &slots[r - 1] {
-                Some(format!("rank {r} joined twice (from {first} and from {peer})"))
-            } else {
-                None
-            };
-            if let Some(msg) = fatal {
-                let _ = write_frame(&mut s, kind::FAIL, msg.as_bytes());
-                fail_all(&mut slots, &msg);
-                return Err(err(msg));
             }
-            slots[r - 1] = Some((s, peer));
+            while let Ok(h) = rx.try_recv() {
+                idle = false;
+                let (rank, world, mut stream, peer, nonce) = match h {
+                    Handshake::Refused { peer, why } => {
+                        eprintln!("moe-ep rendezvous (rank 0 of {}): refused a connection from {peer}: {why}", cfg.world);
+                        refused.push(format!("{peer}: {why}"));
+                        continue;
+                    }
+                    Handshake::Joined { rank, world, stream, peer, nonce } => (rank, world, stream, peer, nonce),
+                };
+                // The peer knows the secret: it belongs to this job, so a disagreement is the
+                // job's configuration error and ends the rendezvous.
+                let fatal = if world != cfg.world {
+                    Some(format!("rank {rank} (from {peer}) says the world size is {world}, rank 0 says {}", cfg.world))
+                } else if rank == 0 || rank >= cfg.world {
+                    Some(format!("a process at {peer} claims rank {rank}, outside 1..{}", cfg.world))
+                } else if let Some((_, first, _)) = &slots[rank - 1] {
+                    Some(format!("rank {rank} joined twice (from {first} and from {peer})"))
+                } else {
+                    None
+                };
+                if let Some(msg) = fatal {
+                    let _ = write_frame(&mut stream, kind::FAIL, msg.as_bytes());
+                    fail_all(&mut slots, &msg);
+                    return Err(err(msg));
+                }
+                slots[rank - 1] = Some((stream, peer, nonce));
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
         let mut conns = Vec::new();
-        for (mut s, peer) in slots.into_iter().flatten() {
-            write_frame(&mut s, kind::WELCOME, &[]).map_err(|e| err(format!("welcoming {peer}: {e}")))?;
+        for (r, (mut s, peer, nonce)) in slots.into_iter().flatten().enumerate() {
+            let proof = mac(&cfg.secret, WELCOME_LABEL, &nonce, (r + 1) as u32, cfg.world as u32);
+            write_frame(&mut s, kind::WELCOME, &proof).map_err(|e| err(format!("welcoming {peer}: {e}")))?;
+            let _ = s.set_write_timeout(None);
             conns.push(s);
         }
         Ok(TcpExchange { rank: 0, world: cfg.world, conns: Mutex::new(conns) })

@@ -9,14 +9,30 @@ use std::marker::PhantomData;
 /// A device array of `T` that an operation may read or write: a cudarc [`CudaSlice`],
 /// [`CudaView`] or [`CudaViewMut`], or a [`HeapView`]. Operations check its length against
 /// the shape they expect before launching anything.
-pub trait DeviceArg<T> {
+///
+/// # Safety
+///
+/// Kernels read and write through [`DeviceArg::device_addr`] without any further check, so an
+/// implementation must guarantee that:
+/// - the address is the start of `elems()` properly aligned `T` of device memory of the group's
+///   GPU (or mapped to it), and stays so while the object lives;
+/// - the memory is not freed or reused while an operation that got it may still run on the
+///   GPU: either it lives (and is not written by other work) until the stream the operation ran
+///   on has passed the operation (its returned event), or its frees are ordered after that
+///   stream. The implementations here rely on the caller for this: with the group's context
+///   (event tracking off), dropping a cudarc slice frees it on its own stream, so keep inputs
+///   and outputs alive until the operation's event has completed, or allocate them on the
+///   stream the operation runs on.
+pub unsafe trait DeviceArg<T> {
     /// Device address of element 0.
     fn device_addr(&self) -> u64;
     /// Number of elements.
     fn elems(&self) -> usize;
 }
 
-impl<T> DeviceArg<T> for CudaSlice<T> {
+// SAFETY: a live CudaSlice owns `len()` elements of device memory of its context; the ordering
+// of its free is the caller's (see the trait's safety section).
+unsafe impl<T> DeviceArg<T> for CudaSlice<T> {
     fn device_addr(&self) -> u64 {
         self.device_ptr(self.stream()).0
     }
@@ -25,7 +41,8 @@ impl<T> DeviceArg<T> for CudaSlice<T> {
     }
 }
 
-impl<T> DeviceArg<T> for CudaView<'_, T> {
+// SAFETY: a view borrows a live slice's elements for its lifetime.
+unsafe impl<T> DeviceArg<T> for CudaView<'_, T> {
     fn device_addr(&self) -> u64 {
         self.device_ptr(self.stream()).0
     }
@@ -34,7 +51,8 @@ impl<T> DeviceArg<T> for CudaView<'_, T> {
     }
 }
 
-impl<T> DeviceArg<T> for CudaViewMut<'_, T> {
+// SAFETY: as for CudaView.
+unsafe impl<T> DeviceArg<T> for CudaViewMut<'_, T> {
     fn device_addr(&self) -> u64 {
         self.device_ptr(self.stream()).0
     }
@@ -84,7 +102,9 @@ impl<T: Pod> HeapView<'_, T> {
     }
 }
 
-impl<T> DeviceArg<T> for HeapView<'_, T> {
+// SAFETY: a heap view covers `len` elements of a buffer's heap, which lives as long as the view
+// borrows the buffer; the buffer's own operations order its reuse.
+unsafe impl<T> DeviceArg<T> for HeapView<'_, T> {
     fn device_addr(&self) -> u64 {
         self.ptr
     }

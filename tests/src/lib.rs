@@ -4,7 +4,8 @@
 //! `cargo test cpu` filter them. GPU test binaries use [`gpu_main`] as their harness: a test
 //! the machine cannot run is reported as ignored, with the reason, never as passed. A multi-process test spawns one child per rank: the child is
 //! this same test binary, run with `--exact <test name>` and the rank in torchrun's variables
-//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) plus `MOE_EP_TEST_WORLD`;
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`), a free `MOE_EP_MASTER_PORT`, a fresh
+//! `MOE_EP_SECRET` and `MOE_EP_TEST_WORLD`;
 //! in the child the test body runs as that rank of that world only.
 
 use anyhow::{Context, Result, bail};
@@ -161,6 +162,7 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
         return body(&g);
     }
     let port = free_port()?;
+    let secret = moe_ep::rendezvous::random_secret()?;
     let exe = std::env::current_exe()?;
     let children: Vec<_> = (0..world)
         .map(|r| {
@@ -172,7 +174,8 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
                 .env("WORLD_SIZE", world.to_string())
                 .env("LOCAL_RANK", r.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
+                .env("MOE_EP_MASTER_PORT", port.to_string())
+                .env("MOE_EP_SECRET", &secret)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -304,7 +307,9 @@ pub struct DevBuf<T> {
     pub len: usize,
 }
 
-impl<T> moe_ep::DeviceArg<T> for DevBuf<T> {
+// SAFETY: `buf` is a live slice of at least `len` elements (one when `len` is 0); the tests keep
+// every DevBuf alive until the operations that use it have been synchronised.
+unsafe impl<T> moe_ep::DeviceArg<T> for DevBuf<T> {
     fn device_addr(&self) -> u64 {
         self.buf.device_addr()
     }

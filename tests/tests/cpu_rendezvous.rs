@@ -1,9 +1,12 @@
 //! CPU: the rendezvous over TCP (threads and real processes on loopback) and in memory, and
 //! its failure modes: a rank that never arrives, a wrong world size, a duplicate rank, garbage
 //! on the socket. Every failure must be an error naming what went wrong, within the deadline.
+//! And the attacks it must survive: strangers without the job's secret (claiming a rank,
+//! sending garbage or oversized frames, or staying silent) are refused without aborting the
+//! job or delaying it, and a fake rank 0 is detected by the joining ranks.
 
 use moe_ep::Error;
-use moe_ep::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
+use moe_ep::rendezvous::{Exchange, LocalExchange, ProcessConfig, Secret, TcpExchange};
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -13,7 +16,12 @@ fn port() -> u16 {
 }
 
 fn cfg(rank: usize, world: usize, port: u16) -> ProcessConfig {
-    ProcessConfig { rank, world, device: rank, master_addr: "127.0.0.1".into(), master_port: port }
+    ProcessConfig { rank, world, device: rank, master_addr: "127.0.0.1".into(), master_port: port, secret: Secret("the job's secret".into()) }
+}
+
+/// A stranger: the same job shape, another secret.
+fn stranger(rank: usize, world: usize, port: u16) -> ProcessConfig {
+    ProcessConfig { secret: Secret("a guess".into()), ..cfg(rank, world, port) }
 }
 
 fn gather_payload(rank: usize, round: usize) -> Vec<u8> {
@@ -173,7 +181,7 @@ fn cpu_rendezvous_duplicate_rank() {
 
 #[test]
 fn cpu_rendezvous_garbage_on_the_socket() {
-    // Garbage at rank 0: rejected, named in the error when the real rank never comes.
+    // Garbage at rank 0: refused and named, and the job still forms when the real rank comes.
     let p = port();
     std::thread::scope(|s| {
         s.spawn(move || {
@@ -182,14 +190,32 @@ fn cpu_rendezvous_garbage_on_the_socket() {
                 let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
             }
             if let Ok(mut c) = TcpStream::connect(("127.0.0.1", p)) {
-                // Valid magic, absurd length.
+                // Valid magic and version, absurd length.
                 let mut f = 0x4d4f_4550u32.to_le_bytes().to_vec();
-                f.extend([1, 0, 1, 0, 0xff, 0xff, 0xff, 0x7f]);
+                f.extend([2, 0, 1, 0, 0xff, 0xff, 0xff, 0x7f]);
                 let _ = c.write_all(&f);
+                std::thread::sleep(Duration::from_millis(300));
             }
         });
-        let r = TcpExchange::connect(&cfg(0, 2, p), Duration::from_millis(1500));
-        expect_rdv_error(r, "rejected connections");
+        let real = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(10)).map(|ex| check_gather(&ex, 2))
+        });
+        let ex = TcpExchange::connect(&cfg(0, 2, p), Duration::from_secs(10)).expect("garbage must not abort the rendezvous");
+        check_gather(&ex, 2);
+        real.join().unwrap().unwrap();
+    });
+    // Only garbage, no real rank: the error names what was refused.
+    let p = port();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Ok(mut c) = TcpStream::connect(("127.0.0.1", p)) {
+                let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        expect_rdv_error(TcpExchange::connect(&cfg(0, 2, p), Duration::from_millis(1500)), "refused connections");
     });
     // Garbage from a fake rank 0: the joining rank gets an error, not a panic.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -205,6 +231,112 @@ fn cpu_rendezvous_garbage_on_the_socket() {
 }
 
 #[test]
+fn cpu_rendezvous_strangers_are_refused_and_the_job_goes_on() {
+    let p = port();
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        // A stranger claims rank 1 before the real rank 1 arrives, and silent connections
+        // arrive too: none of them delays the job or takes a rank.
+        let impostor = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            TcpExchange::connect(&stranger(1, 3, p), Duration::from_secs(5))
+        });
+        let silent: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(60));
+                    let c = TcpStream::connect(("127.0.0.1", p));
+                    std::thread::sleep(Duration::from_millis(1500));
+                    drop(c);
+                })
+            })
+            .collect();
+        let reals: Vec<_> = (1..3)
+            .map(|r| {
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(200));
+                    TcpExchange::connect(&cfg(r, 3, p), Duration::from_secs(10)).map(|ex| check_gather(&ex, 3))
+                })
+            })
+            .collect();
+        let ex = TcpExchange::connect(&cfg(0, 3, p), Duration::from_secs(10)).expect("strangers must not abort the job");
+        check_gather(&ex, 3);
+        for r in reals {
+            r.join().unwrap().unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "silent connections delayed the job: {:?}", t0.elapsed());
+        expect_rdv_error(impostor.join().unwrap(), "wrong job secret");
+        for h in silent {
+            h.join().unwrap();
+        }
+    });
+}
+
+#[test]
+fn cpu_rendezvous_fake_rank0_is_detected() {
+    // A process on rank 0's port that speaks the protocol but does not know the secret: the
+    // joining rank refuses it (it would otherwise receive every rank's IPC handles).
+    let p = port();
+    std::thread::scope(|s| {
+        let fake = s.spawn(move || TcpExchange::connect(&stranger(0, 2, p), Duration::from_secs(3)));
+        std::thread::sleep(Duration::from_millis(100));
+        let r = TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(3));
+        // The fake rank 0 refuses the real rank's hello (its MAC does not match the fake's
+        // secret), and the real rank would refuse the fake's welcome in any case.
+        expect_rdv_error(r, "wrong job secret");
+        assert!(fake.join().unwrap().is_err());
+    });
+    // A fake rank 0 that takes any hello and welcomes it without the proof.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = listener.local_addr().unwrap().port();
+    let frame = |kind: u8, payload: &[u8]| {
+        let mut f = 0x4d4f_4550u32.to_le_bytes().to_vec();
+        f.extend([2, 0, kind, 0]);
+        f.extend((payload.len() as u32).to_le_bytes());
+        f.extend(payload);
+        f
+    };
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let _ = c.write_all(&frame(6, &[7u8; 32]));
+            let mut hello = [0u8; 12 + 40];
+            let _ = std::io::Read::read_exact(&mut c, &mut hello);
+            let _ = c.write_all(&frame(2, &[0u8; 32]));
+            std::thread::sleep(Duration::from_millis(300));
+        });
+        expect_rdv_error(TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(3)), "could not prove it knows the job's secret");
+    });
+}
+
+#[test]
+fn cpu_rendezvous_oversized_and_truncated_hellos() {
+    let p = port();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            for payload in [vec![0u8; 4000], vec![1, 0, 0, 0]] {
+                if let Ok(mut c) = TcpStream::connect(("127.0.0.1", p)) {
+                    let mut f = 0x4d4f_4550u32.to_le_bytes().to_vec();
+                    f.extend([2, 0, 1, 0]);
+                    f.extend((payload.len() as u32).to_le_bytes());
+                    f.extend(&payload);
+                    let _ = c.write_all(&f);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+        let real = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(10)).map(|ex| check_gather(&ex, 1))
+        });
+        let ex = TcpExchange::connect(&cfg(0, 2, p), Duration::from_secs(10)).unwrap();
+        check_gather(&ex, 1);
+        real.join().unwrap().unwrap();
+    });
+}
+
+#[test]
 fn cpu_process_config_from_env_conventions() {
     let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
     let c = ProcessConfig::from_lookup(env(&[
@@ -215,7 +347,13 @@ fn cpu_process_config_from_env_conventions() {
         ("MASTER_PORT", "29500"),
     ]))
     .unwrap();
-    assert_eq!(c, ProcessConfig { rank: 2, world: 4, device: 1, master_addr: "10.0.0.1".into(), master_port: 29500 });
+    // The port is torchrun's plus one (its own store holds MASTER_PORT); the secret is derived.
+    assert_eq!((c.rank, c.world, c.device, c.master_addr.as_str(), c.master_port), (2, 4, 1, "10.0.0.1", 29501));
+    assert!(c.secret.0.contains("10.0.0.1:29500"), "{:?}", c.secret.0);
+    assert!(!format!("{c:?}").contains("10.0.0.1:29500/"), "Debug must not show the secret");
+    let with_secret = ProcessConfig::from_lookup(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "7"), ("MOE_EP_SECRET", "s3")])).unwrap();
+    assert_eq!(with_secret.secret, Secret("s3".into()));
+    assert!(!format!("{with_secret:?}").contains("s3"));
     // MOE_EP_* names win; LOCAL_RANK defaults to RANK; MASTER_ADDR to loopback.
     let c = ProcessConfig::from_lookup(env(&[
         ("RANK", "2"),
@@ -235,4 +373,6 @@ fn cpu_process_config_from_env_conventions() {
     assert!(err(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("not below world size"));
     assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "9"), ("MASTER_PORT", "1")]).contains("outside 1..=8"));
     assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2")]).starts_with("MASTER_PORT"));
+    assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "65535")]).contains("set MOE_EP_MASTER_PORT"));
+    assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1"), ("MOE_EP_SECRET", "")]).starts_with("MOE_EP_SECRET"));
 }

@@ -340,6 +340,14 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
             }
         };
         refused(b.new_handle(&layout).map(|_| ()), "layout of another buffer")?;
+        // A configuration that differs across ranks is refused on every rank before anything
+        // is allocated (each receiver would otherwise wait for its own grid size).
+        let skewed = HtConfig { num_sms: 16 + g.rank() as u32, ..HtConfig::new(e, hd, k, t, world) };
+        match HtBuffer::new(g, skewed) {
+            Err(moe_ep::Error::CollectiveMismatch { .. }) => {}
+            Err(e) => anyhow::bail!("mismatched configurations: expected CollectiveMismatch, got {e}"),
+            Ok(_) => anyhow::bail!("mismatched configurations were accepted"),
+        }
         refused(b.cached_dispatch(&s, &mut h, &args).map(|_| ()), "handle of another buffer")?;
         let y = a.recv_x_bf16(&h)?.to_vec(&s)?;
         let y = upload(&s, &y)?;

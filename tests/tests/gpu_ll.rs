@@ -430,6 +430,61 @@ fn gpu2_ll_reuse_three_dispatches() -> Result<()> {
     })
 }
 
+/// Misuse is refused with a typed error before anything is launched: a handle or a pending
+/// combine of another buffer, a configuration or grid that differs across ranks.
+fn gpu2_ll_misuse_is_refused() -> Result<()> {
+    run_both_modes("gpu2_ll_misuse_is_refused", |g, seed| {
+        let (hd, k, t) = (512, 4, 32);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let s = g.stream().clone();
+        let mut a = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
+        let mut b = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
+        let mut rng = Rng::new(seed ^ g.rank() as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&gen_bf16(&mut rng, t * hd, 1.0)))?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        let (h, _) =
+            a.dispatch(&s, &LlDispatchArgs { topk_weights: Some(&wts), payload: LlPayload::Bf16, ..LlDispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        let refused = |r: moe_ep::Result<()>, what: &str| -> Result<()> {
+            match r {
+                Err(moe_ep::Error::InvalidState { .. }) => Ok(()),
+                Err(e) => bail!("{what}: expected InvalidState, got {e}"),
+                Ok(()) => bail!("{what}: accepted"),
+            }
+        };
+        refused(b.recv_count(&h).map(|_| ()), "a view through another buffer")?;
+        let y = a.recv_x_bf16(&h)?;
+        let cargs = LlCombineArgs {
+            x: LlCombineInput::Tensor(&y),
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: None,
+            out: &out,
+            mode: LlCombineMode::PreReduced,
+            hook: true,
+        };
+        refused(b.combine(&s, &h, &cargs).map(|_| ()), "a combine through another buffer")?;
+        let (pending, _) = a.combine(&s, &h, &cargs)?;
+        let pending = pending.context("hook mode returns the receive half")?;
+        // The other buffer refuses the pending half (it is consumed either way); the owner then
+        // finishes a fresh combine.
+        refused(b.combine_recv(&s, pending).map(|_| ()), "a pending combine of another buffer")?;
+        a.check()?;
+        // Grids and configurations that differ across ranks.
+        match b.set_launch(16 + g.rank() as u32, 512) {
+            Err(moe_ep::Error::CollectiveMismatch { .. }) => {}
+            other => bail!("set_launch with different grids: expected CollectiveMismatch, got {:?}", other.err()),
+        }
+        match LlBuffer::new(g, LlConfig::new(e, hd, k, t + g.rank())) {
+            Err(moe_ep::Error::CollectiveMismatch { .. }) => Ok(()),
+            Err(e) => bail!("mismatched configurations: expected CollectiveMismatch, got {e}"),
+            Ok(_) => bail!("mismatched configurations were accepted"),
+        }
+    })
+}
+
 /// 1000 back-to-back low-latency calls, each followed by a high-throughput dispatch and
 /// combine on the same GPUs; checked at intervals.
 fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
@@ -502,6 +557,7 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ll_shapes_hook_zero_copy", gpu2_ll_shapes_hook_zero_copy),
         ("gpu2_ll_graph_replay_1000", gpu2_ll_graph_replay_1000),
         ("gpu2_ll_reuse_three_dispatches", gpu2_ll_reuse_three_dispatches),
+        ("gpu2_ll_misuse_is_refused", gpu2_ll_misuse_is_refused),
         ("gpu2_ll_alternating_with_ht_1000", gpu2_ll_alternating_with_ht_1000),
     ])
 }
