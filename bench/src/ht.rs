@@ -55,7 +55,7 @@ const OPS: [&str; 6] = ["layout", "dispatch BF16 (full)", "dispatch BF16 (cached
 #[allow(clippy::too_many_arguments)]
 fn check_paths(
     g: &Group,
-    buf: &mut HtBuffer<'_>,
+    buf: &mut HtBuffer,
     h: &mut Handle,
     n: usize,
     bf16_args: &DispatchArgs<'_>,
@@ -72,7 +72,7 @@ fn check_paths(
     let want_q = wq.dispatch(me, 1);
     let num_recv = h.num_recv().context("the checked dispatch waits for counts")?;
     ensure!(num_recv == want.num_recv, "rank {me}: {num_recv} rows received, expected {}", want.num_recv);
-    let bf16_rows = |buf: &HtBuffer<'_>, h: &Handle| -> Result<Vec<u8>> { Ok(bytemuck::cast_slice(&buf.recv_x_bf16(h)?.to_vec(s)?).to_vec()) };
+    let bf16_rows = |buf: &HtBuffer, h: &Handle| -> Result<Vec<u8>> { Ok(bytemuck::cast_slice(&buf.recv_x_bf16(h)?.to_vec(s)?).to_vec()) };
     ensure!(bf16_rows(buf, h)? == want.x, "rank {me}: full BF16 dispatch differs from the reference");
     // Combine: every rank's expert outputs are the first rows of the same random tensor.
     let yv = y.slice(0..num_recv * HIDDEN);
@@ -101,7 +101,7 @@ fn check_paths(
     Ok(())
 }
 
-fn measure(g: &Group, buf: &mut HtBuffer<'_>, n: usize, iters: usize, check: bool) -> Result<Point> {
+fn measure(g: &Group, buf: &mut HtBuffer, n: usize, iters: usize, check: bool) -> Result<Point> {
     let world = g.world();
     let me = g.rank();
     let s = g.stream();

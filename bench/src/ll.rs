@@ -10,7 +10,7 @@ use cudarc::driver::{CudaSlice, CudaStream, sys};
 use half::bf16;
 use moe_ep::abi::scale_fmt;
 use moe_ep::diag;
-use moe_ep::ll::{LlBuffer, LlCombineArgs, LlCombineInput, LlCombineMode, LlConfig, LlDispatchArgs};
+use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, LlBuffer, LlConfig};
 use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{DeviceArg, Group, TopkIdx};
 use std::collections::HashMap;
@@ -74,15 +74,15 @@ fn upload(s: &Arc<CudaStream>, w: &LlWorld, me: usize) -> Result<Inputs> {
 }
 
 /// FP8 dispatch (weights carried) of `inp`.
-fn fp8_args(inp: &Inputs, hook: bool) -> LlDispatchArgs<'_> {
-    LlDispatchArgs { topk_weights: Some(&inp.w), hook, ..LlDispatchArgs::fp8(&inp.x, TopkIdx::I64(&inp.idx)) }
+fn fp8_args(inp: &Inputs, hook: bool) -> DispatchArgs<'_> {
+    DispatchArgs { topk_weights: Some(&inp.w), hook, ..DispatchArgs::fp8(&inp.x, TopkIdx::I64(&inp.idx)) }
 }
 
-fn combine_args<'a>(inp: &'a Inputs, y: &'a CudaSlice<bf16>, out: &'a dyn DeviceArg<bf16>, mode: LlCombineMode, hook: bool) -> LlCombineArgs<'a> {
-    LlCombineArgs {
-        x: LlCombineInput::Tensor(y),
+fn combine_args<'a>(inp: &'a Inputs, y: &'a CudaSlice<bf16>, out: &'a dyn DeviceArg<bf16>, mode: CombineMode, hook: bool) -> CombineArgs<'a> {
+    CombineArgs {
+        x: CombineInput::Tensor(y),
         topk_idx: TopkIdx::I64(&inp.idx),
-        topk_weights: (mode == LlCombineMode::PerExpert).then_some(&inp.w as _),
+        topk_weights: (mode == CombineMode::PerExpert).then_some(&inp.w as _),
         out,
         mode,
         hook,
@@ -92,7 +92,7 @@ fn combine_args<'a>(inp: &'a Inputs, y: &'a CudaSlice<bf16>, out: &'a dyn Device
 /// Correctness first: the FP8 dispatch against the reference (every received row, its
 /// scales, counts and sources), then both combine modes with non-zero expert outputs, bit for
 /// bit. Returns the expert-output tensor it built (reused by the timing loop).
-fn check(g: &Group, buf: &mut LlBuffer<'_>, w: &LlWorld, inp: &Inputs) -> Result<CudaSlice<bf16>> {
+fn check(g: &Group, buf: &mut LlBuffer, w: &LlWorld, inp: &Inputs) -> Result<CudaSlice<bf16>> {
     let (world, me, s) = (g.world(), g.rank(), g.stream());
     let epr = w.num_experts / world;
     let rows_pe = world * TOKENS;
@@ -123,14 +123,14 @@ fn check(g: &Group, buf: &mut LlBuffer<'_>, w: &LlWorld, inp: &Inputs) -> Result
     let y = s.clone_htod(&y.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
     let idx = &w.topk_idx[me];
     let y_of = |t: usize, j: usize| expert_output(idx[t * TOPK + j] as usize, me, t, j);
-    for mode in [LlCombineMode::PerExpert, LlCombineMode::PreReduced] {
+    for mode in [CombineMode::PerExpert, CombineMode::PreReduced] {
         let out = s.clone_htod(&vec![bf16::from_bits(0xffff); TOKENS * HIDDEN])?;
         buf.combine(s, &h, &combine_args(inp, &y, &out, mode, false))?;
         buf.check()?;
         let got: Vec<u16> = s.clone_dtoh(&out)?.iter().map(|v| v.to_bits()).collect();
         let want = match mode {
-            LlCombineMode::PerExpert => w.combine(me, &y_of),
-            LlCombineMode::PreReduced => w.combine_pre_reduced(me, &y_of),
+            CombineMode::PerExpert => w.combine(me, &y_of),
+            CombineMode::PreReduced => w.combine_pre_reduced(me, &y_of),
         };
         let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
         ensure!(bad == 0, "rank {me}: {mode:?} combine differs from the reference in {bad} of {} values", want.len());
@@ -155,7 +155,7 @@ fn timed(g: &Group, s: &Arc<CudaStream>, f: &mut dyn FnMut() -> moe_ep::Result<(
 /// hook-mode halves) over `iters` runs after a warm-up.
 fn measure(
     g: &Group,
-    buf: &mut LlBuffer<'_>,
+    buf: &mut LlBuffer,
     inp: &Inputs,
     y: &CudaSlice<bf16>,
     out: &dyn DeviceArg<bf16>,
@@ -173,8 +173,8 @@ fn measure(
             Ok(())
         })?;
         let h = h.take().context("dispatch handle")?;
-        t[1] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, LlCombineMode::PerExpert, false)).map(|_| ()))?;
-        t[2] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, LlCombineMode::PreReduced, false)).map(|_| ()))?;
+        t[1] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PerExpert, false)).map(|_| ()))?;
+        t[2] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PreReduced, false)).map(|_| ()))?;
         if halves {
             let mut hh = None;
             t[3] = timed(g, s, &mut || {
@@ -185,7 +185,7 @@ fn measure(
             t[4] = timed(g, s, &mut || buf.dispatch_recv(s, &mut hh, None).map(|_| ()))?;
             let mut pending = None;
             t[5] = timed(g, s, &mut || {
-                pending = buf.combine(s, &hh, &combine_args(inp, y, out, LlCombineMode::PreReduced, true))?.0;
+                pending = buf.combine(s, &hh, &combine_args(inp, y, out, CombineMode::PreReduced, true))?.0;
                 Ok(())
             })?;
             let mut p = pending.take();

@@ -106,7 +106,7 @@ pub fn ptx_selftest(g: &Group, cvt_in: &[f32]) -> Result<SelftestOutput> {
     // SAFETY: `out` holds SELFTEST_OUT_WORDS words.
     unsafe { driver::copy_to_host(out.ptr(), &mut before, s) }.during("cuMemcpyDtoH", || "self-test outputs before the run".into())?;
     if let Some(i) = before.iter().position(|&w| w != 0) {
-        return Err(crate::Error::InvalidState {
+        return Err(crate::Error::Internal {
             reason: format!("self-test output word {i} is {:#x} before the kernel ran (expected a zeroed allocation)", before[i]),
         });
     }

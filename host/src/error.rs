@@ -13,59 +13,158 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// No usable CUDA driver or GPU on this machine.
     #[error("no GPU available: {reason}")]
-    NoDevice { reason: String },
+    NoDevice {
+        /// Why (no driver library, no device, or fewer devices than asked for).
+        reason: String,
+    },
 
     /// A CUDA driver call failed.
     #[error("CUDA driver call {op} failed while {during}: {source}")]
     Driver {
+        /// The driver function (`cuMemAlloc`, ...).
         op: &'static str,
+        /// What the library was doing.
         during: String,
+        /// The driver's error.
         #[source]
         source: DriverError,
     },
 
     /// An argument is out of range or inconsistent; nothing was launched.
     #[error("invalid argument `{name}`: {reason}")]
-    InvalidArgument { name: &'static str, reason: String },
+    InvalidArgument {
+        /// The argument (or field) at fault.
+        name: &'static str,
+        /// What is wrong with it, with the values.
+        reason: String,
+    },
 
     /// Two ranks' GPUs cannot reach each other over P2P.
     #[error(
         "rank {rank_a} (GPU {device_a}) cannot access rank {rank_b} (GPU {device_b}) over peer-to-peer; every pair of GPUs in a group must be NVLink (or PCIe P2P) peers"
     )]
-    NoPeerAccess { rank_a: usize, device_a: usize, rank_b: usize, device_b: usize },
+    NoPeerAccess {
+        /// The rank that cannot reach the other.
+        rank_a: usize,
+        /// Its CUDA device ordinal.
+        device_a: usize,
+        /// The rank it cannot reach.
+        rank_b: usize,
+        /// That rank's device ordinal.
+        device_b: usize,
+    },
 
     /// The rendezvous (handle exchange between ranks) failed.
     #[error("rendezvous (rank {rank} of {world}): {reason}")]
-    Rendezvous { rank: usize, world: usize, reason: String },
+    Rendezvous {
+        /// This rank.
+        rank: usize,
+        /// The group's size.
+        world: usize,
+        /// What failed (the ranks that did not show up, the connections refused, ...).
+        reason: String,
+    },
 
     /// A kernel's spin-wait passed its deadline.
     #[error(
         "rank {rank} timed out in {phase} after {waited:?} waiting for rank {peer} (expected {expected}, saw {seen}); the group's GPU state is undefined, drop it"
     )]
-    Timeout { rank: usize, phase: &'static str, peer: usize, expected: u64, seen: u64, waited: Duration },
+    Timeout {
+        /// The rank whose kernel waited.
+        rank: usize,
+        /// What it was doing (dispatch, combine, barrier, ...).
+        phase: &'static str,
+        /// The rank it waited for.
+        peer: usize,
+        /// The value it waited for.
+        expected: u64,
+        /// The value it saw last.
+        seen: u64,
+        /// How long it waited.
+        waited: Duration,
+    },
 
     /// A rank would receive more rows than its receive buffer holds.
     #[error(
         "rank {receiver} would receive {needed} rows but its receive buffer holds {capacity} (reported by rank {rank}); raise the buffer's receive capacity"
     )]
-    CapacityExceeded { rank: usize, receiver: usize, needed: u64, capacity: u64 },
+    CapacityExceeded {
+        /// The rank that found out.
+        rank: usize,
+        /// The rank whose buffer is too small.
+        receiver: usize,
+        /// Rows it would receive.
+        needed: u64,
+        /// Rows its buffer holds.
+        capacity: u64,
+    },
 
     /// A routing entry is outside `[-1, num_experts)`.
     #[error("rank {rank}: topk_idx of token {token} holds {value}, outside [-1, {num_experts})")]
-    InvalidExpert { rank: usize, token: usize, value: i64, num_experts: u64 },
+    InvalidExpert {
+        /// The rank whose routing it is.
+        rank: usize,
+        /// The token.
+        token: usize,
+        /// The bad entry.
+        value: i64,
+        /// Experts in the model.
+        num_experts: u64,
+    },
 
-    /// An operation was called out of order (e.g. a handle from an older dispatch).
-    #[error("{reason}")]
-    InvalidState { reason: String },
+    /// A handle (or layout) from an older dispatch, or whose routing was recomputed since: its
+    /// rows were overwritten or no longer match.
+    #[error("stale handle: {reason}")]
+    StaleHandle {
+        /// What is stale and why.
+        reason: String,
+    },
+
+    /// A handle, layout or pending combine used with a buffer other than the one that made it.
+    #[error("foreign handle: {reason}")]
+    ForeignHandle {
+        /// Which object and which buffer.
+        reason: String,
+    },
+
+    /// A hook-mode call's receive half has not run yet (or has already run).
+    #[error("pending hook: {reason}")]
+    PendingHook {
+        /// Which receive half.
+        reason: String,
+    },
+
+    /// The library reached a state it should never reach (a bug; please report it).
+    #[error("internal error: {reason}")]
+    Internal {
+        /// What happened.
+        reason: String,
+    },
 
     /// Ranks passed different values to a collective call that needs the same on every rank
     /// (a buffer's configuration, its launch sizes).
     #[error("{what} differs across ranks: rank {rank} has {value}, rank {other_rank} has {other_value}; every rank must pass the same")]
-    CollectiveMismatch { what: &'static str, rank: usize, value: String, other_rank: usize, other_value: String },
+    CollectiveMismatch {
+        /// The collective call or value.
+        what: &'static str,
+        /// This rank.
+        rank: usize,
+        /// This rank's value.
+        value: String,
+        /// A rank that passed something else.
+        other_rank: usize,
+        /// What it passed.
+        other_value: String,
+    },
 
     /// The device reported an error code this library does not know (a bug).
     #[error("rank {rank}: unknown device error record {record:?}")]
-    Device { rank: usize, record: ErrorRecord },
+    Device {
+        /// The rank whose kernel reported it.
+        rank: usize,
+        /// The raw record.
+        record: ErrorRecord,
+    },
 }
 
 impl Error {

@@ -20,8 +20,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The PTX of this build (all kernels), embedded at compile time.
-pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/moe_ep_kernels.ptx"));
+/// The PTX of all kernels, embedded at compile time: `host/kernels.ptx`, generated from
+/// `kernels/` by `cargo xtask build-ptx` and checked in (CI fails when it is stale), so the
+/// library builds on stable Rust with no CUDA toolkit.
+pub const PTX: &str = include_str!("../kernels.ptx");
 
 /// How ranks share memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,18 +52,31 @@ impl Default for GroupConfig {
 /// Every kernel of the PTX module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
+    /// Cross-rank barrier.
     Barrier,
+    /// Test: writes a rank-tagged pattern into every peer's heap.
     HeapPatternWrite,
+    /// Test: checks the pattern that arrived.
     HeapPatternCheck,
+    /// Probe: P2P copy bandwidth.
     P2pCopy,
+    /// Probe: flag round trips.
     PingPong,
+    /// Test: waits for a flag nobody writes (deadline check).
     WaitForever,
+    /// Test: every device-layer wrapper on known inputs.
     PtxSelftest,
+    /// High-throughput layout (routing to counts and positions).
     HtLayout,
+    /// High-throughput count exchange.
     HtNotify,
+    /// High-throughput dispatch.
     HtDispatch,
+    /// High-throughput combine.
     HtCombine,
+    /// Low-latency dispatch (send and receive halves).
     LlDispatch,
+    /// Low-latency combine (send and receive halves).
     LlCombine,
 }
 
@@ -160,8 +175,8 @@ impl Kernels {
     }
 }
 
-/// One rank of a group: its GPU, stream, kernels and control heap.
-pub struct Group {
+/// What a [`Group`] shares among its clones.
+struct GroupInner {
     // Field order is drop order: the heap meets the other ranks (through `exchange`) and
     // is freed before the kernels, the error record and the context go.
     heap: SymmetricHeap,
@@ -178,6 +193,14 @@ pub struct Group {
     cfg: GroupConfig,
     device_name: String,
     sm_count: u32,
+}
+
+/// One rank of a group: its GPU, stream, kernels and control heap. Cheap to clone (the clones
+/// share one rank), so buffers and model layers own theirs: the group lives until its last
+/// clone, and so until every buffer built on it, is dropped.
+#[derive(Clone)]
+pub struct Group {
+    inner: Arc<GroupInner>,
 }
 
 impl Group {
@@ -218,7 +241,7 @@ impl Group {
             handles
                 .into_iter()
                 .enumerate()
-                .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::InvalidState { reason: format!("rank {r}'s thread panicked") })))
+                .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::Internal { reason: format!("rank {r}'s thread panicked") })))
                 .collect()
         })
     }
@@ -252,79 +275,96 @@ impl Group {
         let heap = SymmetricHeap::new(&ctx, &exchange, mode, CONTROL_BYTES, to)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(0) as u32;
-        Ok(Group { heap, exchange, err, kernels, stream, _peer_ctxs: peer_ctxs, ctx, rank, world, devices, mode, cfg, device_name, sm_count })
+        Ok(Group {
+            inner: Arc::new(GroupInner {
+                heap,
+                exchange,
+                err,
+                kernels,
+                stream,
+                _peer_ctxs: peer_ctxs,
+                ctx,
+                rank,
+                world,
+                devices,
+                mode,
+                cfg,
+                device_name,
+                sm_count,
+            }),
+        })
     }
 
     /// This rank.
     pub fn rank(&self) -> usize {
-        self.rank
+        self.inner.rank
     }
 
     /// Ranks in the group.
     pub fn world(&self) -> usize {
-        self.world
+        self.inner.world
     }
 
     /// This rank's CUDA device ordinal.
     pub fn device(&self) -> usize {
-        self.devices[self.rank]
+        self.inner.devices[self.inner.rank]
     }
 
     /// Every rank's device ordinal.
     pub fn devices(&self) -> &[usize] {
-        &self.devices
+        &self.inner.devices
     }
 
     /// The device's name (e.g. "NVIDIA H200").
     pub fn device_name(&self) -> &str {
-        &self.device_name
+        &self.inner.device_name
     }
 
     /// Streaming multiprocessors of the device.
     pub fn sm_count(&self) -> u32 {
-        self.sm_count
+        self.inner.sm_count
     }
 
     /// How ranks share memory.
     pub fn mode(&self) -> Mode {
-        self.mode
+        self.inner.mode
     }
 
     /// Group settings.
     pub fn config(&self) -> GroupConfig {
-        self.cfg
+        self.inner.cfg
     }
 
     /// The device's context (allocate inputs and outputs with it; event tracking is off).
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
+        &self.inner.ctx
     }
 
     /// The group's own stream (used by [`Group::barrier`] and the diagnostics).
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.inner.stream
     }
 
     /// Host-side barrier through the rendezvous.
     pub fn host_barrier(&self) -> Result<()> {
-        self.exchange.barrier(self.cfg.rendezvous_timeout)
+        self.inner.exchange.barrier(self.inner.cfg.rendezvous_timeout)
     }
 
     /// All-gather of small blobs through the rendezvous (e.g. an NCCL id, benchmark results).
     pub fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.exchange.all_gather(data, self.cfg.rendezvous_timeout)
+        self.inner.exchange.all_gather(data, self.inner.cfg.rendezvous_timeout)
     }
 
     /// Collective: checks that every rank passed the same `value` (a configuration's canonical
     /// text); a mismatch is an [`Error::CollectiveMismatch`] naming this rank's and the first
     /// differing rank's values, on every rank.
     pub(crate) fn agree(&self, what: &'static str, value: &str) -> Result<()> {
-        let all = self.exchange.all_gather(value.as_bytes(), self.cfg.rendezvous_timeout)?;
+        let all = self.inner.exchange.all_gather(value.as_bytes(), self.inner.cfg.rendezvous_timeout)?;
         match all.iter().position(|v| v.as_slice() != value.as_bytes()) {
             None => Ok(()),
             Some(r) => Err(Error::CollectiveMismatch {
                 what,
-                rank: self.rank,
+                rank: self.inner.rank,
                 value: value.into(),
                 other_rank: r,
                 other_value: String::from_utf8_lossy(&all[r]).into_owned(),
@@ -334,13 +374,13 @@ impl Group {
 
     /// The smallest SM count of every rank's GPU (collective).
     pub(crate) fn min_sm_count(&self) -> Result<u32> {
-        let all = self.exchange.all_gather(&self.sm_count.to_le_bytes(), self.cfg.rendezvous_timeout)?;
+        let all = self.inner.exchange.all_gather(&self.inner.sm_count.to_le_bytes(), self.inner.cfg.rendezvous_timeout)?;
         all.iter()
             .enumerate()
             .map(|(r, b)| {
                 <[u8; 4]>::try_from(b.as_slice()).map(u32::from_le_bytes).map_err(|_| Error::Rendezvous {
-                    rank: self.rank,
-                    world: self.world,
+                    rank: self.inner.rank,
+                    world: self.inner.world,
                     reason: format!("rank {r} sent a malformed SM count ({} bytes)", b.len()),
                 })
             })
@@ -349,14 +389,14 @@ impl Group {
 
     /// GPU barrier across all ranks on the group's stream, then [`Group::check`].
     pub fn barrier(&self) -> Result<()> {
-        self.launch_barrier(&self.stream, 1)?;
+        self.launch_barrier(&self.inner.stream, 1)?;
         self.check()
     }
 
     /// Enqueues `iters` back-to-back GPU barriers (one launch) on `stream`, on the group's
     /// control heap (every rank must issue the group's barriers in the same order).
     pub fn launch_barrier(&self, stream: &CudaStream, iters: u32) -> Result<()> {
-        self.launch_barrier_on(stream, &self.heap, iters)
+        self.launch_barrier_on(stream, &self.inner.heap, iters)
     }
 
     /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
@@ -370,17 +410,18 @@ impl Group {
     /// record into an error (and clears it). A kernel that timed out or met bad input has
     /// already returned; this is where the host learns what happened.
     pub fn check(&self) -> Result<()> {
-        self.ctx.synchronize().during("cuCtxSynchronize", || format!("rank {} waiting for its kernels", self.rank))?;
+        self.inner.ctx.synchronize().during("cuCtxSynchronize", || format!("rank {} waiting for its kernels", self.inner.rank))?;
         let mut rec = [ErrorRecord::default()];
         // SAFETY: the record is a live allocation of one ErrorRecord.
-        unsafe { driver::copy_to_host(self.err.ptr(), &mut rec, &self.stream) }.during("cuMemcpyDtoH", || "reading the error record".into())?;
+        unsafe { driver::copy_to_host(self.inner.err.ptr(), &mut rec, &self.inner.stream) }
+            .during("cuMemcpyDtoH", || "reading the error record".into())?;
         match Error::from_record(&rec[0]) {
             None => Ok(()),
             Some(e) => {
                 // SAFETY: the record is a live allocation; no kernel runs (synchronised).
-                unsafe { driver::memset_d8_async(self.err.ptr(), 0, std::mem::size_of::<ErrorRecord>(), &self.stream) }
+                unsafe { driver::memset_d8_async(self.inner.err.ptr(), 0, std::mem::size_of::<ErrorRecord>(), &self.inner.stream) }
                     .during("cuMemsetD8", || "clearing the error record".into())?;
-                self.stream.synchronize().during("cuStreamSynchronize", || "clearing the error record".into())?;
+                self.inner.stream.synchronize().during("cuStreamSynchronize", || "clearing the error record".into())?;
                 Err(e)
             }
         }
@@ -388,45 +429,51 @@ impl Group {
 
     /// The wait context every kernel of this rank gets.
     pub(crate) fn wait_ctx(&self) -> WaitCtx {
-        self.wait_ctx_with(self.cfg.timeout)
+        self.wait_ctx_with(self.inner.cfg.timeout)
     }
 
     pub(crate) fn wait_ctx_with(&self, timeout: Duration) -> WaitCtx {
-        WaitCtx { err: self.err.ptr(), timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64, rank: self.rank as u32, world: self.world as u32 }
+        WaitCtx {
+            err: self.inner.err.ptr(),
+            timeout_ns: timeout.as_nanos().min(u64::MAX as u128) as u64,
+            rank: self.inner.rank as u32,
+            world: self.inner.world as u32,
+        }
     }
 
+    #[cfg(feature = "testing")]
     pub(crate) fn control_peers(&self) -> moe_ep_kernels::abi::Peers {
-        self.heap.peers()
+        self.inner.heap.peers()
     }
 
     /// Collective: a new symmetric heap of `bytes` per rank.
     pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
-        SymmetricHeap::new(&self.ctx, &self.exchange, self.mode, bytes, self.cfg.rendezvous_timeout)
+        SymmetricHeap::new(&self.inner.ctx, &self.inner.exchange, self.inner.mode, bytes, self.inner.cfg.rendezvous_timeout)
     }
 
     /// Threads per block a launch of `k` asking for `requested` actually gets: the request,
     /// clamped to what the compiled kernel's registers allow, in whole warps.
     pub fn launch_threads(&self, k: Kernel, requested: u32) -> u32 {
-        (requested.min(self.kernels.functions[&k].max_threads) / 32 * 32).max(32)
+        (requested.min(self.inner.kernels.functions[&k].max_threads) / 32 * 32).max(32)
     }
 
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled
     /// kernel allows (a multiple of 32).
     pub(crate) fn launch<P: Pod>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
         if std::mem::size_of::<P>() != k.param_bytes() {
-            return Err(Error::InvalidState {
+            return Err(Error::Internal {
                 reason: format!("internal: {} takes {} parameter bytes, got {}", k.name(), k.param_bytes(), std::mem::size_of::<P>()),
             });
         }
-        let f = &self.kernels.functions[&k];
+        let f = &self.inner.kernels.functions[&k];
         let block = self.launch_threads(k, block);
-        self.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
+        self.inner.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
         // SAFETY: `P` is the kernel's parameter block (size checked above, and against the PTX's
         // declaration by the PTX test);
         // every address in it belongs to allocations the caller keeps alive until the stream
         // has run the kernel.
         unsafe { driver::launch(f.raw, grid.max(1), block, smem, stream, params) }
-            .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.rank, k.name()))
+            .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.inner.rank, k.name()))
     }
 }
 

@@ -43,7 +43,11 @@ impl SymmetricHeap {
         }
         let sizes = exchange.all_gather(&bytes.to_le_bytes(), timeout)?;
         for (r, s) in sizes.iter().enumerate() {
-            let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap size".into() })?);
+            let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                rank,
+                world,
+                reason: format!("rank {r} sent a malformed heap size"),
+            })?);
             if b != bytes {
                 return Err(Error::invalid(
                     "heap bytes",
@@ -59,8 +63,11 @@ impl SymmetricHeap {
             Mode::Threads => {
                 let ptrs = exchange.all_gather(&heap.local.ptr().to_le_bytes(), timeout)?;
                 for (r, p) in ptrs.iter().enumerate() {
-                    heap.peers.base[r] =
-                        u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::InvalidState { reason: "malformed heap pointer".into() })?);
+                    heap.peers.base[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                        rank,
+                        world,
+                        reason: format!("rank {r} sent a malformed heap pointer"),
+                    })?);
                 }
             }
             Mode::Processes => {
@@ -71,8 +78,11 @@ impl SymmetricHeap {
                         heap.peers.base[r] = heap.local.ptr();
                         continue;
                     }
-                    let h: [u8; 64] =
-                        hb.as_slice().try_into().map_err(|_| Error::InvalidState { reason: format!("rank {r} sent a malformed IPC handle") })?;
+                    let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                        rank,
+                        world,
+                        reason: format!("rank {r} sent a malformed IPC handle"),
+                    })?;
                     let p = ipc::open_mem_handle(&h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
                     heap.opened.push(p);
                     heap.peers.base[r] = p;

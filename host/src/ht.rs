@@ -195,19 +195,27 @@ pub enum Payload<'a> {
     /// `bf16 [N, H]`.
     Bf16(&'a dyn DeviceArg<bf16>),
     /// FP8 e4m3 `u8 [N, H]` and f32 scales `[N, H / 128]`.
-    Fp8 { x: &'a dyn DeviceArg<u8>, scales: &'a dyn DeviceArg<f32> },
+    Fp8 {
+        /// The FP8 rows.
+        x: &'a dyn DeviceArg<u8>,
+        /// One f32 scale per 128 channels.
+        scales: &'a dyn DeviceArg<f32>,
+    },
 }
 
 /// Payload kinds, for the receive views.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PayloadKind {
+    /// BF16 rows.
     Bf16,
+    /// FP8 rows with f32 scales.
     Fp8,
 }
 
 /// Dispatch inputs.
 #[derive(Clone, Copy)]
 pub struct DispatchArgs<'a> {
+    /// The tokens.
     pub x: Payload<'a>,
     /// The routing the layout was computed from; `None` sends no top-k (the cached path of
     /// a combine's backward).
@@ -293,10 +301,11 @@ pub struct CombineArgs<'a> {
 
 /// A high-throughput buffer: the symmetric heap holding every rank's receive rows and
 /// combine staging, plus the host-mapped word that tells the host the received count.
-pub struct HtBuffer<'g> {
+pub struct HtBuffer {
     /// Unique per buffer in this process.
     id: u64,
-    g: &'g Group,
+    /// The group (a clone: the buffer owns its share).
+    g: Group,
     cfg: HtConfig,
     hl: HtHeapLayout,
     heap: SymmetricHeap,
@@ -306,17 +315,17 @@ pub struct HtBuffer<'g> {
     last: std::cell::Cell<LastOp>,
 }
 
-impl<'g> HtBuffer<'g> {
+impl HtBuffer {
     /// Collective: every rank creates its buffer with the same configuration (a mismatch is an
     /// [`Error::CollectiveMismatch`] on every rank, before anything is allocated).
-    pub fn new(g: &'g Group, cfg: HtConfig) -> Result<Self> {
+    pub fn new(g: &Group, cfg: HtConfig) -> Result<Self> {
         cfg.validate(g.world(), g.sm_count())?;
         g.agree("high-throughput buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.heap_layout(g.world());
         let heap = g.new_heap(hl.total)?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
         let id = heap.id();
-        Ok(HtBuffer { id, g, cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
+        Ok(HtBuffer { id, g: g.clone(), cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
     }
 
     /// The configuration.
@@ -412,7 +421,7 @@ impl<'g> HtBuffer<'g> {
 
     fn check_own_layout(&self, layout: &Layout) -> Result<()> {
         if layout.0.buffer != self.id {
-            return Err(Error::InvalidState { reason: "this layout belongs to another high-throughput buffer".into() });
+            return Err(Error::ForeignHandle { reason: "this layout belongs to another high-throughput buffer".into() });
         }
         Ok(())
     }
@@ -494,7 +503,7 @@ impl<'g> HtBuffer<'g> {
     /// count exchange (a barrier makes sure every receiver is ready instead).
     pub fn cached_dispatch(&mut self, stream: &Arc<CudaStream>, h: &mut Handle, args: &DispatchArgs<'_>) -> Result<CudaEvent> {
         if !h.notified {
-            return Err(Error::InvalidState { reason: "cached dispatch needs a handle that went through a full dispatch".into() });
+            return Err(Error::invalid("handle", "cached dispatch needs a handle that went through a full dispatch"));
         }
         self.check_dispatch_args(h, args)?;
         self.check_layout_unchanged(h)?;
@@ -505,7 +514,7 @@ impl<'g> HtBuffer<'g> {
 
     fn check_layout_unchanged(&self, h: &Handle) -> Result<()> {
         if h.layout.0.version.load(std::sync::atomic::Ordering::Relaxed) != h.layout_version {
-            return Err(Error::InvalidState {
+            return Err(Error::StaleHandle {
                 reason: "the layout was recomputed (layout_into) after this handle's dispatch; dispatch again with the new routing".into(),
             });
         }
@@ -514,7 +523,7 @@ impl<'g> HtBuffer<'g> {
 
     fn check_dispatch_args(&self, h: &Handle, args: &DispatchArgs<'_>) -> Result<()> {
         if h.buffer != self.id {
-            return Err(Error::InvalidState { reason: "this handle belongs to another high-throughput buffer".into() });
+            return Err(Error::ForeignHandle { reason: "this handle belongs to another high-throughput buffer".into() });
         }
         let (n, k, hd) = (h.layout.0.num_tokens, h.layout.0.k, self.cfg.hidden);
         match args.x {
@@ -582,9 +591,7 @@ impl<'g> HtBuffer<'g> {
         while self.host.read(0) != self.ticket {
             if Instant::now() > deadline {
                 self.g.check()?;
-                return Err(Error::InvalidState {
-                    reason: format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank()),
-                });
+                return Err(Error::Internal { reason: format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank()) });
             }
             std::hint::spin_loop();
         }
@@ -592,7 +599,7 @@ impl<'g> HtBuffer<'g> {
         if n == u32::MAX {
             // The exchange failed or a buffer would overflow: the device record says which.
             self.g.check()?;
-            return Err(Error::InvalidState { reason: format!("rank {}: the count exchange failed", self.g.rank()) });
+            return Err(Error::Internal { reason: format!("rank {}: the count exchange failed and no kernel reported why", self.g.rank()) });
         }
         let counts = (0..self.epr()).map(|j| self.host.read(2 + j) as usize).collect();
         Ok((n as usize, counts))
@@ -600,12 +607,12 @@ impl<'g> HtBuffer<'g> {
 
     fn check_handle(&self, h: &Handle) -> Result<()> {
         if h.buffer != self.id {
-            return Err(Error::InvalidState { reason: "this handle belongs to another high-throughput buffer".into() });
+            return Err(Error::ForeignHandle { reason: "this handle belongs to another high-throughput buffer".into() });
         }
         if h.generation != self.generation || h.generation == 0 {
-            return Err(Error::InvalidState {
+            return Err(Error::StaleHandle {
                 reason: format!(
-                    "stale dispatch handle: it belongs to dispatch #{} but the buffer's latest is #{}; its received rows were overwritten",
+                    "it belongs to dispatch #{} but the buffer's latest is #{}; its received rows were overwritten",
                     h.generation, self.generation
                 ),
             });
@@ -626,7 +633,7 @@ impl<'g> HtBuffer<'g> {
     pub fn recv_x_bf16(&self, h: &Handle) -> Result<HeapView<'_, bf16>> {
         self.check_handle(h)?;
         if h.payload != PayloadKind::Bf16 {
-            return Err(Error::InvalidState { reason: "the dispatch sent FP8; use recv_x_fp8".into() });
+            return Err(Error::invalid("handle", "the dispatch sent FP8; use recv_x_fp8"));
         }
         Ok(self.view(self.hl.recv_x, self.rows(h) * self.cfg.hidden))
     }
@@ -635,7 +642,7 @@ impl<'g> HtBuffer<'g> {
     pub fn recv_x_fp8(&self, h: &Handle) -> Result<HeapView<'_, u8>> {
         self.check_handle(h)?;
         if h.payload != PayloadKind::Fp8 {
-            return Err(Error::InvalidState { reason: "the dispatch sent BF16; use recv_x_bf16".into() });
+            return Err(Error::invalid("handle", "the dispatch sent BF16; use recv_x_bf16"));
         }
         Ok(self.view(self.hl.recv_x, self.rows(h) * self.cfg.hidden))
     }
@@ -644,7 +651,7 @@ impl<'g> HtBuffer<'g> {
     pub fn recv_scales(&self, h: &Handle) -> Result<HeapView<'_, f32>> {
         self.check_handle(h)?;
         if h.payload != PayloadKind::Fp8 {
-            return Err(Error::InvalidState { reason: "the dispatch sent BF16, which has no scales".into() });
+            return Err(Error::invalid("handle", "the dispatch sent BF16, which has no scales"));
         }
         Ok(self.view(self.hl.recv_scales, self.rows(h) * self.cfg.hidden / FP8_GROUP))
     }
@@ -653,7 +660,7 @@ impl<'g> HtBuffer<'g> {
     pub fn recv_topk_idx(&self, h: &Handle) -> Result<HeapView<'_, i32>> {
         self.check_handle(h)?;
         if !h.has_topk {
-            return Err(Error::InvalidState { reason: "the dispatch sent no top-k".into() });
+            return Err(Error::invalid("handle", "the dispatch sent no top-k"));
         }
         Ok(self.view(self.hl.recv_idx, self.rows(h) * h.layout.0.k))
     }
@@ -662,7 +669,7 @@ impl<'g> HtBuffer<'g> {
     pub fn recv_topk_weights(&self, h: &Handle) -> Result<HeapView<'_, f32>> {
         self.check_handle(h)?;
         if !h.has_weights {
-            return Err(Error::InvalidState { reason: "the dispatch sent no top-k weights".into() });
+            return Err(Error::invalid("handle", "the dispatch sent no top-k weights"));
         }
         Ok(self.view(self.hl.recv_w, self.rows(h) * h.layout.0.k))
     }

@@ -13,8 +13,12 @@
 //!   deterministic outputs.
 //! - [`ll`]: low-latency dispatch and combine (decode): no count round trip, fixed addresses,
 //!   CUDA-graph safe.
-//! - [`reference`]: the CPU reference every test compares against.
-//! - [`diag`]: foundation checks and probes (heap round trip, deadlines, P2P limits).
+//! - `reference` (feature `testing`): the CPU reference every test compares against.
+//! - `diag` (feature `testing`): foundation checks and probes (heap round trip, deadlines, P2P
+//!   limits).
+//!
+//! The `testing` feature also exposes the kernels' ABI (`abi`); it is for this crate's tests
+//! and benchmark, not part of the stable API (and it pulls in rayon).
 //!
 //! ## Safety model
 //!
@@ -24,22 +28,31 @@
 //! `driver`, kernel launches in `Group::launch`; every spin-wait on the GPU has a deadline that
 //! comes back as [`Error::Timeout`] naming the rank and phase, so nothing hangs.
 
+#![deny(missing_docs)]
+
 mod driver;
 mod error;
 mod group;
 mod heap;
 mod tensor;
+#[cfg(feature = "testing")]
 mod timing;
 
+#[cfg(feature = "testing")]
 pub mod diag;
 pub mod ht;
 pub mod ll;
+#[cfg(feature = "testing")]
 pub mod reference;
 pub mod rendezvous;
 
 pub use error::{Error, Result};
 pub use group::{Group, GroupConfig, Kernel, Mode, PTX, device_count};
 pub use heap::SymmetricHeap;
+/// The kernels' ABI (parameter blocks, heap layouts, error records), for tests and tools
+/// (`testing` feature).
+#[cfg(feature = "testing")]
 pub use moe_ep_kernels::abi;
 pub use tensor::{DeviceArg, HeapView, TopkIdx};
+#[cfg(feature = "testing")]
 pub use timing::time_ms;

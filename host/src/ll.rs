@@ -4,8 +4,8 @@
 //! (cast to FP8 on the way by default), into a fixed slot per (source, token); the receive side
 //! waits for every rank's arrival counters and places each token into every local expert's
 //! packed rows, so the output is per-expert packed rows with counts and source info. Combine
-//! sends each (token, slot) row home ([`LlCombineMode::PerExpert`], exact) or one pre-reduced
-//! row per (token, expert rank) ([`LlCombineMode::PreReduced`], about half the bytes).
+//! sends each (token, slot) row home ([`CombineMode::PerExpert`], exact) or one pre-reduced
+//! row per (token, expert rank) ([`CombineMode::PreReduced`], about half the bytes).
 //! Addresses never change, so a dispatch + combine pair can be captured in a CUDA graph and
 //! replayed. Each kind of call alternates between two halves of the buffer, and each
 //! call's receive half cleans what the next call of that half needs, so consecutive calls need
@@ -132,7 +132,7 @@ impl ScaleLayout {
 
 /// How combine brings expert outputs home.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LlCombineMode {
+pub enum CombineMode {
     /// Every (token, top-k slot) row goes home; the home computes `sum_k w_k * y_k` in f32 with
     /// fused multiply-adds in slot order and rounds once to bf16. Deterministic, and bit-exact
     /// with `reference::LlWorld::combine`.
@@ -149,7 +149,7 @@ pub enum LlCombineMode {
 
 /// What a low-latency dispatch delivers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LlPayload {
+pub enum Payload {
     /// BF16 rows.
     Bf16,
     /// FP8 e4m3 rows cast in the kernel, with scales in the given format.
@@ -158,15 +158,16 @@ pub enum LlPayload {
 
 /// Dispatch inputs.
 #[derive(Clone, Copy)]
-pub struct LlDispatchArgs<'a> {
+pub struct DispatchArgs<'a> {
     /// `bf16 [N, H]`, N <= T.
     pub x: &'a dyn DeviceArg<bf16>,
     /// `[N, K]`, -1 = no expert.
     pub topk_idx: TopkIdx<'a>,
     /// `f32 [N, K]` router weights: they travel with the tokens, for a
-    /// [`LlCombineMode::PreReduced`] combine (the per-expert combine takes them at home).
+    /// [`CombineMode::PreReduced`] combine (the per-expert combine takes them at home).
     pub topk_weights: Option<&'a dyn DeviceArg<f32>>,
-    pub payload: LlPayload,
+    /// What travels: BF16, or FP8 cast in the kernel.
+    pub payload: Payload,
     /// Layout of the received FP8 scales.
     pub scale_layout: ScaleLayout,
     /// `i32 [E_local]`: received rows per local expert are added to it.
@@ -175,14 +176,14 @@ pub struct LlDispatchArgs<'a> {
     pub hook: bool,
 }
 
-impl<'a> LlDispatchArgs<'a> {
+impl<'a> DispatchArgs<'a> {
     /// FP8 (f32 scales, row-major) dispatch of `x` routed by `topk_idx`, no weights, no hook.
     pub fn fp8(x: &'a dyn DeviceArg<bf16>, topk_idx: TopkIdx<'a>) -> Self {
-        LlDispatchArgs {
+        DispatchArgs {
             x,
             topk_idx,
             topk_weights: None,
-            payload: LlPayload::Fp8(ScaleFormat::F32),
+            payload: Payload::Fp8(ScaleFormat::F32),
             scale_layout: ScaleLayout::RowMajor,
             stats: None,
             hook: false,
@@ -192,20 +193,20 @@ impl<'a> LlDispatchArgs<'a> {
 
 /// Handle of one dispatch (for its views and its combine).
 #[derive(Clone, Debug)]
-pub struct LlHandle {
+pub struct Handle {
     /// The buffer (heap) that made it.
     buffer: u64,
     generation: u64,
     half: usize,
     num_tokens: usize,
     k: usize,
-    payload: LlPayload,
+    payload: Payload,
     scale_layout: ScaleLayout,
     has_weights: bool,
     received: bool,
 }
 
-impl LlHandle {
+impl Handle {
     /// Which buffer half holds this dispatch's rows.
     pub fn half(&self) -> usize {
         self.half
@@ -218,7 +219,7 @@ impl LlHandle {
 
 /// Where combine reads the expert outputs from.
 #[derive(Clone, Copy)]
-pub enum LlCombineInput<'a> {
+pub enum CombineInput<'a> {
     /// `bf16 [E_local, R * T, H]` in the caller's memory.
     Tensor(&'a dyn DeviceArg<bf16>),
     /// The buffer's own combine input area ([`LlBuffer::combine_input`]), written by the caller.
@@ -227,16 +228,18 @@ pub enum LlCombineInput<'a> {
 
 /// Combine inputs (this rank as home: its routing, weights and output).
 #[derive(Clone, Copy)]
-pub struct LlCombineArgs<'a> {
-    pub x: LlCombineInput<'a>,
+pub struct CombineArgs<'a> {
+    /// The expert outputs.
+    pub x: CombineInput<'a>,
     /// The same `[N, K]` routing the dispatch used.
     pub topk_idx: TopkIdx<'a>,
-    /// `f32 [N, K]` weights, needed by [`LlCombineMode::PerExpert`] (a pre-reduced combine
+    /// `f32 [N, K]` weights, needed by [`CombineMode::PerExpert`] (a pre-reduced combine
     /// uses the ones the dispatch carried and refuses these).
     pub topk_weights: Option<&'a dyn DeviceArg<f32>>,
     /// Out: `bf16 [N, H]`.
     pub out: &'a dyn DeviceArg<bf16>,
-    pub mode: LlCombineMode,
+    /// Per expert (exact) or pre-reduced per rank.
+    pub mode: CombineMode,
     /// Launch only the send half; run [`LlBuffer::combine_recv`] later.
     pub hook: bool,
 }
@@ -244,7 +247,7 @@ pub struct LlCombineArgs<'a> {
 /// A combine whose receive half has not run yet (hook mode). It borrows the combine's
 /// arguments, so the tensors the receive half reads and writes outlive its launch.
 #[must_use = "run LlBuffer::combine_recv to finish the combine"]
-pub struct LlCombinePending<'a> {
+pub struct CombinePending<'a> {
     /// The buffer (heap) whose combine this finishes.
     buffer: u64,
     params: LlCombineParams,
@@ -252,8 +255,9 @@ pub struct LlCombinePending<'a> {
 }
 
 /// A low-latency buffer.
-pub struct LlBuffer<'g> {
-    g: &'g Group,
+pub struct LlBuffer {
+    /// The group (a clone: the buffer owns its share).
+    g: Group,
     cfg: LlConfig,
     hl: LlHalfLayout,
     heap: SymmetricHeap,
@@ -263,19 +267,19 @@ pub struct LlBuffer<'g> {
     pending_combine: std::cell::Cell<bool>,
 }
 
-impl<'g> LlBuffer<'g> {
+impl LlBuffer {
     /// Collective: every rank creates its buffer with the same configuration (a mismatch is an
     /// [`Error::CollectiveMismatch`] on every rank, before anything is allocated). The default
     /// grid (`num_blocks: 0`) is the smallest SM count of the group's GPUs, the same on every
     /// rank.
-    pub fn new(g: &'g Group, cfg: LlConfig) -> Result<Self> {
+    pub fn new(g: &Group, cfg: LlConfig) -> Result<Self> {
         cfg.validate(g.world(), g.sm_count())?;
         let cfg = LlConfig { num_blocks: if cfg.num_blocks == 0 { g.min_sm_count()?.max(1) } else { cfg.num_blocks }, ..cfg };
         g.agree("low-latency buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.half_layout(g.world());
         let heap = g.new_heap(hl.heap_bytes())?;
         Ok(LlBuffer {
-            g,
+            g: g.clone(),
             cfg,
             hl,
             heap,
@@ -296,7 +300,7 @@ impl<'g> LlBuffer<'g> {
     /// is pending.
     pub fn set_launch(&mut self, num_blocks: u32, threads: u32) -> Result<()> {
         if self.pending_dispatch || self.pending_combine.get() {
-            return Err(Error::InvalidState { reason: "set_launch while a hook-mode receive half is pending".into() });
+            return Err(Error::PendingHook { reason: "set_launch while a hook-mode receive half is pending".into() });
         }
         let cfg = LlConfig { num_blocks, threads, ..self.cfg };
         cfg.validate(self.g.world(), self.g.sm_count())?;
@@ -336,10 +340,10 @@ impl<'g> LlBuffer<'g> {
         Ok(k)
     }
 
-    fn dispatch_params(&self, half: usize, n: usize, k: usize, args: &LlDispatchArgs<'_>, stages: u32) -> LlDispatchParams {
+    fn dispatch_params(&self, half: usize, n: usize, k: usize, args: &DispatchArgs<'_>, stages: u32) -> LlDispatchParams {
         let (fp8, fmt) = match args.payload {
-            LlPayload::Bf16 => (0, 0),
-            LlPayload::Fp8(f) => (1, f.code()),
+            Payload::Bf16 => (0, 0),
+            Payload::Fp8(f) => (1, f.code()),
         };
         LlDispatchParams {
             wait: self.g.wait_ctx(),
@@ -367,9 +371,9 @@ impl<'g> LlBuffer<'g> {
 
     /// Dispatch: every (token, slot) to its expert's rank. Without `hook`, returns once both
     /// halves are enqueued.
-    pub fn dispatch(&mut self, stream: &Arc<CudaStream>, args: &LlDispatchArgs<'_>) -> Result<(LlHandle, CudaEvent)> {
+    pub fn dispatch(&mut self, stream: &Arc<CudaStream>, args: &DispatchArgs<'_>) -> Result<(Handle, CudaEvent)> {
         if self.pending_dispatch {
-            return Err(Error::InvalidState { reason: "the previous low-latency dispatch's receive hook has not run".into() });
+            return Err(Error::PendingHook { reason: "the previous low-latency dispatch's receive hook has not run".into() });
         }
         let hd = self.cfg.hidden;
         if args.x.elems() % hd != 0 {
@@ -393,7 +397,7 @@ impl<'g> LlBuffer<'g> {
         self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, ll_dispatch_smem_bytes(self.cfg.threads / 32), stream, &p)?;
         self.dispatches += 1;
         self.pending_dispatch = args.hook;
-        let h = LlHandle {
+        let h = Handle {
             buffer: self.heap.id(),
             generation: self.dispatches,
             half,
@@ -408,16 +412,16 @@ impl<'g> LlBuffer<'g> {
     }
 
     /// The receive half of a hook-mode dispatch.
-    pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut LlHandle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
+    pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut Handle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
         self.check_own(h.buffer)?;
         if h.received || h.generation != self.dispatches {
-            return Err(Error::InvalidState {
+            return Err(Error::StaleHandle {
                 reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
             });
         }
         let (fp8, fmt) = match h.payload {
-            LlPayload::Bf16 => (0, 0),
-            LlPayload::Fp8(f) => (1, f.code()),
+            Payload::Bf16 => (0, 0),
+            Payload::Fp8(f) => (1, f.code()),
         };
         let mut p = LlDispatchParams { stages: stage::RECV, ..Default::default() };
         p.wait = self.g.wait_ctx();
@@ -444,54 +448,52 @@ impl<'g> LlBuffer<'g> {
 
     fn check_own(&self, buffer: u64) -> Result<()> {
         if buffer != self.heap.id() {
-            return Err(Error::InvalidState { reason: "this handle belongs to another low-latency buffer".into() });
+            return Err(Error::ForeignHandle { reason: "this handle belongs to another low-latency buffer".into() });
         }
         Ok(())
     }
 
-    fn check_view(&self, h: &LlHandle) -> Result<()> {
+    fn check_view(&self, h: &Handle) -> Result<()> {
         self.check_own(h.buffer)?;
         if !h.received {
-            return Err(Error::InvalidState { reason: "the dispatch's receive hook has not run yet".into() });
+            return Err(Error::PendingHook { reason: "the dispatch's receive hook has not run yet".into() });
         }
         if self.dispatches.saturating_sub(h.generation) >= 2 {
-            return Err(Error::InvalidState {
-                reason: format!("stale handle: dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches),
-            });
+            return Err(Error::StaleHandle { reason: format!("dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches) });
         }
         Ok(())
     }
 
-    fn view<T>(&self, h: &LlHandle, off: u64, len: usize) -> HeapView<'_, T> {
+    fn view<T>(&self, h: &Handle, off: u64, len: usize) -> HeapView<'_, T> {
         HeapView::new(self.heap.local_ptr() + self.half_off(h.half) + off, len)
     }
 
     /// Received rows per local expert, `i32 [E_local]` (rows `0..count` of each expert are valid).
-    pub fn recv_count(&self, h: &LlHandle) -> Result<HeapView<'_, i32>> {
+    pub fn recv_count(&self, h: &Handle) -> Result<HeapView<'_, i32>> {
         self.check_view(h)?;
         Ok(self.view(h, self.hl.recv_count, self.epr()))
     }
 
     /// Source of each received row, `u32 [E_local, R * T]`: `rank << 24 | slot << 16 | token`.
-    pub fn recv_src_info(&self, h: &LlHandle) -> Result<HeapView<'_, u32>> {
+    pub fn recv_src_info(&self, h: &Handle) -> Result<HeapView<'_, u32>> {
         self.check_view(h)?;
         Ok(self.view(h, self.hl.recv_meta, self.epr() * self.rows_per_expert()))
     }
 
     /// FP8 rows `u8 [E_local, R * T, H]`.
-    pub fn recv_x_fp8(&self, h: &LlHandle) -> Result<HeapView<'_, u8>> {
+    pub fn recv_x_fp8(&self, h: &Handle) -> Result<HeapView<'_, u8>> {
         self.check_view(h)?;
-        if !matches!(h.payload, LlPayload::Fp8(_)) {
-            return Err(Error::InvalidState { reason: "the dispatch sent BF16; use recv_x_bf16".into() });
+        if !matches!(h.payload, Payload::Fp8(_)) {
+            return Err(Error::invalid("handle", "the dispatch sent BF16; use recv_x_bf16"));
         }
         Ok(self.view(h, self.hl.recv_x, self.epr() * self.rows_per_expert() * self.cfg.hidden))
     }
 
     /// BF16 rows `bf16 [E_local, R * T, H]`.
-    pub fn recv_x_bf16(&self, h: &LlHandle) -> Result<HeapView<'_, bf16>> {
+    pub fn recv_x_bf16(&self, h: &Handle) -> Result<HeapView<'_, bf16>> {
         self.check_view(h)?;
-        if h.payload != LlPayload::Bf16 {
-            return Err(Error::InvalidState { reason: "the dispatch sent FP8; use recv_x_fp8".into() });
+        if h.payload != Payload::Bf16 {
+            return Err(Error::invalid("handle", "the dispatch sent FP8; use recv_x_fp8"));
         }
         Ok(self.view(h, self.hl.recv_x, self.epr() * self.rows_per_expert() * self.cfg.hidden))
     }
@@ -503,7 +505,7 @@ impl<'g> LlBuffer<'g> {
     }
 
     /// Rows of a scale view: `R * T` row-major, [`LlBuffer::scale_rows`] column-major.
-    fn scale_view_rows(&self, h: &LlHandle) -> usize {
+    fn scale_view_rows(&self, h: &Handle) -> usize {
         match h.scale_layout {
             ScaleLayout::RowMajor => self.rows_per_expert(),
             ScaleLayout::ColumnMajor => self.scale_rows(),
@@ -512,41 +514,41 @@ impl<'g> LlBuffer<'g> {
 
     /// f32 scales (F32 and F32Pow2 formats): `[E_local, R * T, H / 128]` row-major, or
     /// `[E_local, H / 128, M]` column-major ([`ScaleLayout`]).
-    pub fn recv_scales(&self, h: &LlHandle) -> Result<HeapView<'_, f32>> {
+    pub fn recv_scales(&self, h: &Handle) -> Result<HeapView<'_, f32>> {
         self.check_view(h)?;
         match h.payload {
-            LlPayload::Fp8(ScaleFormat::F32 | ScaleFormat::F32Pow2) => {
+            Payload::Fp8(ScaleFormat::F32 | ScaleFormat::F32Pow2) => {
                 Ok(self.view(h, self.hl.recv_scales, self.epr() * self.scale_view_rows(h) * self.cfg.hidden / FP8_GROUP))
             }
-            _ => Err(Error::InvalidState { reason: "the dispatch has no f32 scales (BF16 or UE8M0)".into() }),
+            _ => Err(Error::invalid("handle", "the dispatch has no f32 scales (BF16 or UE8M0)")),
         }
     }
 
     /// Packed UE8M0 scales: `u32 [E_local, R * T, ceil(H / 512)]` row-major (byte `g` of a row
     /// is group `g`), or `u32 [E_local, ceil(H / 512), M]` column-major ([`ScaleLayout`]).
-    pub fn recv_scales_ue8m0(&self, h: &LlHandle) -> Result<HeapView<'_, u32>> {
+    pub fn recv_scales_ue8m0(&self, h: &Handle) -> Result<HeapView<'_, u32>> {
         self.check_view(h)?;
-        if h.payload != LlPayload::Fp8(ScaleFormat::Ue8m0) {
-            return Err(Error::InvalidState { reason: "the dispatch did not use UE8M0 scales".into() });
+        if h.payload != Payload::Fp8(ScaleFormat::Ue8m0) {
+            return Err(Error::invalid("handle", "the dispatch did not use UE8M0 scales"));
         }
         let words = (self.cfg.hidden / FP8_GROUP).div_ceil(4);
         Ok(self.view(h, self.hl.recv_scales, self.epr() * self.scale_view_rows(h) * words))
     }
 
     /// The zero-copy combine input `bf16 [E_local, R * T, H]` for `h`'s combine: the caller's
-    /// kernels may write expert outputs here and combine with [`LlCombineInput::ZeroCopy`].
-    pub fn combine_input(&self, h: &LlHandle) -> Result<HeapView<'_, bf16>> {
+    /// kernels may write expert outputs here and combine with [`CombineInput::ZeroCopy`].
+    pub fn combine_input(&self, h: &Handle) -> Result<HeapView<'_, bf16>> {
         self.check_view(h)?;
         Ok(self.view(h, self.hl.comb_in, self.epr() * self.rows_per_expert() * self.cfg.hidden))
     }
 
-    /// Combine: expert outputs back to their homes, per expert or pre-reduced ([`LlCombineMode`]).
+    /// Combine: expert outputs back to their homes, per expert or pre-reduced ([`CombineMode`]).
     /// In hook mode returns the pending receive half.
     /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
-    pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &LlHandle, args: &LlCombineArgs<'a>) -> Result<(Option<LlCombinePending<'a>>, CudaEvent)> {
+    pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'a>) -> Result<(Option<CombinePending<'a>>, CudaEvent)> {
         self.check_view(h)?;
         if self.pending_combine.get() {
-            return Err(Error::InvalidState { reason: "the previous low-latency combine's receive hook has not run".into() });
+            return Err(Error::PendingHook { reason: "the previous low-latency combine's receive hook has not run".into() });
         }
         let (n, hd) = (h.num_tokens, self.cfg.hidden);
         let k = self.check_routing(&args.topk_idx, n)?;
@@ -554,32 +556,30 @@ impl<'g> LlBuffer<'g> {
             return Err(Error::invalid("topk_idx", format!("has k = {k} but the dispatch used k = {}", h.k)));
         }
         let weights = match (args.mode, args.topk_weights) {
-            (LlCombineMode::PerExpert, Some(w)) => {
+            (CombineMode::PerExpert, Some(w)) => {
                 check_len("topk_weights", w.elems(), n * k, || format!("[{n}, {k}] f32"))?;
                 w.device_addr()
             }
-            (LlCombineMode::PerExpert, None) => return Err(Error::invalid("topk_weights", "the per-expert combine needs [N, K] weights")),
-            (LlCombineMode::PreReduced, Some(_)) => {
+            (CombineMode::PerExpert, None) => return Err(Error::invalid("topk_weights", "the per-expert combine needs [N, K] weights")),
+            (CombineMode::PreReduced, Some(_)) => {
                 return Err(Error::invalid(
                     "topk_weights",
                     "a pre-reduced combine uses the weights its dispatch carried; pass None (or combine per expert)",
                 ));
             }
-            (LlCombineMode::PreReduced, None) if !h.has_weights => {
-                return Err(Error::InvalidState {
-                    reason: "a pre-reduced combine needs a dispatch that carried topk_weights (LlDispatchArgs::topk_weights)".into(),
-                });
+            (CombineMode::PreReduced, None) if !h.has_weights => {
+                return Err(Error::invalid("mode", "a pre-reduced combine needs a dispatch that carried topk_weights (DispatchArgs::topk_weights)"));
             }
-            (LlCombineMode::PreReduced, None) => 0,
+            (CombineMode::PreReduced, None) => 0,
         };
         check_len("out", args.out.elems(), n * hd, || format!("[{n}, {hd}] bf16"))?;
         let y = match args.x {
-            LlCombineInput::Tensor(t) => {
+            CombineInput::Tensor(t) => {
                 let want = self.epr() * self.rows_per_expert() * hd;
                 check_len("x", t.elems(), want, || format!("[{}, {}, {hd}] bf16", self.epr(), self.rows_per_expert()))?;
                 t.device_addr()
             }
-            LlCombineInput::ZeroCopy => self.heap.local_ptr() + self.half_off(h.half) + self.hl.comb_in,
+            CombineInput::ZeroCopy => self.heap.local_ptr() + self.half_off(h.half) + self.hl.comb_in,
         };
         let half = (self.combines.get() % 2) as usize;
         let p = LlCombineParams {
@@ -603,15 +603,15 @@ impl<'g> LlBuffer<'g> {
             send_blocks: self.cfg.num_blocks,
             slot_k: self.cfg.max_topk.max(self.g.world()) as u32,
             mode: match args.mode {
-                LlCombineMode::PerExpert => combine_mode::PER_EXPERT,
-                LlCombineMode::PreReduced => combine_mode::PRE_REDUCED,
+                CombineMode::PerExpert => combine_mode::PER_EXPERT,
+                CombineMode::PreReduced => combine_mode::PRE_REDUCED,
             },
             _pad: 0,
         };
         self.launch_combine(stream, &p)?;
         self.combines.set(self.combines.get() + 1);
         self.pending_combine.set(args.hook);
-        let pending = args.hook.then_some(LlCombinePending {
+        let pending = args.hook.then_some(CombinePending {
             buffer: self.heap.id(),
             params: LlCombineParams { stages: stage::RECV, ..p },
             _args: std::marker::PhantomData,
@@ -620,7 +620,7 @@ impl<'g> LlBuffer<'g> {
     }
 
     /// The receive half of a hook-mode combine.
-    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: LlCombinePending<'_>) -> Result<CudaEvent> {
+    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: CombinePending<'_>) -> Result<CudaEvent> {
         self.check_own(pending.buffer)?;
         self.launch_combine(stream, &pending.params)?;
         self.pending_combine.set(false);

@@ -18,10 +18,12 @@ use rayon::prelude::*;
 pub struct Rng(u64);
 
 impl Rng {
+    /// Generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
         Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
 
+    /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -192,11 +194,14 @@ pub struct HtRank {
     pub x: Vec<u8>,
     /// `[N, H / 128]` FP8 scales (FP8 payloads only).
     pub scales: Option<Vec<f32>>,
+    /// `[N, K]` global expert ids, -1 = none.
     pub topk_idx: Vec<i64>,
+    /// `[N, K]` router weights.
     pub topk_weights: Vec<f32>,
 }
 
 impl HtRank {
+    /// Tokens of this rank for `k` slots per token.
     pub fn num_tokens(&self, k: usize) -> usize {
         self.topk_idx.len() / k
     }
@@ -205,33 +210,46 @@ impl HtRank {
 /// Every rank's high-throughput inputs.
 #[derive(Clone, Debug)]
 pub struct HtWorld {
+    /// Experts in the model.
     pub num_experts: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// Top-k slots per token.
     pub k: usize,
     /// Bytes per row: `2 * hidden` (BF16) or `hidden` (FP8).
     pub row_bytes: usize,
+    /// Each rank's inputs.
     pub ranks: Vec<HtRank>,
 }
 
 /// What one rank receives from a high-throughput dispatch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HtRecv {
+    /// Rows received.
     pub num_recv: usize,
+    /// `[N_recv, row_bytes]` payload.
     pub x: Vec<u8>,
+    /// `[N_recv, H / 128]` FP8 scales (FP8 payloads).
     pub scales: Vec<f32>,
+    /// `[N_recv, K]` local expert ids (-1 for other ranks' experts).
     pub topk_idx: Vec<i32>,
+    /// `[N_recv, K]` weights (0 where the id is -1).
     pub topk_weights: Vec<f32>,
+    /// `[N_recv]` source token of each row.
     pub src_idx: Vec<i32>,
     /// Source rank of each row (not a kernel output; for building combine inputs).
     pub src_rank: Vec<usize>,
+    /// Rows per local expert (aligned).
     pub expert_counts: Vec<i32>,
 }
 
 impl HtWorld {
+    /// Ranks.
     pub fn world(&self) -> usize {
         self.ranks.len()
     }
 
+    /// The layout of `rank`'s routing.
     pub fn layout(&self, rank: usize) -> RefLayout {
         layout(&self.ranks[rank].topk_idx, self.k, self.num_experts, self.world())
     }
@@ -341,20 +359,28 @@ impl HtWorld {
 /// Every rank's low-latency inputs (BF16 tokens and routing).
 #[derive(Clone, Debug)]
 pub struct LlWorld {
+    /// Experts in the model.
     pub num_experts: usize,
+    /// Hidden size.
     pub hidden: usize,
+    /// Top-k slots per token.
     pub k: usize,
     /// Per rank: `x[N, H]` bf16 bits, `topk_idx[N, K]`, `topk_weights[N, K]`.
     pub x: Vec<Vec<u16>>,
+    /// Per rank: `[N, K]` global expert ids.
     pub topk_idx: Vec<Vec<i64>>,
+    /// Per rank: `[N, K]` router weights.
     pub topk_weights: Vec<Vec<f32>>,
 }
 
 /// One row a low-latency receiver gets for a local expert.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlRow {
+    /// Rank that sent the token.
     pub src_rank: usize,
+    /// Token index on that rank.
     pub src_token: usize,
+    /// Top-k slot of the token.
     pub slot: usize,
     /// BF16 bytes, or FP8 bytes.
     pub payload: Vec<u8>,
@@ -363,6 +389,7 @@ pub struct LlRow {
 }
 
 impl LlWorld {
+    /// Ranks.
     pub fn world(&self) -> usize {
         self.x.len()
     }

@@ -68,12 +68,15 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// job's secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessConfig {
+    /// This process's rank.
     pub rank: usize,
+    /// Ranks in the group.
     pub world: usize,
     /// CUDA device ordinal of this rank.
     pub device: usize,
     /// Where rank 0 listens.
     pub master_addr: String,
+    /// The port rank 0 listens on.
     pub master_port: u16,
     /// Shared by every rank of the job; a connection that cannot prove it knows it is refused.
     pub secret: Secret,

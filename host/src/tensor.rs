@@ -116,7 +116,9 @@ unsafe impl<T> DeviceArg<T> for HeapView<'_, T> {
 /// Router output `topk_idx[N, K]`, as i64 (PyTorch's default) or i32; `-1` means no expert.
 #[derive(Clone, Copy)]
 pub enum TopkIdx<'a> {
+    /// 64-bit expert ids.
     I64(&'a dyn DeviceArg<i64>),
+    /// 32-bit expert ids.
     I32(&'a dyn DeviceArg<i32>),
 }
 

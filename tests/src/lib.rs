@@ -264,6 +264,19 @@ fn wait_all(children: Vec<std::process::Child>, timeout: Duration) -> Vec<(bool,
     out
 }
 
+/// Checks that `r` failed with the error variant `want` (e.g. `"StaleHandle"`), naming `what`
+/// was tried in the failure message.
+pub fn expect_refused<T>(r: moe_ep::Result<T>, want: &str, what: &str) -> Result<()> {
+    match r {
+        Err(e) => {
+            let got = format!("{e:?}");
+            let variant = got.split([' ', '{', '(']).next().unwrap_or("");
+            if variant == want { Ok(()) } else { bail!("{what}: expected {want}, got {e}") }
+        }
+        Ok(_) => bail!("{what}: accepted, expected {want}"),
+    }
+}
+
 /// Compares two whole arrays; the error shows the mismatch count and the first few.
 pub fn compare<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) -> Result<()> {
     if got.len() != want.len() {

@@ -30,3 +30,14 @@ fn cpu_gpu_test_names_say_how_many_gpus() {
     assert_eq!(gpus_needed("gpu1_device_layer_selftest"), 1);
     assert_eq!(gpus_needed("gpu2_ht_shapes"), 2);
 }
+
+#[test]
+fn cpu_expect_refused_names_the_variant() {
+    use moe_ep::Error;
+    use moe_ep_tests::expect_refused;
+    let stale = || -> moe_ep::Result<()> { Err(Error::StaleHandle { reason: "old".into() }) };
+    expect_refused(stale(), "StaleHandle", "a stale handle").unwrap();
+    let e = expect_refused(stale(), "ForeignHandle", "a stale handle").unwrap_err().to_string();
+    assert!(e.contains("expected ForeignHandle") && e.contains("stale handle: old"), "{e}");
+    assert!(expect_refused(Ok(()), "StaleHandle", "nothing wrong").unwrap_err().to_string().contains("accepted"));
+}

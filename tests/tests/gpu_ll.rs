@@ -6,8 +6,8 @@
 use anyhow::{Context, Result, bail, ensure};
 use cudarc::driver::{CudaStream, sys};
 use half::bf16;
-use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig};
-use moe_ep::ll::{LlBuffer, LlCombineArgs, LlCombineInput, LlCombineMode, LlConfig, LlDispatchArgs, LlHandle, LlPayload, ScaleFormat, ScaleLayout};
+use moe_ep::ht::{self, HtBuffer, HtConfig};
+use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
 use moe_ep::reference::{LlRow, LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{Group, TopkIdx};
 use moe_ep_kernels::fp::{bf16_to_f32, f32_to_bf16};
@@ -26,10 +26,10 @@ struct Case {
     routing: Routing,
     drop: f32,
     zero_rank: bool,
-    payload: LlPayload,
+    payload: Payload,
     hook: bool,
     zero_copy: bool,
-    mode: LlCombineMode,
+    mode: CombineMode,
     layout: ScaleLayout,
 }
 
@@ -44,10 +44,10 @@ impl Case {
             routing: Routing::Scores,
             drop: 0.0,
             zero_rank: false,
-            payload: LlPayload::Fp8(ScaleFormat::F32),
+            payload: Payload::Fp8(ScaleFormat::F32),
             hook: false,
             zero_copy: false,
-            mode: LlCombineMode::PerExpert,
+            mode: CombineMode::PerExpert,
             layout: ScaleLayout::RowMajor,
         }
     }
@@ -90,21 +90,14 @@ fn row_scales(view: &[u8], e: usize, j: usize, groups: usize, rows: usize, ue8m0
 }
 
 /// Reads what `h` delivered and compares it with the reference as sets.
-fn check_dispatch(
-    g: &Group,
-    buf: &LlBuffer<'_>,
-    h: &LlHandle,
-    w: &LlWorld,
-    case: &Case,
-    s: &Arc<CudaStream>,
-) -> Result<Vec<Vec<(usize, usize, usize)>>> {
+fn check_dispatch(g: &Group, buf: &LlBuffer, h: &Handle, w: &LlWorld, case: &Case, s: &Arc<CudaStream>) -> Result<Vec<Vec<(usize, usize, usize)>>> {
     let me = g.rank();
     let epr = case.experts / g.world();
     let rows_pe = g.world() * case.max_tokens;
     let hd = case.hidden;
     let fmt = match case.payload {
-        LlPayload::Bf16 => None,
-        LlPayload::Fp8(f) => Some(match f {
+        Payload::Bf16 => None,
+        Payload::Fp8(f) => Some(match f {
             ScaleFormat::F32 => moe_ep::abi::scale_fmt::F32,
             ScaleFormat::F32Pow2 => moe_ep::abi::scale_fmt::F32_POW2,
             ScaleFormat::Ue8m0 => moe_ep::abi::scale_fmt::UE8M0,
@@ -114,16 +107,16 @@ fn check_dispatch(
     let counts = buf.recv_count(h)?.to_vec(s)?;
     let meta = buf.recv_src_info(h)?.to_vec(s)?;
     let (payload, row_bytes): (Vec<u8>, usize) = match case.payload {
-        LlPayload::Bf16 => (bytemuck::cast_slice(&buf.recv_x_bf16(h)?.to_vec(s)?).to_vec(), 2 * hd),
-        LlPayload::Fp8(_) => (buf.recv_x_fp8(h)?.to_vec(s)?, hd),
+        Payload::Bf16 => (bytemuck::cast_slice(&buf.recv_x_bf16(h)?.to_vec(s)?).to_vec(), 2 * hd),
+        Payload::Fp8(_) => (buf.recv_x_fp8(h)?.to_vec(s)?, hd),
     };
     let cols = hd / 128;
     let scales: Vec<u8> = match case.payload {
-        LlPayload::Bf16 => Vec::new(),
-        LlPayload::Fp8(ScaleFormat::Ue8m0) => bytemuck::cast_slice(&buf.recv_scales_ue8m0(h)?.to_vec(s)?).to_vec(),
-        LlPayload::Fp8(_) => bytemuck::cast_slice(&buf.recv_scales(h)?.to_vec(s)?).to_vec(),
+        Payload::Bf16 => Vec::new(),
+        Payload::Fp8(ScaleFormat::Ue8m0) => bytemuck::cast_slice(&buf.recv_scales_ue8m0(h)?.to_vec(s)?).to_vec(),
+        Payload::Fp8(_) => bytemuck::cast_slice(&buf.recv_scales(h)?.to_vec(s)?).to_vec(),
     };
-    let ue8m0 = case.payload == LlPayload::Fp8(ScaleFormat::Ue8m0);
+    let ue8m0 = case.payload == Payload::Fp8(ScaleFormat::Ue8m0);
     let scale_rows = if case.layout == ScaleLayout::ColumnMajor { buf.scale_rows() } else { rows_pe };
     let mut layout = Vec::new();
     for e in 0..epr {
@@ -166,8 +159,8 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     for round in 0..2 {
         // Two rounds: both buffer halves.
         buf.poison(s, 0xEE)?;
-        let carry_weights = case.mode == LlCombineMode::PreReduced || round == 1;
-        let args = LlDispatchArgs {
+        let carry_weights = case.mode == CombineMode::PreReduced || round == 1;
+        let args = DispatchArgs {
             x: &x,
             topk_idx: TopkIdx::I64(&idx),
             topk_weights: carry_weights.then_some(&wts as _),
@@ -200,13 +193,13 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
             // copy before the combine (this is what an expert GEMM writing there would do).
             unsafe { cudarc::driver::result::memcpy_htod_async(view.device_addr(), &y[..], s.cu_stream())? };
             s.synchronize()?;
-            LlCombineInput::ZeroCopy
+            CombineInput::ZeroCopy
         } else {
-            LlCombineInput::Tensor(&y_dev)
+            CombineInput::Tensor(&y_dev)
         };
         let out = poisoned(s, n * hd, bf16::from_bits(0xFFFF))?;
-        let home_weights = (case.mode == LlCombineMode::PerExpert).then_some(&wts as _);
-        let cargs = LlCombineArgs { x: input, topk_idx: TopkIdx::I64(&idx), topk_weights: home_weights, out: &out, mode: case.mode, hook: case.hook };
+        let home_weights = (case.mode == CombineMode::PerExpert).then_some(&wts as _);
+        let cargs = CombineArgs { x: input, topk_idx: TopkIdx::I64(&idx), topk_weights: home_weights, out: &out, mode: case.mode, hook: case.hook };
         let (pending, _) = buf.combine(s, &h, &cargs)?;
         if let Some(p) = pending {
             buf.combine_recv(s, p)?;
@@ -216,8 +209,8 @@ fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
         let idx_h = &w.topk_idx[me];
         let y_of = |t: usize, j: usize| expert_row(&w.x[me][t * hd..(t + 1) * hd], idx_h[t * k + j] as usize);
         let want = match case.mode {
-            LlCombineMode::PerExpert => w.combine(me, &y_of),
-            LlCombineMode::PreReduced => w.combine_pre_reduced(me, &y_of),
+            CombineMode::PerExpert => w.combine(me, &y_of),
+            CombineMode::PreReduced => w.combine_pre_reduced(me, &y_of),
         };
         compare(&format!("round {round}: combined rows ({:?})", case.mode), &got, &want)?;
     }
@@ -236,28 +229,28 @@ fn gpu2_ll_formats() -> Result<()> {
         "gpu2_ll_formats",
         vec![
             Case::base(7168, 8, 256, 128),
-            Case { payload: LlPayload::Fp8(ScaleFormat::F32Pow2), ..Case::base(7168, 8, 256, 128) },
-            Case { payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(7168, 8, 256, 128) },
-            Case { payload: LlPayload::Bf16, ..Case::base(7168, 8, 256, 128) },
+            Case { payload: Payload::Fp8(ScaleFormat::F32Pow2), ..Case::base(7168, 8, 256, 128) },
+            Case { payload: Payload::Fp8(ScaleFormat::Ue8m0), ..Case::base(7168, 8, 256, 128) },
+            Case { payload: Payload::Bf16, ..Case::base(7168, 8, 256, 128) },
             // DeepGEMM's column-major, TMA-aligned scales, f32 and UE8M0.
             Case { layout: ScaleLayout::ColumnMajor, ..Case::base(7168, 8, 256, 128) },
-            Case { layout: ScaleLayout::ColumnMajor, payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(7168, 8, 256, 125) },
+            Case { layout: ScaleLayout::ColumnMajor, payload: Payload::Fp8(ScaleFormat::Ue8m0), ..Case::base(7168, 8, 256, 125) },
         ],
     )
 }
 
 fn gpu2_ll_pre_reduced() -> Result<()> {
-    let pre = LlCombineMode::PreReduced;
+    let pre = CombineMode::PreReduced;
     cases(
         "gpu2_ll_pre_reduced",
         vec![
             Case { mode: pre, ..Case::base(7168, 8, 256, 128) },
-            Case { mode: pre, payload: LlPayload::Bf16, drop: 0.3, ..Case::base(2048, 8, 64, 96) },
+            Case { mode: pre, payload: Payload::Bf16, drop: 0.3, ..Case::base(2048, 8, 64, 96) },
             Case { mode: pre, zero_rank: true, ..Case::base(2048, 8, 64, 96) },
             Case { mode: pre, routing: Routing::SameExperts(5), ..Case::base(2048, 4, 64, 64) },
             Case { mode: pre, routing: Routing::OneRank(0), ..Case::base(1024, 6, 32, 100) },
             Case { mode: pre, hook: true, layout: ScaleLayout::ColumnMajor, ..Case::base(4096, 8, 64, 64) },
-            Case { mode: pre, zero_copy: true, payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(640, 16, 128, 48) },
+            Case { mode: pre, zero_copy: true, payload: Payload::Fp8(ScaleFormat::Ue8m0), ..Case::base(640, 16, 128, 48) },
             Case { mode: pre, hook: true, zero_copy: true, ..Case::base(16384, 2, 32, 16) },
         ],
     )
@@ -282,11 +275,11 @@ fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
         "gpu2_ll_shapes_hook_zero_copy",
         vec![
             Case::base(128, 1, 16, 32),
-            Case { payload: LlPayload::Fp8(ScaleFormat::Ue8m0), ..Case::base(640, 16, 128, 48) },
+            Case { payload: Payload::Fp8(ScaleFormat::Ue8m0), ..Case::base(640, 16, 128, 48) },
             Case::base(16384, 2, 32, 16),
             Case { hook: true, ..Case::base(4096, 8, 64, 64) },
             Case { zero_copy: true, ..Case::base(4096, 8, 64, 64) },
-            Case { hook: true, zero_copy: true, payload: LlPayload::Bf16, ..Case::base(2048, 8, 64, 64) },
+            Case { hook: true, zero_copy: true, payload: Payload::Bf16, ..Case::base(2048, 8, 64, 64) },
         ],
     )
 }
@@ -294,15 +287,15 @@ fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
 /// What `me` gets from combining its own tokens when every expert returns the received row
 /// unchanged (identity experts), in `mode`.
 #[allow(clippy::too_many_arguments)]
-fn identity_combine(e: usize, hd: usize, k: usize, world: usize, me: usize, x: &[u16], idx: &[i64], w: &[f32], mode: LlCombineMode) -> Vec<u16> {
+fn identity_combine(e: usize, hd: usize, k: usize, world: usize, me: usize, x: &[u16], idx: &[i64], w: &[f32], mode: CombineMode) -> Vec<u16> {
     let mut lw = LlWorld { num_experts: e, hidden: hd, k, x: vec![vec![]; world], topk_idx: vec![vec![]; world], topk_weights: vec![vec![]; world] };
     lw.x[me] = x.to_vec();
     lw.topk_idx[me] = idx.to_vec();
     lw.topk_weights[me] = w.to_vec();
     let y = |t: usize, _| x[t * hd..(t + 1) * hd].to_vec();
     match mode {
-        LlCombineMode::PerExpert => lw.combine(me, &y),
-        LlCombineMode::PreReduced => lw.combine_pre_reduced(me, &y),
+        CombineMode::PerExpert => lw.combine(me, &y),
+        CombineMode::PreReduced => lw.combine_pre_reduced(me, &y),
     }
 }
 
@@ -327,14 +320,14 @@ fn gpu2_ll_graph_replay_1000() -> Result<()> {
         let mut idx = upload(&s, &i0)?;
         let mut wts = upload(&s, &w0)?;
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
-        for mode in [LlCombineMode::PerExpert, LlCombineMode::PreReduced] {
-            let run = |buf: &mut LlBuffer<'_>| -> moe_ep::Result<()> {
-                let args = LlDispatchArgs { topk_weights: Some(&wts), payload: LlPayload::Bf16, ..LlDispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+        for mode in [CombineMode::PerExpert, CombineMode::PreReduced] {
+            let run = |buf: &mut LlBuffer| -> moe_ep::Result<()> {
+                let args = DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
                 let (h, _) = buf.dispatch(&s, &args)?;
                 let y = buf.recv_x_bf16(&h)?;
-                let home_w = (mode == LlCombineMode::PerExpert).then_some(&wts as _);
+                let home_w = (mode == CombineMode::PerExpert).then_some(&wts as _);
                 let cargs =
-                    LlCombineArgs { x: LlCombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: home_w, out: &out, mode, hook: false };
+                    CombineArgs { x: CombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: home_w, out: &out, mode, hook: false };
                 buf.combine(&s, &h, &cargs)?;
                 Ok(())
             };
@@ -389,10 +382,10 @@ fn gpu2_ll_reuse_three_dispatches() -> Result<()> {
             .iter()
             .map(|(x, i, w)| Ok((upload(&s, bytemuck::cast_slice::<u16, bf16>(x))?, upload(&s, i)?, upload(&s, w)?)))
             .collect::<Result<_>>()?;
-        let args = |i: usize| LlDispatchArgs {
+        let args = |i: usize| DispatchArgs {
             topk_weights: Some(&dev[i].2),
-            payload: LlPayload::Bf16,
-            ..LlDispatchArgs::fp8(&dev[i].0, TopkIdx::I64(&dev[i].1))
+            payload: Payload::Bf16,
+            ..DispatchArgs::fp8(&dev[i].0, TopkIdx::I64(&dev[i].1))
         };
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         let (h0, _) = buf.dispatch(&s, &args(0))?;
@@ -402,12 +395,12 @@ fn gpu2_ll_reuse_three_dispatches() -> Result<()> {
         if me == 1 {
             std::thread::sleep(std::time::Duration::from_millis(300));
         }
-        let cargs = LlCombineArgs {
-            x: LlCombineInput::Tensor(&y0),
+        let cargs = CombineArgs {
+            x: CombineInput::Tensor(&y0),
             topk_idx: TopkIdx::I64(&dev[0].1),
             topk_weights: None,
             out: &out,
-            mode: LlCombineMode::PreReduced,
+            mode: CombineMode::PreReduced,
             hook: true,
         };
         let (pending, _) = buf.combine(&s, &h0, &cargs)?;
@@ -416,16 +409,16 @@ fn gpu2_ll_reuse_three_dispatches() -> Result<()> {
         buf.check()?;
         let (x0, i0, w0) = &inputs[0];
         let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(&s)?).to_vec();
-        compare("combine of the first dispatch", &got, &identity_combine(e, hd, k, world, me, x0, i0, w0, LlCombineMode::PreReduced))?;
+        compare("combine of the first dispatch", &got, &identity_combine(e, hd, k, world, me, x0, i0, w0, CombineMode::PreReduced))?;
         // The third dispatch delivered its own rows.
         let (x2, i2, w2) = &inputs[2];
         let y2 = upload(&s, &buf.recv_x_bf16(&h2)?.to_vec(&s)?)?;
         let out2 = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
-        let c2 = LlCombineArgs { x: LlCombineInput::Tensor(&y2), topk_idx: TopkIdx::I64(&dev[2].1), out: &out2, hook: false, ..cargs };
+        let c2 = CombineArgs { x: CombineInput::Tensor(&y2), topk_idx: TopkIdx::I64(&dev[2].1), out: &out2, hook: false, ..cargs };
         buf.combine(&s, &h2, &c2)?;
         buf.check()?;
         let got: Vec<u16> = bytemuck::cast_slice(&out2.to_vec(&s)?).to_vec();
-        compare("combine of the third dispatch", &got, &identity_combine(e, hd, k, world, me, x2, i2, w2, LlCombineMode::PreReduced))?;
+        compare("combine of the third dispatch", &got, &identity_combine(e, hd, k, world, me, x2, i2, w2, CombineMode::PreReduced))?;
         Ok(())
     })
 }
@@ -447,30 +440,23 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
         let wts = upload(&s, &w_h)?;
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         let (h, _) =
-            a.dispatch(&s, &LlDispatchArgs { topk_weights: Some(&wts), payload: LlPayload::Bf16, ..LlDispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
-        let refused = |r: moe_ep::Result<()>, what: &str| -> Result<()> {
-            match r {
-                Err(moe_ep::Error::InvalidState { .. }) => Ok(()),
-                Err(e) => bail!("{what}: expected InvalidState, got {e}"),
-                Ok(()) => bail!("{what}: accepted"),
-            }
-        };
-        refused(b.recv_count(&h).map(|_| ()), "a view through another buffer")?;
+            a.dispatch(&s, &DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        expect_refused(b.recv_count(&h), "ForeignHandle", "a view through another buffer")?;
         let y = a.recv_x_bf16(&h)?;
-        let cargs = LlCombineArgs {
-            x: LlCombineInput::Tensor(&y),
+        let cargs = CombineArgs {
+            x: CombineInput::Tensor(&y),
             topk_idx: TopkIdx::I64(&idx),
             topk_weights: None,
             out: &out,
-            mode: LlCombineMode::PreReduced,
+            mode: CombineMode::PreReduced,
             hook: true,
         };
-        refused(b.combine(&s, &h, &cargs).map(|_| ()), "a combine through another buffer")?;
+        expect_refused(b.combine(&s, &h, &cargs), "ForeignHandle", "a combine through another buffer")?;
         let (pending, _) = a.combine(&s, &h, &cargs)?;
         let pending = pending.context("hook mode returns the receive half")?;
         // The other buffer refuses the pending half (it is consumed either way); the owner then
         // finishes a fresh combine.
-        refused(b.combine_recv(&s, pending).map(|_| ()), "a pending combine of another buffer")?;
+        expect_refused(b.combine_recv(&s, pending), "ForeignHandle", "a pending combine of another buffer")?;
         a.check()?;
         // Grids and configurations that differ across ranks.
         match b.set_launch(16 + g.rank() as u32, 512) {
@@ -505,25 +491,25 @@ fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         let out_ht = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         let layout = ht.layout(&s, TopkIdx::I64(&idx), k)?;
-        let want_ll = identity_combine(e, hd, k, world, me, &x_h, &idx_h, &w_h, LlCombineMode::PerExpert);
+        let want_ll = identity_combine(e, hd, k, world, me, &x_h, &idx_h, &w_h, CombineMode::PerExpert);
         for it in 0..1000 {
-            let (h, _) = ll.dispatch(&s, &LlDispatchArgs { payload: LlPayload::Bf16, ..LlDispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+            let (h, _) = ll.dispatch(&s, &DispatchArgs { payload: Payload::Bf16, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
             let y = ll.recv_x_bf16(&h)?;
             ll.combine(
                 &s,
                 &h,
-                &LlCombineArgs {
-                    x: LlCombineInput::Tensor(&y),
+                &CombineArgs {
+                    x: CombineInput::Tensor(&y),
                     topk_idx: TopkIdx::I64(&idx),
                     topk_weights: Some(&wts),
                     out: &out,
-                    mode: LlCombineMode::PerExpert,
+                    mode: CombineMode::PerExpert,
                     hook: false,
                 },
             )?;
-            let (hh, _) = ht.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+            let (hh, _) = ht.dispatch(&s, &layout, &ht::DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
             let yh = ht.recv_x_bf16(&hh)?;
-            ht.combine(&s, &hh, &CombineArgs { x: &yh, topk_weights: None, bias: [None, None], out: &out_ht, out_weights: None })?;
+            ht.combine(&s, &hh, &ht::CombineArgs { x: &yh, topk_weights: None, bias: [None, None], out: &out_ht, out_weights: None })?;
             if it % 250 == 0 || it == 999 {
                 g.check()?;
                 let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(&s)?).to_vec();

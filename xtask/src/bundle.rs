@@ -45,7 +45,7 @@ exit $status
 "#;
 
 pub fn build(root: &Path) -> Result<()> {
-    crate::ptx::build_and_check(root)?;
+    crate::ptx::build_and_check(root, false)?;
     crate::cargo(root, &["build", "--release", "-p", "moe-ep-bench"])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
@@ -74,7 +74,7 @@ pub fn build(root: &Path) -> Result<()> {
         n += 1;
     }
     std::fs::copy(root.join("target/release/moe-ep-bench"), dir.join("bin/moe-ep-bench"))?;
-    std::fs::copy(root.join("target/ptx/moe_ep_kernels.ptx"), dir.join("ptx/moe_ep_kernels.ptx"))?;
+    std::fs::copy(root.join(crate::ptx::PTX_FILE), dir.join("ptx/moe_ep_kernels.ptx"))?;
     let run = dir.join("run.sh");
     std::fs::write(&run, RUN_SH)?;
     #[cfg(unix)]

@@ -1,15 +1,19 @@
 //! `cargo xtask <command>`: the project's build tasks (see `cargo xtask help`).
 //!
-//! - `build-ptx`: compile the kernels to PTX (through `host/build.rs`), validate it with
-//!   `ptxas -arch=sm_90 -v` and print every kernel's registers, stack, shared memory and
-//!   spills; fail on a ptxas error, an unresolved external or a spill.
-//! - `test`: `cargo fmt --check`, `build-ptx`, then every test of the workspace (GPU tests
+//! - `build-ptx`: compile the kernels to PTX with the pinned nightly and write the checked-in
+//!   `host/kernels.ptx` the library embeds; validate it with `ptxas -arch=sm_90 -v` and print
+//!   every kernel's registers, stack, shared memory and spills; fail on a ptxas error, an
+//!   unresolved external or a spill. `--check` fails instead of writing when the file is stale.
+//! - `test`: `cargo fmt --check`, `build-ptx --check`, every test of the workspace (GPU tests
 //!   are reported as ignored without GPUs, and a last line counts GPU tests run and skipped).
+//!   Then what a dependent sees: `cargo package` of the library, its docs with warnings as
+//!   errors, and a scratch crate outside the workspace that depends on it, built on stable.
 //! - `bench`: the benchmark on the local GPUs (`moe-ep-bench`, release build).
 //! - `gpu-bundle`: release test and bench binaries plus the PTX and a `run.sh` under
 //!   `target/gpu-bundle/`, for a GPU machine with no Rust and no network.
 
 mod bundle;
+mod dependents;
 mod ptx;
 
 use anyhow::{Context, Result, bail};
@@ -29,12 +33,12 @@ fn run() -> Result<()> {
     let rest: Vec<String> = args.collect();
     let root = root();
     match cmd.as_str() {
-        "build-ptx" => ptx::build_and_check(&root).map(|_| ()),
+        "build-ptx" => ptx::build_and_check(&root, rest.iter().any(|a| a == "--check")).map(|_| ()),
         "test" => test(&root, &rest),
         "bench" => cargo(&root, &[&["run", "--release", "-p", "moe-ep-bench", "--"][..], &refs(&rest)].concat()),
         "gpu-bundle" => bundle::build(&root),
         "help" | "-h" | "--help" => {
-            println!("cargo xtask build-ptx | test [cargo test args] | bench [bench args] | gpu-bundle");
+            println!("cargo xtask build-ptx [--check] | test [cargo test args] | bench [bench args] | gpu-bundle");
             Ok(())
         }
         other => bail!("unknown command {other:?}; try `cargo xtask help`"),
@@ -72,14 +76,20 @@ pub fn cargo_env(root: &Path, args: &[&str], env: &[(&str, String)]) -> Result<(
 fn test(root: &Path, rest: &[String]) -> Result<()> {
     // Tidy first: formatting is part of the gate.
     cargo(root, &["fmt", "--all", "--", "--check"]).context("code is not formatted; run `cargo fmt --all`")?;
-    let ptxas = ptx::build_and_check(root)?;
+    // The committed PTX must be what the kernels compile to (the library embeds that file).
+    let ptxas = ptx::build_and_check(root, true)?;
     let report = root.join("target/gpu-test-report.tsv");
     let _ = std::fs::remove_file(&report);
     let mut args = vec!["test", "--workspace"];
     args.extend(refs(rest));
     let result = cargo_env(root, &args, &[("MOE_EP_PTXAS", ptxas.display().to_string()), ("MOE_EP_TEST_REPORT", report.display().to_string())]);
-    println!("{}", gpu_summary(&std::fs::read_to_string(&report).unwrap_or_default()));
-    result
+    let summary = gpu_summary(&std::fs::read_to_string(&report).unwrap_or_default());
+    result?;
+    // What a crate that depends on moe-ep sees: it packages, its docs build, and it builds on
+    // stable Rust.
+    dependents::check(root)?;
+    println!("{summary}");
+    Ok(())
 }
 
 /// The last line of `cargo xtask test`: GPU tests run and skipped, with the reasons, from the

@@ -1,0 +1,77 @@
+//! What a crate depending on `moe-ep` sees, checked by `cargo xtask test`: the library and its
+//! kernels crate package (`cargo package`, verified by building the packaged sources), the docs
+//! build with warnings as errors, and a scratch crate outside the workspace that depends on the
+//! library by path builds with the stable toolchain (no nightly, no CUDA toolkit).
+
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::process::Command;
+
+/// The scratch dependent: it owns a group and both buffer kinds with no lifetimes, as a
+/// serving engine's model layer would, and uses the embedded PTX.
+const SCRATCH_MAIN: &str = r#"use moe_ep::ht::{HtBuffer, HtConfig};
+use moe_ep::ll::{LlBuffer, LlConfig};
+use moe_ep::{Group, GroupConfig};
+
+/// A model layer that owns its communicator and buffers.
+#[allow(dead_code)]
+struct MoeLayer {
+    group: Group,
+    ht: HtBuffer,
+    ll: LlBuffer,
+}
+
+#[allow(dead_code)]
+fn build_layer(group: Group) -> moe_ep::Result<MoeLayer> {
+    let ht = HtBuffer::new(&group, HtConfig::new(256, 7168, 8, 4096, group.world()))?;
+    let ll = LlBuffer::new(&group, LlConfig::new(256, 7168, 8, 128))?;
+    Ok(MoeLayer { group, ht, ll })
+}
+
+fn main() {
+    fn owned<T: Send + 'static>() {}
+    owned::<MoeLayer>();
+    let _ = GroupConfig::default();
+    println!("moe-ep dependent: {} bytes of PTX", moe_ep::PTX.len());
+}
+"#;
+
+pub fn check(root: &Path) -> Result<()> {
+    crate::cargo(root, &["package", "--quiet", "--allow-dirty", "-p", "moe-ep-kernels", "-p", "moe-ep"]).context("packaging moe-ep")?;
+    crate::cargo_env(root, &["doc", "--quiet", "-p", "moe-ep", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings".into())])
+        .context("building moe-ep's docs")?;
+    stable_dependent(root)
+}
+
+/// `cargo +stable` with the outer (nightly) cargo's environment removed.
+fn stable_cargo(dir: &Path) -> Command {
+    let mut c = Command::new("cargo");
+    c.arg("+stable").current_dir(dir);
+    for v in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn stable_dependent(root: &Path) -> Result<()> {
+    if !stable_cargo(root).arg("--version").status().map(|s| s.success()).unwrap_or(false) {
+        println!("installing the stable toolchain for the dependent-crate check");
+        let st = Command::new("rustup").args(["toolchain", "install", "stable", "--profile", "minimal"]).status().context("running rustup")?;
+        if !st.success() {
+            bail!("could not install the stable toolchain (rustup toolchain install stable)");
+        }
+    }
+    let dir = root.join("target/stable-dependent");
+    std::fs::create_dir_all(dir.join("src"))?;
+    let manifest = format!(
+        "[package]\nname = \"moe-ep-stable-dependent\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n\n[dependencies]\nmoe-ep = {{ path = {:?} }}\n\n[workspace]\n",
+        root.join("host").display().to_string()
+    );
+    std::fs::write(dir.join("Cargo.toml"), manifest)?;
+    std::fs::write(dir.join("src/main.rs"), SCRATCH_MAIN)?;
+    let st = stable_cargo(&dir).args(["run", "--quiet"]).status().context("running cargo +stable")?;
+    if !st.success() {
+        bail!("a crate depending on moe-ep does not build on stable Rust (see above; {})", dir.display());
+    }
+    Ok(())
+}
