@@ -3,7 +3,7 @@
 //! This crate compiles twice. For the host it is a plain `no_std` library holding the ABI
 //! both sides agree on ([`abi`]: parameter blocks, heap layouts, error records) and the
 //! reference math the host checks against. For `nvptx64-nvidia-cuda` it also holds the
-//! kernels, built by `host/build.rs` (or `cargo xtask build-ptx`) into one PTX module:
+//! kernels, built by `cargo xtask build-ptx` into one PTX module (`host/kernels.ptx`):
 //!
 //! - [`ptx`]: one-to-one wrappers over PTX instructions, named after what they emit;
 //! - [`sync`]: deadline-bounded waits, the cross-rank barrier, arrival counters;

@@ -54,7 +54,7 @@ fn stable_cargo(dir: &Path) -> Command {
 }
 
 fn stable_dependent(root: &Path) -> Result<()> {
-    if !stable_cargo(root).arg("--version").status().map(|s| s.success()).unwrap_or(false) {
+    if !stable_cargo(root).arg("--version").output().map(|o| o.status.success()).unwrap_or(false) {
         println!("installing the stable toolchain for the dependent-crate check");
         let st = Command::new("rustup").args(["toolchain", "install", "stable", "--profile", "minimal"]).status().context("running rustup")?;
         if !st.success() {
