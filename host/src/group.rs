@@ -218,6 +218,19 @@ impl Group {
         Group::build(ctx, exchange, Mode::Processes, pc.device, cfg)
     }
 
+    /// Joins a multi-process group (one process per GPU, CUDA IPC) over a caller-supplied
+    /// exchange, e.g. one built on a serving engine's own store or process group. The
+    /// exchange's `all_gather` carries the CUDA IPC handles, so it must only connect this job's
+    /// ranks (see [`crate::rendezvous`] on authentication).
+    pub fn with_exchange(exchange: Arc<dyn Exchange>, device: usize, cfg: GroupConfig) -> Result<Group> {
+        let (rank, world) = (exchange.rank(), exchange.world());
+        if world == 0 || world > MAX_RANKS || rank >= world {
+            return Err(Error::invalid("exchange", format!("rank {rank} of {world}; a group needs 1..={MAX_RANKS} ranks")));
+        }
+        let ctx = open_device(device)?;
+        Group::build(ctx, exchange, Mode::Processes, device, cfg)
+    }
+
     /// Runs `f` on `world` ranks, one thread per GPU (devices `0..world`) in this process, and
     /// returns each rank's result.
     pub fn run_threads<T: Send>(world: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
