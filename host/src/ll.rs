@@ -265,6 +265,9 @@ pub struct LlBuffer {
     combines: std::cell::Cell<u64>,
     pending_dispatch: bool,
     pending_combine: std::cell::Cell<bool>,
+    /// False only for testing (`MOE_EP_TESTING_NO_LL_REUSE_GUARD`, read when the buffer is
+    /// built): lets the reuse test show the race the guard prevents.
+    reuse_guard: bool,
 }
 
 impl LlBuffer {
@@ -287,6 +290,7 @@ impl LlBuffer {
             combines: std::cell::Cell::new(0),
             pending_dispatch: false,
             pending_combine: std::cell::Cell::new(false),
+            reuse_guard: std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_none(),
         })
     }
 
@@ -389,8 +393,7 @@ impl LlBuffer {
         }
         let half = (self.dispatches % 2) as usize;
         let mut stages = if args.hook { stage::SEND } else { stage::SEND | stage::RECV };
-        // Testing only (see `stage::NO_REUSE_GUARD`): lets the reuse test show the race.
-        if std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_some() {
+        if !self.reuse_guard {
             stages |= stage::NO_REUSE_GUARD;
         }
         let p = self.dispatch_params(half, n, k, args, stages);
