@@ -67,8 +67,9 @@ impl HtConfig {
     /// and one reducing block.
     pub const fn tuned_push_blocks(world: usize, num_sms: u32) -> u32 {
         // Pushers' share of the blocks, in eighths. EP4 (measured at 8, 16, 24 and 32 SMs): 5/8
-        // was best at every budget. EP2: half (measured at 24 SMs). More ranks send a larger
-        // share of the rows over NVLink; 3 and 5 to 8 ranks use the EP4 split (not measured).
+        // was best at every budget. EP2: half was best at 8, 16 and 24 SMs (at 32 SMs 20 of 32
+        // was 5% faster). More ranks send a larger share of the rows over NVLink; 3 and 5 to 8
+        // ranks use the EP4 split (not measured).
         let eighths = match world {
             0..=2 => 4,
             _ => 5,
@@ -302,8 +303,6 @@ pub struct CombineArgs<'a> {
 /// A high-throughput buffer: the symmetric heap holding every rank's receive rows and
 /// combine staging, plus the host-mapped word that tells the host the received count.
 pub struct HtBuffer {
-    /// Unique per buffer in this process.
-    id: u64,
     /// The group (a clone: the buffer owns its share).
     g: Group,
     cfg: HtConfig,
@@ -324,8 +323,7 @@ impl HtBuffer {
         let hl = cfg.heap_layout(g.world());
         let heap = g.new_heap(hl.total)?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
-        let id = heap.id();
-        Ok(HtBuffer { id, g: g.clone(), cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
+        Ok(HtBuffer { g: g.clone(), cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
     }
 
     /// The configuration.
@@ -385,7 +383,7 @@ impl HtBuffer {
         }
         let alloc_err = |what: &'static str| move || format!("allocating the layout's {what}");
         Ok(Layout(Arc::new(LayoutData {
-            buffer: self.id,
+            buffer: self.heap.id(),
             version: std::sync::atomic::AtomicU64::new(0),
             is_token_in_rank: stream.alloc_zeros::<u8>((n * world).max(1)).during("cuMemAlloc", alloc_err("is_token_in_rank"))?,
             token_pos: stream.alloc_zeros::<i32>((n * world).max(1)).during("cuMemAlloc", alloc_err("token_pos"))?,
@@ -420,7 +418,7 @@ impl HtBuffer {
     }
 
     fn check_own_layout(&self, layout: &Layout) -> Result<()> {
-        if layout.0.buffer != self.id {
+        if layout.0.buffer != self.heap.id() {
             return Err(Error::ForeignHandle { reason: "this layout belongs to another high-throughput buffer".into() });
         }
         Ok(())
@@ -433,7 +431,7 @@ impl HtBuffer {
         let world = self.g.world();
         let e = || "allocating a dispatch handle".to_string();
         let h = Handle {
-            buffer: self.id,
+            buffer: self.heap.id(),
             layout_version: 0,
             generation: 0,
             layout: layout.clone(),
@@ -522,7 +520,7 @@ impl HtBuffer {
     }
 
     fn check_dispatch_args(&self, h: &Handle, args: &DispatchArgs<'_>) -> Result<()> {
-        if h.buffer != self.id {
+        if h.buffer != self.heap.id() {
             return Err(Error::ForeignHandle { reason: "this handle belongs to another high-throughput buffer".into() });
         }
         let (n, k, hd) = (h.layout.0.num_tokens, h.layout.0.k, self.cfg.hidden);
@@ -606,7 +604,7 @@ impl HtBuffer {
     }
 
     fn check_handle(&self, h: &Handle) -> Result<()> {
-        if h.buffer != self.id {
+        if h.buffer != self.heap.id() {
             return Err(Error::ForeignHandle { reason: "this handle belongs to another high-throughput buffer".into() });
         }
         if h.generation != self.generation || h.generation == 0 {
