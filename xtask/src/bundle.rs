@@ -6,7 +6,7 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|bench] [arguments for the test binaries or the benchmark]
+# usage: run.sh [all|tests|examples|bench] [arguments for the test binaries or the benchmark]
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,6 +36,17 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/test-${name%%-*}.log" | head -n 30
   done
 fi
+if [ "$what" = all ] || [ "$what" = examples ]; then
+  # The examples print what they checked; torchrun's comes through torch's launcher.
+  gpus=$(nvidia-smi -L | wc -l)
+  for e in threads decode_graph prefill; do
+    timeout 300 "$here/examples/$e" > "$out/example-$e.log" 2>&1; rc=$?
+    echo "=== example $e: exit $rc"; cat "$out/example-$e.log"; [ "$rc" -eq 0 ] || status=1
+  done
+  MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') timeout 300 \
+    python3 -m torch.distributed.run --nproc-per-node "$gpus" --no-python "$here/examples/torchrun" > "$out/example-torchrun.log" 2>&1; rc=$?
+  echo "=== example torchrun: exit $rc"; grep -E "^rank|FAILED" "$out/example-torchrun.log"; [ "$rc" -eq 0 ] || status=1
+fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
   if [ "$what" = all ]; then set --; fi
   "$here/bin/moe-ep-bench" --out "$out/results" "$@" 2>&1 | tee "$out/bench.log"
@@ -47,6 +58,7 @@ exit $status
 pub fn build(root: &Path) -> Result<()> {
     crate::ptx::build_and_check(root, false)?;
     crate::cargo(root, &["build", "--release", "-p", "moe-ep-bench"])?;
+    crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--examples"])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root)
@@ -58,7 +70,7 @@ pub fn build(root: &Path) -> Result<()> {
     }
     let dir = root.join("target/gpu-bundle");
     let _ = std::fs::remove_dir_all(&dir);
-    for d in ["bin", "tests", "ptx"] {
+    for d in ["bin", "tests", "ptx", "examples"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
     let mut n = 0;
@@ -74,6 +86,9 @@ pub fn build(root: &Path) -> Result<()> {
         n += 1;
     }
     std::fs::copy(root.join("target/release/moe-ep-bench"), dir.join("bin/moe-ep-bench"))?;
+    for e in ["threads", "torchrun", "decode_graph", "prefill"] {
+        std::fs::copy(root.join("target/release/examples").join(e), dir.join("examples").join(e))?;
+    }
     std::fs::copy(root.join(crate::ptx::PTX_FILE), dir.join("ptx/moe_ep_kernels.ptx"))?;
     let run = dir.join("run.sh");
     std::fs::write(&run, RUN_SH)?;
@@ -83,8 +98,8 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
     let size: u64 = walk(&dir)?;
-    println!("gpu bundle: {} ({n} test binaries, benchmark, PTX, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
-    println!("run it there with: target/gpu-bundle/run.sh [all|tests|bench]");
+    println!("gpu bundle: {} ({n} test binaries, examples, benchmark, PTX, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench]");
     Ok(())
 }
 
