@@ -184,6 +184,8 @@ struct GroupInner {
     err: DeviceAlloc,
     kernels: Kernels,
     stream: Arc<CudaStream>,
+    /// Private stream of [`Group::poll_error`]'s copies (never waits for other work).
+    poll_stream: Arc<CudaStream>,
     _peer_ctxs: Vec<Arc<CudaContext>>,
     ctx: Arc<CudaContext>,
     rank: usize,
@@ -284,6 +286,7 @@ impl Group {
         }
         let kernels = Kernels::load(&ctx)?;
         let stream = ctx.new_stream().during("cuStreamCreate", || "creating the group's stream".into())?;
+        let poll_stream = ctx.new_stream().during("cuStreamCreate", || "creating the error-poll stream".into())?;
         let err = DeviceAlloc::zeroed(&ctx, std::mem::size_of::<ErrorRecord>())?;
         let heap = SymmetricHeap::new(&ctx, &exchange, mode, CONTROL_BYTES, to)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
@@ -295,6 +298,7 @@ impl Group {
                 err,
                 kernels,
                 stream,
+                poll_stream,
                 _peer_ctxs: peer_ctxs,
                 ctx,
                 rank,
@@ -421,7 +425,8 @@ impl Group {
 
     /// Synchronises the device (every stream of this rank), then turns the rank's device error
     /// record into an error (and clears it). A kernel that timed out or met bad input has
-    /// already returned; this is where the host learns what happened.
+    /// already returned; this is where the host learns what happened. To look without stalling
+    /// other streams, use [`Group::poll_error`].
     pub fn check(&self) -> Result<()> {
         self.inner.ctx.synchronize().during("cuCtxSynchronize", || format!("rank {} waiting for its kernels", self.inner.rank))?;
         let mut rec = [ErrorRecord::default()];
@@ -438,6 +443,28 @@ impl Group {
                 Err(e)
             }
         }
+    }
+
+    /// Polls this rank's device error record without waiting for any kernel (a 64-byte copy on
+    /// a private stream; other streams keep running). `Ok(None)`: nothing reported so far.
+    /// `Ok(Some(e))`: a kernel reported `e`; the record stays set, so [`Group::check`] (which
+    /// synchronises the whole context) returns it again and clears it. Cheap enough to call
+    /// between the steps of a serving loop.
+    pub fn poll_error(&self) -> Result<Option<Error>> {
+        let read = || -> Result<ErrorRecord> {
+            let mut rec = [ErrorRecord::default()];
+            // SAFETY: the record is a live allocation of one ErrorRecord; reading it while a
+            // kernel may write it is a race only on its values, which are checked below.
+            unsafe { driver::copy_to_host(self.inner.err.ptr(), &mut rec, &self.inner.poll_stream) }
+                .during("cuMemcpyDtoHAsync", || "polling the error record".into())?;
+            Ok(rec[0])
+        };
+        if read()?.status == moe_ep_kernels::abi::status::OK {
+            return Ok(None);
+        }
+        // The reporting thread publishes `status` last: a second read, issued after the first
+        // saw it, sees every field the reporter wrote.
+        Ok(Error::from_record(&read()?))
     }
 
     /// The wait context every kernel of this rank gets.
