@@ -11,7 +11,7 @@
 
 use crate::driver::{self, DeviceAlloc, Module};
 use crate::error::{DriverContext, Error, Result};
-use crate::heap::SymmetricHeap;
+use crate::heap::{Mode, SymmetricHeap};
 use crate::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
 use bytemuck::Pod;
 use cudarc::driver::{CudaContext, CudaStream, sys};
@@ -24,15 +24,6 @@ use std::time::Duration;
 /// `kernels/` by `cargo xtask build-ptx` and checked in (CI fails when it is stale), so the
 /// library builds on stable Rust with no CUDA toolkit.
 pub const PTX: &str = include_str!("../kernels.ptx");
-
-/// How ranks share memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// One process per GPU, CUDA IPC.
-    Processes,
-    /// One thread per GPU in one process, peer access.
-    Threads,
-}
 
 /// Group-wide settings.
 #[derive(Clone, Copy, Debug)]

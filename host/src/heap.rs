@@ -11,7 +11,6 @@
 
 use crate::driver::{DeviceAlloc, ipc};
 use crate::error::{DriverContext, Error, Result};
-use crate::group::Mode;
 use crate::rendezvous::Exchange;
 use cudarc::driver::CudaContext;
 use moe_ep_kernels::abi::{MAX_RANKS, Peers};
@@ -20,6 +19,15 @@ use std::time::Duration;
 
 /// How long a dropping heap waits for the other ranks before closing anyway.
 const DROP_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How ranks share memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One process per GPU, CUDA IPC.
+    Processes,
+    /// One thread per GPU in one process, peer access.
+    Threads,
+}
 
 /// One rank's view of a symmetric heap.
 pub struct SymmetricHeap {

@@ -47,8 +47,8 @@ pub mod reference;
 pub mod rendezvous;
 
 pub use error::{Error, Result};
-pub use group::{Group, GroupConfig, Kernel, Mode, PTX, device_count};
-pub use heap::SymmetricHeap;
+pub use group::{Group, GroupConfig, Kernel, PTX, device_count};
+pub use heap::{Mode, SymmetricHeap};
 /// The kernels' ABI (parameter blocks, heap layouts, error records), for tests and tools
 /// (`testing` feature).
 #[cfg(feature = "testing")]
