@@ -157,6 +157,16 @@ pub enum Error {
         other_value: String,
     },
 
+    /// An earlier device error or timeout (`cause`) left this group's GPU state undefined
+    /// (arrival counters, flags and rows of its buffers may be stale). Every later operation on
+    /// the group and its buffers returns this instead of running: drop the buffers and the group
+    /// and build new ones.
+    #[error("the group failed earlier ({cause}); drop its buffers and the group and build new ones")]
+    GroupFailed {
+        /// The error that failed the group.
+        cause: String,
+    },
+
     /// The device reported an error code this library does not know (a bug).
     #[error("rank {rank}: unknown device error record {record:?}")]
     Device {

@@ -177,6 +177,9 @@ struct GroupInner {
     stream: Arc<CudaStream>,
     /// Private stream of [`Group::poll_error`]'s copies (never waits for other work).
     poll_stream: Arc<CudaStream>,
+    /// Set by the first device error or timeout the host learns about: every later launch is
+    /// refused with [`Error::GroupFailed`].
+    failure: std::sync::Mutex<Option<String>>,
     _peer_ctxs: Vec<Arc<CudaContext>>,
     ctx: Arc<CudaContext>,
     rank: usize,
@@ -290,6 +293,7 @@ impl Group {
                 kernels,
                 stream,
                 poll_stream,
+                failure: std::sync::Mutex::new(None),
                 _peer_ctxs: peer_ctxs,
                 ctx,
                 rank,
@@ -419,6 +423,10 @@ impl Group {
     /// already returned; this is where the host learns what happened. To look without stalling
     /// other streams, use [`Group::poll_error`].
     pub fn check(&self) -> Result<()> {
+        self.check_inner().inspect_err(|e| self.fail(e))
+    }
+
+    fn check_inner(&self) -> Result<()> {
         self.inner.ctx.synchronize().during("cuCtxSynchronize", || format!("rank {} waiting for its kernels", self.inner.rank))?;
         let mut rec = [ErrorRecord::default()];
         // SAFETY: the record is a live allocation of one ErrorRecord.
@@ -455,7 +463,35 @@ impl Group {
         }
         // The reporting thread publishes `status` last: a second read, issued after the first
         // saw it, sees every field the reporter wrote.
-        Ok(Error::from_record(&read()?))
+        let e = Error::from_record(&read()?);
+        if let Some(e) = &e {
+            self.fail(e);
+        }
+        Ok(e)
+    }
+
+    /// Marks the group failed by `e` (the first cause is kept).
+    pub(crate) fn fail(&self, e: &Error) {
+        if matches!(e, Error::GroupFailed { .. }) {
+            return;
+        }
+        let mut f = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+    }
+
+    /// The error that failed the group, if one did (see [`Error::GroupFailed`]).
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// `Err(GroupFailed)` once a device error or timeout has failed the group.
+    pub(crate) fn ensure_healthy(&self) -> Result<()> {
+        match self.failure() {
+            None => Ok(()),
+            Some(cause) => Err(Error::GroupFailed { cause }),
+        }
     }
 
     /// The wait context every kernel of this rank gets.
@@ -479,6 +515,7 @@ impl Group {
 
     /// Collective: a new symmetric heap of `bytes` per rank.
     pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
+        self.ensure_healthy()?;
         SymmetricHeap::new(&self.inner.ctx, &self.inner.exchange, self.inner.mode, bytes, self.inner.cfg.rendezvous_timeout)
     }
 
@@ -491,6 +528,8 @@ impl Group {
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled
     /// kernel allows (a multiple of 32).
     pub(crate) fn launch<P: Pod>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
+        // A failed group runs nothing more: its buffers' GPU state is undefined.
+        self.ensure_healthy()?;
         if std::mem::size_of::<P>() != k.param_bytes() {
             return Err(Error::Internal {
                 reason: format!("internal: {} takes {} parameter bytes, got {}", k.name(), k.param_bytes(), std::mem::size_of::<P>()),

@@ -586,10 +586,17 @@ impl HtBuffer {
     /// Spins on the host-mapped word until notify published this call's ticket.
     fn wait_counts(&self) -> Result<(usize, Vec<usize>)> {
         let deadline = Instant::now() + self.g.config().timeout + Duration::from_secs(1);
+        // A failure here leaves the exchange's state unknown: it fails the group (check() does
+        // that for a device error; an unexplained one is failed here).
+        let unexplained = |reason: String| {
+            let e = Error::Internal { reason };
+            self.g.fail(&e);
+            e
+        };
         while self.host.read(0) != self.ticket {
             if Instant::now() > deadline {
                 self.g.check()?;
-                return Err(Error::Internal { reason: format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank()) });
+                return Err(unexplained(format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank())));
             }
             std::hint::spin_loop();
         }
@@ -597,7 +604,7 @@ impl HtBuffer {
         if n == u32::MAX {
             // The exchange failed or a buffer would overflow: the device record says which.
             self.g.check()?;
-            return Err(Error::Internal { reason: format!("rank {}: the count exchange failed and no kernel reported why", self.g.rank()) });
+            return Err(unexplained(format!("rank {}: the count exchange failed and no kernel reported why", self.g.rank())));
         }
         let counts = (0..self.epr()).map(|j| self.host.read(2 + j) as usize).collect();
         Ok((n as usize, counts))

@@ -27,6 +27,15 @@
 //! lifetime ends before the next operation may overwrite them. Raw driver calls live in
 //! `driver`, kernel launches in `Group::launch`; every spin-wait on the GPU has a deadline that
 //! comes back as [`Error::Timeout`] naming the rank and phase, so nothing hangs.
+//!
+//! ## Failure
+//!
+//! Kernels report what goes wrong (a timeout, a bad expert id, an overflowing receive buffer)
+//! in the rank's error record and end; they never trap. The host learns it from
+//! [`Group::check`] (which synchronises the context) or [`Group::poll_error`] (which does not).
+//! From then on the group is failed: its buffers' GPU state (counters, flags, rows) is
+//! undefined, so every later operation returns [`Error::GroupFailed`] naming the first cause
+//! instead of running. Drop the buffers and the group and build new ones.
 
 #![deny(missing_docs)]
 

@@ -113,8 +113,13 @@ fn gpu2_silent_peer_times_out() -> Result<()> {
             other => anyhow::bail!("expected a timeout naming peer {peer}, got {other:?}"),
         }
         ensure!(took < Duration::from_secs(10), "the timeout took {took:?} to surface");
-        // The group still works afterwards and drops cleanly.
-        g.barrier()?;
+        // The group is failed from now on: nothing more runs on it (its GPU state is
+        // undefined), every call says why, and it still drops cleanly.
+        ensure!(g.failure().is_some_and(|c| c.contains("timed out")), "failure cause: {:?}", g.failure());
+        match g.barrier() {
+            Err(Error::GroupFailed { cause }) => ensure!(cause.contains("timed out"), "cause {cause:?}"),
+            other => anyhow::bail!("a barrier on the failed group: expected GroupFailed, got {other:?}"),
+        }
         Ok(())
     })
 }

@@ -359,6 +359,34 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
     })
 }
 
+/// A device-detected error fails the group: an expert id outside the model is reported by the
+/// layout kernel (`InvalidExpert` from `check`), and every later operation is refused with
+/// `GroupFailed` instead of running on stale state.
+fn gpu2_ht_device_error_fails_the_group() -> Result<()> {
+    run_both_modes("gpu2_ht_device_error_fails_the_group", |g, seed| {
+        let (hd, k, t) = (256, 4, 64);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let s = g.stream().clone();
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut rng = Rng::new(seed ^ g.rank() as u64);
+        let (mut idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        idx_h[3 * k + 1] = (e + 5) as i64;
+        let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let layout = buf.layout(&s, TopkIdx::I64(&idx), k)?;
+        match buf.check() {
+            Err(moe_ep::Error::InvalidExpert { token: 3, value, .. }) if value == (e + 5) as i64 => {}
+            other => anyhow::bail!("a bad expert id: expected InvalidExpert naming token 3, got {other:?}"),
+        }
+        expect_refused(buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts)), "GroupFailed", "a dispatch after the error")?;
+        expect_refused(buf.layout(&s, TopkIdx::I64(&idx), k), "GroupFailed", "a layout after the error")?;
+        expect_refused(g.barrier(), "GroupFailed", "a group barrier after the error")?;
+        Ok(())
+    })
+}
+
 fn main() -> std::process::ExitCode {
     gpu_main(&[
         ("gpu2_ht_uniform_bf16_and_fp8", gpu2_ht_uniform_bf16_and_fp8),
@@ -367,5 +395,6 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ht_graph_replay_100", gpu2_ht_graph_replay_100),
         ("gpu2_ht_async_streams", gpu2_ht_async_streams),
         ("gpu2_ht_misuse_is_refused", gpu2_ht_misuse_is_refused),
+        ("gpu2_ht_device_error_fails_the_group", gpu2_ht_device_error_fails_the_group),
     ])
 }
