@@ -56,9 +56,9 @@ impl HtConfig {
     }
 
     /// Default (SMs, threads) for `world` ranks: 24 SMs (DeepEP's default budget) and 1024
-    /// threads (the kernels launch fewer where their registers cap them). At EP2 and EP4 on
-    /// 4 x H200 (`bench/results/`) combine gains up to 10% more at 32 SMs and dispatch levels off
-    /// from 16; EP8 is not measured. The combine's push/reduce split is tuned per rank count and
+    /// threads (the kernels launch fewer where their registers cap them). On 4 x H200
+    /// (`bench/results/`) combine is 10-12% faster at 32 SMs than at 24 (EP4 and EP2), and EP4
+    /// dispatch levels off from 16 SMs; EP8 is not measured. The combine's push/reduce split is tuned per rank count and
     /// budget ([`HtConfig::tuned_push_blocks`]).
     pub const fn tuned(_world: usize) -> (u32, u32) {
         (24, 1024)
