@@ -172,17 +172,6 @@ pub fn pack_bf16x8(acc: &[f32; 8]) -> [u32; 4] {
 /// `src` and every selected lane's `dst` must hold `nvec` vectors, 16-byte aligned.
 #[inline(always)]
 pub unsafe fn warp_copy_to_lane_dests<const U: usize>(src: u64, nvec: u32, dst: u64, mask: u32) {
-    // SAFETY: forwarded.
-    unsafe { warp_copy_to_lane_dests_with::<U>(src, nvec, dst, mask, ld_global_nc_L1_no_allocate_v4_u32) }
-}
-
-/// [`warp_copy_to_lane_dests`] reading the source with `load` (e.g. [`ld_global_v4_u32`] for
-/// rows peers wrote during this kernel, which the read-only path must not serve).
-///
-/// # Safety
-/// As [`warp_copy_to_lane_dests`]; `load` must be valid for the source.
-#[inline(always)]
-pub unsafe fn warp_copy_to_lane_dests_with<const U: usize>(src: u64, nvec: u32, dst: u64, mask: u32, load: unsafe fn(*const [u32; 4]) -> [u32; 4]) {
     let lane = laneid();
     let s = src as *const [u32; 4];
     let mut base = 0u32;
@@ -192,7 +181,7 @@ pub unsafe fn warp_copy_to_lane_dests_with<const U: usize>(src: u64, nvec: u32, 
             let j = base + lane + 32 * u as u32;
             if j < nvec {
                 // SAFETY: j < nvec.
-                *vu = unsafe { load(s.add(j as usize)) };
+                *vu = unsafe { ld_global_nc_L1_no_allocate_v4_u32(s.add(j as usize)) };
             }
         }
         let mut m = mask;
