@@ -37,10 +37,40 @@ fn main() {
 "#;
 
 pub fn check(root: &Path) -> Result<()> {
+    forget_packaged_kernels();
+    // Registry sources are assumed immutable, so their build outputs are reused by version:
+    // the verification builds the kernels crate afresh.
+    let _ = std::fs::remove_dir_all(root.join("target/package"));
+    for e in std::fs::read_dir(root.join("target/debug/.fingerprint")).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().starts_with("moe-ep-kernels-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
     crate::cargo(root, &["package", "--quiet", "--allow-dirty", "-p", "moe-ep-kernels", "-p", "moe-ep"]).context("packaging moe-ep")?;
     crate::cargo_env(root, &["doc", "--quiet", "-p", "moe-ep", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings".into())])
         .context("building moe-ep's docs")?;
     stable_dependent(root)
+}
+
+/// `cargo package` verifies the library against the kernels crate through a temporary local
+/// registry, and cargo keeps what it extracted from such a registry by name and version: a
+/// later run would build the library against the kernels of an earlier one. Removes those
+/// copies (only `moe-ep-kernels-*` of registries other than crates.io) from the cargo home.
+fn forget_packaged_kernels() {
+    let home =
+        std::env::var_os("CARGO_HOME").map(std::path::PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    let Some(home) = home else { return };
+    for kind in ["src", "cache"] {
+        let Ok(registries) = std::fs::read_dir(home.join("registry").join(kind)) else { continue };
+        for reg in registries.flatten().filter(|r| !r.file_name().to_string_lossy().starts_with("index.crates.io")) {
+            for e in std::fs::read_dir(reg.path()).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("moe-ep-kernels-") {
+                    let p = e.path();
+                    let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+                }
+            }
+        }
+    }
 }
 
 /// `cargo +stable` with the outer (nightly) cargo's environment removed.

@@ -118,10 +118,25 @@ fn check_text(ptx: &str) -> Result<()> {
     if !ptx.lines().any(|l| l.trim() == ".target sm_90") {
         bail!("the PTX does not target sm_90");
     }
-    if let Some(l) = ptx.lines().find(|l| l.contains(".extern .func") || l.trim_start().starts_with("call")) {
-        bail!("unresolved external function in the PTX: {l:?}");
+    if let Some(l) = ptx.lines().find(|l| l.contains(".extern .func")) {
+        bail!("unresolved external symbol in the PTX: {l:?}");
+    }
+    // Calls may only reach functions defined in the module (out-of-line slow paths).
+    let defined: Vec<&str> = ptx.lines().filter_map(|l| l.trim_start().strip_prefix(".func")).filter_map(func_name).collect();
+    for l in ptx.lines().filter(|l| l.trim_start().starts_with("call")) {
+        if !defined.iter().any(|f| l.split([' ', ',', '(', ')', ';', '\t']).any(|tok| tok == *f)) {
+            bail!("call to a function the PTX does not define: {l:?}");
+        }
     }
     Ok(())
+}
+
+/// The name in the rest of a `.func` line: `(.param ...) name(` or ` name(`.
+fn func_name(rest: &str) -> Option<&str> {
+    let rest = rest.trim_start();
+    let rest = if rest.starts_with('(') { &rest[rest.find(')')? + 1..] } else { rest };
+    let name = rest.trim_start().split(['(', ' ', '\t']).next()?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// ptxas: `MOE_EP_PTXAS`, PATH, the cache under target/tools, else installed there from PyPI.
@@ -182,4 +197,24 @@ fn parse_ptxas(log: &str) -> Vec<KernelInfo> {
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEAD: &str = ".version 8.7\n.target sm_90\n.address_size 64\n";
+
+    #[test]
+    fn calls_must_reach_defined_functions() {
+        let ok = format!(
+            "{HEAD}.func  (.param .b32 func_retval0) slow(\n.param .b64 slow_param_0\n)\n{{ ret; }}\n.entry k() {{\n\tcall.uni (retval0), slow, (param0);\n}}\n"
+        );
+        check_text(&ok).unwrap();
+        let missing = format!("{HEAD}.entry k() {{\n\tcall.uni (retval0), elsewhere, (param0);\n}}\n");
+        assert!(check_text(&missing).is_err());
+        let ext = format!("{HEAD}.extern .func foo();\n");
+        assert!(check_text(&ext).is_err());
+        assert_eq!(func_name(" plain(\n"), Some("plain"));
+    }
 }
