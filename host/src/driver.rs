@@ -278,7 +278,6 @@ pub(crate) unsafe fn copy_to_host<T: Pod>(src: u64, dst: &mut [T], stream: &Cuda
 ///
 /// # Safety
 /// `dst` must have room for `src.len()` values.
-#[cfg(feature = "testing")]
 pub(crate) unsafe fn copy_to_device<T: Pod>(src: &[T], dst: u64, stream: &CudaStream) -> Result<(), DriverError> {
     if src.is_empty() {
         return Ok(());

@@ -157,6 +157,22 @@ pub enum Error {
         other_value: String,
     },
 
+    /// A GPU wait of this rank stopped because a peer failed: its process ended, it reported an
+    /// error, it dropped its group or it called [`Group::abort`](crate::Group::abort) (then
+    /// `peer` may be this rank). Learned within milliseconds, not at the wait deadline. The
+    /// group is failed from then on.
+    #[error("rank {rank} stopped waiting in {phase}: {cause}; the group is failed, drop it and build a new one")]
+    PeerFailed {
+        /// The rank whose wait stopped.
+        rank: usize,
+        /// What it was doing.
+        phase: &'static str,
+        /// The rank that failed.
+        peer: usize,
+        /// What happened to it.
+        cause: String,
+    },
+
     /// An earlier device error or timeout (`cause`) left this group's GPU state undefined
     /// (arrival counters, flags and rows of its buffers may be stale). Every later operation on
     /// the group and its buffers returns this instead of running: drop the buffers and the group
@@ -194,6 +210,12 @@ impl Error {
                 expected: rec.expected,
                 seen: rec.seen,
                 waited: Duration::from_nanos(rec.waited_ns),
+            }),
+            status::ABORTED => Some(Error::PeerFailed {
+                rank,
+                phase: phase::name(rec.phase),
+                peer: rec.peer as usize,
+                cause: crate::watchdog::reason_text(rec.peer as usize, rec.seen),
             }),
             status::CAPACITY => Some(Error::CapacityExceeded { rank, receiver: rec.peer as usize, needed: rec.seen, capacity: rec.expected }),
             status::BAD_EXPERT => Some(Error::InvalidExpert { rank, token: rec.peer as usize, value: rec.seen as i64, num_experts: rec.expected }),

@@ -13,9 +13,10 @@ use crate::driver::{self, DeviceAlloc, Module};
 use crate::error::{DriverContext, Error, Result};
 use crate::heap::{Mode, SymmetricHeap};
 use crate::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
+use crate::watchdog::{self, FailureKind, Health, PeerFailure, Watchdog};
 use bytemuck::Pod;
 use cudarc::driver::{CudaContext, CudaStream, sys};
-use moe_ep_kernels::abi::{CONTROL_BYTES, ErrorRecord, MAX_RANKS, WaitCtx};
+use moe_ep_kernels::abi::{CONTROL_BYTES, ERROR_RECORD_CLEAR, ErrorRecord, MAX_RANKS, WaitCtx};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,8 +169,10 @@ impl Kernels {
 
 /// What a [`Group`] shares among its clones.
 struct GroupInner {
-    // Field order is drop order: the heap meets the other ranks (through `exchange`) and
-    // is freed before the kernels, the error record and the context go.
+    // Field order is drop order: the watchdog stops first (it holds the exchange); the heap
+    // meets the other ranks (through `exchange`) and is freed before the kernels, the error
+    // record and the context go; the exchange's drop tells the peers this rank left.
+    _watchdog: Watchdog,
     heap: SymmetricHeap,
     exchange: Arc<dyn Exchange>,
     err: DeviceAlloc,
@@ -177,9 +180,9 @@ struct GroupInner {
     stream: Arc<CudaStream>,
     /// Private stream of [`Group::poll_error`]'s copies (never waits for other work).
     poll_stream: Arc<CudaStream>,
-    /// Set by the first device error or timeout the host learns about: every later launch is
-    /// refused with [`Error::GroupFailed`].
-    failure: std::sync::Mutex<Option<String>>,
+    /// The first failure (every later launch is refused with [`Error::GroupFailed`]) and the
+    /// abort flag every GPU wait polls.
+    health: Arc<Health>,
     _peer_ctxs: Vec<Arc<CudaContext>>,
     ctx: Arc<CudaContext>,
     rank: usize,
@@ -282,18 +285,27 @@ impl Group {
         let stream = ctx.new_stream().during("cuStreamCreate", || "creating the group's stream".into())?;
         let poll_stream = ctx.new_stream().during("cuStreamCreate", || "creating the error-poll stream".into())?;
         let err = DeviceAlloc::zeroed(&ctx, std::mem::size_of::<ErrorRecord>())?;
+        // The waits find the abort flag through the error record.
+        let health = Health::new(&ctx, rank)?;
+        let rec = ErrorRecord { host: health.device_ptr(), ..Default::default() };
+        // SAFETY: `err` is a live allocation of one ErrorRecord; no kernel runs yet.
+        unsafe { driver::copy_to_device(&[rec], err.ptr(), &stream) }.during("cuMemcpyHtoDAsync", || "initialising the error record".into())?;
         let heap = SymmetricHeap::new(&ctx, &exchange, mode, CONTROL_BYTES, to)?;
+        // From here on, a peer that dies or fails stops this rank's waits at once.
+        exchange.watch(watchdog::sink(&health));
+        let watchdog = Watchdog::start(health.clone(), exchange.clone())?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(0) as u32;
         Ok(Group {
             inner: Arc::new(GroupInner {
+                _watchdog: watchdog,
                 heap,
                 exchange,
                 err,
                 kernels,
                 stream,
                 poll_stream,
-                failure: std::sync::Mutex::new(None),
+                health,
                 _peer_ctxs: peer_ctxs,
                 ctx,
                 rank,
@@ -432,11 +444,12 @@ impl Group {
         // SAFETY: the record is a live allocation of one ErrorRecord.
         unsafe { driver::copy_to_host(self.inner.err.ptr(), &mut rec, &self.inner.stream) }
             .during("cuMemcpyDtoH", || "reading the error record".into())?;
-        match Error::from_record(&rec[0]) {
+        match Error::from_record(&rec[0]).map(|e| self.explain(e)) {
             None => Ok(()),
             Some(e) => {
                 // SAFETY: the record is a live allocation; no kernel runs (synchronised).
-                unsafe { driver::memset_d8_async(self.inner.err.ptr(), 0, std::mem::size_of::<ErrorRecord>(), &self.inner.stream) }
+                // (All but the flags' address.)
+                unsafe { driver::memset_d8_async(self.inner.err.ptr(), 0, ERROR_RECORD_CLEAR, &self.inner.stream) }
                     .during("cuMemsetD8", || "clearing the error record".into())?;
                 self.inner.stream.synchronize().during("cuStreamSynchronize", || "clearing the error record".into())?;
                 Err(e)
@@ -463,27 +476,51 @@ impl Group {
         }
         // The reporting thread publishes `status` last: a second read, issued after the first
         // saw it, sees every field the reporter wrote.
-        let e = Error::from_record(&read()?);
+        let e = Error::from_record(&read()?).map(|e| self.explain(e));
         if let Some(e) = &e {
             self.fail(e);
         }
         Ok(e)
     }
 
-    /// Marks the group failed by `e` (the first cause is kept).
+    /// A `PeerFailed` from the device names only the culprit and a reason code: the host's
+    /// watchdog knows what happened.
+    fn explain(&self, e: Error) -> Error {
+        match e {
+            Error::PeerFailed { rank, peer, phase, .. } if self.inner.health.abort_cause().is_some() => {
+                Error::PeerFailed { rank, peer, phase, cause: self.inner.health.abort_cause().unwrap_or_default() }
+            }
+            e => e,
+        }
+    }
+
+    /// Marks the group failed by `e` (the first cause is kept) and, when `e` is this rank's
+    /// own failure, tells the peers, so that they stop waiting for this rank now rather than
+    /// at their deadline.
     pub(crate) fn fail(&self, e: &Error) {
         if matches!(e, Error::GroupFailed { .. }) {
             return;
         }
-        let mut f = self.inner.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() {
-            *f = Some(e.to_string());
+        let h = &self.inner.health;
+        if h.fail(e.to_string()) && !matches!(e, Error::PeerFailed { .. }) {
+            h.announce(&*self.inner.exchange, FailureKind::Error, e.to_string());
         }
+    }
+
+    /// Aborts the group on every rank: this rank's GPU waits, and within milliseconds every
+    /// peer's, stop with [`Error::PeerFailed`] naming this rank and `reason`, and every later
+    /// operation on the group (on any rank) returns [`Error::GroupFailed`]. Use it when this
+    /// rank cannot go on (a failed request, a shutdown) and its peers must not wait for it
+    /// until their deadline. The group cannot be resumed: drop it and build a new one.
+    pub fn abort(&self, reason: &str) {
+        let h = &self.inner.health;
+        h.raise(&PeerFailure { rank: self.inner.rank, kind: FailureKind::Aborted, detail: reason.to_string() });
+        h.announce(&*self.inner.exchange, FailureKind::Aborted, reason.to_string());
     }
 
     /// The error that failed the group, if one did (see [`Error::GroupFailed`]).
     pub fn failure(&self) -> Option<String> {
-        self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.health.failure()
     }
 
     /// `Err(GroupFailed)` once a device error or timeout has failed the group.
@@ -523,6 +560,31 @@ impl Group {
     /// clamped to what the compiled kernel's registers allow, in whole warps.
     pub fn launch_threads(&self, k: Kernel, requested: u32) -> u32 {
         (requested.min(self.inner.kernels.functions[&k].max_threads) / 32 * 32).max(32)
+    }
+
+    /// Runs `launch` (an operation's kernel launches on `stream`) ordered against its
+    /// arguments' own streams (`args`, see [`crate::DeviceArg::owning_stream`]): `stream` first
+    /// waits for each of them, and each then waits for `stream`. Nothing is added for an
+    /// argument on `stream` itself, or while `stream` is being captured into a CUDA graph.
+    pub(crate) fn ordered<R>(&self, stream: &CudaStream, args: &[Option<&Arc<CudaStream>>], launch: impl FnOnce() -> Result<R>) -> Result<R> {
+        let mut others: Vec<&Arc<CudaStream>> = Vec::new();
+        for a in args.iter().flatten() {
+            if a.cu_stream() != stream.cu_stream() && !others.iter().any(|o| o.cu_stream() == a.cu_stream()) {
+                others.push(a);
+            }
+        }
+        let capturing = || stream.capture_status().map(|c| c != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE);
+        if others.is_empty() || capturing().during("cuStreamIsCapturing", || "ordering an operation's arguments".into())? {
+            return launch();
+        }
+        for o in &others {
+            stream.join(o).during("cuStreamWaitEvent", || "ordering the launch after its arguments' streams".into())?;
+        }
+        let r = launch()?;
+        for o in &others {
+            o.join(stream).during("cuStreamWaitEvent", || "ordering the arguments' streams after the launch".into())?;
+        }
+        Ok(r)
     }
 
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled

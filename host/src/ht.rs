@@ -233,6 +233,15 @@ pub struct DispatchArgs<'a> {
 }
 
 impl<'a> DispatchArgs<'a> {
+    /// The arguments' own streams (see [`DeviceArg::owning_stream`]).
+    fn streams(&self) -> Vec<Option<&Arc<CudaStream>>> {
+        let x = match self.x {
+            Payload::Bf16(x) => vec![x.owning_stream()],
+            Payload::Fp8 { x, scales } => vec![x.owning_stream(), scales.owning_stream()],
+        };
+        x.into_iter().chain([self.topk_idx.and_then(|t| t.owning_stream()), self.topk_weights.and_then(|w| w.owning_stream())]).collect()
+    }
+
     /// BF16 tokens with their routing and weights, waiting for counts.
     pub fn bf16(x: &'a dyn DeviceArg<bf16>, topk_idx: TopkIdx<'a>, topk_weights: &'a dyn DeviceArg<f32>) -> Self {
         DispatchArgs { x: Payload::Bf16(x), topk_idx: Some(topk_idx), topk_weights: Some(topk_weights), expert_alignment: 1, wait_for_counts: true }
@@ -416,7 +425,7 @@ impl HtBuffer {
             idx_i64: topk_idx.is_i64(),
         };
         let smem = 4 * (32 + self.epr() as u32);
-        self.g.launch(Kernel::HtLayout, self.g.world() as u32, 1024, smem, stream, &p)
+        self.g.ordered(stream, &[topk_idx.owning_stream()], || self.g.launch(Kernel::HtLayout, self.g.world() as u32, 1024, smem, stream, &p))
     }
 
     fn check_own_layout(&self, layout: &Layout) -> Result<()> {
@@ -486,8 +495,11 @@ impl HtBuffer {
             capacity: self.cfg.capacity(world) as u32,
             host_ticket: self.ticket,
         };
-        self.g.launch(Kernel::HtNotify, 1, 256, 0, stream, &p)?;
-        self.launch_dispatch(stream, h, args)?;
+        let g = self.g.clone();
+        g.ordered(stream, &args.streams(), || {
+            g.launch(Kernel::HtNotify, 1, 256, 0, stream, &p)?;
+            self.launch_dispatch(stream, h, args)
+        })?;
         h.notified = true;
         h.num_recv = None;
         h.expert_counts = None;
@@ -508,7 +520,8 @@ impl HtBuffer {
         self.check_dispatch_args(h, args)?;
         self.check_layout_unchanged(h)?;
         self.g.launch_barrier_on(stream, &self.heap, 1)?;
-        self.launch_dispatch(stream, h, args)?;
+        let g = self.g.clone();
+        g.ordered(stream, &args.streams(), || self.launch_dispatch(stream, h, args))?;
         self.event(stream)
     }
 
@@ -750,7 +763,15 @@ impl HtBuffer {
             y_rows: y_rows.min(u32::MAX as usize) as u32,
             push_blocks: self.cfg.push_blocks(self.g.world()),
         };
-        self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, 0, stream, &p)?;
+        let streams = [
+            args.x.owning_stream(),
+            args.topk_weights.and_then(|w| w.owning_stream()),
+            args.bias[0].and_then(|b| b.owning_stream()),
+            args.bias[1].and_then(|b| b.owning_stream()),
+            args.out.owning_stream(),
+            args.out_weights.and_then(|w| w.owning_stream()),
+        ];
+        self.g.ordered(stream, &streams, || self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, 0, stream, &p))?;
         self.last.set(LastOp::Combine);
         self.event(stream)
     }

@@ -46,6 +46,7 @@ mod heap;
 mod tensor;
 #[cfg(feature = "testing")]
 mod timing;
+mod watchdog;
 
 #[cfg(feature = "testing")]
 pub mod diag;

@@ -251,7 +251,8 @@ pub struct CombinePending<'a> {
     /// The buffer (heap) whose combine this finishes.
     buffer: u64,
     params: LlCombineParams,
-    _args: std::marker::PhantomData<&'a ()>,
+    /// The output's own stream, ordered around the receive half too.
+    out_stream: Option<&'a Arc<CudaStream>>,
 }
 
 /// A low-latency buffer.
@@ -397,7 +398,14 @@ impl LlBuffer {
             stages |= stage::NO_REUSE_GUARD;
         }
         let p = self.dispatch_params(half, n, k, args, stages);
-        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, ll_dispatch_smem_bytes(self.cfg.threads / 32), stream, &p)?;
+        let streams = [
+            args.x.owning_stream(),
+            args.topk_idx.owning_stream(),
+            args.topk_weights.and_then(|w| w.owning_stream()),
+            args.stats.and_then(|s| s.owning_stream()),
+        ];
+        let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
+        self.g.ordered(stream, &streams, || self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p))?;
         self.dispatches += 1;
         self.pending_dispatch = args.hook;
         let h = Handle {
@@ -443,7 +451,10 @@ impl LlBuffer {
             check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
             p.stats = s.device_addr();
         }
-        self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, ll_dispatch_smem_bytes(self.cfg.threads / 32), stream, &p)?;
+        let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
+        self.g.ordered(stream, &[stats.and_then(|s| s.owning_stream())], || {
+            self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p)
+        })?;
         h.received = true;
         self.pending_dispatch = false;
         self.event(stream)
@@ -611,13 +622,22 @@ impl LlBuffer {
             },
             _pad: 0,
         };
-        self.launch_combine(stream, &p)?;
+        let streams = [
+            match args.x {
+                CombineInput::Tensor(t) => t.owning_stream(),
+                CombineInput::ZeroCopy => None,
+            },
+            args.topk_idx.owning_stream(),
+            args.topk_weights.and_then(|w| w.owning_stream()),
+            args.out.owning_stream(),
+        ];
+        self.g.ordered(stream, &streams, || self.launch_combine(stream, &p))?;
         self.combines.set(self.combines.get() + 1);
         self.pending_combine.set(args.hook);
         let pending = args.hook.then_some(CombinePending {
             buffer: self.heap.id(),
             params: LlCombineParams { stages: stage::RECV, ..p },
-            _args: std::marker::PhantomData,
+            out_stream: args.out.owning_stream(),
         });
         Ok((pending, self.event(stream)?))
     }
@@ -625,7 +645,7 @@ impl LlBuffer {
     /// The receive half of a hook-mode combine.
     pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: CombinePending<'_>) -> Result<CudaEvent> {
         self.check_own(pending.buffer)?;
-        self.launch_combine(stream, &pending.params)?;
+        self.g.ordered(stream, &[pending.out_stream], || self.launch_combine(stream, &pending.params))?;
         self.pending_combine.set(false);
         self.event(stream)
     }

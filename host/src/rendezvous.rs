@@ -18,8 +18,11 @@
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+pub use crate::watchdog::{FailureKind, FailureSink, PeerFailure};
 
 /// All-gather of byte blobs among the ranks of a group (also a host barrier).
 pub trait Exchange: Send + Sync {
@@ -32,6 +35,19 @@ pub trait Exchange: Send + Sync {
     /// Waits until every rank has called it.
     fn barrier(&self, timeout: Duration) -> Result<()> {
         self.all_gather(&[], timeout).map(|_| ())
+    }
+    /// Starts watching the peers: from then on, `sink` gets every peer failure the exchange
+    /// observes or is told about (a peer's process gone, a failure it announced, a peer
+    /// leaving), from the exchange's own threads, so that the group stops waiting for that
+    /// peer at once. The default watches nothing: a group over such an exchange learns of a
+    /// dead peer only at its wait deadline.
+    fn watch(&self, sink: FailureSink) {
+        let _ = sink;
+    }
+    /// Tells every peer (best effort, without blocking on them) that `failure` happened to
+    /// this rank. The default tells nobody.
+    fn announce(&self, failure: &PeerFailure) {
+        let _ = failure;
     }
 }
 
@@ -181,6 +197,31 @@ mod kind {
     pub const ALL: u8 = 4;
     pub const FAIL: u8 = 5;
     pub const CHALLENGE: u8 = 6;
+    /// A rank's failure ([`super::PeerFailure`]): rank u32, kind u8, detail (UTF-8).
+    pub const ABORT: u8 = 7;
+}
+
+/// Longest failure detail sent to the peers.
+const MAX_DETAIL: usize = 2048;
+
+fn encode_failure(f: &PeerFailure) -> Vec<u8> {
+    let mut b = (f.rank as u32).to_le_bytes().to_vec();
+    b.push(f.kind.code() as u8);
+    let mut end = f.detail.len().min(MAX_DETAIL);
+    while !f.detail.is_char_boundary(end) {
+        end -= 1;
+    }
+    b.extend_from_slice(&f.detail.as_bytes()[..end]);
+    b
+}
+
+/// A failure notice from `from` (the connection's peer), checked: the named rank must exist.
+fn decode_failure(p: &[u8], from: usize, world: usize) -> PeerFailure {
+    let parsed = (p.len() >= 5).then(|| (u32::from_le_bytes(p[0..4].try_into().expect("4 bytes")) as usize, FailureKind::from_code(p[4] as u32)));
+    match parsed {
+        Some((rank, Some(kind))) if rank < world => PeerFailure { rank, kind, detail: String::from_utf8_lossy(&p[5..]).into_owned() },
+        _ => PeerFailure { rank: from, kind: FailureKind::Error, detail: format!("it sent a malformed failure notice ({} bytes)", p.len()) },
+    }
 }
 
 /// HMAC-SHA256 of the job secret over a label, the challenge, and the claimed rank and world.
@@ -272,7 +313,13 @@ pub struct TcpExchange {
     rank: usize,
     world: usize,
     /// Rank 0: connections to ranks 1.. (index r - 1). Others: the connection to rank 0.
+    /// All-gathers read them under this lock.
     conns: Mutex<Vec<TcpStream>>,
+    /// The same connections for writing, one lock each, so all-gathers, failure notices and
+    /// rank 0's relays never interleave frames.
+    writers: Arc<Vec<Mutex<TcpStream>>>,
+    /// Set on drop: the watch threads end.
+    stop: Arc<AtomicBool>,
 }
 
 /// Labels of the two MACs of the handshake.
@@ -368,7 +415,7 @@ impl TcpExchange {
             }
             (k, _) => return Err(err(format!("rank 0 answered the hello with frame kind {k}"))),
         }
-        Ok(TcpExchange { rank: cfg.rank, world: cfg.world, conns: Mutex::new(vec![stream]) })
+        TcpExchange::new(cfg.rank, cfg.world, vec![stream]).map_err(|e| err(format!("duplicating the connection to rank 0: {e}")))
     }
 
     fn accept_all(cfg: &ProcessConfig, listener: TcpListener, deadline: Instant, timeout: Duration) -> Result<Self> {
@@ -444,7 +491,111 @@ impl TcpExchange {
             let _ = s.set_write_timeout(None);
             conns.push(s);
         }
-        Ok(TcpExchange { rank: 0, world: cfg.world, conns: Mutex::new(conns) })
+        TcpExchange::new(0, cfg.world, conns).map_err(|e| err(format!("duplicating a connection: {e}")))
+    }
+
+    fn new(rank: usize, world: usize, conns: Vec<TcpStream>) -> std::io::Result<Self> {
+        let writers = conns.iter().map(|s| s.try_clone().map(Mutex::new)).collect::<std::io::Result<Vec<_>>>()?;
+        Ok(TcpExchange { rank, world, conns: Mutex::new(conns), writers: Arc::new(writers), stop: Arc::new(AtomicBool::new(false)) })
+    }
+
+    /// The rank at the other end of connection `i`.
+    fn peer_of(&self, i: usize) -> usize {
+        if self.rank == 0 { i + 1 } else { 0 }
+    }
+
+    /// Writes one frame on connection `i`.
+    fn send(writers: &[Mutex<TcpStream>], i: usize, kind: u8, payload: &[u8]) -> std::io::Result<()> {
+        write_frame(&mut writers[i].lock().unwrap_or_else(|p| p.into_inner()), kind, payload)
+    }
+
+    /// Rank 0, after an all-gather failed on connection `bad`: the others stop waiting for it.
+    fn fail_others(&self, bad: usize, msg: &str) {
+        for i in (0..self.writers.len()).filter(|&i| i != bad) {
+            let _ = Self::send(&self.writers, i, kind::FAIL, msg.as_bytes());
+        }
+    }
+}
+
+/// What one watch thread needs: connection `i` (to `peer`) of rank `rank`.
+struct Watch {
+    i: usize,
+    peer: usize,
+    rank: usize,
+    world: usize,
+    writers: Arc<Vec<Mutex<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+    sink: FailureSink,
+}
+
+/// One watch thread: peeks (never consumes) at connection `i`'s next frame until the peer's
+/// connection closes or a failure notice arrives, then delivers it (rank 0 also relays it to
+/// every other rank) and ends. Frames meant for an all-gather are left to it.
+fn watch_connection(s: TcpStream, w: Watch) {
+    let Watch { i, peer, rank, world, writers, stop, sink } = w;
+    let deliver = |f: PeerFailure| {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if rank == 0 {
+            let frame = encode_failure(&f);
+            for j in (0..writers.len()).filter(|&j| j != i) {
+                let _ = TcpExchange::send(&writers, j, kind::ABORT, &frame);
+            }
+        }
+        sink(f);
+    };
+    let mut head = [0u8; 12];
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match s.peek(&mut head) {
+            Ok(0) => return deliver(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: format!("its connection to rank {rank} closed") }),
+            Ok(n) if n < head.len() => std::thread::sleep(Duration::from_millis(1)),
+            Ok(_) => {
+                let (k, len) = (head[6], u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize);
+                if k != kind::ABORT && k != kind::FAIL {
+                    // An all-gather's frame: its reader takes it.
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                if len > MAX_DETAIL + 5 {
+                    return deliver(PeerFailure { rank: peer, kind: FailureKind::Error, detail: format!("it sent a failure notice of {len} bytes") });
+                }
+                let mut frame = vec![0u8; head.len() + len];
+                match s.peek(&mut frame) {
+                    Ok(n) if n == frame.len() => {
+                        let body = &frame[head.len()..];
+                        return deliver(if k == kind::ABORT {
+                            decode_failure(body, peer, world)
+                        } else {
+                            PeerFailure { rank: peer, kind: FailureKind::Error, detail: String::from_utf8_lossy(body).into_owned() }
+                        });
+                    }
+                    _ => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return deliver(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: format!("its connection to rank {rank} failed: {e}") });
+            }
+        }
+    }
+}
+
+impl Drop for TcpExchange {
+    fn drop(&mut self) {
+        // Leaving: the peers stop waiting for this rank (a peer still inside a collective with
+        // it would otherwise wait until its deadline), then the watch threads wake and end.
+        self.stop.store(true, Ordering::SeqCst);
+        let bye = encode_failure(&PeerFailure { rank: self.rank, kind: FailureKind::Left, detail: String::new() });
+        for i in 0..self.writers.len() {
+            let _ = Self::send(&self.writers, i, kind::ABORT, &bye);
+        }
+        for w in self.writers.iter() {
+            let _ = w.lock().unwrap_or_else(|p| p.into_inner()).shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -474,21 +625,28 @@ impl Exchange for TcpExchange {
             for (i, s) in conns.iter_mut().enumerate() {
                 let r = i + 1;
                 s.set_read_timeout(Some(remaining(deadline))).ok();
-                match read_frame(s) {
-                    Ok((kind::DATA, p)) => items.push(p),
-                    Ok((k, _)) => return Err(err(format!("rank {r} sent frame kind {k} during an all-gather"))),
-                    Err(e) if is_timeout(&e) => return Err(err(format!("rank {r} did not reach the all-gather within {timeout:?}"))),
-                    Err(e) => return Err(err(format!("reading from rank {r}: {e}"))),
-                }
+                let failed = match read_frame(s) {
+                    Ok((kind::DATA, p)) => {
+                        items.push(p);
+                        continue;
+                    }
+                    Ok((kind::ABORT, p)) => decode_failure(&p, r, self.world).to_string(),
+                    Ok((k, _)) => format!("rank {r} sent frame kind {k} during an all-gather"),
+                    Err(e) if is_timeout(&e) => format!("rank {r} did not reach the all-gather within {timeout:?}"),
+                    Err(e) => format!("reading from rank {r}: {e}"),
+                };
+                // The other ranks would wait for a reply until their deadline.
+                self.fail_others(i, &failed);
+                return Err(err(failed));
             }
             let all = encode_list(&items);
-            for (i, s) in conns.iter_mut().enumerate() {
-                write_frame(s, kind::ALL, &all).map_err(|e| err(format!("sending to rank {}: {e}", i + 1)))?;
+            for i in 0..conns.len() {
+                Self::send(&self.writers, i, kind::ALL, &all).map_err(|e| err(format!("sending to rank {}: {e}", i + 1)))?;
             }
             Ok(items)
         } else {
+            Self::send(&self.writers, 0, kind::DATA, data).map_err(|e| err(format!("sending to rank 0: {e}")))?;
             let s = &mut conns[0];
-            write_frame(s, kind::DATA, data).map_err(|e| err(format!("sending to rank 0: {e}")))?;
             s.set_read_timeout(Some(remaining(deadline))).ok();
             match read_frame(s) {
                 Ok((kind::ALL, p)) => {
@@ -499,10 +657,34 @@ impl Exchange for TcpExchange {
                     Ok(items)
                 }
                 Ok((kind::FAIL, m)) => Err(err(String::from_utf8_lossy(&m).into_owned())),
+                Ok((kind::ABORT, p)) => Err(err(decode_failure(&p, 0, self.world).to_string())),
                 Ok((k, _)) => Err(err(format!("rank 0 sent frame kind {k} during an all-gather"))),
                 Err(e) if is_timeout(&e) => Err(err(format!("no all-gather reply from rank 0 within {timeout:?} (some rank did not arrive)"))),
                 Err(e) => Err(err(format!("reading from rank 0: {e}"))),
             }
+        }
+    }
+
+    fn watch(&self, sink: FailureSink) {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, c) in conns.iter().enumerate() {
+            let peer = self.peer_of(i);
+            let Ok(s) = c.try_clone() else {
+                sink(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: "its connection could not be watched".into() });
+                continue;
+            };
+            let w = Watch { i, peer, rank: self.rank, world: self.world, writers: self.writers.clone(), stop: self.stop.clone(), sink: sink.clone() };
+            let spawned = std::thread::Builder::new().name(format!("moe-ep watch {}<-{peer}", self.rank)).spawn(move || watch_connection(s, w));
+            if let Err(e) = spawned {
+                eprintln!("moe-ep (rank {}): cannot watch rank {peer}: {e}; a dead peer is noticed at the wait deadline", self.rank);
+            }
+        }
+    }
+
+    fn announce(&self, failure: &PeerFailure) {
+        let frame = encode_failure(failure);
+        for i in 0..self.writers.len() {
+            let _ = Self::send(&self.writers, i, kind::ABORT, &frame);
         }
     }
 }
@@ -515,6 +697,8 @@ struct LocalState {
     generation: u64,
     data: Vec<Option<Vec<u8>>>,
     result: Arc<Vec<Vec<u8>>>,
+    /// Each rank's failure sink, once it watches.
+    sinks: Vec<Option<FailureSink>>,
 }
 
 /// Rendezvous among threads of one process (one per GPU).
@@ -527,7 +711,10 @@ pub struct LocalExchange {
 impl LocalExchange {
     /// One exchange per rank, all connected.
     pub fn group(world: usize) -> Vec<LocalExchange> {
-        let shared = Arc::new((Mutex::new(LocalState { generation: 0, data: vec![None; world], result: Arc::new(Vec::new()) }), Condvar::new()));
+        let shared = Arc::new((
+            Mutex::new(LocalState { generation: 0, data: vec![None; world], result: Arc::new(Vec::new()), sinks: vec![None; world] }),
+            Condvar::new(),
+        ));
         (0..world).map(|rank| LocalExchange { rank, world, shared: shared.clone() }).collect()
     }
 }
@@ -568,5 +755,28 @@ impl Exchange for LocalExchange {
             st = cv.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }
         Ok((*st.result).clone())
+    }
+
+    fn watch(&self, sink: FailureSink) {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).sinks[self.rank] = Some(sink);
+    }
+
+    fn announce(&self, failure: &PeerFailure) {
+        // Called outside the lock: a sink takes its own.
+        let sinks: Vec<FailureSink> = {
+            let st = self.shared.0.lock().unwrap_or_else(|p| p.into_inner());
+            st.sinks.iter().enumerate().filter(|(r, _)| *r != self.rank).filter_map(|(_, s)| s.clone()).collect()
+        };
+        for s in sinks {
+            s(failure.clone());
+        }
+    }
+}
+
+impl Drop for LocalExchange {
+    fn drop(&mut self) {
+        // Leaving: the other ranks stop waiting for this one.
+        self.announce(&PeerFailure { rank: self.rank, kind: FailureKind::Left, detail: String::new() });
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner()).sinks[self.rank] = None;
     }
 }

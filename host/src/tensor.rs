@@ -5,6 +5,7 @@ use crate::error::{DriverContext, Result};
 use bytemuck::Pod;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceSlice};
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 /// A device array of `T` that an operation may read or write: a cudarc [`CudaSlice`],
 /// [`CudaView`] or [`CudaViewMut`], or a [`HeapView`]. Operations check its length against
@@ -17,17 +18,24 @@ use std::marker::PhantomData;
 /// - the address is the start of `elems()` properly aligned `T` of device memory of the group's
 ///   GPU (or mapped to it), and stays so while the object lives;
 /// - the memory is not freed or reused while an operation that got it may still run on the
-///   GPU: either it lives (and is not written by other work) until the stream the operation ran
-///   on has passed the operation (its returned event), or its frees are ordered after that
-///   stream. The implementations here rely on the caller for this: with the group's context
-///   (event tracking off), dropping a cudarc slice frees it on its own stream, so keep inputs
-///   and outputs alive until the operation's event has completed, or allocate them on the
-///   stream the operation runs on.
+///   GPU. [`DeviceArg::owning_stream`] is how the library helps: when an argument names the
+///   stream its memory is ordered on (a cudarc slice's own stream, where dropping it frees it)
+///   and that is not the operation's stream, the operation's launch first waits for that
+///   stream's earlier work (the argument's producers), and that stream then waits for the
+///   launch (so a free issued on it after the call, e.g. by dropping the slice, cannot run
+///   before the kernel ends). An implementation that returns `None` must order its memory's
+///   reuse after the operation itself. Inside a CUDA graph capture no such ordering is added:
+///   the graph's arguments must outlive the graph.
 pub unsafe trait DeviceArg<T> {
     /// Device address of element 0.
     fn device_addr(&self) -> u64;
     /// Number of elements.
     fn elems(&self) -> usize;
+    /// The stream the memory's producers and its free are ordered on, if any (see the trait's
+    /// safety section).
+    fn owning_stream(&self) -> Option<&Arc<CudaStream>> {
+        None
+    }
 }
 
 // SAFETY: a live CudaSlice owns `len()` elements of device memory of its context; the ordering
@@ -39,6 +47,9 @@ unsafe impl<T> DeviceArg<T> for CudaSlice<T> {
     fn elems(&self) -> usize {
         self.len()
     }
+    fn owning_stream(&self) -> Option<&Arc<CudaStream>> {
+        Some(self.stream())
+    }
 }
 
 // SAFETY: a view borrows a live slice's elements for its lifetime.
@@ -49,6 +60,9 @@ unsafe impl<T> DeviceArg<T> for CudaView<'_, T> {
     fn elems(&self) -> usize {
         self.len()
     }
+    fn owning_stream(&self) -> Option<&Arc<CudaStream>> {
+        Some(self.stream())
+    }
 }
 
 // SAFETY: as for CudaView.
@@ -58,6 +72,9 @@ unsafe impl<T> DeviceArg<T> for CudaViewMut<'_, T> {
     }
     fn elems(&self) -> usize {
         self.len()
+    }
+    fn owning_stream(&self) -> Option<&Arc<CudaStream>> {
+        Some(self.stream())
     }
 }
 
@@ -120,6 +137,15 @@ pub enum TopkIdx<'a> {
     I64(&'a dyn DeviceArg<i64>),
     /// 32-bit expert ids.
     I32(&'a dyn DeviceArg<i32>),
+}
+
+impl<'a> TopkIdx<'a> {
+    pub(crate) fn owning_stream(&self) -> Option<&'a Arc<CudaStream>> {
+        match *self {
+            TopkIdx::I64(a) => a.owning_stream(),
+            TopkIdx::I32(a) => a.owning_stream(),
+        }
+    }
 }
 
 impl TopkIdx<'_> {

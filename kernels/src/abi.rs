@@ -40,6 +40,35 @@ pub mod status {
     /// An input holds fewer rows than the device found it must read (`expected` rows given,
     /// `seen` needed).
     pub const SHORT_INPUT: u32 = 4;
+    /// The host raised this rank's abort flag ([`host_flag`]) while a kernel waited: `peer` is
+    /// the rank that failed, `seen` the reason ([`abort_reason`]).
+    pub const ABORTED: u32 = 5;
+}
+
+/// Words of a rank's host-mapped flags (pinned host memory the device can read): the host's
+/// watchdog raises `ABORT` when a peer fails, and every spin-wait polls it; `REPORTED` mirrors
+/// the status of this rank's first device error, for the watchdog to pass on to the peers.
+pub mod host_flag {
+    /// Host to device: 0, or the reason ([`super::abort_reason`]) every wait must stop for.
+    pub const ABORT: usize = 0;
+    /// Host to device: the rank that failed (written before `ABORT`).
+    pub const CULPRIT: usize = 1;
+    /// Device to host: the status code of this rank's first reported error, or 0.
+    pub const REPORTED: usize = 2;
+    /// Words in the allocation.
+    pub const WORDS: usize = 4;
+}
+
+/// Why the host aborted a rank's waits (the `seen` field of a [`status::ABORTED`] record).
+pub mod abort_reason {
+    /// The culprit's process ended without leaving the group (its connection closed).
+    pub const PEER_GONE: u32 = 1;
+    /// The culprit's kernels or host reported an error.
+    pub const PEER_ERROR: u32 = 2;
+    /// The culprit called `Group::abort`.
+    pub const USER: u32 = 3;
+    /// The culprit dropped its group.
+    pub const PEER_LEFT: u32 = 4;
 }
 
 /// Phase codes: which wait or check an [`ErrorRecord`] comes from.
@@ -101,9 +130,15 @@ pub struct ErrorRecord {
     pub expected: u64,
     pub seen: u64,
     pub waited_ns: u64,
-    pub _pad2: u64,
+    /// Device address of this rank's host-mapped flags ([`host_flag`]), or 0 for none: set
+    /// once by the host, kept when the record is cleared (the last [`ERROR_RECORD_CLEAR`]
+    /// bytes are not cleared), read only on the waits' slow path.
+    pub host: u64,
 }
 const _: () = assert!(core::mem::size_of::<ErrorRecord>() == 64);
+/// Bytes of an [`ErrorRecord`] that clearing it resets (all but `host`).
+pub const ERROR_RECORD_CLEAR: usize = core::mem::offset_of!(ErrorRecord, host);
+const _: () = assert!(ERROR_RECORD_CLEAR == 56);
 
 /// Where a kernel reports errors and how long it may wait. Part of every parameter block.
 #[repr(C)]

@@ -6,7 +6,7 @@
 //! job or delaying it, and a fake rank 0 is detected by the joining ranks.
 
 use moe_ep::Error;
-use moe_ep::rendezvous::{Exchange, LocalExchange, ProcessConfig, Secret, TcpExchange};
+use moe_ep::rendezvous::{Exchange, FailureKind, LocalExchange, PeerFailure, ProcessConfig, Secret, TcpExchange};
 use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -375,4 +375,138 @@ fn cpu_process_config_from_env_conventions() {
     assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2")]).starts_with("MASTER_PORT"));
     assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "65535")]).contains("set MOE_EP_MASTER_PORT"));
     assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1"), ("MOE_EP_SECRET", "")]).starts_with("MOE_EP_SECRET"));
+}
+
+/// A sink that collects the failures an exchange reports.
+fn collector() -> (moe_ep::rendezvous::FailureSink, std::sync::Arc<std::sync::Mutex<Vec<PeerFailure>>>) {
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g2 = got.clone();
+    (std::sync::Arc::new(move |f: PeerFailure| g2.lock().unwrap().push(f)), got)
+}
+
+/// Waits up to `within` for `got` to hold a failure of `rank` of `kind`; returns how long.
+fn wait_for(got: &std::sync::Mutex<Vec<PeerFailure>>, rank: usize, kind: FailureKind, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if got.lock().unwrap().iter().any(|f| f.rank == rank && f.kind == kind) {
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    panic!("no {kind:?} failure of rank {rank} within {within:?}; got {:?}", got.lock().unwrap());
+}
+
+/// Fast failure over TCP: a failure one rank announces reaches every other rank (rank 0
+/// relays it) within a second, with its text; a rank that drops its exchange is reported as
+/// having left. (Each rank keeps the first failure it hears of: one per scenario.)
+#[test]
+fn cpu_watch_announcements_reach_every_rank() {
+    let world = 4;
+    let p = port();
+    let ready = std::sync::Barrier::new(world);
+    let announced = std::sync::Barrier::new(world);
+    std::thread::scope(|s| {
+        for r in 0..world {
+            let (ready, announced) = (&ready, &announced);
+            s.spawn(move || {
+                let ex = TcpExchange::connect(&cfg(r, world, p), Duration::from_secs(20)).unwrap();
+                let (sink, got) = collector();
+                ex.watch(sink);
+                ex.barrier(Duration::from_secs(20)).unwrap();
+                ready.wait();
+                if r == 2 {
+                    ex.announce(&PeerFailure { rank: 2, kind: FailureKind::Error, detail: "boom".into() });
+                } else {
+                    wait_for(&got, 2, FailureKind::Error, Duration::from_secs(1));
+                    let f = got.lock().unwrap().iter().find(|f| f.rank == 2).cloned().unwrap();
+                    assert_eq!(f.detail, "boom");
+                    assert!(f.to_string().starts_with("rank 2 failed: boom"), "{f}");
+                }
+                announced.wait();
+            });
+        }
+    });
+    // A rank that drops its exchange (here rank 1, not the relay) is reported as having left.
+    let world = 3;
+    let p = port();
+    std::thread::scope(|s| {
+        for r in 0..world {
+            s.spawn(move || {
+                let ex = TcpExchange::connect(&cfg(r, world, p), Duration::from_secs(20)).unwrap();
+                let (sink, got) = collector();
+                ex.watch(sink);
+                ex.barrier(Duration::from_secs(20)).unwrap();
+                if r != 1 {
+                    wait_for(&got, 1, FailureKind::Left, Duration::from_secs(1));
+                }
+            });
+        }
+    });
+}
+
+/// Fast failure over TCP with a real crash: a rank process killed with SIGKILL (no goodbye)
+/// is reported as gone to every other rank within a second, whether it was rank 0 (the
+/// others see their connection close) or another rank (rank 0 sees it and relays).
+#[test]
+fn cpu_watch_killed_process_is_noticed() {
+    if let Ok(r) = std::env::var("MOE_EP_WATCH_CHILD") {
+        let p: u16 = std::env::var("MOE_EP_WATCH_PORT").unwrap().parse().unwrap();
+        let ex = TcpExchange::connect(&cfg(r.parse().unwrap(), 3, p), Duration::from_secs(30)).unwrap();
+        ex.barrier(Duration::from_secs(30)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+        std::thread::sleep(Duration::from_secs(30));
+        unreachable!("SIGKILL did not end the process");
+    }
+    for victim in [2, 0] {
+        let p = port();
+        let exe = std::env::current_exe().unwrap();
+        let mut child = std::process::Command::new(&exe)
+            .args(["cpu_watch_killed_process_is_noticed", "--exact", "--nocapture"])
+            .env("MOE_EP_WATCH_CHILD", victim.to_string())
+            .env("MOE_EP_WATCH_PORT", p.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::scope(|s| {
+            for r in (0..3).filter(|&r| r != victim) {
+                s.spawn(move || {
+                    let ex = TcpExchange::connect(&cfg(r, 3, p), Duration::from_secs(30)).unwrap();
+                    let (sink, got) = collector();
+                    ex.watch(sink);
+                    ex.barrier(Duration::from_secs(30)).unwrap();
+                    // The victim dies about 200 ms after the barrier.
+                    let took = wait_for(&got, victim, FailureKind::Gone, Duration::from_secs(3));
+                    assert!(took < Duration::from_millis(1200), "rank {r}: rank {victim}'s death took {took:?} to be noticed");
+                });
+            }
+        });
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(child.wait().unwrap().signal(), Some(9));
+    }
+}
+
+/// Fast failure in one process: an announcement reaches every other rank at once, and a
+/// dropped exchange is reported as having left.
+#[test]
+fn cpu_watch_local_announcements() {
+    let mut exs = LocalExchange::group(3);
+    let sinks: Vec<_> = exs
+        .iter()
+        .map(|ex| {
+            let (sink, got) = collector();
+            ex.watch(sink);
+            got
+        })
+        .collect();
+    exs[1].announce(&PeerFailure { rank: 1, kind: FailureKind::Aborted, detail: "stop".into() });
+    for r in [0, 2] {
+        wait_for(&sinks[r], 1, FailureKind::Aborted, Duration::from_millis(10));
+    }
+    assert!(sinks[1].lock().unwrap().is_empty(), "a rank is not told its own news");
+    drop(exs.pop());
+    for r in [0, 1] {
+        wait_for(&sinks[r], 2, FailureKind::Left, Duration::from_millis(10));
+    }
 }

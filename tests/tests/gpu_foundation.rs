@@ -110,14 +110,22 @@ fn gpu2_silent_peer_times_out() -> Result<()> {
                 ensure!(rank == g.rank() && p == peer, "timeout names rank {rank} / peer {p}, expected {} / {peer}", g.rank());
                 ensure!(waited >= deadline, "reported wait {waited:?} is shorter than the deadline");
             }
+            // Every rank waits with the same deadline; a rank whose deadline passed a little
+            // earlier tells the others (fast failure), which may stop on that news first.
+            Err(Error::PeerFailed { rank, peer: p, cause, .. }) => {
+                ensure!(rank == g.rank() && p != rank, "PeerFailed names rank {rank} / peer {p}");
+                ensure!(cause.contains("timed out") || cause.contains("timeout"), "PeerFailed cause {cause:?}");
+                ensure!(took >= deadline / 2, "a peer's timeout surfaced after {took:?}, before any deadline could pass");
+            }
             other => anyhow::bail!("expected a timeout naming peer {peer}, got {other:?}"),
         }
         ensure!(took < Duration::from_secs(10), "the timeout took {took:?} to surface");
         // The group is failed from now on: nothing more runs on it (its GPU state is
         // undefined), every call says why, and it still drops cleanly.
-        ensure!(g.failure().is_some_and(|c| c.contains("timed out")), "failure cause: {:?}", g.failure());
+        let timed_out = |c: &str| c.contains("timed out") || c.contains("timeout");
+        ensure!(g.failure().is_some_and(|c| timed_out(&c)), "failure cause: {:?}", g.failure());
         match g.barrier() {
-            Err(Error::GroupFailed { cause }) => ensure!(cause.contains("timed out"), "cause {cause:?}"),
+            Err(Error::GroupFailed { cause }) => ensure!(timed_out(&cause), "cause {cause:?}"),
             other => anyhow::bail!("a barrier on the failed group: expected GroupFailed, got {other:?}"),
         }
         Ok(())

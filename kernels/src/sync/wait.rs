@@ -1,6 +1,6 @@
 //! Deadline-bounded spin-waits and error reporting.
 
-use crate::abi::{ErrorRecord, WaitCtx, status};
+use crate::abi::{ErrorRecord, WaitCtx, host_flag, status};
 use crate::ptx::*;
 
 /// Polls between deadline checks (a `%globaltimer` read and an abort check).
@@ -48,7 +48,39 @@ impl Waiter {
             st_relaxed_sys_global_u64(&raw mut (*e).seen, seen);
             st_relaxed_sys_global_u64(&raw mut (*e).waited_ns, waited_ns);
             st_release_sys_global_u32(&raw mut (*e).status, code);
+            let host = self.host_flags();
+            if !host.is_null() {
+                // The host's watchdog passes this on to the peers.
+                st_relaxed_sys_global_u32(host.add(host_flag::REPORTED), code);
+            }
         }
+    }
+
+    /// This rank's host-mapped flags (null: none), from the error record.
+    #[inline(always)]
+    fn host_flags(&self) -> *mut u32 {
+        // SAFETY: the record is valid device memory; the host wrote `host` before any launch.
+        unsafe { core::ptr::read_volatile(&raw const (*self.err).host) as *mut u32 }
+    }
+
+    /// True once the host raised this rank's abort flag (a peer failed); the first caller
+    /// reports [`status::ABORTED`] naming the failed rank and the reason.
+    #[inline(always)]
+    pub fn host_aborted(&self, phase: u32, waited_ns: u64) -> bool {
+        let host = self.host_flags();
+        if host.is_null() {
+            return false;
+        }
+        // SAFETY: the host keeps the flags mapped for the lifetime of every launch.
+        unsafe {
+            let why = ld_acquire_sys_global_u32(host.add(host_flag::ABORT));
+            if why == 0 {
+                return false;
+            }
+            let culprit = ld_relaxed_sys_global_u32(host.add(host_flag::CULPRIT));
+            self.report(status::ABORTED, phase, culprit, 0, why as u64, waited_ns);
+        }
+        true
     }
 
     /// Spins with `ld.acquire.sys` on `p` until `done(value)`. Returns the value, or `None`
@@ -69,16 +101,24 @@ impl Waiter {
             polls += 1;
             if polls == POLLS_PER_CHECK {
                 polls = 0;
-                let waited = globaltimer().wrapping_sub(start);
-                if waited > self.timeout_ns {
-                    self.report(status::TIMEOUT, phase, peer, expected as u64, v as u64, waited);
-                    return None;
-                }
-                if self.aborted() {
+                if self.must_stop(start, phase, peer, expected, v) {
                     return None;
                 }
             }
         }
+    }
+
+    /// The slow path of a spin-wait: true, after reporting, when the deadline has passed or
+    /// this rank must stop (an error here, or the host's abort flag, whose address it reads
+    /// from the error record so that the waits carry no extra register).
+    #[inline(always)]
+    fn must_stop(&self, start: u64, phase: u32, peer: u32, expected: u32, seen: u32) -> bool {
+        let waited = globaltimer().wrapping_sub(start);
+        if waited > self.timeout_ns {
+            self.report(status::TIMEOUT, phase, peer, expected as u64, seen as u64, waited);
+            return true;
+        }
+        self.aborted() || self.host_aborted(phase, waited)
     }
 
     /// Waits until the u32 at `p` equals `expected`.
