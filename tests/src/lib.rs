@@ -8,6 +8,9 @@
 //! `MOE_EP_SECRET` and `MOE_EP_TEST_WORLD`;
 //! in the child the test body runs as that rank of that world only.
 
+pub mod ht_case;
+pub mod ll_case;
+
 use anyhow::{Context, Result, bail};
 use moe_ep::{Group, GroupConfig};
 use std::process::{Command, Stdio};
@@ -161,7 +164,14 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
         let g = Group::from_env(test_config()).context("joining the group")?;
         return body(&g);
     }
+    spawn_ranks(test_name, world, seed, None)
+}
+
+/// The parent's side of a process test: spawns `world` ranks and waits for them. Each must
+/// succeed, except `victim`, which must end by SIGKILL.
+fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>) -> Result<()> {
     let port = free_port()?;
+    let rejoin_port = free_port()?;
     let secret = moe_ep::rendezvous::random_secret()?;
     let exe = std::env::current_exe()?;
     let children: Vec<_> = (0..world)
@@ -170,6 +180,7 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
                 .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
                 .env("MOE_EP_TEST_WORLD", world.to_string())
                 .env("MOE_EP_TEST_SEED", seed.to_string())
+                .env("MOE_EP_TEST_REJOIN_PORT", rejoin_port.to_string())
                 .env("RANK", r.to_string())
                 .env("WORLD_SIZE", world.to_string())
                 .env("LOCAL_RANK", r.to_string())
@@ -184,15 +195,85 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
         .collect::<Result<_>>()?;
     let outputs = wait_all(children, PROCESS_TEST_TIMEOUT);
     let mut failed = Vec::new();
-    for (r, (ok, out)) in outputs.into_iter().enumerate() {
-        if !ok {
+    for (r, (status, out)) in outputs.into_iter().enumerate() {
+        use std::os::unix::process::ExitStatusExt;
+        let killed = status.as_ref().is_some_and(|s| s.signal() == Some(9));
+        let ok = status.as_ref().is_some_and(|s| s.success());
+        if Some(r) == victim {
+            if !killed {
+                failed.push(format!("---- rank {r} of {world} was to die by SIGKILL, but ended with {status:?} ----\n{out}"));
+            }
+        } else if !ok {
             failed.push(format!("---- rank {r} of {world} failed ----\n{out}"));
+        } else if victim.is_some() {
+            // What the survivors measured.
+            print!("{}", out.lines().filter(|l| l.starts_with("rank ")).map(|l| format!("{l}\n")).collect::<String>());
         }
     }
     if !failed.is_empty() {
         bail!("{}", failed.join("\n"));
     }
     Ok(())
+}
+
+/// A fast-failure test at every rank count, one process per GPU: every rank runs `body(g,
+/// victim, seed)`; rank `victim_of(world)` must kill itself there ([`kill_self`]) and every
+/// other rank must succeed (typically: see the victim named in an error within 2 s, then
+/// [`rejoin_without`] the victim).
+pub fn run_kill_test(test_name: &str, victim_of: fn(usize) -> usize, body: impl Fn(Group, usize, u64) -> Result<()>) -> Result<()> {
+    let worlds = rank_counts(test_name)?;
+    if in_child() {
+        let world = worlds[0];
+        let seed: u64 = std::env::var("MOE_EP_TEST_SEED").unwrap_or_default().parse().context("MOE_EP_TEST_SEED")?;
+        let g = Group::from_env(test_config()).context("joining the group")?;
+        return body(g, victim_of(world), seed);
+    }
+    report_line("ranks", test_name, &format!("{worlds:?}"));
+    for world in worlds {
+        let seed = fresh_seed(test_name);
+        let victim = victim_of(world);
+        println!("{test_name}: {world} ranks, processes, rank {victim} is killed, seed {seed}");
+        spawn_ranks(test_name, world, seed, Some(victim)).with_context(|| format!("{world} ranks, rank {victim} killed, seed {seed}"))?;
+    }
+    Ok(())
+}
+
+/// Ends this process with SIGKILL (no destructor, no goodbye to the peers: what a crash or
+/// the OOM killer does).
+pub fn kill_self() -> ! {
+    let _ = Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// After `victim` died: drops this rank's failed group `g` and joins a new one of the
+/// survivors (ranks renumbered in order, same GPUs) at the port the test parent reserved.
+pub fn rejoin_without(g: Group, victim: usize) -> Result<Group> {
+    let (rank, world) = (g.rank(), g.world());
+    let device = g.device();
+    let t0 = Instant::now();
+    drop(g);
+    let dropped = t0.elapsed();
+    let mut pc = moe_ep::rendezvous::ProcessConfig::from_env()?;
+    pc.rank = if rank > victim { rank - 1 } else { rank };
+    pc.world = world - 1;
+    pc.device = device;
+    pc.master_port = std::env::var("MOE_EP_TEST_REJOIN_PORT").context("MOE_EP_TEST_REJOIN_PORT")?.parse()?;
+    let g2 = Group::connect(&pc, test_config()).context("building a new group of the survivors")?;
+    println!("rank {rank}: dropping the failed group took {dropped:?}; rejoined as rank {} of {}", g2.rank(), g2.world());
+    Ok(g2)
+}
+
+/// Checks that `r` is the error a survivor of `victim`'s death must see: `PeerFailed` naming
+/// the victim, or (when the watchdog was first) `GroupFailed` whose cause names it.
+pub fn expect_peer_failure<T>(r: moe_ep::Result<T>, me: usize, victim: usize) -> Result<()> {
+    match r {
+        Err(moe_ep::Error::PeerFailed { rank, peer, .. }) if rank == me && peer == victim => Ok(()),
+        Err(moe_ep::Error::GroupFailed { cause }) if cause.starts_with(&format!("rank {victim}")) => Ok(()),
+        Err(e) => bail!("rank {me}: expected an error naming rank {victim}, got {e}"),
+        Ok(_) => bail!("rank {me}: the operation succeeded although rank {victim} was dead"),
+    }
 }
 
 /// Runs a test body at every rank count in both modes, with fresh random inputs (`seed`,
@@ -233,7 +314,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Waits for every child (reading their output on threads), killing all at the deadline.
-fn wait_all(children: Vec<std::process::Child>, timeout: Duration) -> Vec<(bool, String)> {
+fn wait_all(children: Vec<std::process::Child>, timeout: Duration) -> Vec<(Option<std::process::ExitStatus>, String)> {
     let deadline = Instant::now() + timeout;
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     let handles: Vec<_> = children.into_iter().map(|c| std::thread::spawn(move || c.wait_with_output())).collect();
@@ -254,9 +335,9 @@ fn wait_all(children: Vec<std::process::Child>, timeout: Duration) -> Vec<(bool,
     let out = handles
         .into_iter()
         .map(|h| match h.join() {
-            Ok(Ok(o)) => (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))),
-            Ok(Err(e)) => (false, format!("waiting failed: {e}")),
-            Err(_) => (false, "waiter panicked".into()),
+            Ok(Ok(o)) => (Some(o.status), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))),
+            Ok(Err(e)) => (None, format!("waiting failed: {e}")),
+            Err(_) => (None, "waiter panicked".into()),
         })
         .collect();
     done.store(true, std::sync::atomic::Ordering::Relaxed);

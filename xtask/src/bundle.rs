@@ -6,7 +6,7 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|examples|bench] [arguments for the test binaries or the benchmark]
+# usage: run.sh [all|tests|examples|bench|soak] [arguments for the test binaries, the benchmark or the soak]
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,12 +52,18 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   "$here/bin/moe-ep-bench" --out "$out/results" "$@" 2>&1 | tee "$out/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+if [ "$what" = soak ]; then
+  # Not part of `all`: a long run (moe-ep-soak --iters N).
+  "$here/bin/moe-ep-soak" "$@" 2>&1 | tee "$out/soak.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 exit $status
 "#;
 
 pub fn build(root: &Path) -> Result<()> {
     crate::ptx::build_and_check(root, false)?;
     crate::cargo(root, &["build", "--release", "-p", "moe-ep-bench"])?;
+    crate::cargo(root, &["build", "--release", "-p", "moe-ep-tests", "--bin", "moe-ep-soak"])?;
     crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--examples"])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
@@ -85,7 +91,9 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::copy(src, dir.join("tests").join(&name))?;
         n += 1;
     }
-    std::fs::copy(root.join("target/release/moe-ep-bench"), dir.join("bin/moe-ep-bench"))?;
+    for b in ["moe-ep-bench", "moe-ep-soak"] {
+        std::fs::copy(root.join("target/release").join(b), dir.join("bin").join(b))?;
+    }
     for e in ["threads", "torchrun", "decode_graph", "prefill"] {
         std::fs::copy(root.join("target/release/examples").join(e), dir.join("examples").join(e))?;
     }
@@ -98,8 +106,8 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
     let size: u64 = walk(&dir)?;
-    println!("gpu bundle: {} ({n} test binaries, examples, benchmark, PTX, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
-    println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench]");
+    println!("gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench|soak]");
     Ok(())
 }
 

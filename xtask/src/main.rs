@@ -9,6 +9,8 @@
 //!   Then what a dependent sees: `cargo package` of the library, its docs with warnings as
 //!   errors, and a scratch crate outside the workspace that depends on it, built on stable.
 //! - `bench`: the benchmark on the local GPUs (`moe-ep-bench`, release build).
+//! - `soak`: mixed random high-throughput and low-latency operations on the local GPUs, each
+//!   checked against the CPU reference (`moe-ep-soak`, release build; `--iters N`).
 //! - `gpu-bundle`: release test and bench binaries plus the PTX and a `run.sh` under
 //!   `target/gpu-bundle/`, for a GPU machine with no Rust and no network.
 
@@ -36,9 +38,10 @@ fn run() -> Result<()> {
         "build-ptx" => ptx::build_and_check(&root, rest.iter().any(|a| a == "--check")).map(|_| ()),
         "test" => test(&root, &rest),
         "bench" => cargo(&root, &[&["run", "--release", "-p", "moe-ep-bench", "--"][..], &refs(&rest)].concat()),
+        "soak" => cargo(&root, &[&["run", "--release", "-p", "moe-ep-tests", "--bin", "moe-ep-soak", "--"][..], &refs(&rest)].concat()),
         "gpu-bundle" => bundle::build(&root),
         "help" | "-h" | "--help" => {
-            println!("cargo xtask build-ptx [--check] | test [cargo test args] | bench [bench args] | gpu-bundle");
+            println!("cargo xtask build-ptx [--check] | test [cargo test args] | bench [bench args] | soak [--iters N] | gpu-bundle");
             Ok(())
         }
         other => bail!("unknown command {other:?}; try `cargo xtask help`"),
