@@ -205,9 +205,11 @@ fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>) 
             }
         } else if !ok {
             failed.push(format!("---- rank {r} of {world} failed ----\n{out}"));
-        } else if victim.is_some() {
-            // What the survivors measured.
-            print!("{}", out.lines().filter(|l| l.starts_with("rank ")).map(|l| format!("{l}\n")).collect::<String>());
+        } else {
+            // What the children measured (their lines that start with "rank").
+            // (A child's first line follows libtest's "test NAME ... " on the same line.)
+            let lines = out.lines().map(|l| l.rsplit(" ... ").next().unwrap_or(l)).filter(|l| l.starts_with("rank "));
+            print!("{}", lines.map(|l| format!("{l}\n")).collect::<String>());
         }
     }
     if !failed.is_empty() {

@@ -214,7 +214,7 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
 
 /// A device-detected error fails the group: an expert id outside the model is reported by the
 /// layout kernel (`InvalidExpert` from `check`), and every later operation is refused with
-/// `GroupFailed` instead of running on stale state.
+/// `GroupFailed` instead of running on stale state (on the peers too, which hear of it).
 fn gpu2_ht_device_error_fails_the_group() -> Result<()> {
     run_both_modes("gpu2_ht_device_error_fails_the_group", |g, seed| {
         let (hd, k, t) = (256, 4, 64);
@@ -228,11 +228,24 @@ fn gpu2_ht_device_error_fails_the_group() -> Result<()> {
         let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
         let idx = upload(&s, &idx_h)?;
         let wts = upload(&s, &w_h)?;
-        let layout = buf.layout(&s, TopkIdx::I64(&idx), k)?;
+        // Every rank has the same bad id. A rank whose peer found it first has already heard
+        // (fast failure): its own layout or check is then refused with the peer's error.
+        let bad = format!("token 3 holds {}", e + 5);
+        let layout = match buf.layout(&s, TopkIdx::I64(&idx), k) {
+            Ok(layout) => Some(layout),
+            Err(moe_ep::Error::GroupFailed { cause }) if cause.contains(&bad) => None,
+            Err(other) => anyhow::bail!("a layout with a bad expert id: expected it to run (or GroupFailed naming a peer's {bad}), got {other}"),
+        };
         match buf.check() {
             Err(moe_ep::Error::InvalidExpert { token: 3, value, .. }) if value == (e + 5) as i64 => {}
+            Err(moe_ep::Error::GroupFailed { cause }) if cause.contains(&bad) => {}
+            Ok(()) if layout.is_none() => {}
             other => anyhow::bail!("a bad expert id: expected InvalidExpert naming token 3, got {other:?}"),
         }
+        let Some(layout) = layout else {
+            expect_refused(g.barrier(), "GroupFailed", "a group barrier after a peer's error")?;
+            return Ok(());
+        };
         expect_refused(buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts)), "GroupFailed", "a dispatch after the error")?;
         expect_refused(buf.layout(&s, TopkIdx::I64(&idx), k), "GroupFailed", "a layout after the error")?;
         expect_refused(g.barrier(), "GroupFailed", "a group barrier after the error")?;

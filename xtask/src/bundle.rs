@@ -82,7 +82,9 @@ pub fn build(root: &Path) -> Result<()> {
     let mut n = 0;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         // Test executables of the workspace: `"profile":{..."test":true...}` with an executable.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"test\":true") {
+        // (The target's own `"test":true` only says it has tests: the profile's is the one.)
+        let test_profile = line.split("\"profile\":{").nth(1).and_then(|r| r.split('}').next()).is_some_and(|p| p.contains("\"test\":true"));
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !test_profile {
             continue;
         }
         let Some(exe) = line.split("\"executable\":\"").nth(1).and_then(|r| r.split('"').next()) else { continue };

@@ -4,7 +4,10 @@
 //! reference (the GPU tests' cases, on long-lived buffers). Meant for the GPU machine, not CI:
 //! `cargo xtask soak` here, `run.sh soak` in the GPU bundle.
 //!
-//! usage: moe-ep-soak [--iters N] [--ranks N] [--seed S]
+//! usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S]
+//!
+//! `--seconds` stops every rank after the first iteration that ends past `S` seconds (all
+//! ranks agree on it), and the report says how many iterations ran.
 //!
 //! Every rank draws the same case from the seed and the iteration. The first mismatch or error
 //! stops the run (the rank that found it aborts the group, so the others stop at once) and is
@@ -20,8 +23,10 @@ use std::time::Instant;
 
 /// Buffers every rank builds once: (experts before rounding to the world, hidden, max top-k,
 /// max tokens per rank).
-const LL_BUFFERS: [(usize, usize, usize, usize); 2] = [(64, 2048, 8, 128), (32, 7168, 4, 64)];
-const HT_BUFFERS: [(usize, usize, usize, usize); 2] = [(64, 2048, 8, 256), (16, 512, 2, 128)];
+/// (Small enough that the CPU reference keeps up: about 10,000 iterations in a few minutes at
+/// 4 ranks; the GPU tests cover the large shapes.)
+const LL_BUFFERS: [(usize, usize, usize, usize); 2] = [(64, 1024, 8, 64), (32, 2048, 4, 32)];
+const HT_BUFFERS: [(usize, usize, usize, usize); 2] = [(64, 1024, 8, 128), (16, 512, 2, 64)];
 
 /// What one iteration ran.
 #[derive(Debug)]
@@ -89,8 +94,8 @@ fn draw(seed: u64, i: u64, world: usize) -> Op {
     }
 }
 
-/// One rank's loop; `Ok(done)` or the first failure (after aborting the group).
-fn soak(g: &Group, iters: u64, seed: u64) -> Result<u64> {
+/// One rank's loop; `Ok(iterations run)` or the first failure (after aborting the group).
+fn soak(g: &Group, iters: u64, seconds: f64, seed: u64) -> Result<u64> {
     let world = g.world();
     let mut ll: Vec<LlBuffer> =
         LL_BUFFERS.iter().map(|&(e, h, k, t)| LlBuffer::new(g, LlConfig::new(experts_for(world, e), h, k, t))).collect::<moe_ep::Result<_>>()?;
@@ -112,8 +117,15 @@ fn soak(g: &Group, iters: u64, seed: u64) -> Result<u64> {
             }
             return Err(e.context(format!("rank {} iteration {i}: {op:?}", g.rank())));
         }
-        if g.rank() == 0 && (i + 1) % 1000 == 0 {
-            println!("{} iterations, {:.0} s", i + 1, t0.elapsed().as_secs_f64());
+        if (i + 1) % 100 == 0 {
+            if g.rank() == 0 && (i + 1) % 1000 == 0 {
+                println!("{} iterations, {:.0} s", i + 1, t0.elapsed().as_secs_f64());
+            }
+            // Every rank stops at the same iteration: rank 0's clock decides.
+            let late = g.rank() == 0 && t0.elapsed().as_secs_f64() > seconds;
+            if g.all_gather_bytes(&[late as u8])?[0] == [1] {
+                return Ok(i + 1);
+            }
         }
     }
     Ok(iters)
@@ -121,6 +133,7 @@ fn soak(g: &Group, iters: u64, seed: u64) -> Result<u64> {
 
 fn main() -> Result<()> {
     let mut iters = 1000u64;
+    let mut seconds = f64::INFINITY;
     let mut ranks = 0usize;
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
     let mut args = std::env::args().skip(1);
@@ -128,13 +141,14 @@ fn main() -> Result<()> {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
         match a.as_str() {
             "--iters" => iters = value("--iters")?.parse()?,
+            "--seconds" => seconds = value("--seconds")?.parse()?,
             "--ranks" => ranks = value("--ranks")?.parse()?,
             "--seed" => seed = value("--seed")?.parse()?,
             "-h" | "--help" => {
-                println!("usage: moe-ep-soak [--iters N] [--ranks N] [--seed S]");
+                println!("usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S]");
                 return Ok(());
             }
-            other => bail!("unknown argument {other:?} (usage: moe-ep-soak [--iters N] [--ranks N] [--seed S])"),
+            other => bail!("unknown argument {other:?} (usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S])"),
         }
     }
     let gpus = device_count().context("counting GPUs")?;
@@ -147,19 +161,21 @@ fn main() -> Result<()> {
         if g.rank() == 0 {
             println!("soak: {world} x {}, one thread per GPU, {iters} iterations, seed {seed}", g.device_name());
         }
-        Ok(soak(g, iters, seed))
+        Ok(soak(g, iters, seconds, seed))
     });
     let mut failures = Vec::new();
+    let mut ran = iters;
     for (r, res) in results.into_iter().enumerate() {
         match res {
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => ran = ran.min(n),
             Ok(Err(e)) => failures.push(format!("rank {r}: {e:#}")),
             Err(e) => failures.push(format!("rank {r}: {e}")),
         }
     }
     let secs = t0.elapsed().as_secs_f64();
     if failures.is_empty() {
-        println!("soak: {iters} iterations at {world} ranks, 0 mismatches, {secs:.0} s, seed {seed}");
+        let stopped = if ran < iters { format!(" (stopped by --seconds before {iters})") } else { String::new() };
+        println!("soak: {ran} iterations at {world} ranks{stopped}, 0 mismatches, {secs:.0} s, seed {seed}");
         Ok(())
     } else {
         for f in &failures {
