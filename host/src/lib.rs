@@ -36,6 +36,13 @@
 //! From then on the group is failed: its buffers' GPU state (counters, flags, rows) is
 //! undefined, so every later operation returns [`Error::GroupFailed`] naming the first cause
 //! instead of running. Drop the buffers and the group and build new ones.
+//!
+//! Failure is fast across ranks: a rank's failure is announced to its peers at once, a peer
+//! whose process dies is noticed when its rendezvous connection closes, and
+//! [`Group::abort`] stops every rank on purpose. Each rank's GPU waits poll a host-mapped abort
+//! flag, so they stop within milliseconds with [`Error::PeerFailed`] naming the rank at fault
+//! (not at their deadline), and the group is failed on every rank. Arguments that live on
+//! another stream than the operation's are ordered around its launch ([`DeviceArg`]).
 
 #![deny(missing_docs)]
 
