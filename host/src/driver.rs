@@ -60,6 +60,19 @@ pub(crate) mod peer {
         Ok(v != 0)
     }
 
+    /// `cuDeviceGetUuid_v2`: the UUID of device `ordinal` (the same in every process,
+    /// whatever `CUDA_VISIBLE_DEVICES` numbers it).
+    pub(crate) fn uuid(ordinal: usize) -> Result<[u8; 16], DriverError> {
+        let u = result::device::get_uuid(result::device::get(ordinal as i32)?)?;
+        Ok(u.bytes.map(|b| b as u8))
+    }
+
+    /// The UUIDs of every device this process sees, by ordinal.
+    pub(crate) fn visible_uuids() -> Result<Vec<[u8; 16]>, DriverError> {
+        let n = result::device::get_count()?;
+        (0..n as usize).map(uuid).collect()
+    }
+
     /// `cuCtxEnablePeerAccess` from `ctx` (bound to this thread) to `peer`'s primary context;
     /// "already enabled" counts as success.
     pub(crate) fn enable(ctx: &CudaContext, peer: &CudaContext) -> Result<(), DriverError> {

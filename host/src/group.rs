@@ -261,15 +261,27 @@ impl Group {
     fn build(ctx: Arc<CudaContext>, exchange: Arc<dyn Exchange>, mode: Mode, device: usize, cfg: GroupConfig) -> Result<Group> {
         let (rank, world) = (exchange.rank(), exchange.world());
         let to = cfg.rendezvous_timeout;
-        // Which GPU each rank drives, and whether this rank's GPU reaches every other.
-        let devices = parse_devices(&exchange.all_gather(&(device as u32).to_le_bytes(), to)?, rank, world)?;
-        let mut row = vec![1u8; world];
-        for (r, &d) in devices.iter().enumerate() {
-            if r != rank && d != device {
-                row[r] = driver::peer::can_access(device, d).during("cuDeviceCanAccessPeer", || format!("checking GPU {device} -> GPU {d}"))? as u8;
+        // Which GPU each rank drives (its UUID: each process may number the GPUs differently),
+        // and whether this rank's GPU reaches every other.
+        let me = GpuId { ordinal: device, uuid: driver::peer::uuid(device).during("cuDeviceGetUuid", || format!("identifying GPU {device}"))? };
+        let gpus = parse_gpus(&exchange.all_gather(&me.to_bytes(), to)?, rank, world)?;
+        let visible = driver::peer::visible_uuids().during("cuDeviceGetUuid", || "listing the GPUs this process sees".into())?;
+        let mut row = vec![access::YES; world];
+        for (r, g) in gpus.iter().enumerate() {
+            if r == rank {
+                continue;
             }
+            row[r] = match visible.iter().position(|u| *u == g.uuid) {
+                Some(local) if local == device => access::YES,
+                Some(local) => {
+                    let ok = driver::peer::can_access(device, local).during("cuDeviceCanAccessPeer", || format!("checking {me} -> {g}"))?;
+                    if ok { access::YES } else { access::NO }
+                }
+                None => access::NOT_VISIBLE,
+            };
         }
-        check_peer_rows(&exchange.all_gather(&row, to)?, &devices, rank)?;
+        check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank)?;
+        let devices: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let mut peer_ctxs = Vec::new();
         if mode == Mode::Threads {
             for (r, &d) in devices.iter().enumerate() {
@@ -334,7 +346,9 @@ impl Group {
         self.inner.devices[self.inner.rank]
     }
 
-    /// Every rank's device ordinal.
+    /// Every rank's device ordinal, as that rank's own process numbers its GPUs (ranks are
+    /// matched by GPU UUID, so `CUDA_VISIBLE_DEVICES` may order the GPUs differently in each
+    /// process).
     pub fn devices(&self) -> &[usize] {
         &self.inner.devices
     }
@@ -609,26 +623,69 @@ impl Group {
     }
 }
 
-/// Every rank's device ordinal from the all-gathered blobs (4 bytes each); anything else is a
+/// A GPU as its rank's process numbers it, and its UUID (the same in every process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GpuId {
+    ordinal: usize,
+    uuid: [u8; 16],
+}
+
+impl GpuId {
+    const BYTES: usize = 20;
+
+    fn to_bytes(self) -> Vec<u8> {
+        let mut b = (self.ordinal as u32).to_le_bytes().to_vec();
+        b.extend_from_slice(&self.uuid);
+        b
+    }
+}
+
+impl std::fmt::Display for GpuId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let u = &self.uuid;
+        let hex = |r: std::ops::Range<usize>| u[r].iter().map(|b| format!("{b:02x}")).collect::<String>();
+        write!(f, "GPU {} (GPU-{}-{}-{}-{}-{})", self.ordinal, hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
+    }
+}
+
+/// What a peer-access row says about one peer.
+mod access {
+    /// Peer-to-peer access works.
+    pub const YES: u8 = 1;
+    /// The driver says it does not.
+    pub const NO: u8 = 0;
+    /// The peer's GPU is not visible in this process, so it cannot be checked here.
+    pub const NOT_VISIBLE: u8 = 2;
+}
+
+/// Every rank's GPU from the all-gathered blobs ([`GpuId::BYTES`] each); anything else is a
 /// typed error naming the rank that sent it.
-fn parse_devices(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<usize>> {
+fn parse_gpus(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<GpuId>> {
     if blobs.len() != world {
         return Err(Error::Rendezvous { rank, world, reason: format!("device exchange returned {} entries for {world} ranks", blobs.len()) });
     }
     blobs
         .iter()
         .enumerate()
-        .map(|(r, b)| match <[u8; 4]>::try_from(b.as_slice()) {
-            Ok(v) => Ok(u32::from_le_bytes(v) as usize),
-            Err(_) => Err(Error::Rendezvous { rank, world, reason: format!("rank {r} sent a malformed device id ({} bytes, expected 4)", b.len()) }),
+        .map(|(r, b)| match <[u8; GpuId::BYTES]>::try_from(b.as_slice()) {
+            Ok(v) => {
+                Ok(GpuId { ordinal: u32::from_le_bytes(v[..4].try_into().expect("4 bytes")) as usize, uuid: v[4..].try_into().expect("16 bytes") })
+            }
+            Err(_) => Err(Error::Rendezvous {
+                rank,
+                world,
+                reason: format!("rank {r} sent a malformed device id ({} bytes, expected {})", b.len(), GpuId::BYTES),
+            }),
         })
         .collect()
 }
 
-/// Checks the all-gathered peer-access rows (one byte per rank, 1 = can access): every row has
-/// one entry per rank, no two ranks share a GPU, every pair reaches each other.
-fn check_peer_rows(rows: &[Vec<u8>], devices: &[usize], rank: usize) -> Result<()> {
-    let world = devices.len();
+/// Checks the all-gathered peer-access rows (one byte per rank, [`access`]): every row has one
+/// entry per rank, no two ranks share a GPU (by UUID), and no pair is known not to reach each
+/// other. A pair one process cannot see is accepted here; mapping the peer's heap then says
+/// whether it works.
+fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize) -> Result<()> {
+    let world = gpus.len();
     if rows.len() != world {
         return Err(Error::Rendezvous { rank, world, reason: format!("peer-access exchange returned {} rows for {world} ranks", rows.len()) });
     }
@@ -641,11 +698,11 @@ fn check_peer_rows(rows: &[Vec<u8>], devices: &[usize], rank: usize) -> Result<(
             });
         }
         for (b, &ok) in ra.iter().enumerate() {
-            if a != b && devices[a] == devices[b] {
-                return Err(Error::invalid("device", format!("ranks {a} and {b} both use GPU {}; each rank needs its own GPU", devices[a])));
+            if a != b && gpus[a].uuid == gpus[b].uuid {
+                return Err(Error::invalid("device", format!("ranks {a} and {b} both use {} ({}); each rank needs its own GPU", gpus[a], gpus[b])));
             }
-            if ok == 0 {
-                return Err(Error::NoPeerAccess { rank_a: a, device_a: devices[a], rank_b: b, device_b: devices[b] });
+            if ok == access::NO {
+                return Err(Error::NoPeerAccess { rank_a: a, device_a: gpus[a].ordinal, rank_b: b, device_b: gpus[b].ordinal });
             }
         }
     }
@@ -681,17 +738,22 @@ mod tests {
 
     #[test]
     fn malformed_device_ids_and_peer_rows_are_typed_errors() {
-        let ok = |d: u32| d.to_le_bytes().to_vec();
-        assert_eq!(parse_devices(&[ok(0), ok(3)], 0, 2).unwrap(), vec![0, 3]);
-        let e = parse_devices(&[ok(0), vec![1, 2, 3]], 0, 2).unwrap_err().to_string();
-        assert!(e.contains("rank 1 sent a malformed device id (3 bytes"), "{e}");
-        assert!(parse_devices(&[ok(0)], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
-        let devices = [0, 1];
-        check_peer_rows(&[vec![1, 1], vec![1, 1]], &devices, 0).unwrap();
-        let e = check_peer_rows(&[vec![1, 1], vec![1, 1, 1, 1, 1]], &devices, 0).unwrap_err().to_string();
+        let gpu = |ordinal: usize, u: u8| GpuId { ordinal, uuid: [u; 16] };
+        let (a, b) = (gpu(0, 0xa0), gpu(3, 0xb0));
+        assert_eq!(parse_gpus(&[a.to_bytes(), b.to_bytes()], 0, 2).unwrap(), vec![a, b]);
+        let e = parse_gpus(&[a.to_bytes(), vec![1, 2, 3]], 0, 2).unwrap_err().to_string();
+        assert!(e.contains("rank 1 sent a malformed device id (3 bytes, expected 20)"), "{e}");
+        assert!(parse_gpus(&[a.to_bytes()], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
+        let gpus = [a, b];
+        check_peer_rows(&[vec![1, 1], vec![1, 1]], &gpus, 0).unwrap();
+        let e = check_peer_rows(&[vec![1, 1], vec![1, 1, 1, 1, 1]], &gpus, 0).unwrap_err().to_string();
         assert!(e.contains("rank 1 sent a peer-access row of 5 entries for 2 ranks"), "{e}");
-        assert!(matches!(check_peer_rows(&[vec![1, 0], vec![1, 1]], &devices, 0), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
-        let e = check_peer_rows(&[vec![1, 1], vec![1, 1]], &[2, 2], 0).unwrap_err().to_string();
-        assert!(e.contains("both use GPU 2"), "{e}");
+        assert!(matches!(check_peer_rows(&[vec![1, 0], vec![1, 1]], &gpus, 0), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
+        // A peer GPU this process cannot see is not an error here.
+        check_peer_rows(&[vec![1, access::NOT_VISIBLE], vec![access::NOT_VISIBLE, 1]], &gpus, 0).unwrap();
+        // Same ordinal in two processes (one visible GPU each) is fine; the same UUID is not.
+        check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 1), gpu(0, 2)], 0).unwrap();
+        let e = check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 7), gpu(2, 7)], 0).unwrap_err().to_string();
+        assert!(e.contains("ranks 0 and 1 both use GPU 0 (GPU-07070707-0707-0707-0707-070707070707)"), "{e}");
     }
 }
