@@ -9,7 +9,7 @@
 //! this rank's memory), closes the peers' mappings, meets every rank again (so nobody still
 //! maps this rank's memory), then frees its own allocation.
 
-use crate::driver::{DeviceAlloc, ipc};
+use crate::driver::{DeviceAlloc, IpcMapping, ipc};
 use crate::error::{DriverContext, Error, Result};
 use crate::rendezvous::Exchange;
 use cudarc::driver::CudaContext;
@@ -35,8 +35,8 @@ pub struct SymmetricHeap {
     id: u64,
     local: DeviceAlloc,
     peers: Peers,
-    /// Peer allocations opened over IPC (closed on drop, before `local` is freed).
-    opened: Vec<u64>,
+    /// Peer allocations mapped over IPC (closed in drop, between its two barriers).
+    opened: Vec<IpcMapping>,
     exchange: Arc<dyn Exchange>,
     ctx: Arc<CudaContext>,
 }
@@ -91,9 +91,9 @@ impl SymmetricHeap {
                         world,
                         reason: format!("rank {r} sent a malformed IPC handle"),
                     })?;
-                    let p = ipc::open_mem_handle(&h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
-                    heap.opened.push(p);
-                    heap.peers.base[r] = p;
+                    let m = IpcMapping::open(ctx, &h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
+                    heap.peers.base[r] = m.ptr();
+                    heap.opened.push(m);
                 }
             }
         }
@@ -128,11 +128,8 @@ impl Drop for SymmetricHeap {
         // it: synchronise, then meet every rank. Failures are ignored (Drop never panics).
         let _ = self.ctx.synchronize();
         let _ = self.exchange.barrier(DROP_BARRIER_TIMEOUT);
-        let _ = self.ctx.bind_to_thread();
-        for &p in &self.opened {
-            // SAFETY: `p` was opened by `open_mem_handle` and every rank has finished with it.
-            let _ = unsafe { ipc::close_mem_handle(p) };
-        }
+        // No rank uses its peers' memory any more: close this rank's mappings of it.
+        self.opened.clear();
         // Every rank has closed its mapping of this rank's allocation before it is freed
         // (field drop of `local`, right after this).
         let _ = self.exchange.barrier(DROP_BARRIER_TIMEOUT);

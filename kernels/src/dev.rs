@@ -2,7 +2,11 @@
 //! bf16 packing, index loads. Nothing here is a single instruction; see [`crate::ptx`] for those.
 
 use crate::abi::{MAX_RANKS, Peers};
-use crate::ptx::*;
+use crate::ptx::{
+    add_rn_f32, bar_sync_0, ctaid_x, cvt_rn_bf16x2_f32, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_s32, ld_global_nc_s64,
+    ld_global_nc_v4_u32, ld_global_v4_u32, ld_shared_cta_u32, max_f32, nctaid_x, ntid_x, shfl_sync_bfly_b32, shfl_sync_idx_b32, shfl_sync_up_b32,
+    st_global_L1_no_allocate_v4_u32, st_shared_cta_u32, tid_x,
+};
 
 /// All 32 lanes.
 pub const FULL: u32 = 0xffff_ffff;

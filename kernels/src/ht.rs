@@ -14,11 +14,18 @@
 //! relaxed add per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to reach the
 //! sender's grid size, and zeroes; combine releases one flag per row, which the reducer
 //! acquires and then zeroes.
-
-use crate::abi::*;
-use crate::dev::*;
-use crate::ptx::*;
-use crate::sync::*;
+use crate::abi::{HtCombineParams, HtDispatchParams, HtLayoutParams, HtNotifyParams, phase, status};
+use crate::dev::{
+    FULL, accumulate_rows, accumulate_rows_in_order, block_exclusive_scan_u32, div_rem_u32, div_rem_u64, load_topk_idx, pack_bf16x8, peer_base,
+    shfl_idx_u64, warp_copy_to_lane_dests,
+};
+use crate::ptx::{
+    add_rn_f32, atom_shared_cta_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, ctaid_x, dyn_smem_base, fence_acq_rel_sys, laneid,
+    ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, nctaid_x, ntid_x,
+    shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_release_sys_global_u32,
+    st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+};
+use crate::sync::{Waiter, control, half_rank_slot, rank_slot, signal_all_ranks, wait_all_sources};
 
 /// Vectors in flight per lane in the dispatch row copies.
 const UNROLL: usize = 4;

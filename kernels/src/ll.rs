@@ -24,11 +24,22 @@
 //! Halves alternate per call on the host, so a call's receive half cleans what the next call
 //! of the same half needs; see `docs/protocol.md` for the ordering argument.
 
-use crate::abi::*;
-use crate::dev::*;
+use crate::abi::{
+    FP8_GROUP, LlCombineParams, LlDispatchParams, MAX_HIDDEN, MAX_TOPK, combine_mode, ll_scale_rows, phase, scale_fmt, scale_layout, stage, status,
+};
+use crate::dev::{
+    FULL, accumulate_rows_in_order, block_exclusive_scan_u32, div_ceil_u32, div_rem_u32, div_rem_u64, grid_warp_interleaved, group_max_f32,
+    load_topk_idx, pack_bf16x8, peer_base, shfl_idx_u64, unpack_bf16x2, warp_copy_to_lane_dests,
+};
 use crate::fp::fp8_scale;
-use crate::ptx::*;
-use crate::sync::*;
+use crate::ptx::{
+    abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base, fma_rn_f32,
+    laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32, ld_global_u32, ld_global_v4_u32,
+    ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32, shfl_sync_bfly_b32,
+    shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32,
+    tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+};
+use crate::sync::{Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, signal_all_ranks, wait_all_sources};
 
 /// Vectors in flight per lane in the BF16 row copies and the combine reduction.
 const UNROLL: usize = 4;

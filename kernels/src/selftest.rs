@@ -3,9 +3,23 @@
 //! the host test (`tests/tests/gpu_device_layer.rs`) holds the expected values.
 
 use crate::abi::selftest_out as out;
-use crate::abi::*;
-use crate::dev::*;
-use crate::ptx::*;
+use crate::abi::{SELFTEST_CVT_INPUTS, SelftestParams};
+use crate::dev::{FULL, block_exclusive_scan_u32, group_max_f32, warp_sum_u32};
+use crate::ptx::{
+    abs_f32, add_rn_f32, atom_relaxed_gpu_global_add_u32, atom_relaxed_sys_global_add_u32, atom_relaxed_sys_global_cas_b32, atom_shared_cta_add_u32,
+    bar_sync, bar_sync_0, bar_warp_sync, cp_async_bulk_commit_group, cp_async_bulk_global_shared_cta_bulk_group,
+    cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group_0, cp_async_bulk_wait_group_read, cvt_f32_bf16,
+    cvt_rn_bf16x2_f32, cvt_rn_satfinite_e4m3x2_f32, div_rn_f32, dyn_smem_base, dynamic_smem_size, elect_sync, fence_acq_rel_gpu,
+    fence_proxy_async_global, fence_proxy_async_shared_cta, fence_sc_sys, fma_rn_f32, globaltimer, laneid, ld_acquire_gpu_global_u32,
+    ld_acquire_sys_global_u32, ld_acquire_sys_global_u64, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_u16,
+    ld_global_nc_v4_u32, ld_global_u32, ld_global_v4_u32, ld_relaxed_sys_global_s32, ld_relaxed_sys_global_u32, ld_shared_cta_u32,
+    ld_shared_cta_v4_u32, ld_volatile_global_u32, max_f32, mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64,
+    mbarrier_try_wait_parity_shared_cta_b64, mul_rn_f32, nanosleep_u32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32,
+    red_relaxed_sys_global_add_u32, red_release_sys_global_add_u32, shfl_sync_idx_b32, shfl_sync_up_b32, smid, st_global_L1_no_allocate_v4_u32,
+    st_global_u8, st_global_u32, st_global_u64, st_global_v2_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_release_gpu_global_u32,
+    st_release_sys_global_u32, st_shared_cta_u32, st_shared_cta_v2_u32, st_shared_cta_v4_u32, st_volatile_global_u32, tid_x, vote_sync_any_pred,
+    vote_sync_ballot_b32,
+};
 
 /// Words of scratch each part uses.
 const BULK_WORDS: usize = 256;

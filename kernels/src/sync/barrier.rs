@@ -3,7 +3,10 @@
 use super::Waiter;
 use crate::abi::{Control, MAX_RANKS, Peers, phase};
 use crate::dev::peer_base;
-use crate::ptx::*;
+use crate::ptx::{
+    atom_acq_rel_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, fence_acq_rel_sys, nctaid_x, red_relaxed_sys_global_add_u32,
+    st_relaxed_sys_global_u32, st_release_sys_global_u32, tid_x,
+};
 
 /// The heap's control block on rank `r`.
 #[inline(always)]

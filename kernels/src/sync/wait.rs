@@ -1,7 +1,10 @@
 //! Deadline-bounded spin-waits and error reporting.
 
 use crate::abi::{ErrorRecord, WaitCtx, host_flag, status};
-use crate::ptx::*;
+use crate::ptx::{
+    atom_relaxed_sys_global_cas_b32, ctaid_x, globaltimer, ld_acquire_sys_global_u32, ld_relaxed_sys_global_u32, st_relaxed_sys_global_u32,
+    st_relaxed_sys_global_u64, st_release_sys_global_u32, tid_x,
+};
 
 /// Polls between deadline checks (a `%globaltimer` read and a check of this rank's error).
 const POLLS_PER_CHECK: u32 = 32;
