@@ -5,8 +5,8 @@
 //! reference math the host checks against. For `nvptx64-nvidia-cuda` it also holds the
 //! kernels, built by `cargo xtask build-ptx` into one PTX module (`host/kernels.ptx`):
 //!
-//! - [`ptx`]: one-to-one wrappers over PTX instructions, named after what they emit;
-//! - [`sync`]: deadline-bounded waits, the cross-rank barrier, arrival counters;
+//! - `ptx`: one-to-one wrappers over PTX instructions, named after what they emit;
+//! - `sync`: deadline-bounded waits, the cross-rank barrier, arrival counters;
 //! - `dev`: helpers composed from the wrappers (warp scans, peer addressing);
 //! - `foundation`, `selftest`, `ht`, `ll`: the kernels (`extern "ptx-kernel"`).
 #![no_std]

@@ -47,7 +47,7 @@ pub fn check(root: &Path) -> Result<()> {
         }
     }
     crate::cargo(root, &["package", "--quiet", "--allow-dirty", "-p", "moe-ep-kernels", "-p", "moe-ep"]).context("packaging moe-ep")?;
-    crate::cargo_env(root, &["doc", "--quiet", "-p", "moe-ep", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings".into())])
+    crate::cargo_env(root, &["doc", "--quiet", "-p", "moe-ep", "-p", "moe-ep-kernels", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings".into())])
         .context("building moe-ep's docs")?;
     stable_dependent(root)
 }

@@ -1,0 +1,230 @@
+//! The low-latency kernels' parameter blocks, heap layout and mode codes.
+
+use crate::abi::{CONTROL_BYTES, FP8_GROUP, MAX_RANKS, MAX_TOPK, Peers, REGION_ALIGN, WaitCtx, align_up};
+use bytemuck::{Pod, Zeroable};
+
+/// FP8 scale formats of the low-latency dispatch.
+pub mod scale_fmt {
+    /// One f32 scale per 128 channels: `amax / 448`.
+    pub const F32: u32 = 0;
+    /// f32 scales rounded up to a power of two.
+    pub const F32_POW2: u32 = 1;
+    /// Power-of-two scales as their biased exponent byte (UE8M0), four packed per u32.
+    pub const UE8M0: u32 = 2;
+}
+
+/// Scale layouts of the low-latency dispatch's received FP8 scales.
+pub mod scale_layout {
+    /// `[E_local][R * T][G]`: a row's scales side by side (`G` = `H / 128` f32, or
+    /// `ceil(H / 512)` u32 of four packed UE8M0 bytes).
+    pub const ROW_MAJOR: u32 = 0;
+    /// `[E_local][G][M]` with `M = R * T` rounded up to a multiple of 4 (16 bytes): one
+    /// expert's scales column by column, the TMA-aligned layout grouped FP8 GEMMs (DeepGEMM)
+    /// read directly.
+    pub const COLUMN_MAJOR: u32 = 1;
+}
+
+/// Low-latency combine modes.
+pub mod combine_mode {
+    /// Every (token, top-k slot) row goes home; the home sums `w_k * y_k` over k in order (f32).
+    pub const PER_EXPERT: u32 = 0;
+    /// Each expert rank sums `w_k * y_k` over its own slots of a token (f32, rounded to bf16)
+    /// and sends one row per (token, rank); the home sums those rows in rank order (f32).
+    pub const PRE_REDUCED: u32 = 1;
+}
+
+/// Rows per expert of a low-latency buffer, padded for the column-major scale layout.
+pub const fn ll_scale_rows(world: u64, max_tokens: u64) -> u64 {
+    align_up(world * max_tokens, 4)
+}
+
+/// Heap layout of one half of a low-latency buffer (offsets from the half's start).
+///
+/// Dispatch lands each token once per destination rank in `tok_*` (slot `[source][token]`),
+/// then the receiver places it into every local expert's packed rows (`recv_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LlHalfLayout {
+    /// `[E_local][R * T][row]`, row = 2H bytes (BF16) or H bytes (FP8).
+    pub recv_x: u64,
+    /// FP8 scales in the dispatch's [`scale_layout`]; room for `[E_local][G][M]` f32, `M` =
+    /// [`ll_scale_rows`].
+    pub recv_scales: u64,
+    /// `u32 [E_local][R * T]`: `src_rank << 24 | k << 16 | token`.
+    pub recv_meta: u64,
+    /// `u32 [E_local]`: rows placed so far (receive-side atomics of this GPU).
+    pub slot_counter: u64,
+    /// `i32 [E_local]`: rows received per local expert (output of the receive half).
+    pub recv_count: u64,
+    /// `[R][T][2H]` bytes: each source's tokens, once per destination rank (FP8 rows use the
+    /// first H bytes).
+    pub tok_x: u64,
+    /// `f32 [R][T][H / 128]`: their scales (FP8).
+    pub tok_scales: u64,
+    /// `u16 [R][T][MAX_TOPK]`: local expert of each top-k slot, `u16::MAX` for slots (and
+    /// tokens) that are not this rank's. Written for every token of the source.
+    pub tok_route: u64,
+    /// `f32 [R][T][MAX_TOPK]`: the top-k weights of this rank's slots (when they travel).
+    pub tok_w: u64,
+    /// `u32 [R][T][MAX_TOPK]`: packed row (`expert * R * T + slot`) of each of this rank's
+    /// slots, `u32::MAX` elsewhere (written by the receive half, read by combine).
+    pub tok_pos: u64,
+    /// `u32 [R]`: tokens each source dispatched.
+    pub src_ntok: u64,
+    /// `bf16 [T][S][H]`: combine rows coming home, `S` = max(top-k, ranks) slots per token
+    /// (`[token][k]` per expert, `[token][rank]` pre-reduced).
+    pub comb_x: u64,
+    /// `bf16 [E_local][R * T][H]`: where a caller may write expert outputs for a zero-copy
+    /// combine.
+    pub comb_in: u64,
+    /// Bytes of one half.
+    pub bytes: u64,
+}
+
+impl LlHalfLayout {
+    /// Layout of one half for `world` ranks, `experts_per_rank` local experts, `max_tokens`
+    /// tokens per rank, hidden `hidden`, `max_topk` slots.
+    pub const fn new(world: u64, experts_per_rank: u64, max_tokens: u64, hidden: u64, max_topk: u64) -> Self {
+        let a = REGION_ALIGN;
+        let rows = experts_per_rank * world * max_tokens;
+        let toks = world * max_tokens;
+        let groups = hidden / FP8_GROUP as u64;
+        let slots = if max_topk > world { max_topk } else { world };
+        let recv_x = 0;
+        let recv_scales = align_up(recv_x + rows * hidden * 2, a);
+        let recv_meta = align_up(recv_scales + experts_per_rank * groups * ll_scale_rows(world, max_tokens) * 4, a);
+        let slot_counter = align_up(recv_meta + rows * 4, a);
+        let recv_count = align_up(slot_counter + experts_per_rank * 4, a);
+        let tok_x = align_up(recv_count + experts_per_rank * 4, a);
+        let tok_scales = align_up(tok_x + toks * hidden * 2, a);
+        let tok_route = align_up(tok_scales + toks * groups * 4, a);
+        let tok_w = align_up(tok_route + toks * MAX_TOPK as u64 * 2, a);
+        let tok_pos = align_up(tok_w + toks * MAX_TOPK as u64 * 4, a);
+        let src_ntok = align_up(tok_pos + toks * MAX_TOPK as u64 * 4, a);
+        let comb_x = align_up(src_ntok + world * 4, a);
+        let comb_in = align_up(comb_x + max_tokens * slots * hidden * 2, a);
+        let bytes = align_up(comb_in + rows * hidden * 2, a);
+        LlHalfLayout {
+            recv_x,
+            recv_scales,
+            recv_meta,
+            slot_counter,
+            recv_count,
+            tok_x,
+            tok_scales,
+            tok_route,
+            tok_w,
+            tok_pos,
+            src_ntok,
+            comb_x,
+            comb_in,
+            bytes,
+        }
+    }
+
+    /// Heap offset of half `h` (0 or 1).
+    pub const fn half_offset(&self, h: u64) -> u64 {
+        CONTROL_BYTES + h * self.bytes
+    }
+
+    /// Total heap bytes (control block and both halves).
+    pub const fn heap_bytes(&self) -> u64 {
+        CONTROL_BYTES + 2 * self.bytes
+    }
+}
+
+/// `ll_dispatch`: send half (every block: each token once to every rank that holds one of its
+/// experts) and receive half (every block: its share of the received tokens into the local
+/// experts' packed rows), as `stages` says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct LlDispatchParams {
+    pub wait: WaitCtx,
+    pub peers: Peers,
+    pub layout: LlHalfLayout,
+    /// Heap offset of the half this call uses.
+    pub half_off: u64,
+    /// `bf16 [N, H]`.
+    pub x: u64,
+    /// `topk_idx [N, K]` (i64 or i32).
+    pub topk_idx: u64,
+    /// `f32 [N, K]` or 0: travels with the token (the pre-reduced combine needs it).
+    pub topk_weights: u64,
+    /// `i32 [E_local]` cumulative received rows, or 0.
+    pub stats: u64,
+    pub num_tokens: u32,
+    pub hidden: u32,
+    pub k: u32,
+    pub idx_i64: u32,
+    pub experts_per_rank: u32,
+    pub max_tokens: u32,
+    /// 1: cast to FP8 e4m3 in the kernel; 0: send BF16.
+    pub fp8: u32,
+    /// One of [`scale_fmt`].
+    pub scale_fmt: u32,
+    /// One of [`scale_layout`].
+    pub scale_layout: u32,
+    /// Which half (0 or 1); selects the arrival counters and sequence numbers.
+    pub half: u32,
+    /// [`stage`] bits: send, receive, or both.
+    pub stages: u32,
+    /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
+    pub send_blocks: u32,
+}
+
+/// Dynamic shared memory of `ll_dispatch` with `warps` warps per block: one rank mask per warp
+/// (send half), or the per-source token prefix (receive half), whichever is larger.
+pub const fn ll_dispatch_smem_bytes(warps: u32) -> u32 {
+    let prefix = 4 * (MAX_RANKS as u32 + 1);
+    if 4 * warps > prefix { 4 * warps } else { prefix }
+}
+
+/// `ll_combine`: send half (and, fused, the receive half in every block).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct LlCombineParams {
+    pub wait: WaitCtx,
+    pub peers: Peers,
+    pub layout: LlHalfLayout,
+    /// Heap offset of the half the matching dispatch used (metadata, counts).
+    pub dispatch_half_off: u64,
+    /// Heap offset of the half this combine uses (rows coming home).
+    pub combine_half_off: u64,
+    /// `bf16 [E_local][R * T][H]` expert outputs.
+    pub y: u64,
+    /// `topk_idx [N, K]` (i64 or i32) and `f32 [N, K]` weights (0 when pre-reduced), this
+    /// rank as home.
+    pub topk_idx: u64,
+    pub topk_weights: u64,
+    /// Out: `bf16 [N, H]`.
+    pub out: u64,
+    pub num_tokens: u32,
+    pub hidden: u32,
+    pub k: u32,
+    pub idx_i64: u32,
+    pub experts_per_rank: u32,
+    pub max_tokens: u32,
+    /// Which half this combine uses (0 or 1).
+    pub half: u32,
+    /// [`stage`] bits: send, receive, or both.
+    pub stages: u32,
+    /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
+    pub send_blocks: u32,
+    /// Slots per token in the combine rows area: max(the buffer's `max_topk`, ranks), the
+    /// same on every rank whatever its own `k`.
+    pub slot_k: u32,
+    /// One of [`combine_mode`].
+    pub mode: u32,
+    pub _pad: u32,
+}
+
+/// [`LlCombineParams::stages`] bits.
+pub mod stage {
+    /// Run the send half.
+    pub const SEND: u32 = 1;
+    /// Run the receive half.
+    pub const RECV: u32 = 2;
+    /// Testing only: skip the dispatch's wait for peers to free their half (shows that the
+    /// reuse test catches the race the wait prevents).
+    pub const NO_REUSE_GUARD: u32 = 4;
+}
