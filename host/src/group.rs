@@ -14,9 +14,8 @@ use crate::error::{DriverContext, Error, Result};
 use crate::heap::{Mode, SymmetricHeap};
 use crate::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
 use crate::watchdog::{self, FailureKind, Health, PeerFailure, Watchdog};
-use bytemuck::Pod;
 use cudarc::driver::{CudaContext, CudaStream, sys};
-use moe_ep_kernels::abi::{CONTROL_BYTES, ERROR_RECORD_CLEAR, ErrorRecord, MAX_RANKS, WaitCtx};
+use moe_ep_kernels::abi::{self, CONTROL_BYTES, ERROR_RECORD_CLEAR, ErrorRecord, KernelParams, MAX_RANKS, WaitCtx};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,94 +40,76 @@ impl Default for GroupConfig {
     }
 }
 
-/// Every kernel of the PTX module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kernel {
-    /// Cross-rank barrier.
-    Barrier,
-    /// Test: writes a rank-tagged pattern into every peer's heap.
-    HeapPatternWrite,
-    /// Test: checks the pattern that arrived.
-    HeapPatternCheck,
-    /// Probe: P2P copy bandwidth.
-    P2pCopy,
-    /// Probe: flag round trips.
-    PingPong,
-    /// Test: waits for a flag nobody writes (deadline check).
-    WaitForever,
-    /// Test: every device-layer wrapper on known inputs.
-    PtxSelftest,
-    /// High-throughput layout (routing to counts and positions).
-    HtLayout,
-    /// High-throughput count exchange.
-    HtNotify,
-    /// High-throughput dispatch.
-    HtDispatch,
-    /// High-throughput combine.
-    HtCombine,
-    /// Low-latency dispatch (send and receive halves).
-    LlDispatch,
-    /// Low-latency combine (send and receive halves).
-    LlCombine,
+/// The kernel registry: one line per PTX entry (variant, entry name, parameter block, what it
+/// does) makes [`Kernel`], its list, names and parameter sizes. The parameter block's
+/// [`KernelParams`] impl, next to the block in the ABI, names the entries that take it, and
+/// every launch checks that pairing.
+macro_rules! kernels {
+    ($($(#[doc = $doc:literal])* $variant:ident = $entry:literal, $params:ty;)*) => {
+        /// Every kernel of the PTX module.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Kernel {
+            $($(#[doc = $doc])* $variant,)*
+        }
+
+        impl Kernel {
+            /// All kernels.
+            pub const ALL: &'static [Kernel] = &[$(Kernel::$variant,)*];
+
+            /// The PTX entry name.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Kernel::$variant => $entry,)*
+                }
+            }
+
+            /// Size of the kernel's by-value parameter block (the PTX check compares it with the
+            /// `.param .b8 [N]` the kernel declares).
+            pub const fn param_bytes(self) -> usize {
+                match self {
+                    $(Kernel::$variant => std::mem::size_of::<$params>(),)*
+                }
+            }
+
+            /// The entries its parameter block's [`KernelParams`] impl names (this kernel's among
+            /// them, checked by a unit test).
+            #[cfg(test)]
+            fn params_entries(self) -> &'static [&'static str] {
+                match self {
+                    $(Kernel::$variant => <$params as KernelParams>::ENTRIES,)*
+                }
+            }
+        }
+    };
 }
 
-impl Kernel {
-    /// All kernels.
-    pub const ALL: [Kernel; 13] = [
-        Kernel::Barrier,
-        Kernel::HeapPatternWrite,
-        Kernel::HeapPatternCheck,
-        Kernel::P2pCopy,
-        Kernel::PingPong,
-        Kernel::WaitForever,
-        Kernel::PtxSelftest,
-        Kernel::HtLayout,
-        Kernel::HtNotify,
-        Kernel::HtDispatch,
-        Kernel::HtCombine,
-        Kernel::LlDispatch,
-        Kernel::LlCombine,
-    ];
-
-    /// The PTX entry name.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Kernel::Barrier => "barrier",
-            Kernel::HeapPatternWrite => "heap_pattern_write",
-            Kernel::HeapPatternCheck => "heap_pattern_check",
-            Kernel::P2pCopy => "p2p_copy",
-            Kernel::PingPong => "ping_pong",
-            Kernel::WaitForever => "wait_forever",
-            Kernel::PtxSelftest => "ptx_selftest",
-            Kernel::HtLayout => "ht_layout",
-            Kernel::HtNotify => "ht_notify",
-            Kernel::HtDispatch => "ht_dispatch",
-            Kernel::HtCombine => "ht_combine",
-            Kernel::LlDispatch => "ll_dispatch",
-            Kernel::LlCombine => "ll_combine",
-        }
-    }
-
-    /// Size of the kernel's by-value parameter block (the PTX check compares it with the
-    /// `.param .b8 [N]` the kernel declares).
-    pub const fn param_bytes(self) -> usize {
-        use moe_ep_kernels::abi::*;
-        use std::mem::size_of;
-        match self {
-            Kernel::Barrier => size_of::<BarrierParams>(),
-            Kernel::HeapPatternWrite | Kernel::HeapPatternCheck => size_of::<PatternParams>(),
-            Kernel::P2pCopy => size_of::<P2pCopyParams>(),
-            Kernel::PingPong => size_of::<PingPongParams>(),
-            Kernel::WaitForever => size_of::<WaitTestParams>(),
-            Kernel::PtxSelftest => size_of::<SelftestParams>(),
-            Kernel::HtLayout => size_of::<HtLayoutParams>(),
-            Kernel::HtNotify => size_of::<HtNotifyParams>(),
-            Kernel::HtDispatch => size_of::<HtDispatchParams>(),
-            Kernel::HtCombine => size_of::<HtCombineParams>(),
-            Kernel::LlDispatch => size_of::<LlDispatchParams>(),
-            Kernel::LlCombine => size_of::<LlCombineParams>(),
-        }
-    }
+kernels! {
+    /// Cross-rank barrier.
+    Barrier = "barrier", abi::BarrierParams;
+    /// Test: writes a rank-tagged pattern into every peer's heap.
+    HeapPatternWrite = "heap_pattern_write", abi::PatternParams;
+    /// Test: checks the pattern that arrived.
+    HeapPatternCheck = "heap_pattern_check", abi::PatternParams;
+    /// Probe: P2P copy bandwidth.
+    P2pCopy = "p2p_copy", abi::P2pCopyParams;
+    /// Probe: flag round trips.
+    PingPong = "ping_pong", abi::PingPongParams;
+    /// Test: waits for a flag nobody writes (deadline check).
+    WaitForever = "wait_forever", abi::WaitTestParams;
+    /// Test: every device-layer wrapper on known inputs.
+    PtxSelftest = "ptx_selftest", abi::SelftestParams;
+    /// High-throughput layout (routing to counts and positions).
+    HtLayout = "ht_layout", abi::HtLayoutParams;
+    /// High-throughput count exchange.
+    HtNotify = "ht_notify", abi::HtNotifyParams;
+    /// High-throughput dispatch.
+    HtDispatch = "ht_dispatch", abi::HtDispatchParams;
+    /// High-throughput combine.
+    HtCombine = "ht_combine", abi::HtCombineParams;
+    /// Low-latency dispatch (send and receive halves).
+    LlDispatch = "ll_dispatch", abi::LlDispatchParams;
+    /// Low-latency combine (send and receive halves).
+    LlCombine = "ll_combine", abi::LlCombineParams;
 }
 
 struct Function {
@@ -155,7 +136,7 @@ impl Kernels {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .during("cuDeviceGetAttribute", || "reading the shared-memory limit".into())?;
         let mut functions = HashMap::new();
-        for k in Kernel::ALL {
+        for &k in Kernel::ALL {
             let raw = module.function(k.name())?;
             let max_threads = driver::function_attribute(raw, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
                 .during("cuFuncGetAttribute", || format!("reading {}'s thread limit", k.name()))? as u32;
@@ -603,12 +584,12 @@ impl Group {
 
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled
     /// kernel allows (a multiple of 32).
-    pub(crate) fn launch<P: Pod>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
+    pub(crate) fn launch<P: KernelParams>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
         // A failed group runs nothing more: its buffers' GPU state is undefined.
         self.ensure_healthy()?;
-        if std::mem::size_of::<P>() != k.param_bytes() {
+        if !P::ENTRIES.contains(&k.name()) {
             return Err(Error::Internal {
-                reason: format!("internal: {} takes {} parameter bytes, got {}", k.name(), k.param_bytes(), std::mem::size_of::<P>()),
+                reason: format!("{} was launched with a parameter block for {:?} ({} bytes)", k.name(), P::ENTRIES, std::mem::size_of::<P>()),
             });
         }
         let f = &self.inner.kernels.functions[&k];
@@ -735,6 +716,15 @@ pub fn device_count() -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kernel_is_named_by_its_parameter_block() {
+        for &k in Kernel::ALL {
+            assert!(k.params_entries().contains(&k.name()), "{} is not among its block's entries {:?}", k.name(), k.params_entries());
+        }
+        let names: std::collections::HashSet<_> = Kernel::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(names.len(), Kernel::ALL.len(), "two kernels share an entry name");
+    }
 
     #[test]
     fn malformed_device_ids_and_peer_rows_are_typed_errors() {

@@ -424,7 +424,7 @@ impl HtBuffer {
             num_experts: self.cfg.num_experts as u32,
             idx_i64: topk_idx.is_i64(),
         };
-        let smem = 4 * (32 + self.epr() as u32);
+        let smem = ht_layout_smem_bytes(self.epr() as u32);
         self.g.ordered(stream, &[topk_idx.owning_stream()], || self.g.launch(Kernel::HtLayout, self.g.world() as u32, 1024, smem, stream, &p))
     }
 

@@ -651,7 +651,7 @@ impl LlBuffer {
     }
 
     fn launch_combine(&self, stream: &Arc<CudaStream>, p: &LlCombineParams) -> Result<()> {
-        let smem = 4 * (self.epr() as u32 + 1) + 128;
+        let smem = ll_combine_smem_bytes(self.epr() as u32);
         self.g.launch(Kernel::LlCombine, self.cfg.num_blocks, self.cfg.threads, smem, stream, p)
     }
 

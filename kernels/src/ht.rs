@@ -36,7 +36,7 @@ const PUSH_UNROLL: usize = 8;
 const RED_UNROLL: usize = 4;
 
 /// One block per destination rank: is_token_in_rank, token positions, counts.
-/// Dynamic shared memory: `4 * (32 + E / R)` bytes.
+/// Dynamic shared memory: [`crate::abi::ht_layout_smem_bytes`] (`4 * (32 + E / R)` bytes).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ht_layout(p: HtLayoutParams) {
     let w = Waiter::new(&p.wait);

@@ -555,7 +555,7 @@ fn scale_address(p: &LlDispatchParams, row: u64, g: u32, groups: u32, rows_pe: u
 
 /// Send half (every block: each received row, or each pre-reduced (token, rank) row, back to
 /// its home) and receive half (every block: its share of this rank's tokens), as `stages` says.
-/// Dynamic shared memory: `4 * (E_local + 1) + 128` bytes (prefix of the counts, scan scratch).
+/// Dynamic shared memory: [`crate::abi::ll_combine_smem_bytes`] (prefix of the counts, scan scratch).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     let w = Waiter::new(&p.wait);

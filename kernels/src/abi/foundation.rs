@@ -1,6 +1,6 @@
 //! Parameter blocks of the foundation kernels (barrier, tests, probes, the device-layer self-test).
 
-use crate::abi::{Peers, WaitCtx};
+use crate::abi::{KernelParams, Peers, WaitCtx};
 use bytemuck::{Pod, Zeroable};
 
 /// `barrier` kernel: a cross-rank barrier, `iters` times in a row.
@@ -11,6 +11,10 @@ pub struct BarrierParams {
     pub peers: Peers,
     pub iters: u32,
     pub _pad: u32,
+}
+
+impl KernelParams for BarrierParams {
+    const ENTRIES: &'static [&'static str] = &["barrier"];
 }
 
 /// `heap_pattern_write` / `heap_pattern_check`: every rank writes a rank-tagged pattern into
@@ -31,6 +35,10 @@ pub struct PatternParams {
     pub signal: u32,
     /// Device address of `u32` error counters (check kernel): `[world]` mismatches per source.
     pub mismatches: u64,
+}
+
+impl KernelParams for PatternParams {
+    const ENTRIES: &'static [&'static str] = &["heap_pattern_write", "heap_pattern_check"];
 }
 
 /// Word `i` of the pattern rank `src` writes in run `seed` (a 32-bit mix, so a misplaced or
@@ -62,6 +70,10 @@ pub struct P2pCopyParams {
     pub use_bulk: u32,
 }
 
+impl KernelParams for P2pCopyParams {
+    const ENTRIES: &'static [&'static str] = &["p2p_copy"];
+}
+
 /// `ping_pong`: `iters` round trips of a flag between this rank and `peer` (one thread).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -77,6 +89,10 @@ pub struct PingPongParams {
     pub elapsed_ns: u64,
 }
 
+impl KernelParams for PingPongParams {
+    const ENTRIES: &'static [&'static str] = &["ping_pong"];
+}
+
 /// `wait_forever`: waits for a test flag no peer ever writes (deadline test).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
@@ -85,6 +101,10 @@ pub struct WaitTestParams {
     pub peers: Peers,
     pub peer: u32,
     pub value: u32,
+}
+
+impl KernelParams for WaitTestParams {
+    const ENTRIES: &'static [&'static str] = &["wait_forever"];
 }
 
 /// `ptx_selftest`: runs every device-layer wrapper on known inputs, writes results.
@@ -101,6 +121,10 @@ pub struct SelftestParams {
     pub cvt_fp8: u64,
     /// bf16 outputs of the conversion checks, one u16 per input.
     pub cvt_bf16: u64,
+}
+
+impl KernelParams for SelftestParams {
+    const ENTRIES: &'static [&'static str] = &["ptx_selftest"];
 }
 /// Output word indices of the `ptx_selftest` kernel (what each word holds is documented at
 /// its store in `kernels/src/selftest.rs`).

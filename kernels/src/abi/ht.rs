@@ -1,6 +1,6 @@
 //! The high-throughput kernels' parameter blocks and heap layout.
 
-use crate::abi::{CONTROL_BYTES, FP8_GROUP, Peers, REGION_ALIGN, WaitCtx, align_up};
+use crate::abi::{CONTROL_BYTES, FP8_GROUP, KernelParams, Peers, REGION_ALIGN, WaitCtx, align_up};
 use bytemuck::{Pod, Zeroable};
 
 /// `ht_layout`: routing -> per-rank and per-expert counts, token positions.
@@ -23,6 +23,16 @@ pub struct HtLayoutParams {
     pub k: u32,
     pub num_experts: u32,
     pub idx_i64: u32,
+}
+
+/// Dynamic shared memory of `ht_layout` for `experts_per_rank` local experts: 32 words of
+/// per-rank counts and one word per local expert.
+pub const fn ht_layout_smem_bytes(experts_per_rank: u32) -> u32 {
+    4 * (32 + experts_per_rank)
+}
+
+impl KernelParams for HtLayoutParams {
+    const ENTRIES: &'static [&'static str] = &["ht_layout"];
 }
 
 /// `ht_notify`: exchange counts, compute offsets. One block.
@@ -56,6 +66,10 @@ pub struct HtNotifyParams {
     pub host_ticket: u32,
 }
 
+impl KernelParams for HtNotifyParams {
+    const ENTRIES: &'static [&'static str] = &["ht_notify"];
+}
+
 /// `ht_dispatch`: rows to every rank that needs them (a cached dispatch runs the `barrier`
 /// kernel first).
 #[repr(C)]
@@ -87,6 +101,10 @@ pub struct HtDispatchParams {
     pub k: u32,
     pub idx_i64: u32,
     pub experts_per_rank: u32,
+}
+
+impl KernelParams for HtDispatchParams {
+    const ENTRIES: &'static [&'static str] = &["ht_dispatch"];
 }
 
 /// `ht_combine`: rows back to their home rank, reduced there in rank order.
@@ -127,6 +145,10 @@ pub struct HtCombineParams {
     pub y_rows: u32,
     /// Blocks `0..push_blocks` send rows home; the others reduce as rows arrive.
     pub push_blocks: u32,
+}
+
+impl KernelParams for HtCombineParams {
+    const ENTRIES: &'static [&'static str] = &["ht_combine"];
 }
 
 /// Heap layout of a high-throughput buffer (offsets from the heap base). Computed once by

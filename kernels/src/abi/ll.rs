@@ -1,6 +1,6 @@
 //! The low-latency kernels' parameter blocks, heap layout and mode codes.
 
-use crate::abi::{CONTROL_BYTES, FP8_GROUP, MAX_RANKS, MAX_TOPK, Peers, REGION_ALIGN, WaitCtx, align_up};
+use crate::abi::{CONTROL_BYTES, FP8_GROUP, KernelParams, MAX_RANKS, MAX_TOPK, Peers, REGION_ALIGN, WaitCtx, align_up};
 use bytemuck::{Pod, Zeroable};
 
 /// FP8 scale formats of the low-latency dispatch.
@@ -172,6 +172,10 @@ pub struct LlDispatchParams {
     pub send_blocks: u32,
 }
 
+impl KernelParams for LlDispatchParams {
+    const ENTRIES: &'static [&'static str] = &["ll_dispatch"];
+}
+
 /// Dynamic shared memory of `ll_dispatch` with `warps` warps per block: one rank mask per warp
 /// (send half), or the per-source token prefix (receive half), whichever is larger.
 pub const fn ll_dispatch_smem_bytes(warps: u32) -> u32 {
@@ -216,6 +220,16 @@ pub struct LlCombineParams {
     /// One of [`combine_mode`].
     pub mode: u32,
     pub _pad: u32,
+}
+
+/// Dynamic shared memory of `ll_combine` for `experts_per_rank` local experts: the prefix of
+/// the received counts (`E_local + 1` words) and 128 bytes of block-scan scratch.
+pub const fn ll_combine_smem_bytes(experts_per_rank: u32) -> u32 {
+    4 * (experts_per_rank + 1) + 128
+}
+
+impl KernelParams for LlCombineParams {
+    const ENTRIES: &'static [&'static str] = &["ll_combine"];
 }
 
 /// [`LlCombineParams::stages`] bits.

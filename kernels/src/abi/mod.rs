@@ -20,6 +20,14 @@ pub use foundation::*;
 pub use ht::*;
 pub use ll::*;
 
+/// A kernel's by-value parameter block and the PTX entries that take it. The host launches an
+/// entry only with a block that names it, and the PTX check compares every entry's declared
+/// parameter size with `size_of` of its block.
+pub trait KernelParams: Pod {
+    /// PTX entry names of the kernels taking this block.
+    const ENTRIES: &'static [&'static str];
+}
+
 /// Most ranks one group may have (one GPU each, one NVLink domain).
 pub const MAX_RANKS: usize = 8;
 /// Most top-k slots per token.
