@@ -6,7 +6,7 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|examples|bench|soak] [arguments for the test binaries, the benchmark or the soak]
+# usage: run.sh [all|tests|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,6 +52,16 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   "$here/bin/moe-ep-bench" --out "$out/results" "$@" 2>&1 | tee "$out/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+if [ "$what" = python ]; then
+  # Not part of `all`: the moe_ep wheel under torchrun at 2 ranks and at every GPU.
+  gpus=$(nvidia-smi -L | wc -l)
+  py=/tmp/moe-ep-python; rm -rf "$py"
+  python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+  for n in 2 "$gpus"; do
+    PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
+    echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
+  done
+fi
 if [ "$what" = soak ]; then
   # Not part of `all`: a long run (moe-ep-soak --iters N).
   "$here/bin/moe-ep-soak" "$@" 2>&1 | tee "$out/soak.log"
@@ -76,7 +86,7 @@ pub fn build(root: &Path) -> Result<()> {
     }
     let dir = root.join("target/gpu-bundle");
     let _ = std::fs::remove_dir_all(&dir);
-    for d in ["bin", "tests", "ptx", "examples"] {
+    for d in ["bin", "tests", "ptx", "examples", "wheels", "python"] {
         std::fs::create_dir_all(dir.join(d))?;
     }
     let mut n = 0;
@@ -100,6 +110,9 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::copy(root.join("target/release/examples").join(e), dir.join("examples").join(e))?;
     }
     std::fs::copy(root.join(crate::ptx::PTX_FILE), dir.join("ptx/moe_ep_kernels.ptx"))?;
+    let wheel = crate::python::build_wheel(root, true)?;
+    std::fs::copy(&wheel, dir.join("wheels").join(wheel.file_name().context("wheel name")?))?;
+    std::fs::copy(root.join("python/tests/test_gpu.py"), dir.join("python/test_gpu.py"))?;
     let run = dir.join("run.sh");
     std::fs::write(&run, RUN_SH)?;
     #[cfg(unix)]
@@ -108,8 +121,8 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
     let size: u64 = walk(&dir)?;
-    println!("gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
-    println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench|soak]");
+    println!("gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, the Python wheel, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench|soak|python]");
     Ok(())
 }
 

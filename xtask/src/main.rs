@@ -11,12 +11,15 @@
 //! - `bench`: the benchmark on the local GPUs (`moe-ep-bench`, release build).
 //! - `soak`: mixed random high-throughput and low-latency operations on the local GPUs, each
 //!   checked against the CPU reference (`moe-ep-soak`, release build; `--iters N`).
+//! - `wheel`: the Python package's release wheel (`python/`, maturin, abi3) in `target/wheels`;
+//!   `test` builds a debug one and runs its CPU checks in a scratch virtual environment.
 //! - `gpu-bundle`: release test and bench binaries plus the PTX and a `run.sh` under
 //!   `target/gpu-bundle/`, for a GPU machine with no Rust and no network.
 
 mod bundle;
 mod dependents;
 mod ptx;
+mod python;
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -40,8 +43,9 @@ fn run() -> Result<()> {
         "bench" => cargo(&root, &[&["run", "--release", "-p", "moe-ep-bench", "--"][..], &refs(&rest)].concat()),
         "soak" => cargo(&root, &[&["run", "--release", "-p", "moe-ep-tests", "--bin", "moe-ep-soak", "--"][..], &refs(&rest)].concat()),
         "gpu-bundle" => bundle::build(&root),
+        "wheel" => python::build_wheel(&root, true).map(|_| ()),
         "help" | "-h" | "--help" => {
-            println!("cargo xtask build-ptx [--check] | test [cargo test args] | bench [bench args] | soak [--iters N] | gpu-bundle");
+            println!("cargo xtask build-ptx [--check] | test [cargo test args] | bench [bench args] | soak [--iters N] | wheel | gpu-bundle");
             Ok(())
         }
         other => bail!("unknown command {other:?}; try `cargo xtask help`"),
@@ -79,6 +83,8 @@ pub fn cargo_env(root: &Path, args: &[&str], env: &[(&str, String)]) -> Result<(
 fn test(root: &Path, rest: &[String]) -> Result<()> {
     // Tidy first: formatting is part of the gate.
     cargo(root, &["fmt", "--all", "--", "--check"]).context("code is not formatted; run `cargo fmt --all`")?;
+    cargo(root, &["fmt", "--manifest-path", "python/Cargo.toml", "--", "--check"])
+        .context("the Python extension is not formatted; run `cargo fmt --manifest-path python/Cargo.toml`")?;
     // The committed PTX must be what the kernels compile to (the library embeds that file).
     let ptxas = ptx::build_and_check(root, true)?;
     let report = root.join("target/gpu-test-report.tsv");
@@ -91,6 +97,7 @@ fn test(root: &Path, rest: &[String]) -> Result<()> {
     // What a crate that depends on moe-ep sees: it packages, its docs build, and it builds on
     // stable Rust.
     dependents::check(root)?;
+    python::check(root)?;
     println!("{summary}");
     Ok(())
 }

@@ -1,0 +1,530 @@
+//! `moe_ep._moe_ep`: the Python extension under the `moe_ep` package.
+//!
+//! - [`PyGroup`]: a group whose rendezvous runs over a Python `all_gather(bytes) -> list[bytes]`
+//!   (the package builds it on `torch.distributed.all_gather_object`, so it needs no port).
+//! - [`PyLowLatency`]: the low-latency buffer, on torch tensors (read through `data_ptr`, checked
+//!   first: dtype, device, shape, contiguity), on the caller's stream (torch's current one);
+//!   received rows come back as DLPack capsules viewing the buffer's memory.
+//! - Errors become exceptions of one hierarchy ([`MoeEpError`]) carrying `kind`, `argument`,
+//!   `rank`, `phase` and `peer` where the library's error has them.
+
+use cudarc::driver::sys;
+use half::bf16;
+use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
+use moe_ep::rendezvous::Exchange;
+use moe_ep::{DeviceArg, Error, Group, GroupConfig, TopkIdx};
+use pyo3::create_exception;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+create_exception!(
+    _moe_ep,
+    MoeEpError,
+    pyo3::exceptions::PyRuntimeError,
+    "Every moe-ep error: `kind`, and where known `argument`, `rank`, `phase`, `peer`."
+);
+create_exception!(
+    _moe_ep,
+    InvalidArgument,
+    MoeEpError,
+    "An argument is out of range or a tensor has the wrong dtype, device, shape or layout; nothing was launched."
+);
+create_exception!(_moe_ep, NoDevice, MoeEpError, "No usable CUDA driver or GPU.");
+create_exception!(_moe_ep, Timeout, MoeEpError, "A GPU wait passed its deadline (`rank` waited for `peer` in `phase`).");
+create_exception!(_moe_ep, PeerFailed, MoeEpError, "A GPU wait stopped because rank `peer` failed; the group is failed.");
+create_exception!(_moe_ep, GroupFailed, MoeEpError, "An earlier error failed the group; build a new one.");
+
+/// The library's error as a Python exception with its fields as attributes.
+fn py_err(e: Error) -> PyErr {
+    let msg = e.to_string();
+    let kind = format!("{e:?}").split([' ', '{', '(']).next().unwrap_or("").to_string();
+    let (err, argument, rank, phase, peer): (PyErr, Option<&str>, Option<usize>, Option<&str>, Option<usize>) = match &e {
+        Error::InvalidArgument { name, .. } => (InvalidArgument::new_err(msg), Some(name), None, None, None),
+        Error::NoDevice { .. } => (NoDevice::new_err(msg), None, None, None, None),
+        Error::Timeout { rank, phase, peer, .. } => (Timeout::new_err(msg), None, Some(*rank), Some(phase), Some(*peer)),
+        Error::PeerFailed { rank, phase, peer, .. } => (PeerFailed::new_err(msg), None, Some(*rank), Some(phase), Some(*peer)),
+        Error::GroupFailed { .. } => (GroupFailed::new_err(msg), None, None, None, None),
+        _ => (MoeEpError::new_err(msg), None, None, None, None),
+    };
+    Python::with_gil(|py| {
+        let v = err.value(py);
+        let _ = v.setattr("kind", kind);
+        let _ = v.setattr("argument", argument);
+        let _ = v.setattr("rank", rank);
+        let _ = v.setattr("phase", phase);
+        let _ = v.setattr("peer", peer);
+    });
+    err
+}
+
+fn invalid(argument: &str, msg: String) -> PyErr {
+    let err = InvalidArgument::new_err(format!("invalid argument `{argument}`: {msg}"));
+    Python::with_gil(|py| {
+        let v = err.value(py);
+        let _ = v.setattr("kind", "InvalidArgument");
+        let _ = v.setattr("argument", argument);
+        let _ = v.setattr("rank", py.None());
+        let _ = v.setattr("phase", py.None());
+        let _ = v.setattr("peer", py.None());
+    });
+    err
+}
+
+/// What the extension reads of a torch tensor (through its Python attributes).
+#[derive(Debug)]
+struct TensorInfo {
+    ptr: u64,
+    shape: Vec<usize>,
+    dtype: String,
+    device: String,
+    device_index: i64,
+    contiguous: bool,
+}
+
+fn tensor_info(name: &str, t: &Bound<'_, PyAny>) -> PyResult<TensorInfo> {
+    let not_tensor = |_| invalid(name, format!("expected a torch tensor, got {}", t.get_type().name().map(|n| n.to_string()).unwrap_or_default()));
+    let device = t.getattr("device").map_err(not_tensor)?;
+    Ok(TensorInfo {
+        ptr: t.call_method0("data_ptr").and_then(|v| v.extract()).map_err(not_tensor)?,
+        shape: t.getattr("shape").and_then(|s| s.extract()).map_err(not_tensor)?,
+        dtype: t.getattr("dtype").and_then(|d| d.str()).map(|s| s.to_string()).map_err(not_tensor)?,
+        device: device.getattr("type").and_then(|d| d.extract()).map_err(not_tensor)?,
+        device_index: device.getattr("index").and_then(|i| i.extract::<Option<i64>>()).map_err(not_tensor)?.unwrap_or(-1),
+        contiguous: t.call_method0("is_contiguous").and_then(|c| c.extract()).map_err(not_tensor)?,
+    })
+}
+
+/// Checks `t` against what an operation needs: one of `dtypes`, a contiguous CUDA tensor on
+/// GPU `device`, and `shape` (`None` entries take any size). Returns what it read.
+fn check(name: &str, t: &Bound<'_, PyAny>, dtypes: &[&str], shape: &[Option<usize>], device: i64) -> PyResult<TensorInfo> {
+    let i = tensor_info(name, t)?;
+    let want_shape = shape.iter().map(|d| d.map_or("*".to_string(), |v| v.to_string())).collect::<Vec<_>>().join(", ");
+    let want = format!("a contiguous {} tensor of shape [{want_shape}] on cuda:{device}", dtypes.join(" or "));
+    let place = if i.device_index < 0 { i.device.clone() } else { format!("{}:{}", i.device, i.device_index) };
+    let got = format!("a {}{} tensor of shape {:?} on {place}", if i.contiguous { "" } else { "non-contiguous " }, i.dtype, i.shape);
+    let shape_ok = i.shape.len() == shape.len() && i.shape.iter().zip(shape).all(|(g, w)| w.is_none_or(|w| *g == w));
+    if !dtypes.contains(&i.dtype.as_str()) || i.device != "cuda" || i.device_index != device || !i.contiguous || !shape_ok {
+        return Err(invalid(name, format!("expected {want}, got {got}")));
+    }
+    Ok(i)
+}
+
+/// Exposed for tests (and tools): the check every entry point runs on its tensors.
+#[pyfunction]
+#[pyo3(name = "check_tensor")]
+fn check_tensor_py(name: &str, t: &Bound<'_, PyAny>, dtypes: Vec<String>, shape: Vec<Option<usize>>, device: i64) -> PyResult<()> {
+    let d: Vec<&str> = dtypes.iter().map(|s| s.as_str()).collect();
+    check(name, t, &d, &shape, device).map(|_| ())
+}
+
+/// A checked torch tensor as a device argument.
+struct Raw<T> {
+    ptr: u64,
+    elems: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> Raw<T> {
+    fn of(i: &TensorInfo) -> Self {
+        Raw { ptr: i.ptr, elems: i.shape.iter().product(), _t: PhantomData }
+    }
+}
+
+// SAFETY: `ptr` is the data of a contiguous CUDA tensor of `elems` elements of `T` on the
+// group's GPU (checked by `check`); the Python caller holds the tensor for the call, and the
+// operation runs on the caller's stream (torch's current one), on which torch orders the
+// tensor's reuse (a tensor from another stream needs `record_stream`, as with any kernel).
+unsafe impl<T> DeviceArg<T> for Raw<T> {
+    fn device_addr(&self) -> u64 {
+        self.ptr
+    }
+    fn elems(&self) -> usize {
+        self.elems
+    }
+}
+
+/// The rendezvous over a Python callable `all_gather(bytes) -> list[bytes]`.
+struct PyExchange {
+    rank: usize,
+    world: usize,
+    all_gather: Py<PyAny>,
+}
+
+impl Exchange for PyExchange {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn all_gather(&self, data: &[u8], _timeout: Duration) -> moe_ep::Result<Vec<Vec<u8>>> {
+        let err = |reason: String| Error::Rendezvous { rank: self.rank, world: self.world, reason };
+        Python::with_gil(|py| {
+            let r = self.all_gather.call1(py, (PyBytes::new(py, data),)).map_err(|e| err(format!("the all_gather callable raised {e}")))?;
+            let list = r.downcast_bound::<PyList>(py).map_err(|_| err("the all_gather callable returned no list".into()))?;
+            let items: Vec<Vec<u8>> = list.extract().map_err(|e| err(format!("the all_gather callable returned {e}")))?;
+            if items.len() != self.world {
+                return Err(err(format!("the all_gather callable returned {} entries for {} ranks", items.len(), self.world)));
+            }
+            Ok(items)
+        })
+    }
+}
+
+/// One rank of a group (one process per GPU), whose rendezvous runs over `all_gather`.
+#[pyclass(name = "Group", module = "moe_ep._moe_ep")]
+struct PyGroup {
+    g: Group,
+}
+
+#[pymethods]
+impl PyGroup {
+    /// `Group(rank, world, device, all_gather, timeout_s=10.0)`: collective over the ranks;
+    /// `all_gather(bytes) -> list[bytes]` must gather one blob per rank, in rank order.
+    #[new]
+    #[pyo3(signature = (rank, world, device, all_gather, timeout_s = 10.0))]
+    fn new(rank: usize, world: usize, device: usize, all_gather: Py<PyAny>, timeout_s: f64) -> PyResult<Self> {
+        if !(timeout_s > 0.0 && timeout_s.is_finite()) {
+            return Err(invalid("timeout_s", format!("{timeout_s} is not a positive number of seconds")));
+        }
+        let cfg = GroupConfig { timeout: Duration::from_secs_f64(timeout_s), ..GroupConfig::default() };
+        let ex: Arc<dyn Exchange> = Arc::new(PyExchange { rank, world, all_gather });
+        Ok(PyGroup { g: Group::with_exchange(ex, device, cfg).map_err(py_err)? })
+    }
+
+    #[getter]
+    fn rank(&self) -> usize {
+        self.g.rank()
+    }
+    #[getter]
+    fn world(&self) -> usize {
+        self.g.world()
+    }
+    #[getter]
+    fn device(&self) -> usize {
+        self.g.device()
+    }
+    #[getter]
+    fn device_name(&self) -> String {
+        self.g.device_name().to_string()
+    }
+
+    /// Waits for this rank's kernels and raises what a kernel reported.
+    fn check(&self) -> PyResult<()> {
+        self.g.check().map_err(py_err)
+    }
+
+    /// Stops every rank's GPU waits (they raise `PeerFailed` naming this rank).
+    fn abort(&self, reason: &str) {
+        self.g.abort(reason)
+    }
+}
+
+/// The handle of one low-latency dispatch.
+#[pyclass(name = "LowLatencyHandle", module = "moe_ep._moe_ep")]
+struct PyLlHandle {
+    h: Handle,
+    num_tokens: usize,
+    fp8: bool,
+    ue8m0: bool,
+    column_major: bool,
+}
+
+/// The low-latency buffer (decode): dispatch and combine on torch tensors. Used from the thread
+/// that made it (as a rank's serving loop does).
+#[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", unsendable)]
+struct PyLowLatency {
+    g: Group,
+    buf: LlBuffer,
+}
+
+fn stream_of(g: &Group, stream: usize) -> Arc<cudarc::driver::CudaStream> {
+    // SAFETY: `stream` is torch's current CUDA stream of this device (the Python layer passes
+    // `torch.cuda.current_stream().cuda_stream`), owned by torch and alive during the call; the
+    // group uses the device's primary context, as torch does.
+    unsafe { g.context().wrap_borrowed_stream(stream as sys::CUstream) }
+}
+
+#[pymethods]
+impl PyLowLatency {
+    /// `LowLatencyBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank)`: collective.
+    #[new]
+    fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<Self> {
+        let buf = LlBuffer::new(&group.g, LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank)).map_err(py_err)?;
+        Ok(PyLowLatency { g: group.g.clone(), buf })
+    }
+
+    /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
+    /// (`float32 [N, k]`) travel with the rows (needed for the pre-reduced combine).
+    /// `scale_format`: "f32", "f32_pow2" or "ue8m0" (FP8 only).
+    #[pyo3(signature = (stream, x, topk_idx, topk_weights = None, use_fp8 = true, scale_format = "f32", column_major_scales = false, hook = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &mut self,
+        stream: usize,
+        x: &Bound<'_, PyAny>,
+        topk_idx: &Bound<'_, PyAny>,
+        topk_weights: Option<&Bound<'_, PyAny>>,
+        use_fp8: bool,
+        scale_format: &str,
+        column_major_scales: bool,
+        hook: bool,
+    ) -> PyResult<PyLlHandle> {
+        let dev = self.g.device() as i64;
+        let hd = self.buf.config().hidden;
+        let xi = check("x", x, &["torch.bfloat16"], &[None, Some(hd)], dev)?;
+        let n = xi.shape[0];
+        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(n), None], dev)?;
+        let k = ti.shape[1];
+        let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
+        let fmt = match scale_format {
+            "f32" => ScaleFormat::F32,
+            "f32_pow2" => ScaleFormat::F32Pow2,
+            "ue8m0" => ScaleFormat::Ue8m0,
+            other => return Err(invalid("scale_format", format!("{other:?} is not one of \"f32\", \"f32_pow2\", \"ue8m0\""))),
+        };
+        let (xr, tr) = (Raw::<bf16>::of(&xi), Raw::<i64>::of(&ti));
+        let wr = wi.as_ref().map(Raw::<f32>::of);
+        let args = DispatchArgs {
+            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+            payload: if use_fp8 { Payload::Fp8(fmt) } else { Payload::Bf16 },
+            scale_layout: if column_major_scales { ScaleLayout::ColumnMajor } else { ScaleLayout::RowMajor },
+            hook,
+            ..DispatchArgs::fp8(&xr, TopkIdx::I64(&tr))
+        };
+        let s = stream_of(&self.g, stream);
+        let (h, _) = self.buf.dispatch(&s, &args).map_err(py_err)?;
+        Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales })
+    }
+
+    /// The receive half of a hook-mode dispatch.
+    fn dispatch_recv(&mut self, stream: usize, handle: &mut PyLlHandle) -> PyResult<()> {
+        let s = stream_of(&self.g, stream);
+        self.buf.dispatch_recv(&s, &mut handle.h, None).map(|_| ()).map_err(py_err)
+    }
+
+    /// DLPack capsules viewing what `handle` received: `(x, scales or None, count, src_info)`.
+    /// `x` is `[E_local, R * T, hidden]` (uint8 bytes of FP8 e4m3, or bf16); scales `float32
+    /// [E_local, R * T, hidden / 128]` (row-major), `[E_local, hidden / 128, rows]` (column-major)
+    /// or int32 words of four UE8M0 bytes; `count` int32 `[E_local]`; `src_info` int32.
+    /// The views stay valid until the dispatch after next (two halves).
+    fn recv_views(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<(PyObject, Option<PyObject>, PyObject, PyObject)> {
+        let py = slf.py();
+        let me = slf.borrow();
+        let (b, h, dev) = (&me.buf, &handle.h, me.g.device() as i32);
+        let epr = b.config().num_experts / me.g.world();
+        let rows = me.g.world() * b.config().max_tokens_per_rank;
+        let hd = b.config().hidden;
+        let owner: Py<PyAny> = slf.clone().into_any().unbind();
+        let groups = hd / 128;
+        let x = if handle.fp8 {
+            let v = b.recv_x_fp8(h).map_err(py_err)?;
+            dlpack(py, v.device_addr(), &[epr, rows, hd], DT_U8, dev, owner.clone_ref(py))?
+        } else {
+            let v = b.recv_x_bf16(h).map_err(py_err)?;
+            dlpack(py, v.device_addr(), &[epr, rows, hd], DT_BF16, dev, owner.clone_ref(py))?
+        };
+        let scales = if !handle.fp8 {
+            None
+        } else if handle.ue8m0 {
+            let v = b.recv_scales_ue8m0(h).map_err(py_err)?;
+            let words = groups.div_ceil(4);
+            let shape = if handle.column_major { vec![epr, words, b.scale_rows()] } else { vec![epr, rows, words] };
+            Some(dlpack(py, v.device_addr(), &shape, DT_I32, dev, owner.clone_ref(py))?)
+        } else {
+            let v = b.recv_scales(h).map_err(py_err)?;
+            let shape = if handle.column_major { vec![epr, groups, b.scale_rows()] } else { vec![epr, rows, groups] };
+            Some(dlpack(py, v.device_addr(), &shape, DT_F32, dev, owner.clone_ref(py))?)
+        };
+        let count = dlpack(py, b.recv_count(h).map_err(py_err)?.device_addr(), &[epr], DT_I32, dev, owner.clone_ref(py))?;
+        let src = dlpack(py, b.recv_src_info(h).map_err(py_err)?.device_addr(), &[epr, rows], DT_I32, dev, owner)?;
+        Ok((x, scales, count, src))
+    }
+
+    /// Combine: expert outputs `x` (`bf16 [E_local, R * T, hidden]`, or None for the buffer's
+    /// zero-copy input) back to their homes into `out` (`bf16 [N, hidden]`). Per expert (exact;
+    /// needs `topk_weights`), or `pre_reduced` (each expert rank sums its slots first; uses the
+    /// weights the dispatch carried).
+    #[pyo3(signature = (stream, handle, x, topk_idx, out, topk_weights = None, pre_reduced = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn combine(
+        &self,
+        stream: usize,
+        handle: &PyLlHandle,
+        x: Option<&Bound<'_, PyAny>>,
+        topk_idx: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        topk_weights: Option<&Bound<'_, PyAny>>,
+        pre_reduced: bool,
+    ) -> PyResult<()> {
+        let dev = self.g.device() as i64;
+        let cfg = self.buf.config();
+        let (n, hd) = (handle.num_tokens, cfg.hidden);
+        let epr = cfg.num_experts / self.g.world();
+        let rows = self.g.world() * cfg.max_tokens_per_rank;
+        let xi = x.map(|x| check("x", x, &["torch.bfloat16"], &[Some(epr), Some(rows), Some(hd)], dev)).transpose()?;
+        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(n), None], dev)?;
+        let k = ti.shape[1];
+        let oi = check("out", out, &["torch.bfloat16"], &[Some(n), Some(hd)], dev)?;
+        let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
+        let xr = xi.as_ref().map(Raw::<bf16>::of);
+        let (tr, or) = (Raw::<i64>::of(&ti), Raw::<bf16>::of(&oi));
+        let wr = wi.as_ref().map(Raw::<f32>::of);
+        let args = CombineArgs {
+            x: match &xr {
+                Some(x) => CombineInput::Tensor(x),
+                None => CombineInput::ZeroCopy,
+            },
+            topk_idx: TopkIdx::I64(&tr),
+            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+            out: &or,
+            mode: if pre_reduced { CombineMode::PreReduced } else { CombineMode::PerExpert },
+            hook: false,
+        };
+        let s = stream_of(&self.g, stream);
+        self.buf.combine(&s, &handle.h, &args).map(|_| ()).map_err(py_err)
+    }
+
+    /// A DLPack capsule of the zero-copy combine input of `handle` (`bf16 [E_local, R * T,
+    /// hidden]`): write the expert outputs there and combine with `x=None`.
+    fn combine_input(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<PyObject> {
+        let py = slf.py();
+        let me = slf.borrow();
+        let cfg = me.buf.config();
+        let shape = [cfg.num_experts / me.g.world(), me.g.world() * cfg.max_tokens_per_rank, cfg.hidden];
+        let v = me.buf.combine_input(&handle.h).map_err(py_err)?;
+        dlpack(py, v.device_addr(), &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// DLPack: views of the buffer's memory as torch tensors (`torch.from_dlpack`)
+// ---------------------------------------------------------------------------------------
+
+#[repr(C)]
+struct DlDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DlDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DlTensor {
+    data: *mut c_void,
+    device: DlDevice,
+    ndim: i32,
+    dtype: DlDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DlManagedTensor {
+    dl_tensor: DlTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
+}
+
+/// `kDLCUDA`.
+const DL_CUDA: i32 = 2;
+const DT_U8: DlDataType = DlDataType { code: 1, bits: 8, lanes: 1 };
+const DT_I32: DlDataType = DlDataType { code: 0, bits: 32, lanes: 1 };
+const DT_F32: DlDataType = DlDataType { code: 2, bits: 32, lanes: 1 };
+const DT_BF16: DlDataType = DlDataType { code: 4, bits: 16, lanes: 1 };
+const DLTENSOR: &std::ffi::CStr = c"dltensor";
+
+/// What a view keeps alive: its shape array and the buffer object that owns the memory.
+struct ViewCtx {
+    shape: Vec<i64>,
+    _owner: Py<PyAny>,
+}
+
+unsafe extern "C" fn dl_deleter(m: *mut DlManagedTensor) {
+    // SAFETY: `m` and its context were made by `dlpack` with `Box::into_raw`, and DLPack calls
+    // the deleter once.
+    unsafe {
+        let m = Box::from_raw(m);
+        let ctx = Box::from_raw(m.manager_ctx as *mut ViewCtx);
+        Python::with_gil(|_| drop(ctx));
+    }
+}
+
+unsafe extern "C" fn capsule_destructor(cap: *mut pyo3::ffi::PyObject) {
+    // SAFETY: a capsule still named "dltensor" was never consumed: its tensor is still ours to
+    // delete (a consumer renames it to "used_dltensor").
+    unsafe {
+        if pyo3::ffi::PyCapsule_IsValid(cap, DLTENSOR.as_ptr()) == 1 {
+            let m = pyo3::ffi::PyCapsule_GetPointer(cap, DLTENSOR.as_ptr()) as *mut DlManagedTensor;
+            if let Some(d) = (*m).deleter {
+                d(m);
+            }
+        }
+    }
+}
+
+/// A DLPack capsule viewing `shape` elements of `dtype` at device address `ptr` of GPU `device`,
+/// keeping `owner` alive while the view lives.
+fn dlpack(py: Python<'_>, ptr: u64, shape: &[usize], dtype: DlDataType, device: i32, owner: Py<PyAny>) -> PyResult<PyObject> {
+    let mut ctx = Box::new(ViewCtx { shape: shape.iter().map(|&d| d as i64).collect(), _owner: owner });
+    let m = Box::new(DlManagedTensor {
+        dl_tensor: DlTensor {
+            data: ptr as *mut c_void,
+            device: DlDevice { device_type: DL_CUDA, device_id: device },
+            ndim: shape.len() as i32,
+            dtype,
+            shape: ctx.shape.as_mut_ptr(),
+            strides: std::ptr::null_mut(),
+            byte_offset: 0,
+        },
+        manager_ctx: std::ptr::null_mut(),
+        deleter: Some(dl_deleter),
+    });
+    let m = Box::into_raw(m);
+    // SAFETY: `m` is a live allocation; the context box moves into it and is freed by the deleter.
+    unsafe { (*m).manager_ctx = Box::into_raw(ctx) as *mut c_void };
+    // SAFETY: the capsule takes `m`; its destructor deletes it unless a consumer took it.
+    let cap = unsafe { pyo3::ffi::PyCapsule_New(m as *mut c_void, DLTENSOR.as_ptr(), Some(capsule_destructor)) };
+    if cap.is_null() {
+        // SAFETY: the capsule was not made, so `m` is still ours.
+        unsafe { dl_deleter(m) };
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: `cap` is a new reference.
+    Ok(unsafe { Bound::from_owned_ptr(py, cap) }.unbind())
+}
+
+/// Number of CUDA devices (raises `NoDevice` without a driver).
+#[pyfunction]
+fn device_count() -> PyResult<usize> {
+    moe_ep::device_count().map_err(py_err)
+}
+
+#[pymodule]
+fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MoeEpError", py.get_type::<MoeEpError>())?;
+    m.add("InvalidArgument", py.get_type::<InvalidArgument>())?;
+    m.add("NoDevice", py.get_type::<NoDevice>())?;
+    m.add("Timeout", py.get_type::<Timeout>())?;
+    m.add("PeerFailed", py.get_type::<PeerFailed>())?;
+    m.add("GroupFailed", py.get_type::<GroupFailed>())?;
+    m.add_class::<PyGroup>()?;
+    m.add_class::<PyLowLatency>()?;
+    m.add_class::<PyLlHandle>()?;
+    m.add_function(wrap_pyfunction!(device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
+    Ok(())
+}

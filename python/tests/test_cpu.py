@@ -1,0 +1,86 @@
+"""CPU checks of the moe_ep wheel (CI, no GPU, no torch): it imports, its errors form one
+hierarchy with fields, it says clearly that there is no GPU, and the tensor check every entry
+point runs refuses bad tensors (wrong dtype, device, shape, contiguity, not a tensor) with a
+message naming the argument, what was expected and what was given. Stand-in tensors expose
+the attributes the extension reads from torch tensors."""
+
+import sys
+
+import moe_ep
+from moe_ep import _moe_ep
+
+
+class Device:
+    def __init__(self, type, index):
+        self.type, self.index = type, index
+
+
+class Dtype:
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return self.name
+
+
+class FakeTensor:
+    def __init__(self, shape, dtype="torch.bfloat16", device=("cuda", 0), contiguous=True):
+        self.shape = tuple(shape)
+        self.dtype = Dtype(dtype)
+        self.device = Device(*device)
+        self._contiguous = contiguous
+
+    def data_ptr(self):
+        return 0x7F0000000000
+
+    def is_contiguous(self):
+        return self._contiguous
+
+
+def refused(t, needle, name="x", dtypes=("torch.bfloat16",), shape=(None, 7168)):
+    try:
+        moe_ep.check_tensor(name, t, list(dtypes), list(shape), 0)
+    except moe_ep.InvalidArgument as e:
+        msg = str(e)
+        assert e.argument == name and e.kind == "InvalidArgument", (e.argument, e.kind)
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+        return msg
+    raise AssertionError(f"{t} was accepted")
+
+
+def main():
+    assert moe_ep.__version__
+    for cls in (moe_ep.InvalidArgument, moe_ep.NoDevice, moe_ep.Timeout, moe_ep.PeerFailed, moe_ep.GroupFailed):
+        assert issubclass(cls, moe_ep.MoeEpError) and issubclass(cls, RuntimeError), cls
+    # Without a GPU: a clear error of its own type.
+    try:
+        n = moe_ep.device_count()
+        print(f"device_count() = {n} (a driver is present)")
+    except moe_ep.NoDevice as e:
+        assert "no GPU available" in str(e), str(e)
+        print(f"device_count(): NoDevice: {e}")
+    # The check every entry point runs.
+    moe_ep.check_tensor("x", FakeTensor((4, 7168)), ["torch.bfloat16"], [None, 7168], 0)
+    print(refused(FakeTensor((4, 7168), dtype="torch.float32"), "got a torch.float32 tensor of shape [4, 7168] on cuda:0"))
+    print(refused(FakeTensor((4, 7168), device=("cpu", None)), "shape [4, 7168] on cpu"))
+    print(refused(FakeTensor((4, 7168), device=("cuda", 1)), "on cuda:1"))
+    print(refused(FakeTensor((4, 4096)), "expected a contiguous torch.bfloat16 tensor of shape [*, 7168] on cuda:0"))
+    print(refused(FakeTensor((4, 7168, 1)), "shape [4, 7168, 1]"))
+    print(refused(FakeTensor((4, 7168), contiguous=False), "non-contiguous"))
+    print(refused([1, 2, 3], "expected a torch tensor, got list"))
+    print(refused(FakeTensor((4, 8), dtype="torch.int32"), "torch.int64", name="topk_idx", dtypes=("torch.int64",), shape=(4, None)))
+    # Python-side argument checks carry the same fields.
+    e = moe_ep._invalid("num_experts", "3, but this buffer was built for 256")
+    assert isinstance(e, moe_ep.InvalidArgument) and e.argument == "num_experts"
+    # A group needs a GPU: without one, NoDevice (never a crash).
+    try:
+        moe_ep.Group(0, 2, 0, lambda b: [b, b])
+        print("Group built (a GPU is present)")
+    except moe_ep.NoDevice as e:
+        print(f"Group(...): NoDevice: {e}")
+    assert hasattr(_moe_ep, "LowLatencyBuffer") and hasattr(moe_ep, "Buffer")
+    print("moe_ep CPU checks passed")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
