@@ -121,7 +121,11 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
     }
     let size: u64 = walk(&dir)?;
-    println!("gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, the Python wheel, run.sh; {:.1} MiB)", dir.display(), size as f64 / (1 << 20) as f64);
+    println!(
+        "gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, the Python wheel, run.sh; {:.1} MiB)",
+        dir.display(),
+        size as f64 / (1 << 20) as f64
+    );
     println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench|soak|python]");
     Ok(())
 }

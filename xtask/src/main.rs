@@ -56,6 +56,20 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(|s| s.as_str()).collect()
 }
 
+/// `python3 -m pip install --target dir package` (tools fetched from PyPI into target/tools).
+pub fn pip_install_target(dir: &Path, package: &str) -> Result<()> {
+    let st = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+        .arg(dir)
+        .arg(package)
+        .status()
+        .with_context(|| format!("running python3 -m pip to fetch {package}"))?;
+    if !st.success() {
+        bail!("could not install {package} from PyPI");
+    }
+    Ok(())
+}
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

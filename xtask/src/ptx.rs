@@ -153,13 +153,8 @@ pub fn find_ptxas(root: &Path) -> Result<PathBuf> {
         return Ok(cached);
     }
     println!("ptxas not found; installing {NVCC_PACKAGE} from PyPI into {}", dir.display());
-    let st = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-        .arg(&dir)
-        .arg(NVCC_PACKAGE)
-        .status()
-        .context("running python3 -m pip (needed once to fetch ptxas)")?;
-    if !st.success() || !cached.exists() {
+    let fetched = crate::pip_install_target(&dir, NVCC_PACKAGE);
+    if fetched.is_err() || !cached.exists() {
         bail!("could not install ptxas ({NVCC_PACKAGE}); install it and put ptxas on PATH or set MOE_EP_PTXAS");
     }
     Ok(cached)

@@ -18,14 +18,9 @@ fn maturin(root: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     let exe = dir.join("bin/maturin");
     if !exe.exists() {
         println!("maturin not found; installing {MATURIN} from PyPI into {}", dir.display());
-        let st = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
-            .arg(&dir)
-            .arg(MATURIN)
-            .status()
-            .context("running pip (python3 -m pip)")?;
-        if !st.success() || !exe.exists() {
-            bail!("could not install {MATURIN} from PyPI");
+        crate::pip_install_target(&dir, MATURIN)?;
+        if !exe.exists() {
+            bail!("{MATURIN} installed no maturin executable");
         }
     }
     Ok((exe, Some(dir)))
