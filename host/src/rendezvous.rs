@@ -318,6 +318,10 @@ pub struct TcpExchange {
     /// The same connections for writing, one lock each, so all-gathers, failure notices and
     /// rank 0's relays never interleave frames.
     writers: Arc<Vec<Mutex<TcpStream>>>,
+    /// Rank 0: held while an all-gather's replies go out, and while a failure notice is
+    /// relayed, so a relay never overtakes a reply (a rank that leaves right after an
+    /// all-gather must not fail that all-gather on the ranks still reading it).
+    broadcast: Arc<Mutex<()>>,
     /// Set on drop: the watch threads end.
     stop: Arc<AtomicBool>,
 }
@@ -496,7 +500,14 @@ impl TcpExchange {
 
     fn new(rank: usize, world: usize, conns: Vec<TcpStream>) -> std::io::Result<Self> {
         let writers = conns.iter().map(|s| s.try_clone().map(Mutex::new)).collect::<std::io::Result<Vec<_>>>()?;
-        Ok(TcpExchange { rank, world, conns: Mutex::new(conns), writers: Arc::new(writers), stop: Arc::new(AtomicBool::new(false)) })
+        Ok(TcpExchange {
+            rank,
+            world,
+            conns: Mutex::new(conns),
+            writers: Arc::new(writers),
+            broadcast: Arc::new(Mutex::new(())),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// The rank at the other end of connection `i`.
@@ -511,6 +522,7 @@ impl TcpExchange {
 
     /// Rank 0, after an all-gather failed on connection `bad`: the others stop waiting for it.
     fn fail_others(&self, bad: usize, msg: &str) {
+        let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
         for i in (0..self.writers.len()).filter(|&i| i != bad) {
             let _ = Self::send(&self.writers, i, kind::FAIL, msg.as_bytes());
         }
@@ -524,6 +536,7 @@ struct Watch {
     rank: usize,
     world: usize,
     writers: Arc<Vec<Mutex<TcpStream>>>,
+    broadcast: Arc<Mutex<()>>,
     stop: Arc<AtomicBool>,
     sink: FailureSink,
 }
@@ -532,13 +545,14 @@ struct Watch {
 /// connection closes or a failure notice arrives, then delivers it (rank 0 also relays it to
 /// every other rank) and ends. Frames meant for an all-gather are left to it.
 fn watch_connection(s: TcpStream, w: Watch) {
-    let Watch { i, peer, rank, world, writers, stop, sink } = w;
+    let Watch { i, peer, rank, world, writers, broadcast, stop, sink } = w;
     let deliver = |f: PeerFailure| {
         if stop.load(Ordering::SeqCst) {
             return;
         }
         if rank == 0 {
             let frame = encode_failure(&f);
+            let _b = broadcast.lock().unwrap_or_else(|p| p.into_inner());
             for j in (0..writers.len()).filter(|&j| j != i) {
                 let _ = TcpExchange::send(&writers, j, kind::ABORT, &frame);
             }
@@ -554,6 +568,15 @@ fn watch_connection(s: TcpStream, w: Watch) {
             Ok(0) => return deliver(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: format!("its connection to rank {rank} closed") }),
             Ok(n) if n < head.len() => std::thread::sleep(Duration::from_millis(1)),
             Ok(_) => {
+                // An all-gather that has read a frame's header but not yet its payload leaves the
+                // payload at the head of the stream: only a real header (magic and version) is a
+                // frame boundary; anything else is looked at again once the reader is done.
+                let magic = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
+                let version = u16::from_le_bytes(head[4..6].try_into().expect("2 bytes"));
+                if magic != MAGIC || version != VERSION {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
                 let (k, len) = (head[6], u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize);
                 if k != kind::ABORT && k != kind::FAIL {
                     // An all-gather's frame: its reader takes it.
@@ -640,6 +663,7 @@ impl Exchange for TcpExchange {
                 return Err(err(failed));
             }
             let all = encode_list(&items);
+            let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
             for i in 0..conns.len() {
                 Self::send(&self.writers, i, kind::ALL, &all).map_err(|e| err(format!("sending to rank {}: {e}", i + 1)))?;
             }
@@ -673,7 +697,16 @@ impl Exchange for TcpExchange {
                 sink(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: "its connection could not be watched".into() });
                 continue;
             };
-            let w = Watch { i, peer, rank: self.rank, world: self.world, writers: self.writers.clone(), stop: self.stop.clone(), sink: sink.clone() };
+            let w = Watch {
+                i,
+                peer,
+                rank: self.rank,
+                world: self.world,
+                writers: self.writers.clone(),
+                broadcast: self.broadcast.clone(),
+                stop: self.stop.clone(),
+                sink: sink.clone(),
+            };
             let spawned = std::thread::Builder::new().name(format!("moe-ep watch {}<-{peer}", self.rank)).spawn(move || watch_connection(s, w));
             if let Err(e) = spawned {
                 eprintln!("moe-ep (rank {}): cannot watch rank {peer}: {e}; a dead peer is noticed at the wait deadline", self.rank);
@@ -683,6 +716,7 @@ impl Exchange for TcpExchange {
 
     fn announce(&self, failure: &PeerFailure) {
         let frame = encode_failure(failure);
+        let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
         for i in 0..self.writers.len() {
             let _ = Self::send(&self.writers, i, kind::ABORT, &frame);
         }
