@@ -1,8 +1,8 @@
 """moe-ep for torch: expert-parallel dispatch and combine (Rust kernels) on torch tensors.
 
-This first slice covers the low-latency (decode) kernels behind an API shaped like
-``deep_ep.Buffer``'s ``low_latency_dispatch`` / ``low_latency_combine``. The high-throughput
-kernels are not bound yet. See ``python/README.md`` for what differs from DeepEP.
+An API shaped like ``deep_ep.Buffer``: ``get_dispatch_layout`` / ``dispatch`` / ``combine``
+(high-throughput, prefill) and ``low_latency_dispatch`` / ``low_latency_combine`` (decode). See
+``python/README.md`` for what differs from DeepEP.
 
 Tensors are read through ``data_ptr`` after a check of dtype, device, shape and contiguity
 (``InvalidArgument`` otherwise, before anything launches). Work runs on torch's current CUDA
@@ -26,6 +26,7 @@ from . import _moe_ep
 
 __all__ = [
     "Buffer",
+    "DispatchHandle",
     "EventOverlap",
     "Group",
     "GroupFailed",
@@ -85,21 +86,126 @@ def _event():
     return EventOverlap(e)
 
 
-class Buffer:
-    """The low-latency half of ``deep_ep.Buffer``.
+class DispatchHandle:
+    """What ``Buffer.dispatch`` returns for the combine (and a cached dispatch)."""
 
-    ``Buffer(group, num_max_dispatch_tokens_per_rank, hidden, num_experts, num_topk)``;
-    ``group`` is a moe-ep ``Group`` or a torch process group (``None``: the world).
+    def __init__(self, h, layout, num_tokens, num_topk):
+        self._h, self._layout, self.num_tokens, self.num_topk = h, layout, num_tokens, num_topk
+
+    @property
+    def num_recv(self):
+        return self._h.num_recv
+
+
+class Buffer:
+    """``deep_ep.Buffer``'s role on moe-ep.
+
+    ``Buffer(group, hidden, num_experts, num_topk, num_max_dispatch_tokens_per_rank=128,
+    num_max_tokens_per_rank=0, num_sms=None)``: ``group`` is a moe-ep ``Group`` or a torch
+    process group (``None``: the world). A low-latency buffer is built when
+    ``num_max_dispatch_tokens_per_rank > 0``, a high-throughput one when
+    ``num_max_tokens_per_rank > 0``. Collective.
     """
 
-    def __init__(self, group=None, num_max_dispatch_tokens_per_rank=128, hidden=7168, num_experts=256, num_topk=8):
+    def __init__(self, group=None, hidden=7168, num_experts=256, num_topk=8, num_max_dispatch_tokens_per_rank=128, num_max_tokens_per_rank=0, num_sms=None):
         if not isinstance(group, Group):
             group = group_from_torch(group)
         self.group = group
         self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
         self.hidden = hidden
         self.num_experts = num_experts
-        self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank)
+        self._ll = None
+        self._ht = None
+        self._layout = None
+        if num_max_dispatch_tokens_per_rank > 0:
+            self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank)
+        if num_max_tokens_per_rank > 0:
+            self._ht = _moe_ep.HighThroughputBuffer(group, num_experts, hidden, num_topk, num_max_tokens_per_rank, num_sms)
+
+    def _need(self, which):
+        buf = self._ll if which == "low-latency" else self._ht
+        if buf is None:
+            arg = "num_max_dispatch_tokens_per_rank" if which == "low-latency" else "num_max_tokens_per_rank"
+            raise _invalid(arg, f"this Buffer has no {which} part (build it with {arg} > 0)")
+        return buf
+
+    # ----- high-throughput (prefill) -----
+
+    def get_dispatch_layout(self, topk_idx, num_experts=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+        """The routing of ``topk_idx`` (int64 ``[N, k]``). Returns ``(num_tokens_per_rank,
+        None, num_tokens_per_expert, is_token_in_rank, event)`` like DeepEP (no RDMA counts on
+        one node); ``dispatch`` uses the buffer's latest layout."""
+        import torch
+
+        ht = self._need("high-throughput")
+        self._check_shape(None, num_experts)
+        self._layout = ht.layout(self._stream(), topk_idx)
+        tpr, tpe, in_rank = (torch.from_dlpack(c) for c in self._layout.views())
+        event = _event() if async_finish else EventOverlap()
+        return tpr, None, tpe, in_rank.view(torch.bool), event
+
+    def dispatch(
+        self,
+        x,
+        handle=None,
+        num_tokens_per_rank=None,
+        num_tokens_per_rdma_rank=None,
+        is_token_in_rank=None,
+        num_tokens_per_expert=None,
+        topk_idx=None,
+        topk_weights=None,
+        expert_alignment=1,
+        config=None,
+        previous_event=None,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    ):
+        """Sends every token to each rank holding one of its experts. ``x``: bf16 ``[N, hidden]``
+        or ``(float8_e4m3fn [N, hidden], float32 scales [N, hidden / 128])``. With ``handle`` it
+        is a cached dispatch (same routing, no count exchange). Returns ``(recv_x, recv_topk_idx,
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``. Differences: the
+        received tensors are views of the buffer (valid until its next dispatch), and
+        ``recv_topk_idx`` is int32 (local expert ids, -1 elsewhere)."""
+        import torch
+
+        ht = self._need("high-throughput")
+        if handle is not None:
+            layout = handle._layout
+        else:
+            layout = self._layout
+            if layout is None:
+                raise _invalid("is_token_in_rank", "call get_dispatch_layout first: dispatch uses this buffer's latest layout")
+            if is_token_in_rank is not None and is_token_in_rank.data_ptr() != torch.from_dlpack(layout.views()[2]).data_ptr():
+                raise _invalid("is_token_in_rank", "not the latest layout of this buffer (dispatch uses the latest get_dispatch_layout)")
+        xs, scales = (x if isinstance(x, tuple) else (x, None))
+        h = ht.dispatch(self._stream(), layout, xs, scales, topk_idx, topk_weights, expert_alignment, None if handle is None else handle._h)
+        if handle is None:
+            handle = DispatchHandle(h, layout, layout.num_tokens, layout.k)
+        rx, rs, ridx, rw, _src = ht.recv_views(handle._h)
+        recv_x = (torch.from_dlpack(rx).view(torch.float8_e4m3fn), torch.from_dlpack(rs)) if scales is not None else torch.from_dlpack(rx)
+        event = _event() if async_finish else EventOverlap()
+        counts = handle._h.expert_counts
+        return recv_x, torch.from_dlpack(ridx), torch.from_dlpack(rw), counts, handle, event
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
+        """Sends expert outputs ``x`` (bf16 ``[num_recv, hidden]``, receive order) home and sums
+        them in rank order (deterministic). Returns ``(combined_x, combined_topk_weights,
+        event)``. ``bias``: one bf16 ``[N, hidden]`` tensor (DeepEP takes up to two)."""
+        import torch
+
+        ht = self._need("high-throughput")
+        n, k = handle.num_tokens, handle.num_topk
+        out = torch.empty((n, self.hidden), dtype=torch.bfloat16, device=x.device)
+        out_w = None if topk_weights is None else torch.empty((n, k), dtype=torch.float32, device=x.device)
+        if isinstance(bias, tuple):
+            if len(bias) > 1 and bias[1] is not None:
+                raise _invalid("bias", "one bias tensor is bound (the Rust crate takes two)")
+            bias = bias[0] if bias else None
+        ht.combine(self._stream(), handle._h, x, out, topk_weights, out_w, bias)
+        event = _event() if async_finish else EventOverlap()
+        return out, out_w, event
+
+    # ----- low-latency (decode) -----
 
     @staticmethod
     def _stream():
@@ -134,14 +240,15 @@ class Buffer:
 
         self._check_shape(num_max_dispatch_tokens_per_rank, num_experts)
         fmt = "ue8m0" if use_ue8m0 else ("f32_pow2" if round_scale else "f32")
-        h = self._ll.dispatch(self._stream(), x, topk_idx, topk_weights, use_fp8, fmt, column_major_scales, return_recv_hook)
+        ll = self._need("low-latency")
+        h = ll.dispatch(self._stream(), x, topk_idx, topk_weights, use_fp8, fmt, column_major_scales, return_recv_hook)
         hook = None
         if return_recv_hook:
 
             def hook():
-                self._ll.dispatch_recv(self._stream(), h)
+                ll.dispatch_recv(self._stream(), h)
 
-        rx, sc, count, _src = self._ll.recv_views(h)
+        rx, sc, count, _src = ll.recv_views(h)
         rx = torch.from_dlpack(rx)
         if use_fp8:
             recv_x = (rx.view(torch.float8_e4m3fn), torch.from_dlpack(sc))
@@ -163,9 +270,10 @@ class Buffer:
 
         if return_recv_hook:
             raise _invalid("return_recv_hook", "the combine's receive hook is not bound in this version")
+        ll = self._need("low-latency")
         if out is None:
             out = torch.empty((topk_idx.shape[0], self.hidden), dtype=torch.bfloat16, device=topk_idx.device)
-        self._ll.combine(self._stream(), handle, None if zero_copy else x, topk_idx, out, None if pre_reduced else topk_weights, pre_reduced)
+        ll.combine(self._stream(), handle, None if zero_copy else x, topk_idx, out, None if pre_reduced else topk_weights, pre_reduced)
         event = _event() if async_finish else EventOverlap()
         return out, event, None
 
@@ -173,7 +281,7 @@ class Buffer:
         """The zero-copy combine input of ``handle`` (bf16 ``[E_local, R * T, hidden]``)."""
         import torch
 
-        return torch.from_dlpack(self._ll.combine_input(handle))
+        return torch.from_dlpack(self._need("low-latency").combine_input(handle))
 
     def _check_shape(self, tokens, experts):
         if tokens is not None and tokens != self.num_max_dispatch_tokens_per_rank:

@@ -78,7 +78,7 @@ def main():
         print("Group built (a GPU is present)")
     except moe_ep.NoDevice as e:
         print(f"Group(...): NoDevice: {e}")
-    assert hasattr(_moe_ep, "LowLatencyBuffer") and hasattr(moe_ep, "Buffer")
+    assert all(hasattr(_moe_ep, c) for c in ("LowLatencyBuffer", "HighThroughputBuffer", "HighThroughputLayout")) and hasattr(moe_ep, "Buffer")
     print("moe_ep CPU checks passed")
 
 

@@ -2,10 +2,12 @@
 
     torchrun --nproc-per-node N python/tests/test_gpu.py
 
-Low-latency dispatch (BF16 and FP8) and both combine modes against a torch reference built from
-every rank's inputs (all-gathered): the received rows of every local expert (as sets keyed by
-source rank, token and slot, BF16 bit for bit), the counts, and the combined output (expert
-outputs are `x * (1 + e % 7 / 8)`; compared with a tolerance of bf16 rounding).
+Against a torch reference built from every rank's inputs (all-gathered):
+- low-latency dispatch (BF16 and FP8) and both combine modes: the received rows of every local
+  expert (as sets keyed by source rank, token and slot, BF16 bit for bit), the counts, and the
+  combined output (expert outputs `x * (1 + e % 7 / 8)`; a tolerance of bf16 rounding);
+- high-throughput layout, dispatch (rows in (source rank, token) order, bit for bit), cached
+  dispatch and combine with identity experts (bit for bit).
 """
 
 import os
@@ -83,6 +85,29 @@ def main():
                 assert err <= tol, f"rank {rank}: combine (pre_reduced={pre}) differs by {err} (tolerance {tol})"
                 print(f"rank {rank}: combine pre_reduced={pre} max |out - ref| = {err:.4g} (tolerance {tol:.3g})")
         print(f"rank {rank}: dispatch use_fp8={use_fp8}: every received row and count match")
+
+    # High-throughput: layout, dispatch, cached dispatch, combine.
+    ht = moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=0, num_max_tokens_per_rank=TOKENS)
+    tpr, _, tpe, in_rank, _ = ht.get_dispatch_layout(topk_idx, experts)
+    ref_in_rank = torch.stack([((topk_idx // epr) == r).any(1) for r in range(world)], dim=1)
+    assert torch.equal(in_rank, ref_in_rank), f"rank {rank}: is_token_in_rank differs"
+    assert torch.equal(tpr.cpu(), ref_in_rank.sum(0).to(torch.int32).cpu()), f"rank {rank}: tokens per rank differ"
+    ref_tpe = torch.bincount(topk_idx.flatten(), minlength=experts).to(torch.int32)
+    assert torch.equal(tpe, ref_tpe), f"rank {rank}: tokens per expert differ"
+    recv_x, recv_idx, recv_w, counts, handle, _ = ht.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, is_token_in_rank=in_rank)
+    torch.cuda.synchronize()
+    ref_rows = torch.cat([xs[s][((idxs[s] // epr) == rank).any(1)] for s in range(world)])
+    assert torch.equal(recv_x, ref_rows), f"rank {rank}: high-throughput rows differ"
+    assert sum(counts) >= 0 and recv_idx.shape == (ref_rows.shape[0], TOPK)
+    y = recv_x.clone()
+    out, _, _ = ht.combine(y, handle)
+    torch.cuda.synchronize()
+    ref_out = (x.float() * ref_in_rank.sum(1, keepdim=True).float()).to(torch.bfloat16)
+    assert torch.equal(out, ref_out), f"rank {rank}: high-throughput combine (identity experts) differs"
+    recv_x2, _, _, _, _, _ = ht.dispatch(x, handle=handle, topk_idx=topk_idx, topk_weights=topk_w)
+    torch.cuda.synchronize()
+    assert torch.equal(recv_x2, ref_rows), f"rank {rank}: cached dispatch rows differ"
+    print(f"rank {rank}: high-throughput layout, dispatch ({ref_rows.shape[0]} rows), cached dispatch and combine match")
 
     # Bad input is refused before anything launches.
     try:
