@@ -185,7 +185,9 @@ class Buffer:
         recv_x = (torch.from_dlpack(rx).view(torch.float8_e4m3fn), torch.from_dlpack(rs)) if scales is not None else torch.from_dlpack(rx)
         event = _event() if async_finish else EventOverlap()
         counts = handle._h.expert_counts
-        return recv_x, torch.from_dlpack(ridx), torch.from_dlpack(rw), counts, handle, event
+        ridx = None if ridx is None else torch.from_dlpack(ridx)
+        rw = None if rw is None else torch.from_dlpack(rw)
+        return recv_x, ridx, rw, counts, handle, event
 
     def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False):
         """Sends expert outputs ``x`` (bf16 ``[num_recv, hidden]``, receive order) home and sums

@@ -551,10 +551,14 @@ impl PyHighThroughput {
         }
     }
 
-    /// DLPack capsules of what `handle` received: `(x, scales or None, topk_idx int32,
-    /// topk_weights float32, src_idx int32)`, `num_recv` rows each; valid until the next
-    /// dispatch of this buffer.
-    fn recv_views(slf: &Bound<'_, Self>, handle: &PyHtHandle) -> PyResult<(PyObject, Option<PyObject>, PyObject, PyObject, PyObject)> {
+    /// DLPack capsules of what `handle` received: `(x, scales or None, topk_idx int32 or None,
+    /// topk_weights float32 or None, src_idx int32)`, `num_recv` rows each (top-k only when the
+    /// dispatch sent them); valid until the next dispatch of this buffer.
+    #[allow(clippy::type_complexity)]
+    fn recv_views(
+        slf: &Bound<'_, Self>,
+        handle: &PyHtHandle,
+    ) -> PyResult<(PyObject, Option<PyObject>, Option<PyObject>, Option<PyObject>, PyObject)> {
         let py = slf.py();
         let me = slf.borrow();
         let (b, h, dev) = (&me.buf, &handle.h, me.g.device() as i32);
@@ -568,13 +572,10 @@ impl PyHighThroughput {
         };
         let scales =
             if handle.fp8 { Some(dlpack(py, b.recv_scales(h).map_err(py_err)?.device_addr(), &[n, hd / 128], DT_F32, dev, owner())?) } else { None };
-        Ok((
-            x,
-            scales,
-            dlpack(py, b.recv_topk_idx(h).map_err(py_err)?.device_addr(), &[n, k], DT_I32, dev, owner())?,
-            dlpack(py, b.recv_topk_weights(h).map_err(py_err)?.device_addr(), &[n, k], DT_F32, dev, owner())?,
-            dlpack(py, b.recv_src_idx(h).map_err(py_err)?.device_addr(), &[n], DT_I32, dev, owner())?,
-        ))
+        // (The views above checked the handle: an error here means the dispatch sent no top-k.)
+        let idx = b.recv_topk_idx(h).ok().map(|v| dlpack(py, v.device_addr(), &[n, k], DT_I32, dev, owner())).transpose()?;
+        let wts = b.recv_topk_weights(h).ok().map(|v| dlpack(py, v.device_addr(), &[n, k], DT_F32, dev, owner())).transpose()?;
+        Ok((x, scales, idx, wts, dlpack(py, b.recv_src_idx(h).map_err(py_err)?.device_addr(), &[n], DT_I32, dev, owner())?))
     }
 
     /// Combine: expert outputs `x` (`bf16 [num_recv, hidden]`, in the dispatch's receive order)

@@ -61,6 +61,10 @@ if [ "$what" = python ]; then
     PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
     echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
   done
+  for ex in moe_layer overhead; do
+    PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/$ex.py" > "$out/python-$ex.log" 2>&1; rc=$?
+    echo "=== python example $ex, $gpus ranks: exit $rc"; grep -E "^rank|Error" "$out/python-$ex.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
+  done
 fi
 if [ "$what" = soak ]; then
   # Not part of `all`: a long run (moe-ep-soak --iters N).
@@ -112,7 +116,9 @@ pub fn build(root: &Path) -> Result<()> {
     std::fs::copy(root.join(crate::ptx::PTX_FILE), dir.join("ptx/moe_ep_kernels.ptx"))?;
     let wheel = crate::python::build_wheel(root, true)?;
     std::fs::copy(&wheel, dir.join("wheels").join(wheel.file_name().context("wheel name")?))?;
-    std::fs::copy(root.join("python/tests/test_gpu.py"), dir.join("python/test_gpu.py"))?;
+    for (from, to) in [("tests/test_gpu.py", "test_gpu.py"), ("examples/moe_layer.py", "moe_layer.py"), ("examples/overhead.py", "overhead.py")] {
+        std::fs::copy(root.join("python").join(from), dir.join("python").join(to))?;
+    }
     let run = dir.join("run.sh");
     std::fs::write(&run, RUN_SH)?;
     #[cfg(unix)]
