@@ -595,10 +595,10 @@ impl Group {
         let f = &self.inner.kernels.functions[&k];
         let block = self.launch_threads(k, block);
         self.inner.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
-        // SAFETY: `P` is the kernel's parameter block (size checked above, and against the PTX's
-        // declaration by the PTX test);
-        // every address in it belongs to allocations the caller keeps alive until the stream
-        // has run the kernel.
+        // SAFETY: `P` is the kernel's parameter block (its `KernelParams` impl names this kernel,
+        // checked above; the PTX test compares its size with the PTX's declaration); every
+        // address in it belongs to allocations the caller keeps alive until the stream has run
+        // the kernel.
         unsafe { driver::launch(f.raw, grid.max(1), block, smem, stream, params) }
             .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.inner.rank, k.name()))
     }

@@ -78,9 +78,12 @@ class EventOverlap:
             torch.cuda.current_stream().wait_event(self.event)
 
 
-def _event():
+def _event(async_finish):
+    """DeepEP's ``async_finish``: an event recorded on the current stream, or an empty one."""
     import torch
 
+    if not async_finish:
+        return EventOverlap()
     e = torch.cuda.Event()
     e.record(torch.cuda.current_stream())
     return EventOverlap(e)
@@ -141,7 +144,7 @@ class Buffer:
         self._check_shape(None, num_experts)
         self._layout = ht.layout(self._stream(), topk_idx)
         tpr, tpe, in_rank = (torch.from_dlpack(c) for c in self._layout.views())
-        event = _event() if async_finish else EventOverlap()
+        event = _event(async_finish)
         return tpr, None, tpe, in_rank.view(torch.bool), event
 
     def dispatch(
@@ -183,7 +186,7 @@ class Buffer:
             handle = DispatchHandle(h, layout, layout.num_tokens, layout.k)
         rx, rs, ridx, rw, _src = ht.recv_views(handle._h)
         recv_x = (torch.from_dlpack(rx).view(torch.float8_e4m3fn), torch.from_dlpack(rs)) if scales is not None else torch.from_dlpack(rx)
-        event = _event() if async_finish else EventOverlap()
+        event = _event(async_finish)
         counts = handle._h.expert_counts
         ridx = None if ridx is None else torch.from_dlpack(ridx)
         rw = None if rw is None else torch.from_dlpack(rw)
@@ -204,7 +207,7 @@ class Buffer:
                 raise _invalid("bias", "one bias tensor is bound (the Rust crate takes two)")
             bias = bias[0] if bias else None
         ht.combine(self._stream(), handle._h, x, out, topk_weights, out_w, bias)
-        event = _event() if async_finish else EventOverlap()
+        event = _event(async_finish)
         return out, out_w, event
 
     # ----- low-latency (decode) -----
@@ -256,7 +259,7 @@ class Buffer:
             recv_x = (rx.view(torch.float8_e4m3fn), torch.from_dlpack(sc))
         else:
             recv_x = rx
-        event = _event() if async_finish else EventOverlap()
+        event = _event(async_finish)
         return recv_x, torch.from_dlpack(count), h, event, hook
 
     def low_latency_combine(
@@ -276,7 +279,7 @@ class Buffer:
         if out is None:
             out = torch.empty((topk_idx.shape[0], self.hidden), dtype=torch.bfloat16, device=topk_idx.device)
         ll.combine(self._stream(), handle, None if zero_copy else x, topk_idx, out, None if pre_reduced else topk_weights, pre_reduced)
-        event = _event() if async_finish else EventOverlap()
+        event = _event(async_finish)
         return out, event, None
 
     def get_next_low_latency_combine_buffer(self, handle):

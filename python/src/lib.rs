@@ -54,6 +54,15 @@ fn py_err(e: Error) -> PyErr {
         Error::GroupFailed { .. } => (GroupFailed::new_err(msg), None, None, None, None),
         _ => (MoeEpError::new_err(msg), None, None, None, None),
     };
+    with_fields(err, &kind, argument, rank, phase, peer)
+}
+
+fn invalid(argument: &str, msg: String) -> PyErr {
+    with_fields(InvalidArgument::new_err(format!("invalid argument `{argument}`: {msg}")), "InvalidArgument", Some(argument), None, None, None)
+}
+
+/// Sets the fields every moe-ep exception carries (None where the error has no such field).
+fn with_fields(err: PyErr, kind: &str, argument: Option<&str>, rank: Option<usize>, phase: Option<&str>, peer: Option<usize>) -> PyErr {
     Python::with_gil(|py| {
         let v = err.value(py);
         let _ = v.setattr("kind", kind);
@@ -61,19 +70,6 @@ fn py_err(e: Error) -> PyErr {
         let _ = v.setattr("rank", rank);
         let _ = v.setattr("phase", phase);
         let _ = v.setattr("peer", peer);
-    });
-    err
-}
-
-fn invalid(argument: &str, msg: String) -> PyErr {
-    let err = InvalidArgument::new_err(format!("invalid argument `{argument}`: {msg}"));
-    Python::with_gil(|py| {
-        let v = err.value(py);
-        let _ = v.setattr("kind", "InvalidArgument");
-        let _ = v.setattr("argument", argument);
-        let _ = v.setattr("rank", py.None());
-        let _ = v.setattr("phase", py.None());
-        let _ = v.setattr("peer", py.None());
     });
     err
 }
