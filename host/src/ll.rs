@@ -12,7 +12,9 @@
 //! no reset barrier.
 //!
 //! Hook mode splits every call into a send launch and a receive launch ([`LlBuffer::dispatch_recv`],
-//! [`LlBuffer::combine_recv`]) that the caller runs later; no SM is held in between.
+//! [`LlBuffer::combine_recv`]) that the caller runs later; no SM is held in between. A
+//! hook-mode dispatch's views can be taken at once (their contents are valid once the receive
+//! launch has run); its combine waits for the receive half.
 
 use crate::error::{DriverContext, Error, Result};
 use crate::group::{Group, Kernel};
@@ -21,6 +23,7 @@ use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len, check_model_shape};
 use cudarc::driver::{CudaEvent, CudaStream};
 use half::bf16;
 use moe_ep_kernels::abi::*;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// Buffer configuration. Every rank must use the same one.
@@ -252,7 +255,22 @@ pub struct CombinePending<'a> {
     buffer: u64,
     params: LlCombineParams,
     /// The output's own stream, ordered around the receive half too.
-    out_stream: Option<&'a Arc<CudaStream>>,
+    out_stream: Option<Arc<CudaStream>>,
+    /// The combine's arguments (routing, weights, output), which the receive half reads and
+    /// writes.
+    _args: PhantomData<&'a ()>,
+}
+
+impl CombinePending<'_> {
+    /// The same pending receive, no longer borrowing the combine's arguments: for bindings
+    /// whose tensors are kept alive by another owner (the Python package's hook holds them).
+    ///
+    /// # Safety
+    /// The combine's `topk_idx`, `topk_weights` and `out` must stay allocated (and `out` not
+    /// reused) until the stream has run [`LlBuffer::combine_recv`]'s launch.
+    pub unsafe fn into_unbound(self) -> CombinePending<'static> {
+        CombinePending { buffer: self.buffer, params: self.params, out_stream: self.out_stream, _args: PhantomData }
+    }
 }
 
 /// A low-latency buffer.
@@ -467,11 +485,19 @@ impl LlBuffer {
         Ok(())
     }
 
-    fn check_view(&self, h: &Handle) -> Result<()> {
-        self.check_own(h.buffer)?;
+    /// A combine needs the dispatch's receive half to have run (hook mode).
+    fn check_received(&self, h: &Handle) -> Result<()> {
+        self.check_view(h)?;
         if !h.received {
             return Err(Error::PendingHook { reason: "the dispatch's receive hook has not run yet".into() });
         }
+        Ok(())
+    }
+
+    /// Views of `h` may be taken as soon as it exists, in hook mode too: like every view of
+    /// queued work, their contents are valid once the stream has run the receive half.
+    fn check_view(&self, h: &Handle) -> Result<()> {
+        self.check_own(h.buffer)?;
         if self.dispatches.saturating_sub(h.generation) >= 2 {
             return Err(Error::StaleHandle { reason: format!("dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches) });
         }
@@ -560,7 +586,7 @@ impl LlBuffer {
     /// In hook mode returns the pending receive half.
     /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
     pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'a>) -> Result<(Option<CombinePending<'a>>, CudaEvent)> {
-        self.check_view(h)?;
+        self.check_received(h)?;
         if self.pending_combine.get() {
             return Err(Error::PendingHook { reason: "the previous low-latency combine's receive hook has not run".into() });
         }
@@ -637,7 +663,8 @@ impl LlBuffer {
         let pending = args.hook.then_some(CombinePending {
             buffer: self.heap.id(),
             params: LlCombineParams { stages: stage::RECV, ..p },
-            out_stream: args.out.owning_stream(),
+            out_stream: args.out.owning_stream().cloned(),
+            _args: PhantomData,
         });
         Ok((pending, self.event(stream)?))
     }
@@ -645,7 +672,7 @@ impl LlBuffer {
     /// The receive half of a hook-mode combine.
     pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: CombinePending<'_>) -> Result<CudaEvent> {
         self.check_own(pending.buffer)?;
-        self.g.ordered(stream, &[pending.out_stream], || self.launch_combine(stream, &pending.params))?;
+        self.g.ordered(stream, &[pending.out_stream.as_ref()], || self.launch_combine(stream, &pending.params))?;
         self.pending_combine.set(false);
         self.event(stream)
     }
