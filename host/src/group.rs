@@ -185,9 +185,15 @@ pub struct Group {
 
 impl Group {
     /// Joins a multi-process group configured by torchrun's environment variables (see
-    /// [`ProcessConfig::from_env`]).
+    /// [`ProcessConfig::from_env`]). Where the process sees exactly one GPU (Slurm's
+    /// `--gpus-per-task=1`, a Kubernetes device plugin, `CUDA_VISIBLE_DEVICES=<one>`), that GPU
+    /// is the rank's, whatever `LOCAL_RANK` says.
     pub fn from_env(cfg: GroupConfig) -> Result<Group> {
-        Group::connect(&ProcessConfig::from_env()?, cfg)
+        let mut pc = ProcessConfig::from_env()?;
+        if driver::driver_present() && CudaContext::device_count().is_ok_and(|n| n == 1) {
+            pc.device = 0;
+        }
+        Group::connect(&pc, cfg)
     }
 
     /// Joins a multi-process group (one process per GPU).

@@ -6,7 +6,9 @@
 //! this same test binary, run with `--exact <test name>` and the rank in torchrun's variables
 //! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`), a free `MOE_EP_MASTER_PORT`, a fresh
 //! `MOE_EP_SECRET` and `MOE_EP_TEST_WORLD`;
-//! in the child the test body runs as that rank of that world only.
+//! in the child the test body runs as that rank of that world only. With
+//! `MOE_EP_TEST_ONE_GPU_PER_PROCESS=1` each child sees only its own GPU (`CUDA_VISIBLE_DEVICES`
+//! set to one device, as Slurm and Kubernetes give), so the same tests cover that setup.
 
 pub mod ht_case;
 pub mod ll_case;
@@ -157,6 +159,11 @@ pub fn run_threads(world: usize, body: impl Fn(&Group) -> Result<()> + Sync) -> 
     Ok(())
 }
 
+/// True when process tests give each child only its own GPU (`MOE_EP_TEST_ONE_GPU_PER_PROCESS=1`).
+pub fn one_gpu_per_process() -> bool {
+    std::env::var("MOE_EP_TEST_ONE_GPU_PER_PROCESS").is_ok_and(|v| v == "1")
+}
+
 /// Runs `body` on `world` ranks, one process per GPU. In the parent, spawns the children and
 /// waits for them; in a child, joins the group as its rank and runs `body`.
 pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Group) -> Result<()>) -> Result<()> {
@@ -174,10 +181,19 @@ fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>) 
     let rejoin_port = free_port()?;
     let secret = moe_ep::rendezvous::random_secret()?;
     let exe = std::env::current_exe()?;
+    let isolate = one_gpu_per_process();
+    // The devices this process sees, by its ordinals (what each child keeps when isolated).
+    let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').map(|d| d.trim().to_string()).collect(),
+        _ => (0..world).map(|r| r.to_string()).collect(),
+    };
     let children: Vec<_> = (0..world)
         .map(|r| {
-            Command::new(&exe)
-                .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+            let mut c = Command::new(&exe);
+            if isolate {
+                c.env("CUDA_VISIBLE_DEVICES", visible.get(r).with_context(|| format!("no visible GPU for rank {r}"))?);
+            }
+            c.args([test_name, "--exact", "--nocapture", "--test-threads=1"])
                 .env("MOE_EP_TEST_WORLD", world.to_string())
                 .env("MOE_EP_TEST_SEED", seed.to_string())
                 .env("MOE_EP_TEST_REJOIN_PORT", rejoin_port.to_string())
@@ -287,13 +303,15 @@ pub fn run_both_modes(test_name: &str, body: impl Fn(&Group, u64) -> Result<()> 
     }
     for world in worlds {
         let seed = fresh_seed(test_name);
-        if !in_child() {
+        // One GPU per process is a process-mode setup only.
+        if !in_child() && !one_gpu_per_process() {
             println!("{test_name}: {world} ranks, threads, seed {seed}");
             run_threads(world, |g| body(g, seed)).with_context(|| format!("{world} ranks, one thread per GPU, seed {seed}"))?;
         }
         let seed = if in_child() { seed } else { fresh_seed(test_name) ^ 0x5eed };
         if !in_child() {
-            println!("{test_name}: {world} ranks, processes, seed {seed}");
+            let how = if one_gpu_per_process() { "processes (one visible GPU each)" } else { "processes" };
+            println!("{test_name}: {world} ranks, {how}, seed {seed}");
         }
         run_processes(test_name, world, seed, |g| body(g, seed)).with_context(|| format!("{world} ranks, one process per GPU, seed {seed}"))?;
     }

@@ -6,7 +6,7 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
+# usage: run.sh [all|tests|isolated|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,6 +25,18 @@ if [ -n "$nccl" ] && [ -d "$nccl" ]; then
 fi
 nvidia-smi -L | tee "$out/devices.txt"
 status=0
+if [ "$what" = isolated ]; then
+  # Not part of `all`: the multi-GPU tests again, one process per GPU with each process seeing
+  # only its own GPU (CUDA_VISIBLE_DEVICES set per child, as Slurm and Kubernetes do).
+  for t in "$here"/tests/gpu_ht-* "$here"/tests/gpu_ll-*; do
+    name=$(basename "$t")
+    MOE_EP_TEST_ONE_GPU_PER_PROCESS=1 timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/isolated-${name%%-*}.log" 2>&1
+    rc=$?
+    echo "=== $name, one visible GPU per process: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/isolated-${name%%-*}.log" | head -n 30
+  done
+fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
   # Each test binary gets its own log and a time limit (TEST_LIMIT seconds, default 600).
   for t in "$here"/tests/*; do
@@ -132,7 +144,7 @@ pub fn build(root: &Path) -> Result<()> {
         dir.display(),
         size as f64 / (1 << 20) as f64
     );
-    println!("run it there with: target/gpu-bundle/run.sh [all|tests|examples|bench|soak|python]");
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|isolated|examples|bench|soak|python]");
     Ok(())
 }
 
