@@ -15,6 +15,7 @@ use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{DeviceArg, Group, TopkIdx};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 const EXPERTS: usize = 256;
 const HIDDEN: usize = 7168;
@@ -139,20 +140,23 @@ fn check(g: &Group, buf: &mut LlBuffer, w: &LlWorld, inp: &Inputs) -> Result<Cud
 }
 
 /// Microseconds of `f` on `s`, started right after a GPU barrier (outside the timing), so every
-/// rank enters together.
-fn timed(g: &Group, s: &Arc<CudaStream>, f: &mut dyn FnMut() -> moe_ep::Result<()>) -> Result<f64> {
+/// rank enters together; and the host microseconds of the call itself (the launch cost).
+fn timed(g: &Group, s: &Arc<CudaStream>, f: &mut dyn FnMut() -> moe_ep::Result<()>) -> Result<(f64, f64)> {
     let ctx = s.context();
     let (a, b) = (ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?);
     g.launch_barrier(s, 1)?;
     a.record(s)?;
+    let t0 = Instant::now();
     f()?;
+    let host = t0.elapsed().as_secs_f64() * 1e6;
     b.record(s)?;
     b.synchronize()?;
-    Ok(a.elapsed_ms(&b)? as f64 * 1e3)
+    Ok((a.elapsed_ms(&b)? as f64 * 1e3, host))
 }
 
 /// Medians (us) of dispatch, combine per expert, combine pre-reduced (and, with `halves`, the
-/// hook-mode halves) over `iters` runs after a warm-up.
+/// hook-mode halves) over `iters` runs after a warm-up; then the host time of the first three
+/// calls (medians, us).
 fn measure(
     g: &Group,
     buf: &mut LlBuffer,
@@ -164,9 +168,9 @@ fn measure(
 ) -> Result<Vec<f64>> {
     let s = g.stream();
     let nops = if halves { 7 } else { 3 };
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); nops];
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); nops + 3];
     for it in 0..10 + iters {
-        let mut t = vec![0f64; nops];
+        let mut t = vec![(0f64, 0f64); nops];
         let mut h = None;
         t[0] = timed(g, s, &mut || {
             h = Some(buf.dispatch(s, &fp8_args(inp, false))?.0);
@@ -193,7 +197,10 @@ fn measure(
         }
         if it >= 10 {
             for (v, x) in samples.iter_mut().zip(&t) {
-                v.push(*x);
+                v.push(x.0);
+            }
+            for (v, x) in samples[nops..].iter_mut().zip(&t) {
+                v.push(x.1);
             }
         }
     }
@@ -222,7 +229,8 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let y = check(g, &mut buf, &w, &inp).context("checking the low-latency kernels against the CPU reference")?;
     let out = s.alloc_zeros::<bf16>(TOKENS * HIDDEN)?;
     g.host_barrier()?;
-    let main = measure(g, &mut buf, &inp, &y, &out, iters, true)?;
+    let mut main = measure(g, &mut buf, &inp, &y, &out, iters, true)?;
+    let host = main.split_off(OPS.len());
     let grid = buf.config().num_blocks;
     let threads = buf.config().threads;
     let launched = (g.launch_threads(moe_ep::Kernel::LlDispatch, threads), g.launch_threads(moe_ep::Kernel::LlCombine, threads));
@@ -232,7 +240,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let mut by_grid = Vec::new();
     for &b in &grids {
         buf.set_launch(b, threads)?;
-        by_grid.push((b, measure(g, &mut buf, &inp, &y, &out, iters / 2, false)?));
+        by_grid.push((b, measure(g, &mut buf, &inp, &y, &out, iters / 2, false)?[..3].to_vec()));
     }
     buf.set_launch(grid, threads)?;
 
@@ -271,7 +279,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
             g.host_barrier()?;
             // The output holds exactly this call's tokens.
             let out_n = outs.slice(0..n * HIDDEN);
-            by_tokens.push((n, measure(g, &mut sbuf, &inp_n, &ys, &out_n, iters / 2, false)?));
+            by_tokens.push((n, measure(g, &mut sbuf, &inp_n, &ys, &out_n, iters / 2, false)?[..3].to_vec()));
         }
     }
 
@@ -283,6 +291,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     for (_, v) in &by_tokens {
         vals.extend(v);
     }
+    vals.extend(&host);
     let Some(all) = Report::gather(g, &vals)? else { return Ok(()) };
     let worst = slowest(&all);
     let mut rows = Vec::new();
@@ -306,6 +315,11 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         worst[0] + worst[2],
         worst[0] + worst[1],
         all[0][7]
+    );
+    let h = &worst[worst.len() - 3..];
+    body += &format!(
+        "Host time of one call (the Rust API: checks, parameter block, launch, completion event; CPU time, median, slowest rank): dispatch {:.1} us, combine per expert {:.1} us, combine pre-reduced {:.1} us.\n",
+        h[0], h[1], h[2]
     );
     let mut at = 8;
     if !by_grid.is_empty() {
