@@ -3,10 +3,19 @@
     torchrun --nproc-per-node N python/examples/overhead.py
 
 DeepEP's decode shape (128 tokens per rank, hidden 7168, top-8 of 256, FP8 dispatch, BF16
-combine). For `low_latency_dispatch` and `low_latency_combine` it prints the median host time of
-a call (what the binding adds on the CPU: tensor checks, DLPack views, the launch) and the median
-GPU time between CUDA events around the call (the same definition as `moe-ep-bench ll`, whose
-figures in the same run the binding's GPU times should match within about 2 us).
+combine, pre-reduced). For ``low_latency_dispatch`` and ``low_latency_combine`` it prints, as
+medians over 200 calls:
+
+- ``host``: the CPU time of the whole Python call (tensor checks, views, the launch);
+- ``extension``: the CPU time of the Rust extension's call alone (argument conversion, checks,
+  the Rust API's launch), so ``host - extension`` is what the Python layer adds;
+- ``Rust API``: the part of the call spent inside the Rust API (``LowLatencyBuffer.last_api_us``:
+  size checks, parameter block, launch, completion event), so ``host - Rust API`` is what the
+  binding adds to a call of the Rust crate;
+- ``GPU``: the time between CUDA events around the call, the call queued right after a GPU
+  barrier of the group: the definition of ``moe-ep-bench ll``, so the two compare directly.
+
+The Rust benchmark (``moe-ep-bench ll``) prints the Rust API's host time per call too.
 """
 
 import os
@@ -18,7 +27,7 @@ import torch.distributed as dist
 
 import moe_ep
 
-HIDDEN, EXPERTS, TOPK, TOKENS, ITERS = 7168, 256, 8, 128, 200
+HIDDEN, EXPERTS, TOPK, TOKENS, ITERS, WARMUP = 7168, 256, 8, 128, 200, 20
 
 
 def main():
@@ -32,30 +41,77 @@ def main():
     w = torch.rand(TOKENS, TOPK, device="cuda")
     epr = experts // world
     y = torch.randn(epr, world * TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
-    host = {"dispatch": [], "combine": []}
-    gpu = {"dispatch": [], "combine": []}
-    for it in range(ITERS + 20):
-        for op in ("dispatch", "combine"):
-            dist.barrier()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            t0 = time.perf_counter()
-            if op == "dispatch":
-                _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, topk_weights=w)
-            else:
-                buf.low_latency_combine(y, idx, None, handle, pre_reduced=True)
-            t1 = time.perf_counter()
-            b.record()
-            b.synchronize()
-            if it >= 20:
-                host[op].append((t1 - t0) * 1e6)
-                gpu[op].append(a.elapsed_time(b) * 1e3)
+    out = torch.empty(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    ll, group = buf._ll, buf.group
+
+    def calls(which):
+        """(dispatch, combine) as the package's methods or as the extension's calls."""
+        if which == "python":
+            return (
+                lambda: buf.low_latency_dispatch(x, idx, topk_weights=w)[2],
+                lambda h: buf.low_latency_combine(y, idx, None, h, out=out, pre_reduced=True),
+            )
+        return (
+            lambda: ll.dispatch(buf._stream(), x, idx, w, True, "f32", False, False),
+            lambda h: ll.combine(buf._stream(), h, y, idx, out, None, True, False),
+        )
+
+    samples = {}
+    for which in ("python", "extension"):
+        dispatch, combine = calls(which)
+        host = {"dispatch": [], "combine": []}
+        gpu = {"dispatch": [], "combine": []}
+        api = {"dispatch": [], "combine": []}
+        for it in range(ITERS + WARMUP):
+            h = None
+            for op in ("dispatch", "combine"):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                group.launch_barrier(torch.cuda.current_stream().cuda_stream)
+                a.record()
+                t0 = time.perf_counter()
+                if op == "dispatch":
+                    h = dispatch()
+                else:
+                    combine(h)
+                t1 = time.perf_counter()
+                b.record()
+                b.synchronize()
+                if it >= WARMUP:
+                    host[op].append((t1 - t0) * 1e6)
+                    api[op].append(ll.last_api_us)
+                    gpu[op].append(a.elapsed_time(b) * 1e3)
+        samples[which] = {op: (statistics.median(host[op]), statistics.median(gpu[op]), statistics.median(api[op])) for op in host}
+    group.check()
     name = torch.cuda.get_device_name()
+    if rank == 0:
+        # Where the extension's CPU time goes: what one tensor's check reads, item by item.
+        dev = torch.cuda.current_device()
+        items = {
+            "x.data_ptr()": lambda: x.data_ptr(),
+            "x.shape": lambda: x.shape,
+            "str(x.dtype)": lambda: str(x.dtype),
+            "x.is_cuda": lambda: x.is_cuda,
+            "x.get_device()": lambda: x.get_device(),
+            "x.is_contiguous()": lambda: x.is_contiguous(),
+            "x.stride()": lambda: x.stride(),
+            "check_tensor(x) (all of the above)": lambda: moe_ep.check_tensor("x", x, ["torch.bfloat16"], [None, HIDDEN], dev),
+            "Buffer._stream()": lambda: buf._stream(),
+            "torch.cuda.current_stream().cuda_stream": lambda: torch.cuda.current_stream().cuda_stream,
+            "empty Python call": lambda: None,
+        }
+        for label, f in items.items():
+            n = 20000
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            print(f"rank 0 ({name}): {label}: {(time.perf_counter() - t0) / n * 1e6:.3f} us", flush=True)
     for op in ("dispatch", "combine"):
+        (ph, pg, pa), (eh, eg, _) = samples["python"][op], samples["extension"][op]
         print(
-            f"rank {rank} of {world} ({name}): low_latency_{op}: host {statistics.median(host[op]):.1f} us per call, "
-            f"GPU {statistics.median(gpu[op]):.1f} us (median of {ITERS})"
+            f"rank {rank} of {world} ({name}): low_latency_{op}: host {ph:.1f} us per call, of which Rust API {pa:.1f} us, "
+            f"so the binding adds {ph - pa:.1f} us (Python layer {ph - eh:.1f} us, extension {eh - pa:.1f} us); "
+            f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
+            flush=True,
         )
     dist.destroy_process_group()
 

@@ -78,6 +78,21 @@ class EventOverlap:
             torch.cuda.current_stream().wait_event(self.event)
 
 
+_NO_EVENT = EventOverlap()
+
+
+def _raw_stream_fn():
+    try:
+        import torch
+
+        return getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    except ImportError:
+        return None
+
+
+_raw_stream = _raw_stream_fn()
+
+
 def _event(async_finish):
     """DeepEP's ``async_finish``: an event recorded on the current stream, or an empty one."""
     import torch
@@ -120,6 +135,7 @@ class Buffer:
         self._ll = None
         self._ht = None
         self._layout = None
+        self._ll_cache = {}
         if num_max_dispatch_tokens_per_rank > 0:
             self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank)
         if num_max_tokens_per_rank > 0:
@@ -212,8 +228,11 @@ class Buffer:
 
     # ----- low-latency (decode) -----
 
-    @staticmethod
-    def _stream():
+    def _stream(self):
+        # torch's current stream as a raw CUstream, through torch's own fast path where this
+        # torch has it (``torch.cuda.current_stream()`` builds a Python object per call).
+        if _raw_stream is not None:
+            return _raw_stream(self.group.device)
         import torch
 
         return torch.cuda.current_stream().cuda_stream
@@ -237,15 +256,16 @@ class Buffer:
         Returns ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` is ``(fp8 rows, scales)``
         with ``use_fp8`` (``[E_local, R * T, hidden]`` float8_e4m3fn, scales float32, or int32
         words of four UE8M0 bytes with ``use_ue8m0``), else bf16 rows. ``hook`` (with
-        ``return_recv_hook``) runs the receive half. Differences from DeepEP: pass
-        ``topk_weights`` here for the pre-reduced combine; ``column_major_scales`` gives
-        DeepGEMM's TMA-aligned scale layout.
+        ``return_recv_hook``) runs the receive half. The received tensors are views of the
+        buffer's half this dispatch used (the same tensor objects every other dispatch), valid
+        until the dispatch after next. Differences from DeepEP: pass ``topk_weights`` here for
+        the pre-reduced combine; ``column_major_scales`` gives DeepGEMM's TMA-aligned scale
+        layout.
         """
-        import torch
-
-        self._check_shape(num_max_dispatch_tokens_per_rank, num_experts)
+        if num_max_dispatch_tokens_per_rank is not None or num_experts is not None:
+            self._check_shape(num_max_dispatch_tokens_per_rank, num_experts)
         fmt = "ue8m0" if use_ue8m0 else ("f32_pow2" if round_scale else "f32")
-        ll = self._need("low-latency")
+        ll = self._ll if self._ll is not None else self._need("low-latency")
         h = ll.dispatch(self._stream(), x, topk_idx, topk_weights, use_fp8, fmt, column_major_scales, return_recv_hook)
         hook = None
         if return_recv_hook:
@@ -253,14 +273,22 @@ class Buffer:
             def hook():
                 ll.dispatch_recv(self._stream(), h)
 
-        rx, sc, count, _src = ll.recv_views(h)
-        rx = torch.from_dlpack(rx)
-        if use_fp8:
-            recv_x = (rx.view(torch.float8_e4m3fn), torch.from_dlpack(sc))
-        else:
-            recv_x = rx
-        event = _event(async_finish)
-        return recv_x, torch.from_dlpack(count), h, event, hook
+        recv_x, count = self._ll_views(ll, h)
+        event = _event(async_finish) if async_finish else _NO_EVENT
+        return recv_x, count, h, event, hook
+
+    def _ll_views(self, ll, h):
+        """``(recv_x, recv_count)`` of ``h``: torch views made once per buffer half and format."""
+        key = h.view_key
+        views = self._ll_cache.get(key)
+        if views is None:
+            import torch
+
+            rx, sc, count, _src = ll.recv_views(h)
+            rx = torch.from_dlpack(rx)
+            recv_x = (rx.view(torch.float8_e4m3fn), torch.from_dlpack(sc)) if h.view_key[1] else rx
+            views = self._ll_cache[key] = (recv_x, torch.from_dlpack(count))
+        return views
 
     def low_latency_combine(
         self, x, topk_idx, topk_weights, handle, zero_copy=False, async_finish=False, return_recv_hook=False, out=None, pre_reduced=False
@@ -269,18 +297,24 @@ class Buffer:
         token into ``out`` (allocated when None). ``pre_reduced``: each expert rank sums its own
         slots first (about half the bytes; uses the weights the dispatch carried, so pass
         ``topk_weights=None``). ``zero_copy``: ``x`` was written into ``get_next_low_latency_combine_buffer``.
-        Returns ``(combined_x, event, hook)``; the receive hook of the combine is not bound yet
-        (``return_recv_hook=True`` raises ``InvalidArgument``)."""
+        Returns ``(combined_x, event, hook)``. With ``return_recv_hook`` only the send half runs
+        now and ``hook()`` runs the receive half (``combined_x`` is written then); the hook holds
+        the tensors the receive half reads and writes."""
         import torch
 
-        if return_recv_hook:
-            raise _invalid("return_recv_hook", "the combine's receive hook is not bound in this version")
-        ll = self._need("low-latency")
+        ll = self._ll if self._ll is not None else self._need("low-latency")
         if out is None:
             out = torch.empty((topk_idx.shape[0], self.hidden), dtype=torch.bfloat16, device=topk_idx.device)
-        ll.combine(self._stream(), handle, None if zero_copy else x, topk_idx, out, None if pre_reduced else topk_weights, pre_reduced)
-        event = _event(async_finish)
-        return out, event, None
+        weights = None if pre_reduced else topk_weights
+        pending = ll.combine(self._stream(), handle, None if zero_copy else x, topk_idx, out, weights, pre_reduced, return_recv_hook)
+        hook = None
+        if pending is not None:
+
+            def hook(_keep=(topk_idx, weights, out)):
+                ll.combine_recv(self._stream(), pending)
+
+        event = _event(async_finish) if async_finish else _NO_EVENT
+        return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The zero-copy combine input of ``handle`` (bf16 ``[E_local, R * T, hidden]``)."""

@@ -18,12 +18,13 @@ use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, L
 use moe_ep::rendezvous::Exchange;
 use moe_ep::{DeviceArg, Error, Group, GroupConfig, TopkIdx};
 use pyo3::create_exception;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 use std::ffi::c_void;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 create_exception!(
     _moe_ep,
@@ -80,21 +81,39 @@ struct TensorInfo {
     ptr: u64,
     shape: Vec<usize>,
     dtype: String,
-    device: String,
+    is_cuda: bool,
+    /// The device's ordinal (`get_device()`: -1 on the CPU).
     device_index: i64,
     contiguous: bool,
 }
 
+/// The name of a dtype object. torch's dtypes are singletons, so their names are read once
+/// and found again by identity (a few dtypes; anything past the cache is read each time).
+fn dtype_name(d: &Bound<'_, PyAny>) -> PyResult<String> {
+    static SEEN: std::sync::Mutex<Vec<(Py<PyAny>, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, n)) = seen.iter().find(|(o, _)| o.as_ptr() == d.as_ptr()) {
+        return Ok(n.clone());
+    }
+    let n = d.str()?.to_string();
+    if seen.len() < 16 && d.get_type().name().is_ok_and(|t| t == "dtype") {
+        seen.push((d.clone().unbind(), n.clone()));
+    }
+    Ok(n)
+}
+
+/// Reads what [`check`] needs of `t`: six attribute reads (names interned); strings are built
+/// only when the check fails.
 fn tensor_info(name: &str, t: &Bound<'_, PyAny>) -> PyResult<TensorInfo> {
+    let py = t.py();
     let not_tensor = |_| invalid(name, format!("expected a torch tensor, got {}", t.get_type().name().map(|n| n.to_string()).unwrap_or_default()));
-    let device = t.getattr("device").map_err(not_tensor)?;
     Ok(TensorInfo {
-        ptr: t.call_method0("data_ptr").and_then(|v| v.extract()).map_err(not_tensor)?,
-        shape: t.getattr("shape").and_then(|s| s.extract()).map_err(not_tensor)?,
-        dtype: t.getattr("dtype").and_then(|d| d.str()).map(|s| s.to_string()).map_err(not_tensor)?,
-        device: device.getattr("type").and_then(|d| d.extract()).map_err(not_tensor)?,
-        device_index: device.getattr("index").and_then(|i| i.extract::<Option<i64>>()).map_err(not_tensor)?.unwrap_or(-1),
-        contiguous: t.call_method0("is_contiguous").and_then(|c| c.extract()).map_err(not_tensor)?,
+        ptr: t.call_method0(intern!(py, "data_ptr")).and_then(|v| v.extract()).map_err(not_tensor)?,
+        shape: t.getattr(intern!(py, "shape")).and_then(|s| s.extract()).map_err(not_tensor)?,
+        dtype: t.getattr(intern!(py, "dtype")).and_then(|d| dtype_name(&d)).map_err(not_tensor)?,
+        is_cuda: t.getattr(intern!(py, "is_cuda")).and_then(|c| c.extract()).map_err(not_tensor)?,
+        device_index: t.call_method0(intern!(py, "get_device")).and_then(|i| i.extract()).map_err(not_tensor)?,
+        contiguous: t.call_method0(intern!(py, "is_contiguous")).and_then(|c| c.extract()).map_err(not_tensor)?,
     })
 }
 
@@ -102,15 +121,15 @@ fn tensor_info(name: &str, t: &Bound<'_, PyAny>) -> PyResult<TensorInfo> {
 /// GPU `device`, and `shape` (`None` entries take any size). Returns what it read.
 fn check(name: &str, t: &Bound<'_, PyAny>, dtypes: &[&str], shape: &[Option<usize>], device: i64) -> PyResult<TensorInfo> {
     let i = tensor_info(name, t)?;
+    let shape_ok = i.shape.len() == shape.len() && i.shape.iter().zip(shape).all(|(g, w)| w.is_none_or(|w| *g == w));
+    if dtypes.contains(&i.dtype.as_str()) && i.is_cuda && i.device_index == device && i.contiguous && shape_ok {
+        return Ok(i);
+    }
     let want_shape = shape.iter().map(|d| d.map_or("*".to_string(), |v| v.to_string())).collect::<Vec<_>>().join(", ");
     let want = format!("a contiguous {} tensor of shape [{want_shape}] on cuda:{device}", dtypes.join(" or "));
-    let place = if i.device_index < 0 { i.device.clone() } else { format!("{}:{}", i.device, i.device_index) };
+    let place = t.getattr("device").and_then(|d| d.str()).map(|s| s.to_string()).unwrap_or_else(|_| "an unknown device".into());
     let got = format!("a {}{} tensor of shape {:?} on {place}", if i.contiguous { "" } else { "non-contiguous " }, i.dtype, i.shape);
-    let shape_ok = i.shape.len() == shape.len() && i.shape.iter().zip(shape).all(|(g, w)| w.is_none_or(|w| *g == w));
-    if !dtypes.contains(&i.dtype.as_str()) || i.device != "cuda" || i.device_index != device || !i.contiguous || !shape_ok {
-        return Err(invalid(name, format!("expected {want}, got {got}")));
-    }
-    Ok(i)
+    Err(invalid(name, format!("expected {want}, got {got}")))
 }
 
 /// Exposed for tests (and tools): the check every entry point runs on its tensors.
@@ -218,6 +237,15 @@ impl PyGroup {
         self.g.check().map_err(py_err)
     }
 
+    /// Queues a GPU barrier of the whole group on `stream` (a raw CUstream, e.g. torch's
+    /// `current_stream().cuda_stream`): work queued after it starts on every rank together.
+    /// Every rank must queue the group's barriers in the same order. (The benchmarks time
+    /// each operation from one.)
+    fn launch_barrier(&self, stream: usize) -> PyResult<()> {
+        let s = stream_of(&self.g, stream);
+        self.g.launch_barrier(&s, 1).map_err(py_err)
+    }
+
     /// Stops every rank's GPU waits (they raise `PeerFailed` naming this rank).
     fn abort(&self, reason: &str) {
         self.g.abort(reason)
@@ -234,12 +262,31 @@ struct PyLlHandle {
     column_major: bool,
 }
 
+#[pymethods]
+impl PyLlHandle {
+    /// What the received views depend on: `(half, fp8, ue8m0, column_major)`. Views of equal
+    /// keys are the same memory, so the package makes them once per key.
+    #[getter]
+    fn view_key(&self) -> (usize, bool, bool, bool) {
+        (self.h.half(), self.fp8, self.ue8m0, self.column_major)
+    }
+}
+
+/// A hook-mode low-latency combine whose receive half has not run.
+#[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep", unsendable)]
+struct PyLlCombinePending {
+    pending: Option<moe_ep::ll::CombinePending<'static>>,
+}
+
 /// The low-latency buffer (decode): dispatch and combine on torch tensors. Used from the thread
 /// that made it (as a rank's serving loop does).
 #[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", unsendable)]
 struct PyLowLatency {
     g: Group,
     buf: LlBuffer,
+    /// CPU microseconds the last dispatch or combine spent in the Rust API (the launch), so
+    /// the binding's own share of a call can be measured in the same process.
+    last_api_us: f64,
 }
 
 fn stream_of(g: &Group, stream: usize) -> Arc<cudarc::driver::CudaStream> {
@@ -255,7 +302,7 @@ impl PyLowLatency {
     #[new]
     fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<Self> {
         let buf = LlBuffer::new(&group.g, LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank)).map_err(py_err)?;
-        Ok(PyLowLatency { g: group.g.clone(), buf })
+        Ok(PyLowLatency { g: group.g.clone(), buf, last_api_us: 0.0 })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
@@ -297,7 +344,9 @@ impl PyLowLatency {
             ..DispatchArgs::fp8(&xr, TopkIdx::I64(&tr))
         };
         let s = stream_of(&self.g, stream);
+        let t0 = Instant::now();
         let (h, _) = self.buf.dispatch(&s, &args).map_err(py_err)?;
+        self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
         Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales })
     }
 
@@ -349,10 +398,13 @@ impl PyLowLatency {
     /// zero-copy input) back to their homes into `out` (`bf16 [N, hidden]`). Per expert (exact;
     /// needs `topk_weights`), or `pre_reduced` (each expert rank sums its slots first; uses the
     /// weights the dispatch carried).
-    #[pyo3(signature = (stream, handle, x, topk_idx, out, topk_weights = None, pre_reduced = false))]
+    /// With `hook`, only the send half runs; the result is the pending receive half for
+    /// `combine_recv`, and the caller keeps `topk_idx`, `topk_weights` and `out` alive until
+    /// then (the package's hook closure holds them).
+    #[pyo3(signature = (stream, handle, x, topk_idx, out, topk_weights = None, pre_reduced = false, hook = false))]
     #[allow(clippy::too_many_arguments)]
     fn combine(
-        &self,
+        &mut self,
         stream: usize,
         handle: &PyLlHandle,
         x: Option<&Bound<'_, PyAny>>,
@@ -360,7 +412,8 @@ impl PyLowLatency {
         out: &Bound<'_, PyAny>,
         topk_weights: Option<&Bound<'_, PyAny>>,
         pre_reduced: bool,
-    ) -> PyResult<()> {
+        hook: bool,
+    ) -> PyResult<Option<PyLlCombinePending>> {
         let dev = self.g.device() as i64;
         let cfg = self.buf.config();
         let (n, hd) = (handle.num_tokens, cfg.hidden);
@@ -383,10 +436,32 @@ impl PyLowLatency {
             topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
             out: &or,
             mode: if pre_reduced { CombineMode::PreReduced } else { CombineMode::PerExpert },
-            hook: false,
+            hook,
         };
         let s = stream_of(&self.g, stream);
-        self.buf.combine(&s, &handle.h, &args).map(|_| ()).map_err(py_err)
+        let t0 = Instant::now();
+        let (pending, _) = self.buf.combine(&s, &handle.h, &args).map_err(py_err)?;
+        self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
+        // SAFETY: the Python caller keeps `topk_idx`, `topk_weights` and `out` (torch tensors,
+        // which own their memory) alive until `combine_recv` has been queued on the stream, and
+        // torch's caching allocator orders their reuse after that stream's work (documented on
+        // `combine` and done by the package's hook closure).
+        Ok(pending.map(|p| PyLlCombinePending { pending: Some(unsafe { p.into_unbound() }) }))
+    }
+
+    /// CPU microseconds the last `dispatch` or `combine` spent inside the Rust API (checks of
+    /// sizes, the parameter block, the launch, the completion event): the rest of a call's
+    /// time is the binding's.
+    #[getter]
+    fn last_api_us(&self) -> f64 {
+        self.last_api_us
+    }
+
+    /// The receive half of a hook-mode combine (once per pending combine).
+    fn combine_recv(&self, stream: usize, pending: &mut PyLlCombinePending) -> PyResult<()> {
+        let p = pending.pending.take().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
+        let s = stream_of(&self.g, stream);
+        self.buf.combine_recv(&s, p).map(|_| ()).map_err(py_err)
     }
 
     /// A DLPack capsule of the zero-copy combine input of `handle` (`bf16 [E_local, R * T,
@@ -737,6 +812,7 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGroup>()?;
     m.add_class::<PyLowLatency>()?;
     m.add_class::<PyLlHandle>()?;
+    m.add_class::<PyLlCombinePending>()?;
     m.add_class::<PyHighThroughput>()?;
     m.add_class::<PyHtLayout>()?;
     m.add_class::<PyHtHandle>()?;

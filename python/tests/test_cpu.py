@@ -14,6 +14,9 @@ class Device:
     def __init__(self, type, index):
         self.type, self.index = type, index
 
+    def __str__(self):
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
 
 class Dtype:
     def __init__(self, name):
@@ -29,6 +32,13 @@ class FakeTensor:
         self.dtype = Dtype(dtype)
         self.device = Device(*device)
         self._contiguous = contiguous
+
+    @property
+    def is_cuda(self):
+        return self.device.type == "cuda"
+
+    def get_device(self):
+        return -1 if self.device.index is None else self.device.index
 
     def data_ptr(self):
         return 0x7F0000000000

@@ -5,7 +5,9 @@
 Against a torch reference built from every rank's inputs (all-gathered):
 - low-latency dispatch (BF16 and FP8) and both combine modes: the received rows of every local
   expert (as sets keyed by source rank, token and slot, BF16 bit for bit), the counts, and the
-  combined output (expert outputs `x * (1 + e % 7 / 8)`; a tolerance of bf16 rounding);
+  combined output (expert outputs `x * (1 + e % 7 / 8)`; a tolerance of bf16 rounding); the
+  same in hook mode (send and receive halves apart, outputs poisoned with NaN first); a decode
+  step captured with `torch.cuda.graph` and replayed on new tokens, routing and weights;
 - high-throughput layout, dispatch (rows in (source rank, token) order, bit for bit), cached
   dispatch and combine with identity experts (bit for bit).
 """
@@ -45,9 +47,9 @@ def main():
     buf = moe_ep.Buffer(None, num_max_dispatch_tokens_per_rank=TOKENS, hidden=HIDDEN, num_experts=experts, num_topk=TOPK)
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}")
 
-    for use_fp8 in (False, True):
-        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, topk_weights=topk_w, use_fp8=use_fp8)
-        torch.cuda.synchronize()
+    def check_received(recv_x, count, handle, use_fp8, what):
+        """Every local expert's received rows (as sets by source rank, token, slot; BF16 bit
+        for bit) and counts."""
         rows = recv_x[0] if use_fp8 else recv_x
         src = torch.from_dlpack(buf._ll.recv_views(handle)[3]).cpu()
         count = count.cpu()
@@ -58,33 +60,91 @@ def main():
                 hits = (idxs[s] == ge).nonzero().cpu()
                 for t, k in hits.tolist():
                     want[(s, t, k)] = xs[s][t]
-            assert int(count[e]) == len(want), f"rank {rank} expert {e}: {int(count[e])} rows, expected {len(want)}"
+            assert int(count[e]) == len(want), f"rank {rank} {what} expert {e}: {int(count[e])} rows, expected {len(want)}"
             for j in range(int(count[e])):
                 m = int(src[e, j]) & 0xFFFFFFFF
                 key = (m >> 24, m & 0xFFFF, (m >> 16) & 0xFF)
-                assert key in want, f"rank {rank} expert {e} row {j}: unexpected source {key}"
+                assert key in want, f"rank {rank} {what} expert {e} row {j}: unexpected source {key}"
                 if not use_fp8:
-                    assert torch.equal(rows[e, j], want.pop(key)), f"rank {rank} expert {e} row {j}: BF16 row differs"
+                    assert torch.equal(rows[e, j], want.pop(key)), f"rank {rank} {what} expert {e} row {j}: BF16 row differs"
                 else:
                     want.pop(key)
-            assert not want, f"rank {rank} expert {e}: {len(want)} rows missing"
+            assert not want, f"rank {rank} {what} expert {e}: {len(want)} rows missing"
+
+    factors = torch.tensor([expert_factor(rank * epr + e) for e in range(epr)], device="cuda")
+
+    def experts_of(rows):
+        """The expert outputs: each local expert's received rows times its factor."""
+        return (rows.float() * factors[:, None, None]).to(torch.bfloat16)
+
+    def combine_ref(x, topk_idx, topk_w):
+        ref = torch.zeros(x.shape[0], HIDDEN, dtype=torch.float32, device=x.device)
+        for k in range(topk_idx.shape[1]):
+            f = torch.tensor([expert_factor(int(e)) for e in topk_idx[:, k].tolist()], device=x.device)
+            ref += topk_w[:, k : k + 1] * (x.float() * f[:, None]).to(torch.bfloat16).float()
+        return ref
+
+    def check_combined(out, ref, what):
+        err = (out.float() - ref).abs().max().item()
+        tol = 0.02 * ref.abs().max().item() + 1e-2
+        assert err <= tol, f"rank {rank}: {what} differs by {err} (tolerance {tol})"
+        print(f"rank {rank}: {what} max |out - ref| = {err:.4g} (tolerance {tol:.3g})")
+
+    ref = combine_ref(x, topk_idx, topk_w)
+    for use_fp8 in (False, True):
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, topk_idx, topk_weights=topk_w, use_fp8=use_fp8)
+        torch.cuda.synchronize()
+        check_received(recv_x, count, handle, use_fp8, "dispatch")
         # Expert outputs: the received rows times a per-expert factor (BF16 dispatch only).
         if not use_fp8:
-            y = torch.zeros_like(rows)
-            for e in range(epr):
-                y[e] = (rows[e].float() * expert_factor(rank * epr + e)).to(torch.bfloat16)
-            ref = torch.zeros(TOKENS, HIDDEN, dtype=torch.float32, device=x.device)
-            for k in range(TOPK):
-                f = torch.tensor([expert_factor(int(e)) for e in topk_idx[:, k].tolist()], device=x.device)
-                ref += topk_w[:, k : k + 1] * (x.float() * f[:, None]).to(torch.bfloat16).float()
+            y = experts_of(recv_x)
             for pre in (False, True):
                 out, _, _ = buf.low_latency_combine(y, topk_idx, topk_w, handle, pre_reduced=pre)
                 torch.cuda.synchronize()
-                err = (out.float() - ref).abs().max().item()
-                tol = 0.02 * ref.abs().max().item() + 1e-2
-                assert err <= tol, f"rank {rank}: combine (pre_reduced={pre}) differs by {err} (tolerance {tol})"
-                print(f"rank {rank}: combine pre_reduced={pre} max |out - ref| = {err:.4g} (tolerance {tol:.3g})")
+                check_combined(out, ref, f"combine pre_reduced={pre}")
         print(f"rank {rank}: dispatch use_fp8={use_fp8}: every received row and count match")
+
+    # Hook mode: only the send halves run in the calls; the hooks run the receive halves.
+    for pre in (False, True):
+        recv_x, count, handle, _, hook = buf.low_latency_dispatch(x, topk_idx, topk_weights=topk_w, use_fp8=False, return_recv_hook=True)
+        hook()
+        torch.cuda.synchronize()
+        check_received(recv_x, count, handle, False, "hook dispatch")
+        out = torch.full((TOKENS, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
+        _, _, chook = buf.low_latency_combine(experts_of(recv_x), topk_idx, topk_w, handle, out=out, pre_reduced=pre, return_recv_hook=True)
+        chook()
+        torch.cuda.synchronize()
+        check_combined(out, ref, f"hook combine pre_reduced={pre}")
+        try:
+            chook()
+            raise AssertionError("a combine hook ran twice")
+        except moe_ep.InvalidArgument as e:
+            assert e.argument == "hook", e.argument
+
+    # A decode step captured with torch.cuda.graph (dispatch, experts, pre-reduced combine),
+    # replayed on new tokens, routing and weights written into the captured inputs.
+    sx, sidx, sw = x.clone(), topk_idx.clone(), topk_w.clone()
+    sout = torch.empty(TOKENS, HIDDEN, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        rx, _, h, _, _ = buf.low_latency_dispatch(sx, sidx, topk_weights=sw, use_fp8=False)
+        buf.low_latency_combine(experts_of(rx), sidx, None, h, out=sout, pre_reduced=True)
+
+    step()  # the eager step first (views made, nothing new inside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for replay in range(3):
+        g2 = torch.Generator(device="cpu").manual_seed(99 + 10 * replay + rank)
+        sx.copy_((torch.randn(TOKENS, HIDDEN, generator=g2) * 0.5).to(torch.bfloat16))
+        sidx.copy_(torch.rand(TOKENS, experts, generator=g2).topk(TOPK, dim=1).indices)
+        sw.copy_(torch.rand(TOKENS, TOPK, generator=g2))
+        sout.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_combined(sout, combine_ref(sx, sidx, sw), f"graph replay {replay} (dispatch + pre-reduced combine)")
+    buf.group.check()
 
     # High-throughput: layout, dispatch, cached dispatch, combine.
     ht = moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=0, num_max_tokens_per_rank=TOKENS)
