@@ -8,7 +8,9 @@
 //! - `ptx`: one-to-one wrappers over PTX instructions, named after what they emit;
 //! - `sync`: deadline-bounded waits, the cross-rank barrier, arrival counters;
 //! - `dev`: helpers composed from the wrappers (warp scans, peer addressing);
-//! - `foundation`, `selftest`, `ht`, `ll`: the kernels (`extern "ptx-kernel"`).
+//! - `foundation`, `selftest`, `ht`, `ll`: the kernels (`extern "ptx-kernel"`);
+//! - `nvshmem` (feature `nvshmem`): probe kernels calling NVSHMEM's device library, built into
+//!   a second PTX module by `cargo xtask build-ptx --nvshmem`.
 #![no_std]
 #![cfg_attr(target_arch = "nvptx64", feature(abi_ptx, asm_experimental_arch))]
 
@@ -23,6 +25,8 @@ pub mod foundation;
 pub mod ht;
 #[cfg(target_arch = "nvptx64")]
 pub mod ll;
+#[cfg(all(target_arch = "nvptx64", feature = "nvshmem"))]
+pub mod nvshmem;
 #[cfg(target_arch = "nvptx64")]
 pub mod ptx;
 #[cfg(target_arch = "nvptx64")]

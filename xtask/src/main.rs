@@ -4,6 +4,7 @@
 //!   `host/kernels.ptx` the library embeds; validate it with `ptxas -arch=sm_90 -v` and print
 //!   every kernel's registers, stack, shared memory and spills; fail on a ptxas error, an
 //!   unresolved external or a spill. `--check` fails instead of writing when the file is stale.
+//!   `--nvshmem` builds the NVSHMEM spike's second module instead ([`nvshmem`]).
 //! - `test`: `cargo fmt --check`, `build-ptx --check`, every test of the workspace (GPU tests
 //!   are reported as ignored without GPUs, and a last line counts GPU tests run and skipped).
 //!   Then what a dependent sees: `cargo package` of the library, its docs with warnings as
@@ -18,6 +19,7 @@
 
 mod bundle;
 mod dependents;
+mod nvshmem;
 mod ptx;
 mod python;
 
@@ -38,6 +40,7 @@ fn run() -> Result<()> {
     let rest: Vec<String> = args.collect();
     let root = root();
     match cmd.as_str() {
+        "build-ptx" if rest.iter().any(|a| a == "--nvshmem") => nvshmem::build(&root).map(|_| ()),
         "build-ptx" => ptx::build_and_check(&root, rest.iter().any(|a| a == "--check")).map(|_| ()),
         "test" => test(&root, &rest),
         "bench" => cargo(&root, &[&["run", "--release", "-p", "moe-ep-bench", "--"][..], &refs(&rest)].concat()),
@@ -45,7 +48,9 @@ fn run() -> Result<()> {
         "gpu-bundle" => bundle::build(&root),
         "wheel" => python::build_wheel(&root, true).map(|_| ()),
         "help" | "-h" | "--help" => {
-            println!("cargo xtask build-ptx [--check] | test [cargo test args] | bench [bench args] | soak [--iters N] | wheel | gpu-bundle");
+            println!(
+                "cargo xtask build-ptx [--check | --nvshmem] | test [cargo test args] | bench [bench args] | soak [--iters N] | wheel | gpu-bundle"
+            );
             Ok(())
         }
         other => bail!("unknown command {other:?}; try `cargo xtask help`"),

@@ -15,10 +15,12 @@ use bytemuck::{Pod, Zeroable};
 mod foundation;
 mod ht;
 mod ll;
+mod nvshmem;
 
 pub use foundation::*;
 pub use ht::*;
 pub use ll::*;
+pub use nvshmem::*;
 
 /// A kernel's by-value parameter block and the PTX entries that take it. The host launches an
 /// entry only with a block that names it, and the PTX check compares every entry's declared
