@@ -11,6 +11,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// NVSHMEM (feature `nvshmem`) is missing, of another version than the kernels' device
+    /// bitcode, or refused a call.
+    #[error("NVSHMEM: {reason}")]
+    Nvshmem {
+        /// What failed, with the library's status where it gave one.
+        reason: String,
+    },
     /// No usable CUDA driver or GPU on this machine.
     #[error("no GPU available: {reason}")]
     NoDevice {

@@ -360,6 +360,13 @@ impl Group {
         self.inner.cfg
     }
 
+    /// The rendezvous this group was built on (and its timeout), for bootstraps layered on the
+    /// group (the NVSHMEM spike).
+    #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
+    pub(crate) fn exchange(&self) -> (&Arc<dyn Exchange>, Duration) {
+        (&self.inner.exchange, self.inner.cfg.rendezvous_timeout)
+    }
+
     /// The device's context (allocate inputs and outputs with it; event tracking is off).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx

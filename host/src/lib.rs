@@ -59,6 +59,8 @@ mod watchdog;
 pub mod diag;
 pub mod ht;
 pub mod ll;
+#[cfg(feature = "nvshmem")]
+pub mod nvshmem;
 #[cfg(feature = "testing")]
 pub mod reference;
 pub mod rendezvous;

@@ -135,6 +135,13 @@ impl Module {
         Ok(Module { raw, ctx: ctx.clone() })
     }
 
+    /// The module handle (for libraries that bind their device state to a module, such as
+    /// NVSHMEM's `nvshmemx_cumodule_init`); valid while `self` lives.
+    #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
+    pub(crate) fn raw(&self) -> sys::CUmodule {
+        self.raw
+    }
+
     /// `cuModuleGetFunction`.
     pub(crate) fn function(&self, name: &str) -> Result<sys::CUfunction> {
         let c = CString::new(name).expect("kernel names have no NUL bytes");
