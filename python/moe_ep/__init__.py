@@ -266,12 +266,14 @@ class Buffer:
             self._check_shape(num_max_dispatch_tokens_per_rank, num_experts)
         fmt = "ue8m0" if use_ue8m0 else ("f32_pow2" if round_scale else "f32")
         ll = self._ll if self._ll is not None else self._need("low-latency")
-        h = ll.dispatch(self._stream(), x, topk_idx, topk_weights, use_fp8, fmt, column_major_scales, return_recv_hook)
+        stream = self._stream()
+        h = ll.dispatch(stream, x, topk_idx, topk_weights, use_fp8, fmt, column_major_scales, return_recv_hook)
         hook = None
         if return_recv_hook:
+            # The receive half runs on the dispatch's stream, wherever the hook is called.
 
             def hook():
-                ll.dispatch_recv(self._stream(), h)
+                ll.dispatch_recv(stream, h)
 
         recv_x, count = self._ll_views(ll, h)
         event = _event(async_finish) if async_finish else _NO_EVENT
@@ -298,20 +300,22 @@ class Buffer:
         slots first (about half the bytes; uses the weights the dispatch carried, so pass
         ``topk_weights=None``). ``zero_copy``: ``x`` was written into ``get_next_low_latency_combine_buffer``.
         Returns ``(combined_x, event, hook)``. With ``return_recv_hook`` only the send half runs
-        now and ``hook()`` runs the receive half (``combined_x`` is written then); the hook holds
-        the tensors the receive half reads and writes."""
+        now and ``hook()`` runs the receive half on the combine's stream (``combined_x`` is written
+        then); the hook holds the tensors the receive half reads and writes."""
         import torch
 
         ll = self._ll if self._ll is not None else self._need("low-latency")
         if out is None:
             out = torch.empty((topk_idx.shape[0], self.hidden), dtype=torch.bfloat16, device=topk_idx.device)
         weights = None if pre_reduced else topk_weights
-        pending = ll.combine(self._stream(), handle, None if zero_copy else x, topk_idx, out, weights, pre_reduced, return_recv_hook)
+        stream = self._stream()
+        pending = ll.combine(stream, handle, None if zero_copy else x, topk_idx, out, weights, pre_reduced, return_recv_hook)
         hook = None
         if pending is not None:
+            # On the combine's stream (the pending half holds the tensors it reads and writes).
 
-            def hook(_keep=(topk_idx, weights, out)):
-                ll.combine_recv(self._stream(), pending)
+            def hook():
+                ll.combine_recv(stream, pending)
 
         event = _event(async_finish) if async_finish else _NO_EVENT
         return out, event, hook

@@ -91,13 +91,17 @@ struct TensorInfo {
 /// and found again by identity (a few dtypes; anything past the cache is read each time).
 fn dtype_name(d: &Bound<'_, PyAny>) -> PyResult<String> {
     static SEEN: std::sync::Mutex<Vec<(Py<PyAny>, String)>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, n)) = seen.iter().find(|(o, _)| o.as_ptr() == d.as_ptr()) {
+    let seen = || SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, n)) = seen().iter().find(|(o, _)| o.as_ptr() == d.as_ptr()) {
         return Ok(n.clone());
     }
+    // Python runs with the lock released (a `__str__` in Python may switch threads).
     let n = d.str()?.to_string();
-    if seen.len() < 16 && d.get_type().name().is_ok_and(|t| t == "dtype") {
-        seen.push((d.clone().unbind(), n.clone()));
+    if d.get_type().name().is_ok_and(|t| t == "dtype") {
+        let mut s = seen();
+        if s.len() < 16 && !s.iter().any(|(o, _)| o.as_ptr() == d.as_ptr()) {
+            s.push((d.clone().unbind(), n.clone()));
+        }
     }
     Ok(n)
 }
@@ -276,6 +280,9 @@ impl PyLlHandle {
 #[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep", unsendable)]
 struct PyLlCombinePending {
     pending: Option<moe_ep::ll::CombinePending<'static>>,
+    /// The tensors the receive half reads and writes (`topk_idx`, `topk_weights`, `out`),
+    /// kept alive by this object (see `combine`'s SAFETY comment).
+    _tensors: Vec<Py<PyAny>>,
 }
 
 /// The low-latency buffer (decode): dispatch and combine on torch tensors. Used from the thread
@@ -290,8 +297,8 @@ struct PyLowLatency {
 }
 
 fn stream_of(g: &Group, stream: usize) -> Arc<cudarc::driver::CudaStream> {
-    // SAFETY: `stream` is torch's current CUDA stream of this device (the Python layer passes
-    // `torch.cuda.current_stream().cuda_stream`), owned by torch and alive during the call; the
+    // SAFETY: `stream` is a torch CUDA stream of this device (the Python layer passes torch's
+    // current raw stream), owned by torch and alive during the call; the
     // group uses the device's primary context, as torch does.
     unsafe { g.context().wrap_borrowed_stream(stream as sys::CUstream) }
 }
@@ -442,11 +449,13 @@ impl PyLowLatency {
         let t0 = Instant::now();
         let (pending, _) = self.buf.combine(&s, &handle.h, &args).map_err(py_err)?;
         self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
-        // SAFETY: the Python caller keeps `topk_idx`, `topk_weights` and `out` (torch tensors,
-        // which own their memory) alive until `combine_recv` has been queued on the stream, and
-        // torch's caching allocator orders their reuse after that stream's work (documented on
-        // `combine` and done by the package's hook closure).
-        Ok(pending.map(|p| PyLlCombinePending { pending: Some(unsafe { p.into_unbound() }) }))
+        let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
+        // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch tensors,
+        // which own their memory), so they stay allocated until `combine_recv` has queued the
+        // receive half on `stream` and the pending object is dropped; torch's caching allocator
+        // orders their later reuse on that same stream (the package runs the hook on the
+        // combine's stream) after the receive half.
+        Ok(pending.map(|p| PyLlCombinePending { pending: Some(unsafe { p.into_unbound() }), _tensors: tensors }))
     }
 
     /// CPU microseconds the last `dispatch` or `combine` spent inside the Rust API (checks of

@@ -47,9 +47,10 @@ def main():
     buf = moe_ep.Buffer(None, num_max_dispatch_tokens_per_rank=TOKENS, hidden=HIDDEN, num_experts=experts, num_topk=TOPK)
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}")
 
-    def check_received(recv_x, count, handle, use_fp8, what):
+    def check_received(recv_x, count, handle, use_fp8, what, inputs=None):
         """Every local expert's received rows (as sets by source rank, token, slot; BF16 bit
         for bit) and counts."""
+        all_x, all_idx = inputs if inputs is not None else (xs, idxs)
         rows = recv_x[0] if use_fp8 else recv_x
         src = torch.from_dlpack(buf._ll.recv_views(handle)[3]).cpu()
         count = count.cpu()
@@ -57,9 +58,9 @@ def main():
             ge = rank * epr + e
             want = {}
             for s in range(world):
-                hits = (idxs[s] == ge).nonzero().cpu()
+                hits = (all_idx[s] == ge).nonzero().cpu()
                 for t, k in hits.tolist():
-                    want[(s, t, k)] = xs[s][t]
+                    want[(s, t, k)] = all_x[s][t]
             assert int(count[e]) == len(want), f"rank {rank} {what} expert {e}: {int(count[e])} rows, expected {len(want)}"
             for j in range(int(count[e])):
                 m = int(src[e, j]) & 0xFFFFFFFF
@@ -104,17 +105,25 @@ def main():
                 check_combined(out, ref, f"combine pre_reduced={pre}")
         print(f"rank {rank}: dispatch use_fp8={use_fp8}: every received row and count match")
 
-    # Hook mode: only the send halves run in the calls; the hooks run the receive halves.
+    # Hook mode: only the send halves run in the calls; the hooks run the receive halves. Fresh
+    # inputs, so the buffer halves cannot already hold what the checks expect.
     for pre in (False, True):
-        recv_x, count, handle, _, hook = buf.low_latency_dispatch(x, topk_idx, topk_weights=topk_w, use_fp8=False, return_recv_hook=True)
+        gh = torch.Generator(device="cpu").manual_seed(777 + 10 * int(pre) + rank)
+        hx = (torch.randn(TOKENS, HIDDEN, generator=gh) * 0.5).to(torch.bfloat16).cuda()
+        hidx = torch.rand(TOKENS, experts, generator=gh).topk(TOPK, dim=1).indices.to(torch.int64).cuda()
+        hw = torch.rand(TOKENS, TOPK, generator=gh).cuda()
+        hxs, hidxs = [torch.empty_like(hx) for _ in range(world)], [torch.empty_like(hidx) for _ in range(world)]
+        dist.all_gather(hxs, hx)
+        dist.all_gather(hidxs, hidx)
+        recv_x, count, handle, _, hook = buf.low_latency_dispatch(hx, hidx, topk_weights=hw, use_fp8=False, return_recv_hook=True)
         hook()
         torch.cuda.synchronize()
-        check_received(recv_x, count, handle, False, "hook dispatch")
+        check_received(recv_x, count, handle, False, "hook dispatch", (hxs, hidxs))
         out = torch.full((TOKENS, HIDDEN), float("nan"), dtype=torch.bfloat16, device="cuda")
-        _, _, chook = buf.low_latency_combine(experts_of(recv_x), topk_idx, topk_w, handle, out=out, pre_reduced=pre, return_recv_hook=True)
+        _, _, chook = buf.low_latency_combine(experts_of(recv_x), hidx, hw, handle, out=out, pre_reduced=pre, return_recv_hook=True)
         chook()
         torch.cuda.synchronize()
-        check_combined(out, ref, f"hook combine pre_reduced={pre}")
+        check_combined(out, combine_ref(hx, hidx, hw), f"hook combine pre_reduced={pre}")
         try:
             chook()
             raise AssertionError("a combine hook ran twice")
