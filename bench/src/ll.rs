@@ -15,7 +15,7 @@ use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
 use moe_ep::{DeviceArg, Group, TopkIdx};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const EXPERTS: usize = 256;
 const HIDDEN: usize = 7168;
@@ -140,11 +140,13 @@ fn check(g: &Group, buf: &mut LlBuffer, w: &LlWorld, inp: &Inputs) -> Result<Cud
 }
 
 /// Microseconds of `f` on `s`, started right after a GPU barrier (outside the timing), so every
-/// rank enters together; and the host microseconds of the call itself (the launch cost).
-fn timed(g: &Group, s: &Arc<CudaStream>, f: &mut dyn FnMut() -> moe_ep::Result<()>) -> Result<(f64, f64)> {
+/// rank enters together; and the host microseconds of the call itself (the launch cost). The
+/// barrier holds for `hold` first, so `f`'s work is queued before the timing starts (unless
+/// `hold` is shorter than the host's launch).
+fn timed(g: &Group, s: &Arc<CudaStream>, hold: Duration, f: &mut dyn FnMut() -> moe_ep::Result<()>) -> Result<(f64, f64)> {
     let ctx = s.context();
     let (a, b) = (ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?);
-    g.launch_barrier(s, 1)?;
+    diag::launch_held_barrier(g, s, hold)?;
     a.record(s)?;
     let t0 = Instant::now();
     f()?;
@@ -165,6 +167,7 @@ fn measure(
     out: &dyn DeviceArg<bf16>,
     iters: usize,
     halves: bool,
+    hold: Duration,
 ) -> Result<Vec<f64>> {
     let s = g.stream();
     let nops = if halves { 7 } else { 3 };
@@ -172,28 +175,28 @@ fn measure(
     for it in 0..10 + iters {
         let mut t = vec![(0f64, 0f64); nops];
         let mut h = None;
-        t[0] = timed(g, s, &mut || {
+        t[0] = timed(g, s, hold, &mut || {
             h = Some(buf.dispatch(s, &fp8_args(inp, false))?.0);
             Ok(())
         })?;
         let h = h.take().context("dispatch handle")?;
-        t[1] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PerExpert, false)).map(|_| ()))?;
-        t[2] = timed(g, s, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PreReduced, false)).map(|_| ()))?;
+        t[1] = timed(g, s, hold, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PerExpert, false)).map(|_| ()))?;
+        t[2] = timed(g, s, hold, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PreReduced, false)).map(|_| ()))?;
         if halves {
             let mut hh = None;
-            t[3] = timed(g, s, &mut || {
+            t[3] = timed(g, s, hold, &mut || {
                 hh = Some(buf.dispatch(s, &fp8_args(inp, true))?.0);
                 Ok(())
             })?;
             let mut hh = hh.take().context("dispatch handle")?;
-            t[4] = timed(g, s, &mut || buf.dispatch_recv(s, &mut hh, None).map(|_| ()))?;
+            t[4] = timed(g, s, hold, &mut || buf.dispatch_recv(s, &mut hh, None).map(|_| ()))?;
             let mut pending = None;
-            t[5] = timed(g, s, &mut || {
+            t[5] = timed(g, s, hold, &mut || {
                 pending = buf.combine(s, &hh, &combine_args(inp, y, out, CombineMode::PreReduced, true))?.0;
                 Ok(())
             })?;
             let mut p = pending.take();
-            t[6] = timed(g, s, &mut || buf.combine_recv(s, p.take().expect("hook mode returns the receive half")).map(|_| ()))?;
+            t[6] = timed(g, s, hold, &mut || buf.combine_recv(s, p.take().expect("hook mode returns the receive half")).map(|_| ()))?;
         }
         if it >= 10 {
             for (v, x) in samples.iter_mut().zip(&t) {
@@ -221,6 +224,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let experts = EXPERTS.div_ceil(world) * world;
     let iters = o.iters.max(50) * 2;
     let device = g.device_name().to_string();
+    let hold = Duration::from_micros(o.hold_us);
 
     // The main point: DeepEP's setup, one block per SM.
     let w = world_inputs(world, experts, TOKENS);
@@ -229,7 +233,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let y = check(g, &mut buf, &w, &inp).context("checking the low-latency kernels against the CPU reference")?;
     let out = s.alloc_zeros::<bf16>(TOKENS * HIDDEN)?;
     g.host_barrier()?;
-    let mut main = measure(g, &mut buf, &inp, &y, &out, iters, true)?;
+    let mut main = measure(g, &mut buf, &inp, &y, &out, iters, true, hold)?;
     let host = main.split_off(OPS.len());
     let grid = buf.config().num_blocks;
     let threads = buf.config().threads;
@@ -240,7 +244,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let mut by_grid = Vec::new();
     for &b in &grids {
         buf.set_launch(b, threads)?;
-        by_grid.push((b, measure(g, &mut buf, &inp, &y, &out, iters / 2, false)?[..3].to_vec()));
+        by_grid.push((b, measure(g, &mut buf, &inp, &y, &out, iters / 2, false, hold)?[..3].to_vec()));
     }
     buf.set_launch(grid, threads)?;
 
@@ -279,7 +283,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
             g.host_barrier()?;
             // The output holds exactly this call's tokens.
             let out_n = outs.slice(0..n * HIDDEN);
-            by_tokens.push((n, measure(g, &mut sbuf, &inp_n, &ys, &out_n, iters / 2, false)?[..3].to_vec()));
+            by_tokens.push((n, measure(g, &mut sbuf, &inp_n, &ys, &out_n, iters / 2, false, hold)?[..3].to_vec()));
         }
     }
 
@@ -306,8 +310,17 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let mut head = vec!["rank"];
     head.extend(OPS);
     let mut body = format!(
-        "{device}, {world} ranks. {TOKENS} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {experts}, FP8 dispatch (f32 scales, weights travel), BF16 combine; {grid} blocks; threads per block launched: dispatch {}, combine {}; microseconds, each operation timed from a common start (a GPU barrier precedes it, outside the timing), medians of {iters} runs.\n\nChecked against the CPU reference before timing, on this machine, at the main point: the FP8 dispatch (every received row, scale, count and source) and both combine modes with non-zero expert outputs, bit for bit. The grid sizes and the token sweep below run the same paths and are timed only (the GPU tests check other shapes).\n\n",
-        launched.0, launched.1
+        "{device}, {world} ranks. {TOKENS} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {experts}, FP8 dispatch (f32 scales, weights travel), BF16 combine; {grid} blocks; threads per block launched: dispatch {}, combine {}; microseconds, each operation timed from a common start (a GPU barrier precedes it, outside the timing; {start}), medians of {iters} runs.\n\nChecked against the CPU reference before timing, on this machine, at the main point: the FP8 dispatch (every received row, scale, count and source) and both combine modes with non-zero expert outputs, bit for bit. The grid sizes and the token sweep below run the same paths and are timed only (the GPU tests check other shapes).\n\n",
+        launched.0,
+        launched.1,
+        start = if o.hold_us > 0 {
+            format!(
+                "the barrier holds {} us on the GPU first, so the call is already queued when the timing starts and its launch cost, given below as host time, is left out",
+                o.hold_us
+            )
+        } else {
+            "the barrier does not hold, so the timing also holds part of the host's launch".to_string()
+        },
     );
     body += &table(&head, &rows);
     body += &format!(

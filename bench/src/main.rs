@@ -36,10 +36,13 @@ pub struct Opts {
     pub iters: usize,
     pub sweep: bool,
     pub quick: bool,
+    /// Microseconds the low-latency timings' start barrier holds on the GPU, so the timed call
+    /// is queued before the window opens (0: the window opens while the host still launches).
+    pub hold_us: u64,
 }
 
 fn parse() -> Result<Opts> {
-    let mut o = Opts { what: vec![], ranks: None, out: None, tokens: 4096, sms: 24, push: 0, iters: 60, sweep: true, quick: false };
+    let mut o = Opts { what: vec![], ranks: None, out: None, tokens: 4096, sms: 24, push: 0, iters: 60, sweep: true, quick: false, hold_us: 50 };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -51,6 +54,7 @@ fn parse() -> Result<Opts> {
             "--sms" => o.sms = val("--sms")?.parse()?,
             "--push" => o.push = val("--push")?.parse()?,
             "--iters" => o.iters = val("--iters")?.parse()?,
+            "--hold-us" => o.hold_us = val("--hold-us")?.parse()?,
             "--no-sweep" => o.sweep = false,
             "--quick" => {
                 o.quick = true;
@@ -59,8 +63,9 @@ fn parse() -> Result<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--no-sweep] [--quick]\n\
-                     all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget"
+                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--hold-us N] [--no-sweep] [--quick]\n\
+                     all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget\n\
+                     --hold-us: how long the low-latency timings' start barrier holds (default 50; 0 = the window opens while the call is launched)"
                 );
                 std::process::exit(0);
             }

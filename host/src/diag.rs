@@ -55,6 +55,17 @@ pub fn heap_pattern_roundtrip(g: &Group, slot_bytes: u64, seed: u32, runs: u32) 
     Ok(out.into_iter().map(u64::from).collect())
 }
 
+/// Queues one cross-rank barrier on `stream` that opens only after it has waited `hold` on
+/// the GPU. A benchmark queues the work it times behind it within `hold` (a low-latency call
+/// takes a few microseconds of host time), so the timing starts when every rank's work is
+/// already queued, and leaves out the host's launch cost, as a CUDA graph or a busy stream
+/// does in serving.
+pub fn launch_held_barrier(g: &Group, stream: &CudaStream, hold: Duration) -> Result<()> {
+    let ns =
+        u32::try_from(hold.as_nanos()).map_err(|_| Error::invalid("hold", format!("{hold:?} is above the kernel's limit of {} ns", u32::MAX)))?;
+    g.launch_held_barrier(stream, ns)
+}
+
 /// Launches `launches` barrier kernels of `iters_per_launch` barriers each and checks them.
 pub fn barrier_loop(g: &Group, launches: u32, iters_per_launch: u32) -> Result<()> {
     for _ in 0..launches {

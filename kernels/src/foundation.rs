@@ -11,10 +11,15 @@ use crate::ptx::{
 };
 use crate::sync::{Waiter, barrier_block, control, rank_slot, signal_all_ranks};
 
-/// `iters` cross-rank barriers in a row. One block of at least `world` threads.
+/// `iters` cross-rank barriers in a row, after waiting `hold_ns` (bounded: at most about 4.3 s).
+/// One block of at least `world` threads.
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn barrier(p: BarrierParams) {
     let w = Waiter::new(&p.wait);
+    if p.hold_ns != 0 && tid_x() == 0 {
+        let start = globaltimer();
+        while globaltimer().wrapping_sub(start) < p.hold_ns as u64 {}
+    }
     for _ in 0..p.iters {
         // SAFETY: the host passes valid heap bases.
         if !unsafe { barrier_block(&p.peers, &w) } {

@@ -13,7 +13,11 @@ medians over 200 calls:
   size checks, parameter block, launch, completion event), so ``host - Rust API`` is what the
   binding adds to a call of the Rust crate;
 - ``GPU``: the time between CUDA events around the call, the call queued right after a GPU
-  barrier of the group: the definition of ``moe-ep-bench ll``, so the two compare directly.
+  barrier of the group (a barrier that does not hold, so part of the launch is inside: compare
+  with ``moe-ep-bench ll --hold-us 0``).
+
+It names the path that reads tensors' metadata (``moe_ep.tensor_path()``: torch's C shim, or
+the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
 
 The Rust benchmark (``moe-ep-bench ll``) prints the Rust API's host time per call too.
 """
@@ -84,6 +88,7 @@ def main():
     group.check()
     name = torch.cuda.get_device_name()
     if rank == 0:
+        print(f"rank 0 ({name}): tensor reads through {moe_ep.tensor_path()}", flush=True)
         # Where the extension's CPU time goes: what one tensor's check reads, item by item.
         dev = torch.cuda.current_device()
         items = {

@@ -21,6 +21,7 @@ from ._moe_ep import (  # noqa: F401
     __version__,
     check_tensor,
     device_count,
+    tensor_path,
 )
 from . import _moe_ep
 

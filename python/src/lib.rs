@@ -26,6 +26,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod torch_shim;
+
 create_exception!(
     _moe_ep,
     MoeEpError,
@@ -75,17 +77,8 @@ fn with_fields(err: PyErr, kind: &str, argument: Option<&str>, rank: Option<usiz
     err
 }
 
-/// What the extension reads of a torch tensor (through its Python attributes).
-#[derive(Debug)]
-struct TensorInfo {
-    ptr: u64,
-    shape: Vec<usize>,
-    dtype: String,
-    is_cuda: bool,
-    /// The device's ordinal (`get_device()`: -1 on the CPU).
-    device_index: i64,
-    contiguous: bool,
-}
+/// What the extension reads of a torch tensor.
+type TensorInfo = torch_shim::Meta;
 
 /// The name of a dtype object. torch's dtypes are singletons, so their names are read once
 /// and found again by identity (a few dtypes; anything past the cache is read each time).
@@ -106,15 +99,24 @@ fn dtype_name(d: &Bound<'_, PyAny>) -> PyResult<String> {
     Ok(n)
 }
 
-/// Reads what [`check`] needs of `t`: six attribute reads (names interned); strings are built
-/// only when the check fails.
+/// Reads what [`check`] needs of `t`: through torch's C shim where it applies (see
+/// [`torch_shim`]), else through its attributes.
 fn tensor_info(name: &str, t: &Bound<'_, PyAny>) -> PyResult<TensorInfo> {
+    match torch_shim::read(t, || attribute_meta(name, t))? {
+        Some(m) => Ok(m),
+        None => attribute_meta(name, t),
+    }
+}
+
+/// The attribute path: six attribute reads (names interned); strings are built only when the
+/// check fails.
+pub(crate) fn attribute_meta(name: &str, t: &Bound<'_, PyAny>) -> PyResult<TensorInfo> {
     let py = t.py();
     let not_tensor = |_| invalid(name, format!("expected a torch tensor, got {}", t.get_type().name().map(|n| n.to_string()).unwrap_or_default()));
     Ok(TensorInfo {
         ptr: t.call_method0(intern!(py, "data_ptr")).and_then(|v| v.extract()).map_err(not_tensor)?,
         shape: t.getattr(intern!(py, "shape")).and_then(|s| s.extract()).map_err(not_tensor)?,
-        dtype: t.getattr(intern!(py, "dtype")).and_then(|d| dtype_name(&d)).map_err(not_tensor)?,
+        dtype: t.getattr(intern!(py, "dtype")).and_then(|d| dtype_name(&d)).map_err(not_tensor)?.into(),
         is_cuda: t.getattr(intern!(py, "is_cuda")).and_then(|c| c.extract()).map_err(not_tensor)?,
         device_index: t.call_method0(intern!(py, "get_device")).and_then(|i| i.extract()).map_err(not_tensor)?,
         contiguous: t.call_method0(intern!(py, "is_contiguous")).and_then(|c| c.extract()).map_err(not_tensor)?,
@@ -126,7 +128,7 @@ fn tensor_info(name: &str, t: &Bound<'_, PyAny>) -> PyResult<TensorInfo> {
 fn check(name: &str, t: &Bound<'_, PyAny>, dtypes: &[&str], shape: &[Option<usize>], device: i64) -> PyResult<TensorInfo> {
     let i = tensor_info(name, t)?;
     let shape_ok = i.shape.len() == shape.len() && i.shape.iter().zip(shape).all(|(g, w)| w.is_none_or(|w| *g == w));
-    if dtypes.contains(&i.dtype.as_str()) && i.is_cuda && i.device_index == device && i.contiguous && shape_ok {
+    if dtypes.contains(&&*i.dtype) && i.is_cuda && i.device_index == device && i.contiguous && shape_ok {
         return Ok(i);
     }
     let want_shape = shape.iter().map(|d| d.map_or("*".to_string(), |v| v.to_string())).collect::<Vec<_>>().join(", ");
@@ -142,6 +144,13 @@ fn check(name: &str, t: &Bound<'_, PyAny>, dtypes: &[&str], shape: &[Option<usiz
 fn check_tensor_py(name: &str, t: &Bound<'_, PyAny>, dtypes: Vec<String>, shape: Vec<Option<usize>>, device: i64) -> PyResult<()> {
     let d: Vec<&str> = dtypes.iter().map(|s| s.as_str()).collect();
     check(name, t, &d, &shape, device).map(|_| ())
+}
+
+/// Which path reads torch tensors' metadata in this process (torch's C shim, or the tensors'
+/// attributes, with the reason), after setting it up if no tensor was read yet.
+#[pyfunction]
+fn tensor_path(py: Python<'_>) -> String {
+    torch_shim::describe(py)
 }
 
 /// A checked torch tensor as a device argument.
@@ -827,5 +836,6 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHtHandle>()?;
     m.add_function(wrap_pyfunction!(device_count, m)?)?;
     m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor_path, m)?)?;
     Ok(())
 }

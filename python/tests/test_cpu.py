@@ -69,7 +69,10 @@ def main():
     except moe_ep.NoDevice as e:
         assert "no GPU available" in str(e), str(e)
         print(f"device_count(): NoDevice: {e}")
-    # The check every entry point runs.
+    # The check every entry point runs (without torch, through the tensors' attributes).
+    path = moe_ep.tensor_path()
+    assert path.startswith("tensor attributes"), path
+    print(f"tensor_path(): {path}")
     moe_ep.check_tensor("x", FakeTensor((4, 7168)), ["torch.bfloat16"], [None, 7168], 0)
     print(refused(FakeTensor((4, 7168), dtype="torch.float32"), "got a torch.float32 tensor of shape [4, 7168] on cuda:0"))
     print(refused(FakeTensor((4, 7168), device=("cpu", None)), "shape [4, 7168] on cpu"))

@@ -73,6 +73,12 @@ if [ "$what" = python ]; then
     PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
     echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
   done
+  for shim in 1 0; do
+    MOE_EP_TORCH_SHIM=$shim PYTHONPATH="$py" timeout 120 python3 "$here/python/test_tensor_paths.py" > "$out/python-tensor-paths-$shim.log" 2>&1; rc=$?
+    echo "=== python tensor paths (MOE_EP_TORCH_SHIM=$shim): exit $rc"; cat "$out/python-tensor-paths-$shim.log" | tail -n 5; [ "$rc" -eq 0 ] || status=1
+  done
+  MOE_EP_TORCH_SHIM=0 PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/overhead.py" > "$out/python-overhead-attributes.log" 2>&1; rc=$?
+  echo "=== python example overhead, tensor attributes, $gpus ranks: exit $rc"; grep -E "^rank|Error" "$out/python-overhead-attributes.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   for ex in moe_layer overhead; do
     PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/$ex.py" > "$out/python-$ex.log" 2>&1; rc=$?
     echo "=== python example $ex, $gpus ranks: exit $rc"; grep -E "^rank|Error" "$out/python-$ex.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
@@ -128,7 +134,12 @@ pub fn build(root: &Path) -> Result<()> {
     std::fs::copy(root.join(crate::ptx::PTX_FILE), dir.join("ptx/moe_ep_kernels.ptx"))?;
     let wheel = crate::python::build_wheel(root, true)?;
     std::fs::copy(&wheel, dir.join("wheels").join(wheel.file_name().context("wheel name")?))?;
-    for (from, to) in [("tests/test_gpu.py", "test_gpu.py"), ("examples/moe_layer.py", "moe_layer.py"), ("examples/overhead.py", "overhead.py")] {
+    for (from, to) in [
+        ("tests/test_gpu.py", "test_gpu.py"),
+        ("examples/moe_layer.py", "moe_layer.py"),
+        ("examples/overhead.py", "overhead.py"),
+        ("tests/test_tensor_paths.py", "test_tensor_paths.py"),
+    ] {
         std::fs::copy(root.join("python").join(from), dir.join("python").join(to))?;
     }
     let run = dir.join("run.sh");

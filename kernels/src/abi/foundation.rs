@@ -10,7 +10,10 @@ pub struct BarrierParams {
     pub wait: WaitCtx,
     pub peers: Peers,
     pub iters: u32,
-    pub _pad: u32,
+    /// Nanoseconds the kernel waits (on the GPU's clock) before its first barrier; 0 for none.
+    /// A benchmark holds the barrier this way so that the work it times is queued behind it
+    /// before it opens: the timing then leaves out the host's launch cost.
+    pub hold_ns: u32,
 }
 
 impl KernelParams for BarrierParams {
