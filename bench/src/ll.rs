@@ -159,6 +159,7 @@ fn timed(g: &Group, s: &Arc<CudaStream>, hold: Duration, f: &mut dyn FnMut() -> 
 /// Medians (us) of dispatch, combine per expert, combine pre-reduced (and, with `halves`, the
 /// hook-mode halves) over `iters` runs after a warm-up; then the host time of the first three
 /// calls (medians, us).
+#[allow(clippy::too_many_arguments)]
 fn measure(
     g: &Group,
     buf: &mut LlBuffer,
@@ -196,7 +197,7 @@ fn measure(
                 Ok(())
             })?;
             let mut p = pending.take();
-            t[6] = timed(g, s, hold, &mut || buf.combine_recv(s, p.take().expect("hook mode returns the receive half")).map(|_| ()))?;
+            t[6] = timed(g, s, hold, &mut || buf.combine_recv(s, p.as_mut().expect("hook mode returns the receive half")).map(|_| ()))?;
         }
         if it >= 10 {
             for (v, x) in samples.iter_mut().zip(&t) {

@@ -256,6 +256,8 @@ pub struct CombinePending<'a> {
     params: LlCombineParams,
     /// The output's own stream, ordered around the receive half too.
     out_stream: Option<Arc<CudaStream>>,
+    /// Whether the receive half has been launched.
+    done: bool,
     /// The combine's arguments (routing, weights, output), which the receive half reads and
     /// writes.
     _args: PhantomData<&'a ()>,
@@ -269,7 +271,7 @@ impl CombinePending<'_> {
     /// The combine's `topk_idx`, `topk_weights` and `out` must stay allocated (and `out` not
     /// reused) until the stream has run [`LlBuffer::combine_recv`]'s launch.
     pub unsafe fn into_unbound(self) -> CombinePending<'static> {
-        CombinePending { buffer: self.buffer, params: self.params, out_stream: self.out_stream, _args: PhantomData }
+        CombinePending { buffer: self.buffer, params: self.params, out_stream: self.out_stream, done: self.done, _args: PhantomData }
     }
 }
 
@@ -664,15 +666,21 @@ impl LlBuffer {
             buffer: self.heap.id(),
             params: LlCombineParams { stages: stage::RECV, ..p },
             out_stream: args.out.owning_stream().cloned(),
+            done: false,
             _args: PhantomData,
         });
         Ok((pending, self.event(stream)?))
     }
 
-    /// The receive half of a hook-mode combine.
-    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: CombinePending<'_>) -> Result<CudaEvent> {
+    /// The receive half of a hook-mode combine. A refused call (another buffer's pending
+    /// combine, or one whose receive half already ran) leaves `pending` as it was.
+    pub fn combine_recv(&self, stream: &Arc<CudaStream>, pending: &mut CombinePending<'_>) -> Result<CudaEvent> {
         self.check_own(pending.buffer)?;
+        if pending.done {
+            return Err(Error::StaleHandle { reason: "this combine's receive half has already run".into() });
+        }
         self.g.ordered(stream, &[pending.out_stream.as_ref()], || self.launch_combine(stream, &pending.params))?;
+        pending.done = true;
         self.pending_combine.set(false);
         self.event(stream)
     }

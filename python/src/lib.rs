@@ -477,9 +477,12 @@ impl PyLowLatency {
 
     /// The receive half of a hook-mode combine (once per pending combine).
     fn combine_recv(&self, stream: usize, pending: &mut PyLlCombinePending) -> PyResult<()> {
-        let p = pending.pending.take().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
+        let p = pending.pending.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
         let s = stream_of(&self.g, stream);
-        self.buf.combine_recv(&s, p).map(|_| ()).map_err(py_err)
+        // A refused call leaves the pending half in place, to run on its own buffer.
+        self.buf.combine_recv(&s, p).map_err(py_err)?;
+        pending.pending = None;
+        Ok(())
     }
 
     /// A DLPack capsule of the zero-copy combine input of `handle` (`bf16 [E_local, R * T,

@@ -215,8 +215,8 @@ pub fn run_case_on(g: &Group, buf: &mut LlBuffer, seed: u64, case: Case) -> Resu
         let home_weights = (case.mode == CombineMode::PerExpert).then_some(&wts as _);
         let cargs = CombineArgs { x: input, topk_idx: TopkIdx::I64(&idx), topk_weights: home_weights, out: &out, mode: case.mode, hook: case.hook };
         let (pending, _) = buf.combine(s, &h, &cargs)?;
-        if let Some(p) = pending {
-            buf.combine_recv(s, p)?;
+        if let Some(mut p) = pending {
+            buf.combine_recv(s, &mut p)?;
         }
         buf.check()?;
         let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(s)?).to_vec();

@@ -199,7 +199,7 @@ fn gpu2_ll_reuse_three_dispatches() -> Result<()> {
         };
         let (pending, _) = buf.combine(&s, &h0, &cargs)?;
         let (h2, _) = buf.dispatch(&s, &args(2))?;
-        buf.combine_recv(&s, pending.context("hook mode returns the receive half")?)?;
+        buf.combine_recv(&s, &mut pending.context("hook mode returns the receive half")?)?;
         buf.check()?;
         let (x0, i0, w0) = &inputs[0];
         let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(&s)?).to_vec();
@@ -247,10 +247,34 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
         };
         expect_refused(b.combine(&s, &h, &cargs), "ForeignHandle", "a combine through another buffer")?;
         let (pending, _) = a.combine(&s, &h, &cargs)?;
-        let pending = pending.context("hook mode returns the receive half")?;
-        // The other buffer refuses the pending half (it is consumed either way); the owner then
-        // finishes a fresh combine.
-        expect_refused(b.combine_recv(&s, pending), "ForeignHandle", "a pending combine of another buffer")?;
+        let mut pending = pending.context("hook mode returns the receive half")?;
+        // While the receive half is pending, no other combine starts.
+        expect_refused(a.combine(&s, &h, &cargs), "PendingHook", "a combine while another's receive half is pending")?;
+        // The other buffer refuses the pending half and leaves it whole: the owner then runs it,
+        // once.
+        expect_refused(b.combine_recv(&s, &mut pending), "ForeignHandle", "a pending combine of another buffer")?;
+        a.combine_recv(&s, &mut pending)?;
+        expect_refused(a.combine_recv(&s, &mut pending), "StaleHandle", "a receive half run twice")?;
+        a.check()?;
+        // A hook-mode dispatch: views may be taken before its receive half (their contents are
+        // valid once the stream has run it); a combine may not start before it.
+        let hook_args = DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook: true, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+        let (mut hh, _) = a.dispatch(&s, &hook_args)?;
+        a.recv_count(&hh)?;
+        a.recv_src_info(&hh)?;
+        a.recv_x_bf16(&hh)?;
+        let zero_copy = CombineArgs {
+            x: CombineInput::ZeroCopy,
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: None,
+            out: &out,
+            mode: CombineMode::PreReduced,
+            hook: false,
+        };
+        expect_refused(a.combine(&s, &hh, &zero_copy), "PendingHook", "a combine before the dispatch's receive half")?;
+        expect_refused(a.dispatch(&s, &hook_args), "PendingHook", "a dispatch before the previous one's receive half")?;
+        a.dispatch_recv(&s, &mut hh, None)?;
+        a.combine(&s, &hh, &zero_copy)?;
         a.check()?;
         // Grids and configurations that differ across ranks.
         match b.set_launch(16 + g.rank() as u32, 512) {
