@@ -8,7 +8,7 @@ use anyhow::{Context, Result, ensure};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
 use half::bf16;
 use moe_ep::diag::{CopyEngine, P2pProbe};
-use moe_ep::ht::{CombineArgs, DispatchArgs, Handle, HtBuffer, HtConfig, Payload};
+use moe_ep::ht::{CombineArgs, DispatchArgs, Handle, HtBuffer, HtConfig, Payload, PushEngine};
 use moe_ep::reference::{HtRank, HtWorld, Rng, Routing, gen_bf16, gen_fp8, gen_routing};
 use moe_ep::{Group, Kernel, TopkIdx};
 use std::sync::Arc;
@@ -324,7 +324,13 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let sweep_tokens: Vec<usize> = if o.sweep { vec![128, 256, 512, 1024, 2048, 4096, 8192] } else { vec![] };
     let sweep_sms: Vec<u32> = if o.sweep { vec![8, 16, 24, 32] } else { vec![] };
     let max_tokens = sweep_tokens.iter().cloned().chain([o.tokens]).max().unwrap();
-    let cfg = HtConfig { num_sms: o.sms, combine_push_blocks: o.push, ..HtConfig::new(experts(world), HIDDEN, TOPK, max_tokens, world) };
+    let push_engine = if o.bulk_push { PushEngine::Bulk } else { PushEngine::Tuned };
+    let cfg = HtConfig {
+        num_sms: o.sms,
+        combine_push_blocks: o.push,
+        combine_push: push_engine,
+        ..HtConfig::new(experts(world), HIDDEN, TOPK, max_tokens, world)
+    };
     let mut buf = HtBuffer::new(g, cfg).context("creating the high-throughput buffer")?;
 
     // The main point, DeepEP's defaults.
@@ -372,12 +378,16 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let checked_tokens: Vec<String> = sweep_tokens.iter().filter(|&&n| n <= CHECK_MAX_TOKENS).map(|n| n.to_string()).collect();
     let unchecked: Vec<String> = sweep_tokens.iter().filter(|&&n| n > CHECK_MAX_TOKENS).map(|n| n.to_string()).collect();
     let mut body = format!(
-        "{device}, {world} ranks. {} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {} experts, scores |randn|+1, {} SMs (combine: {} pushing blocks); threads per block launched: dispatch {}, combine {}; medians of {} runs.\n\n\
+        "{device}, {world} ranks. {} tokens per rank, hidden {HIDDEN}, top-{TOPK} of {} experts, scores |randn|+1, {} SMs (combine: {} pushing blocks, {}); threads per block launched: dispatch {}, combine {}; medians of {} runs.\n\n\
          Checked against the CPU reference before timing (whole outputs, receive buffers poisoned first): full and cached BF16 dispatch, full and cached FP8 dispatch (rows and scales), combine, at the main point, at every SM budget of the sweep and at {} tokens per rank{}.\n\n",
         o.tokens,
         experts(world),
         o.sms,
         buf.config().push_blocks(world),
+        match buf.combine_push() {
+            (PushEngine::Bulk, n) => format!("bulk push, {n} threads per pushing block"),
+            _ => "register push".to_string(),
+        },
         g.launch_threads(Kernel::HtDispatch, buf.config().threads),
         g.launch_threads(Kernel::HtCombine, buf.config().threads),
         o.iters,
@@ -492,7 +502,8 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
 }
 
 /// `tune`: combine time for every push/reduce split of each SM budget (4096 tokens, the main
-/// shape), to choose `HtConfig::tuned_push_blocks`.
+/// shape), for each push engine, to choose `HtConfig::tuned_push_blocks` and
+/// `HtConfig::tuned_push_engine`.
 pub fn tune(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let world = g.world();
     let s = g.stream();
@@ -509,7 +520,8 @@ pub fn tune(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let out = s.alloc_zeros::<bf16>(n * HIDDEN)?;
     let ctx = s.context();
     let mut table_rows = Vec::new();
-    for sms in [8u32, 16, 24, 32] {
+    for (sms, engine) in [8u32, 16, 24, 32].into_iter().flat_map(|s| [(s, PushEngine::Registers), (s, PushEngine::Bulk)]) {
+        buf.set_combine_push(engine)?;
         let mut cands: Vec<u32> = [1u32, 2, 3, 4, 5, 6].iter().map(|e| (sms * e / 8).max(1)).filter(|&p| p < sms).collect();
         cands.dedup();
         let mut best = (0u32, f64::MAX);
@@ -536,12 +548,15 @@ pub fn tune(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
             }
             line.push(format!("{push}: {worst:.0} us ({gbs:.0} GB/s)"));
         }
-        table_rows.push(vec![sms.to_string(), line.join(", "), format!("{} (default {})", best.0, HtConfig::tuned_push_blocks(world, sms))]);
+        let (used, pushers) = buf.combine_push();
+        let engine = if used == PushEngine::Bulk { format!("bulk ({pushers} threads per pushing block)") } else { "registers".into() };
+        table_rows.push(vec![sms.to_string(), engine, line.join(", "), format!("{} (default {})", best.0, HtConfig::tuned_push_blocks(world, sms))]);
     }
     buf.set_combine_push_blocks(0)?;
+    buf.set_combine_push(PushEngine::Tuned)?;
     if g.rank() == 0 {
         let body = format!("{n} tokens per rank; combine, slowest rank (rank 0's logical GB/s), by pushing blocks:\n\n")
-            + &table(&["SMs", "push blocks: time (logical GB/s)", "best"], &table_rows);
+            + &table(&["SMs", "push engine", "push blocks: time (logical GB/s)", "best"], &table_rows);
         rep.section(&format!("Combine push/reduce split, EP{world}"), body);
     }
     Ok(())

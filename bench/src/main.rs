@@ -39,10 +39,24 @@ pub struct Opts {
     /// Microseconds the low-latency timings' start barrier holds on the GPU, so the timed call
     /// is queued before the window opens (0: the window opens while the host still launches).
     pub hold_us: u64,
+    /// High-throughput combine with the bulk push (`PushEngine::Bulk`) instead of the tuned one.
+    pub bulk_push: bool,
 }
 
 fn parse() -> Result<Opts> {
-    let mut o = Opts { what: vec![], ranks: None, out: None, tokens: 4096, sms: 24, push: 0, iters: 60, sweep: true, quick: false, hold_us: 50 };
+    let mut o = Opts {
+        what: vec![],
+        ranks: None,
+        out: None,
+        tokens: 4096,
+        sms: 24,
+        push: 0,
+        iters: 60,
+        sweep: true,
+        quick: false,
+        hold_us: 50,
+        bulk_push: false,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -56,6 +70,7 @@ fn parse() -> Result<Opts> {
             "--iters" => o.iters = val("--iters")?.parse()?,
             "--hold-us" => o.hold_us = val("--hold-us")?.parse()?,
             "--no-sweep" => o.sweep = false,
+            "--bulk-push" => o.bulk_push = true,
             "--quick" => {
                 o.quick = true;
                 o.sweep = false;
@@ -63,8 +78,9 @@ fn parse() -> Result<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--hold-us N] [--no-sweep] [--quick]\n\
-                     all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget\n\
+                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--hold-us N] [--bulk-push] [--no-sweep] [--quick]\n\
+                     all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget and push engine\n\
+                     --bulk-push: high-throughput combine pushes rows with bulk copies (cp.async.bulk)\n\
                      --hold-us: how long the low-latency timings' start barrier holds (default 50; 0 = the window opens while the call is launched)"
                 );
                 std::process::exit(0);

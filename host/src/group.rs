@@ -201,7 +201,7 @@ impl Group {
         pc.validate()?;
         let ctx = open_device(pc.device)?;
         let exchange: Arc<dyn Exchange> = Arc::new(TcpExchange::connect(pc, cfg.rendezvous_timeout)?);
-        Group::build(ctx, exchange, Mode::Processes, pc.device, cfg)
+        Group::build(ctx, exchange, Mode::Processes, pc.device, cfg, false)
     }
 
     /// Joins a multi-process group (one process per GPU, CUDA IPC) over a caller-supplied
@@ -214,7 +214,7 @@ impl Group {
             return Err(Error::invalid("exchange", format!("rank {rank} of {world}; a group needs 1..={MAX_RANKS} ranks")));
         }
         let ctx = open_device(device)?;
-        Group::build(ctx, exchange, Mode::Processes, device, cfg)
+        Group::build(ctx, exchange, Mode::Processes, device, cfg, false)
     }
 
     /// Runs `f` on `world` ranks, one thread per GPU (devices `0..world`) in this process, and
@@ -232,7 +232,7 @@ impl Group {
                     let f = &f;
                     s.spawn(move || -> Result<T> {
                         let ctx = open_device(rank)?;
-                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, rank, cfg)?;
+                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, rank, cfg, false)?;
                         f(&g)
                     })
                 })
@@ -245,7 +245,39 @@ impl Group {
         })
     }
 
-    fn build(ctx: Arc<CudaContext>, exchange: Arc<dyn Exchange>, mode: Mode, device: usize, cfg: GroupConfig) -> Result<Group> {
+    /// Testing only: [`Group::run_threads`] with every rank on GPU `device`, so multi-rank
+    /// kernels can be checked for correctness on a machine with one GPU. The ranks' kernels must
+    /// fit on the GPU together (their waits time out otherwise), and nothing measured this way
+    /// says anything about speed: the "peers" share one GPU's memory and SMs.
+    #[cfg(feature = "testing")]
+    pub fn run_threads_sharing_gpu<T: Send>(world: usize, device: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
+        if world == 0 || world > MAX_RANKS {
+            return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={MAX_RANKS}")))];
+        }
+        let exchanges = LocalExchange::group(world);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = exchanges
+                .into_iter()
+                .map(|ex| {
+                    let f = &f;
+                    s.spawn(move || -> Result<T> {
+                        let ctx = open_device(device)?;
+                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, device, cfg, true)?;
+                        f(&g)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .enumerate()
+                .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::Internal { reason: format!("rank {r}'s thread panicked") })))
+                .collect()
+        })
+    }
+
+    /// `shared_gpu`: ranks may drive the same GPU (testing only, see
+    /// `Group::run_threads_sharing_gpu`).
+    fn build(ctx: Arc<CudaContext>, exchange: Arc<dyn Exchange>, mode: Mode, device: usize, cfg: GroupConfig, shared_gpu: bool) -> Result<Group> {
         let (rank, world) = (exchange.rank(), exchange.world());
         let to = cfg.rendezvous_timeout;
         // Which GPU each rank drives (its UUID: each process may number the GPUs differently),
@@ -267,12 +299,12 @@ impl Group {
                 None => access::NOT_VISIBLE,
             };
         }
-        check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank)?;
+        check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank, shared_gpu)?;
         let devices: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let mut peer_ctxs = Vec::new();
         if mode == Mode::Threads {
             for (r, &d) in devices.iter().enumerate() {
-                if r != rank {
+                if r != rank && d != device {
                     let p = CudaContext::new(d).during("cuDevicePrimaryCtxRetain", || format!("retaining GPU {d}'s context"))?;
                     driver::peer::enable(&ctx, &p).during("cuCtxEnablePeerAccess", || format!("enabling GPU {device} -> GPU {d}"))?;
                     peer_ctxs.push(p);
@@ -295,6 +327,9 @@ impl Group {
         let watchdog = Watchdog::start(health.clone(), exchange.clone())?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(0) as u32;
+        // Ranks sharing a GPU each get a share of its SMs, so the default grids of every rank
+        // fit on it together (their waits need every rank's blocks resident).
+        let sm_count = if shared_gpu { sm_count / world as u32 } else { sm_count };
         Ok(Group {
             inner: Arc::new(GroupInner {
                 _watchdog: watchdog,
@@ -691,7 +726,7 @@ fn parse_gpus(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<GpuId>
 /// entry per rank, no two ranks share a GPU (by UUID), and no pair is known not to reach each
 /// other. A pair one process cannot see is accepted here; mapping the peer's heap then says
 /// whether it works.
-fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize) -> Result<()> {
+fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize, shared_gpu: bool) -> Result<()> {
     let world = gpus.len();
     if rows.len() != world {
         return Err(Error::Rendezvous { rank, world, reason: format!("peer-access exchange returned {} rows for {world} ranks", rows.len()) });
@@ -705,7 +740,7 @@ fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize) -> Result<()> 
             });
         }
         for (b, &ok) in ra.iter().enumerate() {
-            if a != b && gpus[a].uuid == gpus[b].uuid {
+            if a != b && gpus[a].uuid == gpus[b].uuid && !shared_gpu {
                 return Err(Error::invalid("device", format!("ranks {a} and {b} both use {} ({}); each rank needs its own GPU", gpus[a], gpus[b])));
             }
             if ok == access::NO {
@@ -761,15 +796,15 @@ mod tests {
         assert!(e.contains("rank 1 sent a malformed device id (3 bytes, expected 20)"), "{e}");
         assert!(parse_gpus(&[a.to_bytes()], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
         let gpus = [a, b];
-        check_peer_rows(&[vec![1, 1], vec![1, 1]], &gpus, 0).unwrap();
-        let e = check_peer_rows(&[vec![1, 1], vec![1, 1, 1, 1, 1]], &gpus, 0).unwrap_err().to_string();
+        check_peer_rows(&[vec![1, 1], vec![1, 1]], &gpus, 0, false).unwrap();
+        let e = check_peer_rows(&[vec![1, 1], vec![1, 1, 1, 1, 1]], &gpus, 0, false).unwrap_err().to_string();
         assert!(e.contains("rank 1 sent a peer-access row of 5 entries for 2 ranks"), "{e}");
-        assert!(matches!(check_peer_rows(&[vec![1, 0], vec![1, 1]], &gpus, 0), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
+        assert!(matches!(check_peer_rows(&[vec![1, 0], vec![1, 1]], &gpus, 0, false), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
         // A peer GPU this process cannot see is not an error here.
-        check_peer_rows(&[vec![1, access::NOT_VISIBLE], vec![access::NOT_VISIBLE, 1]], &gpus, 0).unwrap();
+        check_peer_rows(&[vec![1, access::NOT_VISIBLE], vec![access::NOT_VISIBLE, 1]], &gpus, 0, false).unwrap();
         // Same ordinal in two processes (one visible GPU each) is fine; the same UUID is not.
-        check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 1), gpu(0, 2)], 0).unwrap();
-        let e = check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 7), gpu(2, 7)], 0).unwrap_err().to_string();
+        check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 1), gpu(0, 2)], 0, false).unwrap();
+        let e = check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 7), gpu(2, 7)], 0, false).unwrap_err().to_string();
         assert!(e.contains("ranks 0 and 1 both use GPU 0 (GPU-07070707-0707-0707-0707-070707070707)"), "{e}");
     }
 }

@@ -46,13 +46,45 @@ pub struct HtConfig {
     /// Combine blocks that send rows home (the rest reduce as rows arrive); 0 = the tuned
     /// split for the rank count and SM budget ([`HtConfig::tuned_push_blocks`]).
     pub combine_push_blocks: u32,
+    /// How those blocks move rows ([`PushEngine`]).
+    pub combine_push: PushEngine,
 }
+
+/// How combine's pushing blocks move rows to their home ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PushEngine {
+    /// The tuned choice ([`HtConfig::tuned_push_engine`]).
+    #[default]
+    Tuned,
+    /// Every warp copies rows through registers (16-byte loads and stores), releasing one flag
+    /// per row.
+    Registers,
+    /// A few threads per block move whole rows with bulk copies (`cp.async.bulk`) through
+    /// shared memory, several rows in flight each. Needs 16-byte aligned expert outputs and
+    /// rows that fit the shared-memory budget; otherwise the registers are used.
+    Bulk,
+}
+
+/// Shared memory the bulk push may use per block (H100 and H200 allow 227 KiB).
+const BULK_PUSH_SMEM: u32 = 192 << 10;
+/// Most bulk-pushing threads per block.
+const BULK_PUSHERS: u32 = 4;
 
 impl HtConfig {
     /// A configuration with the defaults tuned for `world` ranks.
     pub fn new(num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize, world: usize) -> Self {
         let (num_sms, threads) = Self::tuned(world);
-        HtConfig { num_experts, hidden, max_topk, max_tokens_per_rank, recv_capacity: None, num_sms, threads, combine_push_blocks: 0 }
+        HtConfig {
+            num_experts,
+            hidden,
+            max_topk,
+            max_tokens_per_rank,
+            recv_capacity: None,
+            num_sms,
+            threads,
+            combine_push_blocks: 0,
+            combine_push: PushEngine::Tuned,
+        }
     }
 
     /// Default (SMs, threads) for `world` ranks: 24 SMs (DeepEP's default budget) and 1024
@@ -84,6 +116,19 @@ impl HtConfig {
         } else {
             p
         }
+    }
+
+    /// The push engine [`PushEngine::Tuned`] picks for `world` ranks and `num_sms` blocks:
+    /// registers, the engine every figure in `bench/results/` was measured with, until the
+    /// bulk push is measured on a multi-GPU machine.
+    pub const fn tuned_push_engine(_world: usize, _num_sms: u32) -> PushEngine {
+        PushEngine::Registers
+    }
+
+    /// Bulk-pushing threads per block for rows of `row_bytes` (0: the rows do not fit).
+    pub const fn bulk_pushers(row_bytes: u32) -> u32 {
+        let n = BULK_PUSH_SMEM / moe_ep_kernels::abi::ht_combine_smem_bytes(1, row_bytes);
+        if n < BULK_PUSHERS { n } else { BULK_PUSHERS }
     }
 
     /// Combine blocks that push: `combine_push_blocks`, or the tuned split when it is 0.
@@ -365,8 +410,37 @@ impl HtBuffer {
         Ok(())
     }
 
+    /// Collective: sets how combine's pushing blocks move rows ([`PushEngine`]); every rank
+    /// must pass the same value.
+    pub fn set_combine_push(&mut self, engine: PushEngine) -> Result<()> {
+        let cfg = HtConfig { combine_push: engine, ..self.cfg };
+        self.g.agree("high-throughput combine push engine (set_combine_push)", &format!("{cfg:?}"))?;
+        self.cfg = cfg;
+        Ok(())
+    }
+
+    /// The push engine combine uses for expert outputs at 16-byte aligned addresses (the tuned
+    /// choice resolved), and its bulk-pushing threads per block (0 with registers).
+    pub fn combine_push(&self) -> (PushEngine, u32) {
+        match self.bulk_pushers(0) {
+            0 => (PushEngine::Registers, 0),
+            n => (PushEngine::Bulk, n),
+        }
+    }
+
     fn epr(&self) -> usize {
         self.cfg.num_experts / self.g.world()
+    }
+
+    /// Bulk-pushing threads of a combine whose expert outputs start at `y` (0: the register
+    /// push: chosen, or the bulk push does not apply).
+    fn bulk_pushers(&self, y: u64) -> u32 {
+        let engine = match self.cfg.combine_push {
+            PushEngine::Tuned => HtConfig::tuned_push_engine(self.g.world(), self.cfg.num_sms),
+            e => e,
+        };
+        let warps = self.g.launch_threads(Kernel::HtCombine, self.cfg.threads) / 32;
+        if engine != PushEngine::Bulk || !y.is_multiple_of(16) { 0 } else { HtConfig::bulk_pushers((self.cfg.hidden * 2) as u32).min(warps) }
     }
 
     fn event(&self, stream: &Arc<CudaStream>) -> Result<CudaEvent> {
@@ -762,7 +836,10 @@ impl HtBuffer {
             max_tokens: self.cfg.max_tokens_per_rank as u32,
             y_rows: y_rows.min(u32::MAX as usize) as u32,
             push_blocks: self.cfg.push_blocks(self.g.world()),
+            bulk_pushers: self.bulk_pushers(args.x.device_addr()),
+            _pad: 0,
         };
+        let smem = ht_combine_smem_bytes(p.bulk_pushers, (hd * 2) as u32);
         let streams = [
             args.x.owning_stream(),
             args.topk_weights.and_then(|w| w.owning_stream()),
@@ -771,7 +848,7 @@ impl HtBuffer {
             args.out.owning_stream(),
             args.out_weights.and_then(|w| w.owning_stream()),
         ];
-        self.g.ordered(stream, &streams, || self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, 0, stream, &p))?;
+        self.g.ordered(stream, &streams, || self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, smem, stream, &p))?;
         self.last.set(LastOp::Combine);
         self.event(stream)
     }

@@ -14,14 +14,17 @@
 //! relaxed add per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to reach the
 //! sender's grid size, and zeroes; combine releases one flag per row, which the reducer
 //! acquires and then zeroes.
-use crate::abi::{HtCombineParams, HtDispatchParams, HtLayoutParams, HtNotifyParams, phase, status};
+use crate::abi::{HT_PUSH_STAGES, HtCombineParams, HtDispatchParams, HtLayoutParams, HtNotifyParams, phase, status};
 use crate::dev::{
     FULL, accumulate_rows, accumulate_rows_in_order, block_exclusive_scan_u32, div_rem_u32, div_rem_u64, load_topk_idx, pack_bf16x8, peer_base,
     shfl_idx_u64, warp_copy_to_lane_dests,
 };
 use crate::ptx::{
-    add_rn_f32, atom_shared_cta_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, ctaid_x, dyn_smem_base, fence_acq_rel_sys, laneid,
-    ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, nctaid_x, ntid_x,
+    add_rn_f32, atom_shared_cta_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, cp_async_bulk_commit_group,
+    cp_async_bulk_global_shared_cta_bulk_group, cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group,
+    cp_async_bulk_wait_group_0, ctaid_x, dyn_smem_base, fence_acq_rel_sys, fence_proxy_async_global, fence_proxy_async_shared_cta, laneid,
+    ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32,
+    mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64, mbarrier_try_wait_parity_shared_cta_b64, nctaid_x, ntid_x,
     shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_release_sys_global_u32,
     st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
@@ -316,7 +319,11 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
             w.report(status::SHORT_INPUT, phase::HT_COMBINE, rank, p.y_rows as u64, received as u64, 0);
         }
         let own = peer_base(&p.peers, rank);
-        if ctaid_x() < p.push_blocks {
+        if ctaid_x() < p.push_blocks && p.bulk_pushers != 0 {
+            if lane == 0 && warp < p.bulk_pushers {
+                push_rows_bulk(&p, own, num_recv, warp);
+            }
+        } else if ctaid_x() < p.push_blocks {
             // Rows of source s are [start_s, start_s + count_s); visit them round-robin over
             // sources so every home gets its tokens at the same pace, in token order.
             let (start, count) = if lane < world {
@@ -429,6 +436,91 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                 }
                 t += reducers;
             }
+        }
+    }
+}
+
+/// The bulk push of `ht_combine`, one thread (`pusher` of the block's `bulk_pushers`): rows
+/// of other homes visited round-robin over sources as in the register push, each loaded into
+/// one of [`HT_PUSH_STAGES`] shared row buffers (`cp.async.bulk`, completing on the buffer's
+/// mbarrier) and stored from there into the home's staging slot (`cp.async.bulk` to the peer's
+/// memory, one bulk group per row). A row's flag is released once its group has completed
+/// (`wait_group`, then `fence.proxy.async.global`), when its buffer is needed again or at the
+/// end, so up to [`HT_PUSH_STAGES`] rows per thread are in flight.
+#[inline(never)]
+unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u32) {
+    const S: usize = HT_PUSH_STAGES as usize;
+    let (world, rank) = (p.wait.world, p.wait.rank);
+    let k = p.k as u64;
+    let row_bytes = p.hidden * 2;
+    let slot = |s: u32, t: u32| s as u64 * p.max_tokens as u64 + t as u64;
+    let bufs = dyn_smem_base() + pusher * HT_PUSH_STAGES * row_bytes;
+    let bars = dyn_smem_base() + p.bulk_pushers * HT_PUSH_STAGES * row_bytes + pusher * HT_PUSH_STAGES * 8;
+    // SAFETY: shapes validated by the host (rows 16-byte aligned, a multiple of 16 bytes; the
+    // launch's dynamic shared memory holds every pusher's buffers and mbarriers); staging slots
+    // as in `ht_combine`.
+    unsafe {
+        let src_base = p.src_base as *const i32;
+        let range = |s: u32| -> (u32, u32) {
+            let a = ld_global_nc_s32(src_base.add(s as usize)) as u32;
+            let b = core::cmp::min(ld_global_nc_s32(src_base.add(s as usize + 1)) as u32, num_recv);
+            (a, b.saturating_sub(a))
+        };
+        let mut most = 0;
+        for s in 0..world {
+            most = core::cmp::max(most, range(s).1);
+        }
+        for b in 0..HT_PUSH_STAGES {
+            mbarrier_init_shared_cta_b64(bars + 8 * b, 1);
+        }
+        fence_proxy_async_shared_cta();
+        // Flags of the rows in flight, oldest first.
+        let mut pending = [0u64; S];
+        let mut in_flight = 0usize;
+        let mut used = 0u32;
+        let mut v = ctaid_x() * p.bulk_pushers + pusher;
+        while v < world * most {
+            let (j, s) = div_rem_u32(v, world);
+            v += p.push_blocks * p.bulk_pushers;
+            let (first, count) = range(s);
+            if s == rank || j >= count {
+                continue;
+            }
+            if in_flight == S {
+                // The oldest row's store has completed: publish it; its buffer is free.
+                cp_async_bulk_wait_group::<{ HT_PUSH_STAGES - 1 }>();
+                fence_proxy_async_global();
+                st_release_sys_global_u32(pending[0] as *mut u32, 1);
+                for i in 1..S {
+                    pending[i - 1] = pending[i];
+                }
+                in_flight -= 1;
+            }
+            let i = first + j;
+            let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+            let home = peer_base(&p.peers, s);
+            let b = used % HT_PUSH_STAGES;
+            let (buf, bar) = (bufs + b * row_bytes, bars + 8 * b);
+            mbarrier_arrive_expect_tx_shared_cta_b64(bar, row_bytes);
+            cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes(buf, (p.y + i as u64 * row_bytes as u64) as *const u8, row_bytes, bar);
+            if p.y_weights != 0 {
+                for l in 0..k {
+                    let wv = ld_global_nc_f32((p.y_weights as *const f32).add((i as u64 * k + l) as usize));
+                    st_global_u32((home + p.comb_w_off + (slot(rank, t) * k + l) * 4) as *mut u32, wv.to_bits());
+                }
+            }
+            let parity = (used / HT_PUSH_STAGES) & 1;
+            while !mbarrier_try_wait_parity_shared_cta_b64(bar, parity) {}
+            cp_async_bulk_global_shared_cta_bulk_group((home + p.comb_x_off + slot(rank, t) * row_bytes as u64) as *mut u8, buf, row_bytes);
+            cp_async_bulk_commit_group();
+            pending[in_flight] = home + p.comb_flags_off + slot(rank, t) * 4;
+            in_flight += 1;
+            used += 1;
+        }
+        cp_async_bulk_wait_group_0();
+        fence_proxy_async_global();
+        for f in pending.iter().take(in_flight) {
+            st_release_sys_global_u32(*f as *mut u32, 1);
         }
     }
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, ensure};
 use half::bf16;
 use moe_ep::Group;
 use moe_ep::TopkIdx;
-use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig, Payload};
+use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig, Payload, PushEngine};
 use moe_ep::reference::{HtRank, HtWorld, Rng, Routing, gen_bf16, gen_fp8, gen_routing};
 
 /// One test scenario (all ranks build the same one from the seed).
@@ -23,11 +23,25 @@ pub struct Case {
     pub fp8: bool,
     pub alignment: usize,
     pub i32_idx: bool,
+    /// How combine pushes rows home.
+    pub push: PushEngine,
 }
 
 impl Case {
     pub fn base(hidden: usize, k: usize, experts: usize, tokens: usize) -> Self {
-        Case { hidden, k, experts, tokens, routing: Routing::Scores, drop: 0.0, empty_rank: None, fp8: false, alignment: 1, i32_idx: false }
+        Case {
+            hidden,
+            k,
+            experts,
+            tokens,
+            routing: Routing::Scores,
+            drop: 0.0,
+            empty_rank: None,
+            fp8: false,
+            alignment: 1,
+            i32_idx: false,
+            push: PushEngine::Tuned,
+        }
     }
 
     pub fn world(&self, world: usize, seed: u64) -> HtWorld {
@@ -63,7 +77,8 @@ pub fn combine_input(seed: u64, r: usize, rows: usize, hidden: usize) -> Vec<u16
 /// Runs `case` on a new buffer sized for it.
 pub fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     let experts = if case.experts == 0 { g.world() } else { experts_for(g.world(), case.experts) };
-    let mut buf = HtBuffer::new(g, HtConfig::new(experts, case.hidden, case.k, case.tokens.max(1), g.world()))?;
+    let cfg = HtConfig { combine_push: case.push, ..HtConfig::new(experts, case.hidden, case.k, case.tokens.max(1), g.world()) };
+    let mut buf = HtBuffer::new(g, cfg)?;
     run_case_on(g, &mut buf, seed, case)
 }
 

@@ -9,6 +9,9 @@
 //! in the child the test body runs as that rank of that world only. With
 //! `MOE_EP_TEST_ONE_GPU_PER_PROCESS=1` each child sees only its own GPU (`CUDA_VISIBLE_DEVICES`
 //! set to one device, as Slurm and Kubernetes give), so the same tests cover that setup.
+//! With `MOE_EP_TEST_SHARED_GPU=1` the multi-rank tests run as threads that all share GPU 0
+//! (2 ranks, or `MOE_EP_TEST_RANKS`), a correctness check of the kernels for a machine with one
+//! GPU; the tests that kill a rank's process are skipped then.
 
 pub mod ht_case;
 pub mod ll_case;
@@ -36,9 +39,22 @@ pub fn gpus_needed(test: &str) -> usize {
     if test.starts_with("gpu1_") { 1 } else { 2 }
 }
 
+/// True when multi-rank tests run as threads that all share GPU 0
+/// (`MOE_EP_TEST_SHARED_GPU=1`): a correctness check of the kernels on a one-GPU machine
+/// (see `Group::run_threads_sharing_gpu`). Process-mode and kill tests are skipped then.
+pub fn shared_gpu() -> bool {
+    std::env::var("MOE_EP_TEST_SHARED_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Tests that need one process per rank (they kill a rank): skipped with a shared GPU.
+const PROCESS_ONLY: [&str; 2] = ["gpu2_ht_killed_rank_is_named", "gpu2_ll_killed_rank_is_named"];
+
 /// Why `test` cannot run on this machine (no driver, too few GPUs), or `None` when it can.
 pub fn skip_reason(test: &str) -> Option<String> {
-    let need = gpus_needed(test);
+    if shared_gpu() && PROCESS_ONLY.contains(&test) {
+        return Some("kills a rank's process; MOE_EP_TEST_SHARED_GPU=1 runs ranks as threads".into());
+    }
+    let need = if shared_gpu() { 1 } else { gpus_needed(test) };
     match gpu_count() {
         Err(e) => Some(e),
         Ok(n) if n < need => Some(format!("needs {need} GPU(s), this machine has {n}")),
@@ -57,6 +73,12 @@ pub fn rank_counts(test: &str) -> Result<Vec<usize>> {
         return Ok(vec![w.parse().with_context(|| format!("MOE_EP_TEST_WORLD={w:?}"))?]);
     }
     let n = gpu_count().map_err(|e| anyhow::anyhow!("{test} cannot run: {e}"))?;
+    if shared_gpu() && n >= 1 {
+        return match std::env::var("MOE_EP_TEST_RANKS") {
+            Ok(list) => parse_rank_list(&list, moe_ep::abi::MAX_RANKS),
+            Err(_) => Ok(vec![2]),
+        };
+    }
     let max = n.min(moe_ep::abi::MAX_RANKS);
     if max < 2 {
         bail!("{test} needs at least 2 GPUs; this machine has {n}");
@@ -142,9 +164,14 @@ pub fn test_config() -> GroupConfig {
     GroupConfig { timeout: Duration::from_secs(20), rendezvous_timeout: Duration::from_secs(120) }
 }
 
-/// Runs `body` on `world` ranks, one thread per GPU; fails with every failing rank's error.
+/// Runs `body` on `world` ranks, one thread per GPU (or all on GPU 0 with [`shared_gpu`]);
+/// fails with every failing rank's error.
 pub fn run_threads(world: usize, body: impl Fn(&Group) -> Result<()> + Sync) -> Result<()> {
-    let results = Group::run_threads(world, test_config(), |g| Ok(body(g)));
+    let results = if shared_gpu() {
+        Group::run_threads_sharing_gpu(world, 0, test_config(), |g| Ok(body(g)))
+    } else {
+        Group::run_threads(world, test_config(), |g| Ok(body(g)))
+    };
     let mut errors = Vec::new();
     for (r, res) in results.into_iter().enumerate() {
         match res {
@@ -303,6 +330,11 @@ pub fn run_both_modes(test_name: &str, body: impl Fn(&Group, u64) -> Result<()> 
     }
     for world in worlds {
         let seed = fresh_seed(test_name);
+        if shared_gpu() {
+            println!("{test_name}: {world} ranks, threads sharing GPU 0 (a correctness check), seed {seed}");
+            run_threads(world, |g| body(g, seed)).with_context(|| format!("{world} ranks, threads sharing GPU 0, seed {seed}"))?;
+            continue;
+        }
         // One GPU per process is a process-mode setup only.
         if !in_child() && !one_gpu_per_process() {
             println!("{test_name}: {world} ranks, threads, seed {seed}");

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use half::bf16;
 use moe_ep::TopkIdx;
-use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig, Payload};
+use moe_ep::ht::{CombineArgs, DispatchArgs, HtBuffer, HtConfig, Payload, PushEngine};
 use moe_ep::reference::{Rng, Routing, gen_bf16, gen_routing};
 use moe_ep_tests::ht_case::{Case, run_case};
 use moe_ep_tests::*;
@@ -36,6 +36,23 @@ fn gpu2_ht_edge_routing() -> Result<()> {
             Case { routing: Routing::OneRank(0), ..Case::base(2048, 8, 64, 256) },
             // Every token to the same experts.
             Case { routing: Routing::SameExperts(3), fp8: true, ..Case::base(2048, 2, 64, 256) },
+        ],
+    )
+}
+
+/// The bulk push (`cp.async.bulk` through shared memory) against the same reference: DeepSeek's
+/// shape, dropped slots, an empty rank, every token to one rank, the smallest and largest rows.
+fn gpu2_ht_bulk_push() -> Result<()> {
+    let bulk = |c: Case| Case { push: PushEngine::Bulk, ..c };
+    cases(
+        "gpu2_ht_bulk_push",
+        vec![
+            bulk(Case::base(7168, 8, 256, 512)),
+            bulk(Case { drop: 0.3, fp8: true, ..Case::base(2048, 8, 256, 256) }),
+            bulk(Case { empty_rank: Some(1), ..Case::base(2048, 8, 256, 256) }),
+            bulk(Case { routing: Routing::OneRank(0), ..Case::base(2048, 8, 64, 256) }),
+            bulk(Case::base(128, 2, 64, 300)),
+            bulk(Case::base(16384, 8, 256, 96)),
         ],
     )
 }
@@ -258,6 +275,7 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ht_uniform_bf16_and_fp8", gpu2_ht_uniform_bf16_and_fp8),
         ("gpu2_ht_edge_routing", gpu2_ht_edge_routing),
         ("gpu2_ht_shapes", gpu2_ht_shapes),
+        ("gpu2_ht_bulk_push", gpu2_ht_bulk_push),
         ("gpu2_ht_graph_replay_100", gpu2_ht_graph_replay_100),
         ("gpu2_ht_async_streams", gpu2_ht_async_streams),
         ("gpu2_ht_misuse_is_refused", gpu2_ht_misuse_is_refused),

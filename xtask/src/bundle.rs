@@ -6,7 +6,7 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|isolated|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
+# usage: run.sh [all|tests|isolated|shared|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,6 +35,18 @@ if [ "$what" = isolated ]; then
     echo "=== $name, one visible GPU per process: exit $rc"
     [ "$rc" -eq 0 ] || status=1
     grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/isolated-${name%%-*}.log" | head -n 30
+  done
+fi
+if [ "$what" = shared ]; then
+  # Not part of `all`: on a one-GPU machine, the multi-rank tests as threads sharing GPU 0 (a
+  # correctness check of the kernels; MOE_EP_TEST_RANKS picks the rank counts, default 2).
+  for t in "$here"/tests/gpu_*; do
+    name=$(basename "$t")
+    MOE_EP_TEST_SHARED_GPU=1 timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/shared-${name%%-*}.log" 2>&1
+    rc=$?
+    echo "=== $name, ranks sharing GPU 0: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/shared-${name%%-*}.log" | head -n 30
   done
 fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
@@ -155,7 +167,7 @@ pub fn build(root: &Path) -> Result<()> {
         dir.display(),
         size as f64 / (1 << 20) as f64
     );
-    println!("run it there with: target/gpu-bundle/run.sh [all|tests|isolated|examples|bench|soak|python]");
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|isolated|shared|examples|bench|soak|python]");
     Ok(())
 }
 

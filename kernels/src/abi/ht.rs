@@ -145,6 +145,21 @@ pub struct HtCombineParams {
     pub y_rows: u32,
     /// Blocks `0..push_blocks` send rows home; the others reduce as rows arrive.
     pub push_blocks: u32,
+    /// 0: every warp of a pushing block copies rows through registers. Otherwise the first
+    /// lane of each of the first `bulk_pushers` warps pushes rows with bulk copies through
+    /// [`HT_PUSH_STAGES`] row buffers of its own in dynamic shared memory
+    /// ([`ht_combine_smem_bytes`]).
+    pub bulk_pushers: u32,
+    pub _pad: u32,
+}
+
+/// Row buffers per bulk-pushing thread of `ht_combine`.
+pub const HT_PUSH_STAGES: u32 = 3;
+
+/// Dynamic shared memory of `ht_combine` with `bulk_pushers` pushing threads (0: none):
+/// [`HT_PUSH_STAGES`] rows of `row_bytes` each, then one mbarrier per row buffer.
+pub const fn ht_combine_smem_bytes(bulk_pushers: u32, row_bytes: u32) -> u32 {
+    bulk_pushers * HT_PUSH_STAGES * (row_bytes + 8)
 }
 
 impl KernelParams for HtCombineParams {

@@ -99,6 +99,14 @@ pub fn cp_async_bulk_wait_group_read<const N: u32>() {
     unsafe { asm!("cp.async.bulk.wait_group.read {n};", n = const N, options(nostack)) };
 }
 
+/// `cp.async.bulk.wait_group N;` (PTX 8.0, sm_90): waits until at most `N` committed bulk
+/// groups are pending: every older group has completed (its writes performed).
+#[inline(always)]
+pub fn cp_async_bulk_wait_group<const N: u32>() {
+    // SAFETY: waits on this thread's bulk copies.
+    unsafe { asm!("cp.async.bulk.wait_group {n};", n = const N, options(nostack)) };
+}
+
 /// `cp.async.bulk.wait_group 0;` (PTX 8.0, sm_90): waits until every committed bulk copy has
 /// completed (its writes performed). Use before publishing what the copies wrote.
 #[inline(always)]
