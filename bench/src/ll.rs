@@ -8,7 +8,7 @@ use crate::{Opts, median};
 use anyhow::{Context, Result, ensure};
 use cudarc::driver::{CudaSlice, CudaStream, sys};
 use half::bf16;
-use moe_ep::abi::scale_fmt;
+use moe_ep::abi::{scale_fmt, trace};
 use moe_ep::diag;
 use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, LlBuffer, LlConfig};
 use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
@@ -212,6 +212,54 @@ fn measure(
     Ok(samples.iter_mut().map(|v| median(v)).collect())
 }
 
+/// Traced runs of the breakdown.
+const TRACED_RUNS: usize = 20;
+/// The marks the breakdown reports, and their names.
+const MARKS: [(usize, &str); 6] = [
+    (trace::START, "all blocks started"),
+    (trace::SENT, "stores issued"),
+    (trace::SIGNALLED, "stores complete, ranks signalled"),
+    (trace::ARRIVED, "every source arrived"),
+    (trace::DONE, "placed / reduced"),
+    (trace::END, "end"),
+];
+
+/// Medians over `runs` traced calls (each timed as in [`measure`]) of where the FP8 dispatch
+/// and then the pre-reduced combine spend their time: for each of [`MARKS`], microseconds from
+/// the rank's first block start until the last block reached it (GPU clock).
+fn trace_breakdown(
+    g: &Group,
+    buf: &mut LlBuffer,
+    inp: &Inputs,
+    y: &CudaSlice<bf16>,
+    out: &dyn DeviceArg<bf16>,
+    runs: usize,
+    hold: Duration,
+) -> Result<Vec<f64>> {
+    let s = g.stream();
+    buf.take_trace(s)?;
+    let mut samples = vec![Vec::new(); 2 * MARKS.len()];
+    for _ in 0..runs {
+        let mut h = None;
+        timed(g, s, hold, &mut || {
+            h = Some(buf.dispatch(s, &fp8_args(inp, false))?.0);
+            Ok(())
+        })?;
+        let h = h.context("dispatch handle")?;
+        timed(g, s, hold, &mut || buf.combine(s, &h, &combine_args(inp, y, out, CombineMode::PreReduced, false)).map(|_| ()))?;
+        let t = buf.take_trace(s)?;
+        for (k, rows) in [&t.dispatch, &t.combine].into_iter().enumerate() {
+            let t0 = rows.iter().map(|r| r[trace::START]).min().unwrap_or(0);
+            for (j, &(m, _)) in MARKS.iter().enumerate() {
+                let latest = rows.iter().map(|r| r[m]).max().unwrap_or(0);
+                samples[MARKS.len() * k + j].push(latest.saturating_sub(t0) as f64 / 1e3);
+            }
+        }
+    }
+    buf.check()?;
+    Ok(samples.iter_mut().map(|v| median(v)).collect())
+}
+
 /// Slowest rank per value (rank 0 only).
 fn slowest(all: &[Vec<f64>]) -> Vec<f64> {
     (0..all[0].len()).map(|i| all.iter().map(|v| v[i]).fold(0.0, f64::max)).collect()
@@ -238,6 +286,9 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let host = main.split_off(OPS.len());
     let grid = buf.config().num_blocks;
     let threads = buf.config().threads;
+    // Where the time goes: the kernels' timestamps, in traced runs after the timed ones.
+    buf.enable_trace()?;
+    let breakdown = trace_breakdown(g, &mut buf, &inp, &y, &out, TRACED_RUNS, hold)?;
     let launched = (g.launch_threads(moe_ep::Kernel::LlDispatch, threads), g.launch_threads(moe_ep::Kernel::LlCombine, threads));
 
     // Grid sizes: the smallest that keeps the figures.
@@ -297,7 +348,10 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         vals.extend(v);
     }
     vals.extend(&host);
+    vals.extend(&breakdown);
     let Some(all) = Report::gather(g, &vals)? else { return Ok(()) };
+    let nb = breakdown.len();
+    let bd: Vec<&[f64]> = all.iter().map(|v| &v[v.len() - nb..]).collect();
     let worst = slowest(&all);
     let mut rows = Vec::new();
     for (r, v) in all.iter().enumerate() {
@@ -330,11 +384,25 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         worst[0] + worst[1],
         all[0][7]
     );
-    let h = &worst[worst.len() - 3..];
+    let h = &worst[worst.len() - 3 - nb..worst.len() - nb];
     body += &format!(
         "Host time of one call (the Rust API: checks, parameter block, launch, completion event; CPU time, median, slowest rank): dispatch {:.1} us, combine per expert {:.1} us, combine pre-reduced {:.1} us.\n",
         h[0], h[1], h[2]
     );
+    let mut brows = Vec::new();
+    for (r, v) in bd.iter().enumerate() {
+        for (k, name) in ["dispatch (FP8)", "combine (pre-reduced)"].iter().enumerate() {
+            let mut row = vec![r.to_string(), name.to_string()];
+            row.extend(v[MARKS.len() * k..MARKS.len() * (k + 1)].iter().map(|x| format!("{x:.1}")));
+            brows.push(row);
+        }
+    }
+    let mut bhead = vec!["rank", "kernel"];
+    bhead.extend(MARKS.iter().map(|m| m.1));
+    body += &format!(
+        "\nWhere the time goes: GPU timestamps (`%globaltimer`) that thread 0 of every block stamps at the kernels' marks, in microseconds from the rank's first block start until the last block reached the mark; medians of {TRACED_RUNS} traced runs after the timed ones (a mark costs one store per block). The main table's time also holds the gap from the barrier to the first block's start.\n\n"
+    );
+    body += &table(&bhead, &brows);
     let mut at = 8;
     if !by_grid.is_empty() {
         let mut grows = Vec::new();

@@ -289,6 +289,21 @@ pub struct LlBuffer {
     /// False only for testing (`MOE_EP_TESTING_NO_LL_REUSE_GUARD`, read when the buffer is
     /// built): lets the reuse test show the race the guard prevents.
     reuse_guard: bool,
+    /// Testing: the kernels' timestamp tables (dispatch, then combine; `rows` blocks each),
+    /// once `enable_trace` has run.
+    trace: Option<(crate::driver::DeviceAlloc, usize)>,
+}
+
+/// Testing: the GPU timestamps (`%globaltimer`, ns) the last traced dispatch and combine
+/// stamped, one row per block ([`moe_ep_kernels::abi::trace`] names the marks; 0 where a
+/// launch did not reach a mark).
+#[cfg(feature = "testing")]
+#[derive(Clone, Debug)]
+pub struct LlTrace {
+    /// Dispatch launches (both halves of a hook-mode dispatch share the table).
+    pub dispatch: Vec<[u64; trace::MARKS]>,
+    /// Combine launches.
+    pub combine: Vec<[u64; trace::MARKS]>,
 }
 
 impl LlBuffer {
@@ -312,7 +327,45 @@ impl LlBuffer {
             pending_dispatch: false,
             pending_combine: std::cell::Cell::new(false),
             reuse_guard: std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_none(),
+            trace: None,
         })
+    }
+
+    /// Testing: from now on the kernels stamp GPU timestamps at their marks (see [`LlTrace`]).
+    #[cfg(feature = "testing")]
+    pub fn enable_trace(&mut self) -> Result<()> {
+        let rows = self.g.sm_count().max(self.cfg.num_blocks) as usize;
+        let t = crate::driver::DeviceAlloc::zeroed(self.g.context(), 2 * rows * trace::MARKS * 8)?;
+        self.trace = Some((t, rows));
+        Ok(())
+    }
+
+    /// Testing: the timestamps of the launches since the last call (waits for `stream`), then
+    /// clears them.
+    #[cfg(feature = "testing")]
+    pub fn take_trace(&self, stream: &Arc<CudaStream>) -> Result<LlTrace> {
+        let Some((t, rows)) = &self.trace else {
+            return Err(Error::invalid("trace", "enable_trace has not run on this buffer"));
+        };
+        let n = (self.cfg.num_blocks as usize).min(*rows);
+        let mut d = vec![[0u64; trace::MARKS]; n];
+        let mut c = vec![[0u64; trace::MARKS]; n];
+        let table = rows * trace::MARKS * 8;
+        // SAFETY: both tables lie inside the trace allocation (`rows` rows each, `n <= rows`).
+        unsafe {
+            crate::driver::copy_to_host(t.ptr(), &mut d, stream).during("cuMemcpyDtoH", || "reading the dispatch trace".into())?;
+            crate::driver::copy_to_host(t.ptr() + table as u64, &mut c, stream).during("cuMemcpyDtoH", || "reading the combine trace".into())?;
+            crate::driver::memset_d8_async(t.ptr(), 0, 2 * table, stream).during("cuMemsetD8Async", || "clearing the trace".into())?;
+        }
+        Ok(LlTrace { dispatch: d, combine: c })
+    }
+
+    /// The trace table of kernel `which` (0 dispatch, 1 combine), or 0 when not tracing.
+    fn trace_addr(&self, which: u64) -> u64 {
+        match &self.trace {
+            Some((t, rows)) if self.cfg.num_blocks as usize <= *rows => t.ptr() + which * (*rows * trace::MARKS * 8) as u64,
+            _ => 0,
+        }
     }
 
     /// The configuration.
@@ -391,6 +444,7 @@ impl LlBuffer {
             half: half as u32,
             stages,
             send_blocks: self.cfg.num_blocks,
+            trace: self.trace_addr(0),
         }
     }
 
@@ -467,6 +521,7 @@ impl LlBuffer {
         p.scale_fmt = fmt;
         p.scale_layout = h.scale_layout.code();
         p.send_blocks = self.cfg.num_blocks;
+        p.trace = self.trace_addr(0);
         if let Some(s) = stats {
             check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
             p.stats = s.device_addr();
@@ -649,6 +704,7 @@ impl LlBuffer {
                 CombineMode::PreReduced => combine_mode::PRE_REDUCED,
             },
             _pad: 0,
+            trace: self.trace_addr(1),
         };
         let streams = [
             match args.x {

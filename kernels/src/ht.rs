@@ -447,7 +447,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
 /// memory, one bulk group per row). A row's flag is released once its group has completed
 /// (`wait_group`, then `fence.proxy.async.global`), when its buffer is needed again or at the
 /// end, so up to [`HT_PUSH_STAGES`] rows per thread are in flight.
-#[inline(never)]
+#[inline(always)]
 unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u32) {
     const S: usize = HT_PUSH_STAGES as usize;
     let (world, rank) = (p.wait.world, p.wait.rank);

@@ -26,6 +26,7 @@
 
 use crate::abi::{
     FP8_GROUP, LlCombineParams, LlDispatchParams, MAX_HIDDEN, MAX_TOPK, combine_mode, ll_scale_rows, phase, scale_fmt, scale_layout, stage, status,
+    trace,
 };
 use crate::dev::{
     FULL, accumulate_rows_in_order, block_exclusive_scan_u32, div_ceil_u32, div_rem_u32, div_rem_u64, grid_warp_interleaved, group_max_f32,
@@ -34,10 +35,10 @@ use crate::dev::{
 use crate::fp::fp8_scale;
 use crate::ptx::{
     abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base, fma_rn_f32,
-    laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32, ld_global_u32, ld_global_v4_u32,
-    ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32, shfl_sync_bfly_b32,
-    shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32,
-    tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+    globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32, ld_global_u32,
+    ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32,
+    shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32, st_global_u64, st_global_v4_u32,
+    st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
 use crate::sync::{Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, signal_all_ranks, wait_all_sources};
 
@@ -57,6 +58,7 @@ const NO_EXPERT: u32 = 0xffff;
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
     let w = Waiter::new(&p.wait);
+    mark(p.trace, trace::START);
     let (world, rank) = (w.world, w.rank);
     let h = p.half;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
@@ -76,18 +78,34 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
             // reported; nothing more is sent or signalled then, so the peers time out too
             // instead of reading stale rows.
             if dispatch_send(&p, &w, seq) {
+                mark(p.trace, trace::SENT);
                 signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_dispatch_arrive, h, rank));
+                mark(p.trace, trace::SIGNALLED);
             }
         }
         if p.stages & stage::RECV != 0 {
             let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, s), p.send_blocks, phase::LL_DISPATCH_RECV);
+            mark(p.trace, trace::ARRIVED);
             if ok {
                 dispatch_recv(&p, &w);
             }
-            if last_block_of_grid(half_slot(&raw mut (*me).ll_dispatch_done, h)) {
+            let last = last_block_of_grid(half_slot(&raw mut (*me).ll_dispatch_done, h));
+            mark(p.trace, trace::DONE);
+            if last {
                 finish_dispatch(&p, &w, ok, seq);
             }
         }
+        mark(p.trace, trace::END);
+    }
+}
+
+/// Stamps mark `m` of this block's trace row with `%globaltimer` (thread 0; nothing when
+/// `trace` is 0). See [`trace`].
+#[inline(always)]
+fn mark(trace: u64, m: usize) {
+    if trace != 0 && tid_x() == 0 {
+        // SAFETY: the host sized the trace buffer `u64 [blocks][trace::MARKS]`.
+        unsafe { st_global_u64((trace + (ctaid_x() as u64 * trace::MARKS as u64 + m as u64) * 8) as *mut u64, globaltimer()) };
     }
 }
 
@@ -559,6 +577,7 @@ fn scale_address(p: &LlDispatchParams, row: u64, g: u32, groups: u32, rows_pe: u
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     let w = Waiter::new(&p.wait);
+    mark(p.trace, trace::START);
     let rank = w.rank;
     let reduced = p.mode == combine_mode::PRE_REDUCED;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
@@ -569,11 +588,14 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
             } else {
                 combine_send(&p, &w);
             }
+            mark(p.trace, trace::SENT);
             signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_combine_arrive, p.half, rank));
+            mark(p.trace, trace::SIGNALLED);
         }
         if p.stages & stage::RECV != 0 {
             let me = control(&p.peers, rank);
             let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), p.send_blocks, phase::LL_COMBINE_RECV);
+            mark(p.trace, trace::ARRIVED);
             if ok {
                 if reduced {
                     combine_reduce_ranks(&p);
@@ -581,12 +603,15 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
                     combine_reduce(&p);
                 }
             }
-            if last_block_done(half_slot(&raw mut (*me).ll_combine_done, p.half)) && ok {
+            let last = last_block_done(half_slot(&raw mut (*me).ll_combine_done, p.half));
+            mark(p.trace, trace::DONE);
+            if last && ok {
                 for s in 0..w.world {
                     st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), 0);
                 }
             }
         }
+        mark(p.trace, trace::END);
     }
 }
 

@@ -384,6 +384,31 @@ fn gpu2_ll_inputs_freed_early_on_their_stream() -> Result<()> {
     })
 }
 
+/// The trace the benchmark's breakdown reads: with tracing on, a dispatch and a combine (both
+/// checked against the reference) stamp every mark of every block, in order within a block;
+/// a trace taken with no launch since is all zero.
+fn gpu2_ll_trace_marks() -> Result<()> {
+    run_both_modes("gpu2_ll_trace_marks", |g, seed| {
+        let world = g.world();
+        let case = Case { mode: CombineMode::PreReduced, ..Case::base(2048, 8, experts_for(world, 64), 64) };
+        let mut buf = LlBuffer::new(g, LlConfig::new(case.experts, case.hidden, case.k, case.max_tokens))?;
+        buf.enable_trace()?;
+        moe_ep_tests::ll_case::run_case_on(g, &mut buf, seed, case)?;
+        let t = buf.take_trace(g.stream())?;
+        use moe_ep::abi::trace;
+        for (kernel, rows) in [("dispatch", &t.dispatch), ("combine", &t.combine)] {
+            anyhow::ensure!(rows.len() == buf.config().num_blocks as usize, "{kernel}: {} trace rows", rows.len());
+            for (b, r) in rows.iter().enumerate() {
+                let m = [r[trace::START], r[trace::SENT], r[trace::SIGNALLED], r[trace::ARRIVED], r[trace::DONE], r[trace::END]];
+                anyhow::ensure!(m.iter().all(|&v| v != 0) && m.windows(2).all(|p| p[0] <= p[1]), "{kernel} block {b}: marks {m:?}");
+            }
+        }
+        let empty = buf.take_trace(g.stream())?;
+        anyhow::ensure!(empty.dispatch.iter().chain(&empty.combine).all(|r| r.iter().all(|&v| v == 0)), "a cleared trace holds stamps");
+        Ok(())
+    })
+}
+
 fn main() -> std::process::ExitCode {
     gpu_main(&[
         ("gpu2_ll_formats", gpu2_ll_formats),
@@ -395,5 +420,6 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ll_misuse_is_refused", gpu2_ll_misuse_is_refused),
         ("gpu2_ll_alternating_with_ht_1000", gpu2_ll_alternating_with_ht_1000),
         ("gpu2_ll_inputs_freed_early_on_their_stream", gpu2_ll_inputs_freed_early_on_their_stream),
+        ("gpu2_ll_trace_marks", gpu2_ll_trace_marks),
     ])
 }

@@ -170,6 +170,8 @@ pub struct LlDispatchParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
+    /// Testing: `u64 [blocks][TRACE_MARKS]` GPU timestamps ([`trace`]), or 0.
+    pub trace: u64,
 }
 
 impl KernelParams for LlDispatchParams {
@@ -220,6 +222,29 @@ pub struct LlCombineParams {
     /// One of [`combine_mode`].
     pub mode: u32,
     pub _pad: u32,
+    /// Testing: `u64 [blocks][TRACE_MARKS]` GPU timestamps ([`trace`]), or 0.
+    pub trace: u64,
+}
+
+/// Where the low-latency kernels stamp `%globaltimer` when a trace buffer is given: thread 0
+/// of every block, at mark `m` of that block's row (`u64 [blocks][TRACE_MARKS]`). A mark the
+/// launch does not reach (a half it does not run) stays as the host left it.
+pub mod trace {
+    /// Marks per block.
+    pub const MARKS: usize = 8;
+    /// The block started.
+    pub const START: usize = 0;
+    /// Send half: the block has issued its stores (every wait for a peer passed).
+    pub const SENT: usize = 1;
+    /// Send half: the block's stores are complete (`fence.acq_rel.sys`) and every rank is
+    /// signalled.
+    pub const SIGNALLED: usize = 2;
+    /// Receive half: every source's send blocks have signalled this rank.
+    pub const ARRIVED: usize = 3;
+    /// Receive half: the block's share is placed (dispatch) or reduced (combine).
+    pub const DONE: usize = 4;
+    /// The block's last instruction (the grid's last block after the counts and counters).
+    pub const END: usize = 5;
 }
 
 /// Dynamic shared memory of `ll_combine` for `experts_per_rank` local experts: the prefix of
