@@ -327,9 +327,10 @@ impl Group {
         let watchdog = Watchdog::start(health.clone(), exchange.clone())?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(0) as u32;
-        // Ranks sharing a GPU each get a share of its SMs, so the default grids of every rank
-        // fit on it together (their waits need every rank's blocks resident).
-        let sm_count = if shared_gpu { sm_count / world as u32 } else { sm_count };
+        // Ranks sharing a GPU each get a share of its SMs, less two for the one-block kernels
+        // (barriers) of the other ranks, so the default grids of every rank fit on it together
+        // (their waits need every rank's blocks resident).
+        let sm_count = if shared_gpu { (sm_count / world as u32).saturating_sub(2).max(1) } else { sm_count };
         Ok(Group {
             inner: Arc::new(GroupInner {
                 _watchdog: watchdog,

@@ -54,6 +54,11 @@ pub fn skip_reason(test: &str) -> Option<String> {
     if shared_gpu() && PROCESS_ONLY.contains(&test) {
         return Some("kills a rank's process; MOE_EP_TEST_SHARED_GPU=1 runs ranks as threads".into());
     }
+    if shared_gpu() && test == "gpu2_ll_graph_replay_1000" {
+        // Seen on 1 x H200 (2026-11-28): after 17 to 108 replays each rank waits for the other
+        // to free its half. It passes on machines with a GPU per rank; the cause is open.
+        return Some("deadlocks with two ranks' graphs on one GPU (cause open); runs on machines with a GPU per rank".into());
+    }
     let need = if shared_gpu() { 1 } else { gpus_needed(test) };
     match gpu_count() {
         Err(e) => Some(e),

@@ -40,6 +40,9 @@ fi
 if [ "$what" = shared ]; then
   # Not part of `all`: on a one-GPU machine, the multi-rank tests as threads sharing GPU 0 (a
   # correctness check of the kernels; MOE_EP_TEST_RANKS picks the rank counts, default 2).
+  # All ranks' streams live in one context: more hardware queues than the default 8, so no two
+  # ranks' spinning kernels end up serialised behind each other in one queue.
+  export CUDA_DEVICE_MAX_CONNECTIONS=32
   for t in "$here"/tests/gpu_*; do
     name=$(basename "$t")
     MOE_EP_TEST_SHARED_GPU=1 timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/shared-${name%%-*}.log" 2>&1
