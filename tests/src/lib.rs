@@ -56,7 +56,10 @@ pub fn skip_reason(test: &str) -> Option<String> {
     }
     if shared_gpu() && test == "gpu2_ll_graph_replay_1000" {
         // Seen on 1 x H200 (2026-11-28): after 17 to 108 replays each rank waits for the other
-        // to free its half. It passes on machines with a GPU per rank; the cause is open.
+        // to free its half. It passes on machines with a GPU per rank. A likely cause, not yet
+        // shown: the test's pageable host-to-device copies between replays go through the one
+        // shared context's staging buffers, so one rank's copy can queue behind the other's,
+        // which waits (stream order) for a kernel that needs the first rank's next replay.
         return Some("deadlocks with two ranks' graphs on one GPU (cause open); runs on machines with a GPU per rank".into());
     }
     let need = if shared_gpu() { 1 } else { gpus_needed(test) };
