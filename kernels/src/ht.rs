@@ -474,8 +474,10 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u
             mbarrier_init_shared_cta_b64(bars + 8 * b, 1);
         }
         fence_proxy_async_shared_cta();
-        // Flags of the rows in flight, oldest first.
-        let mut pending = [0u64; S];
+        // Flags of the rows in flight, oldest first (named, not an array: no indexing that
+        // could panic).
+        const _: () = assert!(S == 3);
+        let (mut f0, mut f1, mut f2) = (0u64, 0u64, 0u64);
         let mut in_flight = 0usize;
         let mut used = 0u32;
         let mut v = ctaid_x() * p.bulk_pushers + pusher;
@@ -490,10 +492,8 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u
                 // The oldest row's store has completed: publish it; its buffer is free.
                 cp_async_bulk_wait_group::<{ HT_PUSH_STAGES - 1 }>();
                 fence_proxy_async_global();
-                st_release_sys_global_u32(pending[0] as *mut u32, 1);
-                for i in 1..S {
-                    pending[i - 1] = pending[i];
-                }
+                st_release_sys_global_u32(f0 as *mut u32, 1);
+                (f0, f1) = (f1, f2);
                 in_flight -= 1;
             }
             let i = first + j;
@@ -513,14 +513,25 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u
             while !mbarrier_try_wait_parity_shared_cta_b64(bar, parity) {}
             cp_async_bulk_global_shared_cta_bulk_group((home + p.comb_x_off + slot(rank, t) * row_bytes as u64) as *mut u8, buf, row_bytes);
             cp_async_bulk_commit_group();
-            pending[in_flight] = home + p.comb_flags_off + slot(rank, t) * 4;
+            let flag = home + p.comb_flags_off + slot(rank, t) * 4;
+            match in_flight {
+                0 => f0 = flag,
+                1 => f1 = flag,
+                _ => f2 = flag,
+            }
             in_flight += 1;
             used += 1;
         }
         cp_async_bulk_wait_group_0();
         fence_proxy_async_global();
-        for f in pending.iter().take(in_flight) {
-            st_release_sys_global_u32(*f as *mut u32, 1);
+        if in_flight > 0 {
+            st_release_sys_global_u32(f0 as *mut u32, 1);
+        }
+        if in_flight > 1 {
+            st_release_sys_global_u32(f1 as *mut u32, 1);
+        }
+        if in_flight > 2 {
+            st_release_sys_global_u32(f2 as *mut u32, 1);
         }
     }
 }
