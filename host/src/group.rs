@@ -220,6 +220,20 @@ impl Group {
     /// Runs `f` on `world` ranks, one thread per GPU (devices `0..world`) in this process, and
     /// returns each rank's result.
     pub fn run_threads<T: Send>(world: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
+        Self::threads_on(world, None, cfg, f)
+    }
+
+    /// Testing only: [`Group::run_threads`] with every rank on GPU `device`, so multi-rank
+    /// kernels can be checked for correctness on a machine with one GPU. The ranks' kernels must
+    /// fit on the GPU together (their waits time out otherwise), and nothing measured this way
+    /// says anything about speed: the "peers" share one GPU's memory and SMs.
+    #[cfg(feature = "testing")]
+    pub fn run_threads_sharing_gpu<T: Send>(world: usize, device: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
+        Self::threads_on(world, Some(device), cfg, f)
+    }
+
+    /// One thread per rank: rank `r` on GPU `r`, or every rank on `shared` (testing).
+    fn threads_on<T: Send>(world: usize, shared: Option<usize>, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
         if world == 0 || world > MAX_RANKS {
             return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={MAX_RANKS}")))];
         }
@@ -231,38 +245,9 @@ impl Group {
                 .map(|(rank, ex)| {
                     let f = &f;
                     s.spawn(move || -> Result<T> {
-                        let ctx = open_device(rank)?;
-                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, rank, cfg, false)?;
-                        f(&g)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .enumerate()
-                .map(|(r, h)| h.join().unwrap_or_else(|_| Err(Error::Internal { reason: format!("rank {r}'s thread panicked") })))
-                .collect()
-        })
-    }
-
-    /// Testing only: [`Group::run_threads`] with every rank on GPU `device`, so multi-rank
-    /// kernels can be checked for correctness on a machine with one GPU. The ranks' kernels must
-    /// fit on the GPU together (their waits time out otherwise), and nothing measured this way
-    /// says anything about speed: the "peers" share one GPU's memory and SMs.
-    #[cfg(feature = "testing")]
-    pub fn run_threads_sharing_gpu<T: Send>(world: usize, device: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
-        if world == 0 || world > MAX_RANKS {
-            return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={MAX_RANKS}")))];
-        }
-        let exchanges = LocalExchange::group(world);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = exchanges
-                .into_iter()
-                .map(|ex| {
-                    let f = &f;
-                    s.spawn(move || -> Result<T> {
+                        let device = shared.unwrap_or(rank);
                         let ctx = open_device(device)?;
-                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, device, cfg, true)?;
+                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, device, cfg, shared.is_some())?;
                         f(&g)
                     })
                 })
