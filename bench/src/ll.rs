@@ -289,6 +289,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     // Where the time goes: the kernels' timestamps, in traced runs after the timed ones.
     buf.enable_trace()?;
     let breakdown = trace_breakdown(g, &mut buf, &inp, &y, &out, TRACED_RUNS, hold)?;
+    buf.disable_trace();
     let launched = (g.launch_threads(moe_ep::Kernel::LlDispatch, threads), g.launch_threads(moe_ep::Kernel::LlCombine, threads));
 
     // Grid sizes: the smallest that keeps the figures.

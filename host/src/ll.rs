@@ -340,6 +340,13 @@ impl LlBuffer {
         Ok(())
     }
 
+    /// Testing: the kernels stop stamping and the trace tables are freed (`cuMemFree` waits
+    /// for the device, so launches still queued with them finish first).
+    #[cfg(feature = "testing")]
+    pub fn disable_trace(&mut self) {
+        self.trace = None;
+    }
+
     /// Testing: the timestamps of the launches since the last call (waits for `stream`), then
     /// clears them.
     #[cfg(feature = "testing")]
