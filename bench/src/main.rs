@@ -41,6 +41,9 @@ pub struct Opts {
     pub hold_us: u64,
     /// High-throughput combine with the bulk push (`PushEngine::Bulk`) instead of the tuned one.
     pub bulk_push: bool,
+    /// Testing: every rank a thread on GPU 0 (a smoke test of the benchmark's code on a
+    /// one-GPU machine; its numbers mean nothing).
+    pub shared_gpu: bool,
 }
 
 fn parse() -> Result<Opts> {
@@ -56,6 +59,7 @@ fn parse() -> Result<Opts> {
         quick: false,
         hold_us: 50,
         bulk_push: false,
+        shared_gpu: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -71,6 +75,7 @@ fn parse() -> Result<Opts> {
             "--hold-us" => o.hold_us = val("--hold-us")?.parse()?,
             "--no-sweep" => o.sweep = false,
             "--bulk-push" => o.bulk_push = true,
+            "--shared-gpu" => o.shared_gpu = true,
             "--quick" => {
                 o.quick = true;
                 o.sweep = false;
@@ -78,9 +83,10 @@ fn parse() -> Result<Opts> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--hold-us N] [--bulk-push] [--no-sweep] [--quick]\n\
+                    "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--hold-us N] [--bulk-push] [--shared-gpu] [--no-sweep] [--quick]\n\
                      all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget and push engine\n\
                      --bulk-push: high-throughput combine pushes rows with bulk copies (cp.async.bulk)\n\
+                     --shared-gpu: testing: every rank a thread on GPU 0, a smoke test of this program on one GPU (no figure means anything)\n\
                      --hold-us: how long the low-latency timings' start barrier holds (default 50; 0 = the window opens while the call is launched)"
                 );
                 std::process::exit(0);
@@ -106,18 +112,34 @@ fn main() {
 
 fn run() -> Result<()> {
     let o = parse()?;
+    let cfg = GroupConfig { timeout: Duration::from_secs(30), rendezvous_timeout: Duration::from_secs(120) };
+    if o.shared_gpu {
+        let ranks = o.ranks.unwrap_or(2);
+        let results = Group::run_threads_sharing_gpu(ranks, 0, cfg, |g| Ok(run_parts(g, &o)));
+        for (r, res) in results.into_iter().enumerate() {
+            res.map_err(anyhow::Error::from).and_then(|x| x).with_context(|| format!("rank {r} (sharing GPU 0)"))?;
+        }
+        return Ok(());
+    }
     if std::env::var("RANK").is_err() && std::env::var("MOE_EP_RANK").is_err() {
         return launch(&o);
     }
-    let cfg = GroupConfig { timeout: Duration::from_secs(30), rendezvous_timeout: Duration::from_secs(120) };
     let g = Group::from_env(cfg).context("joining the benchmark group")?;
-    let mut rep = Report::new(&g);
+    run_parts(&g, &o)
+}
+
+/// This rank's share of every part asked for; rank 0 writes the report after each part.
+fn run_parts(g: &Group, o: &Opts) -> Result<()> {
+    let mut rep = Report::new(g);
+    if o.shared_gpu {
+        rep.header += " -- SHARED GPU: every rank is a thread on GPU 0 (a smoke test of the benchmark; no figure below means anything)";
+    }
     // The report is written after every part, so a part that fails keeps what came before.
     type Part = fn(&Group, &Opts, &mut Report) -> Result<()>;
     let parts: [(&str, Part); 4] = [("p2p", p2p::run), ("ht", ht::run), ("ll", ll::run), ("tune", ht::tune)];
     for (name, part) in parts {
         if o.what.iter().any(|w| w == name) {
-            part(&g, &o, &mut rep)?;
+            part(g, o, &mut rep)?;
             if g.rank() == 0 {
                 rep.finish(o.out.as_deref(), report::PREFACE)?;
             }
