@@ -337,7 +337,11 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let p = measure(g, &mut buf, o.tokens, o.iters, true)?;
     let all = Report::gather(g, &point_vals(&p))?;
     // Baselines in the same run.
-    let nccl = nccl_baseline(g, o.tokens, o.iters)?;
+    let nccl = if o.shared_gpu {
+        Err("not run with --shared-gpu (NCCL refuses two ranks on one GPU)".to_string())
+    } else {
+        nccl_baseline(g, o.tokens, o.iters)?
+    };
     let nccl_all = match &nccl {
         Ok((f, r)) => Report::gather(g, &[*f, *r])?.map(Ok),
         Err(e) => {

@@ -292,6 +292,8 @@ pub struct LlBuffer {
     /// Testing: the kernels' timestamp tables (dispatch, then combine; `rows` blocks each),
     /// once `enable_trace` has run.
     trace: Option<(crate::driver::DeviceAlloc, usize)>,
+    /// Testing: whether launches stamp the trace tables.
+    tracing: bool,
 }
 
 /// Testing: the GPU timestamps (`%globaltimer`, ns) the last traced dispatch and combine
@@ -328,6 +330,7 @@ impl LlBuffer {
             pending_combine: std::cell::Cell::new(false),
             reuse_guard: std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_none(),
             trace: None,
+            tracing: false,
         })
     }
 
@@ -335,16 +338,19 @@ impl LlBuffer {
     #[cfg(feature = "testing")]
     pub fn enable_trace(&mut self) -> Result<()> {
         let rows = self.g.sm_count().max(self.cfg.num_blocks) as usize;
-        let t = crate::driver::DeviceAlloc::zeroed(self.g.context(), 2 * rows * trace::MARKS * 8)?;
-        self.trace = Some((t, rows));
+        if self.trace.as_ref().is_none_or(|(_, r)| *r < rows) {
+            let t = crate::driver::DeviceAlloc::zeroed(self.g.context(), 2 * rows * trace::MARKS * 8)?;
+            self.trace = Some((t, rows));
+        }
+        self.tracing = true;
         Ok(())
     }
 
-    /// Testing: the kernels stop stamping and the trace tables are freed (`cuMemFree` waits
-    /// for the device, so launches still queued with them finish first).
+    /// Testing: launches stop stamping (the tables stay allocated until the buffer drops:
+    /// freeing memory would wait for the whole device).
     #[cfg(feature = "testing")]
     pub fn disable_trace(&mut self) {
-        self.trace = None;
+        self.tracing = false;
     }
 
     /// Testing: the timestamps of the launches since the last call (waits for `stream`), then
@@ -370,7 +376,7 @@ impl LlBuffer {
     /// The trace table of kernel `which` (0 dispatch, 1 combine), or 0 when not tracing.
     fn trace_addr(&self, which: u64) -> u64 {
         match &self.trace {
-            Some((t, rows)) if self.cfg.num_blocks as usize <= *rows => t.ptr() + which * (*rows * trace::MARKS * 8) as u64,
+            Some((t, rows)) if self.tracing && self.cfg.num_blocks as usize <= *rows => t.ptr() + which * (*rows * trace::MARKS * 8) as u64,
             _ => 0,
         }
     }
