@@ -303,7 +303,8 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
 
     // The flag round trip in the same run.
     let mut rtt = f64::NAN;
-    for _ in 0..2 {
+    // (Not with --shared-gpu: the probe frees memory, which waits for the whole shared GPU.)
+    for _ in 0..if o.shared_gpu { 0 } else { 2 } {
         rtt = match me {
             0 => diag::ping_pong(g, 1, true, 2000)?.unwrap_or(f64::NAN),
             1 => {

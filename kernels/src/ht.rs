@@ -22,11 +22,11 @@ use crate::dev::{
 use crate::ptx::{
     add_rn_f32, atom_shared_cta_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, cp_async_bulk_commit_group,
     cp_async_bulk_global_shared_cta_bulk_group, cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group,
-    cp_async_bulk_wait_group_0, ctaid_x, dyn_smem_base, fence_acq_rel_sys, fence_proxy_async_global, fence_proxy_async_shared_cta, laneid,
-    ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32,
-    mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64, mbarrier_try_wait_parity_shared_cta_b64, nctaid_x, ntid_x,
-    shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_release_sys_global_u32,
-    st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+    cp_async_bulk_wait_group_0, cp_async_bulk_wait_group_read, ctaid_x, dyn_smem_base, fence_acq_rel_sys, fence_proxy_async_global,
+    fence_proxy_async_shared_cta, laneid, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32,
+    ld_shared_cta_u32, mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64, mbarrier_try_wait_parity_shared_cta_b64, nctaid_x,
+    ntid_x, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32,
+    st_release_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
 use crate::sync::{Waiter, control, half_rank_slot, rank_slot, signal_all_ranks, wait_all_sources};
 
@@ -441,21 +441,23 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
 }
 
 /// The bulk push of `ht_combine`, one thread (`pusher` of the block's `bulk_pushers`): rows
-/// of other homes visited round-robin over sources as in the register push, each loaded into
-/// one of [`HT_PUSH_STAGES`] shared row buffers (`cp.async.bulk`, completing on the buffer's
-/// mbarrier) and stored from there into the home's staging slot (`cp.async.bulk` to the peer's
-/// memory, one bulk group per row). A row's flag is released once its group has completed
-/// (`wait_group`, then `fence.proxy.async.global`), when its buffer is needed again or at the
-/// end, so up to [`HT_PUSH_STAGES`] rows per thread are in flight.
+/// of other homes, visited round-robin over sources as in the register push, go through
+/// [`HT_PUSH_STAGES`] shared row buffers. Each buffer is loaded ahead (`cp.async.bulk` from
+/// global memory, completing on the buffer's mbarrier), so while one row is stored the next
+/// rows' loads are in flight. A row is stored from its buffer into the home's staging slot
+/// (`cp.async.bulk` to the peer's memory, one bulk group per row); the buffer is loaded again
+/// once that store has read it. Up to [`PUSH_PENDING`] stores per thread are in flight; a row's
+/// flag is released when its group has completed (`wait_group`, then
+/// `fence.proxy.async.global`), as the window moves or at the end.
 #[inline(always)]
 unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u32) {
-    const S: usize = HT_PUSH_STAGES as usize;
+    const S: u32 = HT_PUSH_STAGES;
     let (world, rank) = (p.wait.world, p.wait.rank);
     let k = p.k as u64;
     let row_bytes = p.hidden * 2;
     let slot = |s: u32, t: u32| s as u64 * p.max_tokens as u64 + t as u64;
-    let bufs = dyn_smem_base() + pusher * HT_PUSH_STAGES * row_bytes;
-    let bars = dyn_smem_base() + p.bulk_pushers * HT_PUSH_STAGES * row_bytes + pusher * HT_PUSH_STAGES * 8;
+    let bufs = dyn_smem_base() + pusher * S * row_bytes;
+    let bars = dyn_smem_base() + p.bulk_pushers * S * row_bytes + pusher * S * 8;
     // SAFETY: shapes validated by the host (rows 16-byte aligned, a multiple of 16 bytes; the
     // launch's dynamic shared memory holds every pusher's buffers and mbarriers); staging slots
     // as in `ht_combine`.
@@ -470,68 +472,96 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u
         for s in 0..world {
             most = core::cmp::max(most, range(s).1);
         }
-        for b in 0..HT_PUSH_STAGES {
+        for b in 0..S {
             mbarrier_init_shared_cta_b64(bars + 8 * b, 1);
         }
         fence_proxy_async_shared_cta();
-        // Flags of the rows in flight, oldest first (named, not an array: no indexing that
-        // could panic).
-        const _: () = assert!(S == 3);
-        let (mut f0, mut f1, mut f2) = (0u64, 0u64, 0u64);
-        let mut in_flight = 0usize;
-        let mut used = 0u32;
+        // This thread's next row: (input row, token, home rank), skipping its own rank's rows.
+        let stride = p.push_blocks * p.bulk_pushers;
         let mut v = ctaid_x() * p.bulk_pushers + pusher;
-        while v < world * most {
-            let (j, s) = div_rem_u32(v, world);
-            v += p.push_blocks * p.bulk_pushers;
-            let (first, count) = range(s);
-            if s == rank || j >= count {
-                continue;
+        let mut next = || -> Option<(u32, u32, u32)> {
+            while v < world * most {
+                let (j, s) = div_rem_u32(v, world);
+                v += stride;
+                let (first, count) = range(s);
+                if s != rank && j < count {
+                    let i = first + j;
+                    return Some((i, ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32, s));
+                }
             }
-            if in_flight == S {
-                // The oldest row's store has completed: publish it; its buffer is free.
-                cp_async_bulk_wait_group::<{ HT_PUSH_STAGES - 1 }>();
-                fence_proxy_async_global();
-                st_release_sys_global_u32(f0 as *mut u32, 1);
-                (f0, f1) = (f1, f2);
-                in_flight -= 1;
+            None
+        };
+        let load = |b: u32, i: u32| {
+            mbarrier_arrive_expect_tx_shared_cta_b64(bars + 8 * b, row_bytes);
+            cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes(
+                bufs + b * row_bytes,
+                (p.y + i as u64 * row_bytes as u64) as *const u8,
+                row_bytes,
+                bars + 8 * b,
+            );
+        };
+        // The row in each buffer (valid where `has`).
+        let mut rows = [(0u32, 0u32, 0u32); S as usize];
+        let mut has = [false; S as usize];
+        for b in 0..S {
+            if let Some(r) = next() {
+                load(b, r.0);
+                rows[b as usize] = r;
+                has[b as usize] = true;
             }
-            let i = first + j;
-            let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+        }
+        // Flags of the stores in flight: `released..issued`, at `index % PUSH_PENDING`.
+        let mut flags = [0u64; PUSH_PENDING as usize];
+        let (mut issued, mut released) = (0u32, 0u32);
+        let mut step = 0u32;
+        loop {
+            let b = step % S;
+            if !has[b as usize] {
+                break;
+            }
+            let (i, t, s) = rows[b as usize];
             let home = peer_base(&p.peers, s);
-            let b = used % HT_PUSH_STAGES;
-            let (buf, bar) = (bufs + b * row_bytes, bars + 8 * b);
-            mbarrier_arrive_expect_tx_shared_cta_b64(bar, row_bytes);
-            cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes(buf, (p.y + i as u64 * row_bytes as u64) as *const u8, row_bytes, bar);
             if p.y_weights != 0 {
                 for l in 0..k {
                     let wv = ld_global_nc_f32((p.y_weights as *const f32).add((i as u64 * k + l) as usize));
                     st_global_u32((home + p.comb_w_off + (slot(rank, t) * k + l) * 4) as *mut u32, wv.to_bits());
                 }
             }
-            let parity = (used / HT_PUSH_STAGES) & 1;
-            while !mbarrier_try_wait_parity_shared_cta_b64(bar, parity) {}
-            cp_async_bulk_global_shared_cta_bulk_group((home + p.comb_x_off + slot(rank, t) * row_bytes as u64) as *mut u8, buf, row_bytes);
+            while !mbarrier_try_wait_parity_shared_cta_b64(bars + 8 * b, (step / S) & 1) {}
+            cp_async_bulk_global_shared_cta_bulk_group(
+                (home + p.comb_x_off + slot(rank, t) * row_bytes as u64) as *mut u8,
+                bufs + b * row_bytes,
+                row_bytes,
+            );
             cp_async_bulk_commit_group();
-            let flag = home + p.comb_flags_off + slot(rank, t) * 4;
-            match in_flight {
-                0 => f0 = flag,
-                1 => f1 = flag,
-                _ => f2 = flag,
+            flags[(issued % PUSH_PENDING) as usize] = home + p.comb_flags_off + slot(rank, t) * 4;
+            issued += 1;
+            if issued - released == PUSH_PENDING {
+                // The oldest store has completed: publish its row.
+                cp_async_bulk_wait_group::<{ PUSH_PENDING - 1 }>();
+                fence_proxy_async_global();
+                st_release_sys_global_u32(flags[(released % PUSH_PENDING) as usize] as *mut u32, 1);
+                released += 1;
             }
-            in_flight += 1;
-            used += 1;
+            match next() {
+                Some(r) => {
+                    // The store has read the buffer: load the next row into it.
+                    cp_async_bulk_wait_group_read::<0>();
+                    load(b, r.0);
+                    rows[b as usize] = r;
+                }
+                None => has[b as usize] = false,
+            }
+            step += 1;
         }
         cp_async_bulk_wait_group_0();
         fence_proxy_async_global();
-        if in_flight > 0 {
-            st_release_sys_global_u32(f0 as *mut u32, 1);
-        }
-        if in_flight > 1 {
-            st_release_sys_global_u32(f1 as *mut u32, 1);
-        }
-        if in_flight > 2 {
-            st_release_sys_global_u32(f2 as *mut u32, 1);
+        while released < issued {
+            st_release_sys_global_u32(flags[(released % PUSH_PENDING) as usize] as *mut u32, 1);
+            released += 1;
         }
     }
 }
+
+/// Bulk stores per pushing thread whose rows are not yet published.
+const PUSH_PENDING: u32 = 8;
