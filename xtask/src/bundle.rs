@@ -25,43 +25,37 @@ if [ -n "$nccl" ] && [ -d "$nccl" ]; then
 fi
 nvidia-smi -L | tee "$out/devices.txt"
 status=0
+# run_tests PREFIX LABEL BINARIES... -- ARGS: each test binary with its own log
+# ($out/PREFIX-NAME.log) and a time limit (TEST_LIMIT seconds, default 600), in the caller's
+# environment.
+run_tests() {
+  local prefix=$1 label=$2; shift 2
+  local bins=()
+  while [ "$1" != -- ]; do bins+=("$1"); shift; done
+  shift
+  for t in "${bins[@]}"; do
+    name=$(basename "$t")
+    timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/$prefix-${name%%-*}.log" 2>&1
+    rc=$?
+    echo "=== $name$label: exit $rc"
+    [ "$rc" -eq 0 ] || status=1
+    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/$prefix-${name%%-*}.log" | head -n 30
+  done
+}
 if [ "$what" = isolated ]; then
   # Not part of `all`: the multi-GPU tests again, one process per GPU with each process seeing
   # only its own GPU (CUDA_VISIBLE_DEVICES set per child, as Slurm and Kubernetes do).
-  for t in "$here"/tests/gpu_ht-* "$here"/tests/gpu_ll-*; do
-    name=$(basename "$t")
-    MOE_EP_TEST_ONE_GPU_PER_PROCESS=1 timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/isolated-${name%%-*}.log" 2>&1
-    rc=$?
-    echo "=== $name, one visible GPU per process: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/isolated-${name%%-*}.log" | head -n 30
-  done
+  MOE_EP_TEST_ONE_GPU_PER_PROCESS=1 run_tests isolated ", one visible GPU per process" "$here"/tests/gpu_ht-* "$here"/tests/gpu_ll-* -- "$@"
 fi
 if [ "$what" = shared ]; then
   # Not part of `all`: on a one-GPU machine, the multi-rank tests as threads sharing GPU 0 (a
   # correctness check of the kernels; MOE_EP_TEST_RANKS picks the rank counts, default 2).
   # All ranks' streams live in one context: more hardware queues than the default 8, so no two
   # ranks' spinning kernels end up serialised behind each other in one queue.
-  export CUDA_DEVICE_MAX_CONNECTIONS=32
-  for t in "$here"/tests/gpu_*; do
-    name=$(basename "$t")
-    MOE_EP_TEST_SHARED_GPU=1 timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/shared-${name%%-*}.log" 2>&1
-    rc=$?
-    echo "=== $name, ranks sharing GPU 0: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/shared-${name%%-*}.log" | head -n 30
-  done
+  CUDA_DEVICE_MAX_CONNECTIONS=32 MOE_EP_TEST_SHARED_GPU=1 run_tests shared ", ranks sharing GPU 0" "$here"/tests/gpu_* -- "$@"
 fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
-  # Each test binary gets its own log and a time limit (TEST_LIMIT seconds, default 600).
-  for t in "$here"/tests/*; do
-    name=$(basename "$t")
-    timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/test-${name%%-*}.log" 2>&1
-    rc=$?
-    echo "=== $name: exit $rc"
-    [ "$rc" -eq 0 ] || status=1
-    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/test-${name%%-*}.log" | head -n 30
-  done
+  run_tests test "" "$here"/tests/* -- "$@"
 fi
 if [ "$what" = all ] || [ "$what" = examples ]; then
   # The examples print what they checked; torchrun's comes through torch's launcher.
