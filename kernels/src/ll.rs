@@ -58,7 +58,8 @@ const NO_EXPERT: u32 = 0xffff;
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
     let w = Waiter::new(&p.wait);
-    mark(p.trace, trace::START);
+    // SAFETY: the host passes 0 or a table sized for this grid (`LlBuffer::trace_addr`).
+    unsafe { mark(p.trace, trace::START) };
     let (world, rank) = (w.world, w.rank);
     let h = p.half;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
@@ -101,10 +102,13 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
 
 /// Stamps mark `m` of this block's trace row with `%globaltimer` (thread 0; nothing when
 /// `trace` is 0). See [`trace`].
+///
+/// # Safety
+/// `trace` must be 0 or a device table `u64 [grid blocks][trace::MARKS]`, and `m < MARKS`.
 #[inline(always)]
-fn mark(trace: u64, m: usize) {
+unsafe fn mark(trace: u64, m: usize) {
     if trace != 0 && tid_x() == 0 {
-        // SAFETY: the host sized the trace buffer `u64 [blocks][trace::MARKS]`.
+        // SAFETY: the caller guarantees the table's size.
         unsafe { st_global_u64((trace + (ctaid_x() as u64 * trace::MARKS as u64 + m as u64) * 8) as *mut u64, globaltimer()) };
     }
 }
@@ -577,7 +581,8 @@ fn scale_address(p: &LlDispatchParams, row: u64, g: u32, groups: u32, rows_pe: u
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     let w = Waiter::new(&p.wait);
-    mark(p.trace, trace::START);
+    // SAFETY: the host passes 0 or a table sized for this grid (`LlBuffer::trace_addr`).
+    unsafe { mark(p.trace, trace::START) };
     let rank = w.rank;
     let reduced = p.mode == combine_mode::PRE_REDUCED;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.

@@ -204,7 +204,11 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
 
     // The at::Tensor's place: the word of a probe's object equal to the TensorImpl pointer of the
     // at::Tensor that torch's DLPack capsule keeps for the same (contiguous) tensor.
-    let probe = torch.call_method1("empty", ((2usize, 3usize),)).map_err(e("torch.empty"))?;
+    // Probes on the CPU in float32 whatever torch's defaults are (no kernel, nothing captured).
+    let cpu_f32 = pyo3::types::PyDict::new(py);
+    cpu_f32.set_item("dtype", torch.getattr("float32").map_err(e("torch.float32"))?).map_err(e("a dict"))?;
+    cpu_f32.set_item("device", "cpu").map_err(e("a dict"))?;
+    let probe = torch.call_method("empty", ((2usize, 3usize),), Some(&cpu_f32)).map_err(e("torch.empty"))?;
     let dl = py.import("torch.utils.dlpack").map_err(e("import torch.utils.dlpack"))?;
     let cap = dl.call_method1("to_dlpack", (&probe,)).map_err(e("to_dlpack"))?;
     // SAFETY: `cap` is a live object; a capsule of another name gives NULL (and an exception,
@@ -224,12 +228,20 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
         }
         *ctx
     };
+    if handle == 0 {
+        return Err("torch's DLPack capsule holds no tensor where expected".into());
+    }
     // SAFETY: the object is `basic` bytes long (its type's basic size); words are read as
     // numbers only.
-    let offset = (16..basic.saturating_sub(7))
-        .step_by(8)
-        .find(|&o| unsafe { *probe.as_ptr().cast::<u8>().add(o).cast::<usize>() } == handle)
-        .ok_or_else(|| format!("no word of a torch.Tensor object ({basic} bytes) holds its at::Tensor (torch {})", version(&torch)))?;
+    let matches: Vec<usize> =
+        (16..basic.saturating_sub(7)).step_by(8).filter(|&o| unsafe { *probe.as_ptr().cast::<u8>().add(o).cast::<usize>() } == handle).collect();
+    let [offset] = matches[..] else {
+        return Err(format!(
+            "{} words of a torch.Tensor object ({basic} bytes) hold its at::Tensor (torch {}); expected one",
+            matches.len(),
+            version(&torch)
+        ));
+    };
     drop(cap);
     let (data_ptr, dtype, device_type, device_index) = (
         sym!(GetPtr, "aoti_torch_get_data_ptr"),
@@ -255,22 +267,27 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
     };
     // The shim against the attributes on CPU probes: contiguous, and a strided view with an offset.
     let view = torch
-        .call_method1("zeros", ((4usize, 6usize),))
+        .call_method("zeros", ((4usize, 6usize),), Some(&cpu_f32))
         .and_then(|z| z.call_method1("to", (torch.getattr("int64")?,)))
         .and_then(|z| z.get_item((pyo3::types::PySlice::new(py, 1, 4, 1), pyo3::types::PySlice::new(py, 0, 6, 2))))
         .map_err(e("a strided probe"))?;
     for p in [&probe, &view] {
         let got = s.read(p);
         let want = crate::attribute_meta("probe", p).map_err(e("the probe's attributes"))?;
+        if got.as_ref() != Some(&want) {
+            return Err(format!("the shim reads a probe as {got:?}, its attributes say {want:?}"));
+        }
+        // The shape agrees (so the shim's dimension count is the strides' length).
         let strides: Vec<i64> = p.call_method0("stride").and_then(|v| v.extract()).map_err(e("stride()"))?;
-        // SAFETY: as in `Shim::read` (the probes are plain torch.Tensor objects).
+        // SAFETY: as in `Shim::read` (the probes are plain torch.Tensor objects); the shim's
+        // strides hold as many entries as its shape, which equals the probe's.
         let got_strides = unsafe {
             let h = p.as_ptr().cast::<u8>().add(offset).cast::<c_void>();
             let mut st = std::ptr::null();
-            ((s.strides)(h, &mut st) == 0 && !st.is_null()).then(|| std::slice::from_raw_parts(st, strides.len()).to_vec())
+            ((s.strides)(h, &mut st) == 0 && !st.is_null()).then(|| std::slice::from_raw_parts(st, want.shape.len()).to_vec())
         };
-        if got.as_ref() != Some(&want) || got_strides.as_ref() != Some(&strides) {
-            return Err(format!("the shim reads a probe as {got:?} (strides {got_strides:?}), its attributes say {want:?} (strides {strides:?})"));
+        if got_strides.as_ref() != Some(&strides) {
+            return Err(format!("the shim reads a probe's strides as {got_strides:?}, its attributes say {strides:?}"));
         }
     }
     Ok(s)

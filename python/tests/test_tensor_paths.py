@@ -19,6 +19,8 @@ HIDDEN = 7168
 
 
 def main():
+    # The fast path sets itself up with its own CPU float32 probes, whatever torch's defaults.
+    torch.set_default_dtype(torch.float64)
     dev = torch.cuda.current_device()
     base = torch.zeros(6, 8, HIDDEN, dtype=torch.bfloat16, device="cuda")
     cases = {
@@ -31,6 +33,7 @@ def main():
         "empty": base[0, :0],
         "3-d": base[0:2],
         "float32": base[0].float(),
+        "float64 (the default dtype here)": torch.zeros(4, HIDDEN, device="cuda"),
         "int64": base[0].long(),
         "cpu": base[0].cpu(),
         "parameter": torch.nn.Parameter(base[0].clone(), requires_grad=False),

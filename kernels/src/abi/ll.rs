@@ -170,7 +170,7 @@ pub struct LlDispatchParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
-    /// Testing: `u64 [blocks][TRACE_MARKS]` GPU timestamps ([`trace`]), or 0.
+    /// Testing: `u64 [blocks][trace::MARKS]` GPU timestamps ([`trace`]), or 0.
     pub trace: u64,
 }
 
@@ -222,12 +222,12 @@ pub struct LlCombineParams {
     /// One of [`combine_mode`].
     pub mode: u32,
     pub _pad: u32,
-    /// Testing: `u64 [blocks][TRACE_MARKS]` GPU timestamps ([`trace`]), or 0.
+    /// Testing: `u64 [blocks][trace::MARKS]` GPU timestamps ([`trace`]), or 0.
     pub trace: u64,
 }
 
 /// Where the low-latency kernels stamp `%globaltimer` when a trace buffer is given: thread 0
-/// of every block, at mark `m` of that block's row (`u64 [blocks][TRACE_MARKS]`). A mark the
+/// of every block, at mark `m` of that block's row (`u64 [blocks][trace::MARKS]`). A mark the
 /// launch does not reach (a half it does not run) stays as the host left it.
 pub mod trace {
     /// Marks per block.
