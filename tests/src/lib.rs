@@ -55,7 +55,7 @@ pub fn skip_reason(test: &str) -> Option<String> {
         return Some("kills a rank's process; MOE_EP_TEST_SHARED_GPU=1 runs ranks as threads".into());
     }
     if shared_gpu() && test == "gpu2_ll_graph_replay_1000" {
-        // Seen on 1 x H200 (2026-11-28): after 17 to 108 replays each rank waits for the other
+        // Seen on 1 x H200 (2026-11-29): after 18 to 175 replays each rank waits for the other
         // to free its half. It passes on machines with a GPU per rank. A likely cause, not yet
         // shown: the test's pageable host-to-device copies between replays go through the one
         // shared context's staging buffers, so one rank's copy can queue behind the other's,
