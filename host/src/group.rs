@@ -449,25 +449,20 @@ impl Group {
     /// Enqueues `iters` back-to-back GPU barriers (one launch) on `stream`, on the group's
     /// control heap (every rank must issue the group's barriers in the same order).
     pub fn launch_barrier(&self, stream: &CudaStream, iters: u32) -> Result<()> {
-        self.launch_barrier_on(stream, &self.inner.heap, iters)
+        self.launch_barrier_on(stream, &self.inner.heap, iters, 0)
     }
 
-    /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
-    /// different buffers never pair up across ranks).
     /// [`Group::launch_barrier`] that first waits `hold_ns` on the GPU (benchmarks: see
     /// `crate::diag::launch_held_barrier`).
     #[cfg(feature = "testing")]
     pub(crate) fn launch_held_barrier(&self, stream: &CudaStream, hold_ns: u32) -> Result<()> {
-        self.launch_barrier_held(stream, &self.inner.heap, 1, hold_ns)
+        self.launch_barrier_on(stream, &self.inner.heap, 1, hold_ns)
     }
 
-    pub(crate) fn launch_barrier_on(&self, stream: &CudaStream, heap: &SymmetricHeap, iters: u32) -> Result<()> {
-        self.launch_barrier_held(stream, heap, iters, 0)
-    }
-
-    /// [`Group::launch_barrier_on`] that first waits `hold_ns` on the GPU (see
-    /// `BarrierParams::hold_ns`).
-    pub(crate) fn launch_barrier_held(&self, stream: &CudaStream, heap: &SymmetricHeap, iters: u32, hold_ns: u32) -> Result<()> {
+    /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
+    /// different buffers never pair up across ranks), `iters` times, after waiting `hold_ns`
+    /// on the GPU (`BarrierParams::hold_ns`; 0 for none).
+    pub(crate) fn launch_barrier_on(&self, stream: &CudaStream, heap: &SymmetricHeap, iters: u32, hold_ns: u32) -> Result<()> {
         let p = moe_ep_kernels::abi::BarrierParams { wait: self.wait_ctx(), peers: heap.peers(), iters, hold_ns };
         self.launch(Kernel::Barrier, 1, 32, 0, stream, &p)
     }

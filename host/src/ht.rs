@@ -422,7 +422,8 @@ impl HtBuffer {
     /// The push engine combine uses for expert outputs at 16-byte aligned addresses (the tuned
     /// choice resolved), and its bulk-pushing threads per block (0 with registers).
     pub fn combine_push(&self) -> (PushEngine, u32) {
-        match self.bulk_pushers(0) {
+        // Address 0 stands for any 16-byte aligned input.
+        match self.launch_pushers(0) {
             0 => (PushEngine::Registers, 0),
             n => (PushEngine::Bulk, n),
         }
@@ -434,7 +435,7 @@ impl HtBuffer {
 
     /// Bulk-pushing threads of a combine whose expert outputs start at `y` (0: the register
     /// push: chosen, or the bulk push does not apply).
-    fn bulk_pushers(&self, y: u64) -> u32 {
+    fn launch_pushers(&self, y: u64) -> u32 {
         let engine = match self.cfg.combine_push {
             PushEngine::Tuned => HtConfig::tuned_push_engine(self.g.world(), self.cfg.num_sms),
             e => e,
@@ -593,7 +594,7 @@ impl HtBuffer {
         }
         self.check_dispatch_args(h, args)?;
         self.check_layout_unchanged(h)?;
-        self.g.launch_barrier_on(stream, &self.heap, 1)?;
+        self.g.launch_barrier_on(stream, &self.heap, 1, 0)?;
         let g = self.g.clone();
         g.ordered(stream, &args.streams(), || self.launch_dispatch(stream, h, args))?;
         self.event(stream)
@@ -812,7 +813,7 @@ impl HtBuffer {
         if self.last.get() == LastOp::Combine {
             // A second combine of the same dispatch: peers must not write staging rows that
             // this rank may still be reducing.
-            self.g.launch_barrier_on(stream, &self.heap, 1)?;
+            self.g.launch_barrier_on(stream, &self.heap, 1, 0)?;
         }
         let p = HtCombineParams {
             wait: self.g.wait_ctx(),
@@ -836,7 +837,7 @@ impl HtBuffer {
             max_tokens: self.cfg.max_tokens_per_rank as u32,
             y_rows: y_rows.min(u32::MAX as usize) as u32,
             push_blocks: self.cfg.push_blocks(self.g.world()),
-            bulk_pushers: self.bulk_pushers(args.x.device_addr()),
+            bulk_pushers: self.launch_pushers(args.x.device_addr()),
             _pad: 0,
         };
         let smem = ht_combine_smem_bytes(p.bulk_pushers, (hd * 2) as u32);

@@ -770,7 +770,7 @@ impl LlBuffer {
             unsafe { crate::driver::memset_d8_async(base + self.hl.recv_x, byte, bytes, stream) }
                 .during("cuMemsetD8Async", || "poisoning the receive buffer".into())?;
         }
-        self.g.launch_barrier_on(stream, &self.heap, 1)
+        self.g.launch_barrier_on(stream, &self.heap, 1, 0)
     }
 
     /// Synchronises and reports any device error of this rank (see [`Group::check`]).

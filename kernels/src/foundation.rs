@@ -4,8 +4,8 @@ use crate::abi::{BULK_CHUNK, BULK_STAGES, BarrierParams, P2pCopyParams, PatternP
 use crate::dev::{div_rem_u64, peer_base, warp_sum_u32};
 use crate::ptx::{
     atom_relaxed_sys_global_add_u32, bar_red_and_pred_0, cp_async_bulk_commit_group, cp_async_bulk_global_shared_cta_bulk_group,
-    cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group_0, cp_async_bulk_wait_group_read, ctaid_x,
-    dyn_smem_base, fence_proxy_async_shared_cta, globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_relaxed_sys_global_u32,
+    cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group, cp_async_bulk_wait_group_read, ctaid_x, dyn_smem_base,
+    fence_proxy_async_shared_cta, globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_relaxed_sys_global_u32,
     mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64, mbarrier_try_wait_parity_shared_cta_b64, nctaid_x, ntid_x,
     st_global_L1_no_allocate_v4_u32, st_global_u32, st_relaxed_sys_global_u64, st_release_sys_global_u32, tid_x,
 };
@@ -181,7 +181,7 @@ unsafe fn copy_bulk(src: u64, dst: u64, bytes: u64) {
                 load(i + BULK_STAGES as u64);
             }
         }
-        cp_async_bulk_wait_group_0();
+        cp_async_bulk_wait_group::<0>();
     }
 }
 

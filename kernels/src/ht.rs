@@ -22,11 +22,11 @@ use crate::dev::{
 use crate::ptx::{
     add_rn_f32, atom_shared_cta_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, cp_async_bulk_commit_group,
     cp_async_bulk_global_shared_cta_bulk_group, cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group,
-    cp_async_bulk_wait_group_0, cp_async_bulk_wait_group_read, ctaid_x, dyn_smem_base, fence_acq_rel_sys, fence_proxy_async_global,
-    fence_proxy_async_shared_cta, laneid, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32,
-    ld_shared_cta_u32, mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64, mbarrier_try_wait_parity_shared_cta_b64, nctaid_x,
-    ntid_x, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32,
-    st_release_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+    cp_async_bulk_wait_group_read, ctaid_x, dyn_smem_base, fence_acq_rel_sys, fence_proxy_async_global, fence_proxy_async_shared_cta, laneid,
+    ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_u8, ld_global_nc_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32,
+    mbarrier_arrive_expect_tx_shared_cta_b64, mbarrier_init_shared_cta_b64, mbarrier_try_wait_parity_shared_cta_b64, nctaid_x, ntid_x,
+    shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_u8, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, st_release_sys_global_u32,
+    st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
 use crate::sync::{Waiter, control, half_rank_slot, rank_slot, signal_all_ranks, wait_all_sources};
 
@@ -554,7 +554,7 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u
             }
             step += 1;
         }
-        cp_async_bulk_wait_group_0();
+        cp_async_bulk_wait_group::<0>();
         fence_proxy_async_global();
         while released < issued {
             st_release_sys_global_u32(flags[(released % PUSH_PENDING) as usize] as *mut u32, 1);

@@ -8,7 +8,7 @@ use crate::dev::{FULL, block_exclusive_scan_u32, group_max_f32, warp_sum_u32};
 use crate::ptx::{
     abs_f32, add_rn_f32, atom_relaxed_gpu_global_add_u32, atom_relaxed_sys_global_add_u32, atom_relaxed_sys_global_cas_b32, atom_shared_cta_add_u32,
     bar_sync, bar_sync_0, bar_warp_sync, cp_async_bulk_commit_group, cp_async_bulk_global_shared_cta_bulk_group,
-    cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group_0, cp_async_bulk_wait_group_read, cvt_f32_bf16,
+    cp_async_bulk_shared_cluster_global_mbarrier_complete_tx_bytes, cp_async_bulk_wait_group, cp_async_bulk_wait_group_read, cvt_f32_bf16,
     cvt_rn_bf16x2_f32, cvt_rn_satfinite_e4m3x2_f32, div_rn_f32, dyn_smem_base, dynamic_smem_size, elect_sync, fence_acq_rel_gpu,
     fence_proxy_async_global, fence_proxy_async_shared_cta, fence_sc_sys, fma_rn_f32, globaltimer, laneid, ld_acquire_gpu_global_u32,
     ld_acquire_sys_global_u32, ld_acquire_sys_global_u64, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_u16,
@@ -178,7 +178,7 @@ pub unsafe extern "ptx-kernel" fn ptx_selftest(p: SelftestParams) {
             cp_async_bulk_global_shared_cta_bulk_group(scratch.add(832) as *mut u8, buf, (BULK_WORDS * 4) as u32);
             cp_async_bulk_commit_group();
             cp_async_bulk_wait_group_read::<0>();
-            cp_async_bulk_wait_group_0();
+            cp_async_bulk_wait_group::<0>();
             fence_proxy_async_global();
             let mut bad = 0;
             for i in 0..BULK_WORDS {

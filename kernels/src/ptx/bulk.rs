@@ -3,7 +3,7 @@
 //! Global -> shared copies complete on an mbarrier (`complete_tx::bytes`); shared -> global
 //! copies complete in bulk groups. Shared memory written by ordinary stores must be fenced
 //! with [`super::fence_proxy_async_shared_cta`] before a bulk copy reads it; a bulk store
-//! whose bytes a flag publishes needs `cp.async.bulk.wait_group 0` and
+//! whose bytes a flag publishes needs `cp.async.bulk.wait_group 0` ([`cp_async_bulk_wait_group`]) and
 //! [`super::fence_proxy_async_global`] before the flag.
 
 use core::arch::asm;
@@ -100,17 +100,10 @@ pub fn cp_async_bulk_wait_group_read<const N: u32>() {
 }
 
 /// `cp.async.bulk.wait_group N;` (PTX 8.0, sm_90): waits until at most `N` committed bulk
-/// groups are pending: every older group has completed (its writes performed).
+/// groups are pending: every older group has completed (its writes performed). `N = 0`
+/// before publishing what all the copies wrote.
 #[inline(always)]
 pub fn cp_async_bulk_wait_group<const N: u32>() {
     // SAFETY: waits on this thread's bulk copies.
     unsafe { asm!("cp.async.bulk.wait_group {n};", n = const N, options(nostack)) };
-}
-
-/// `cp.async.bulk.wait_group 0;` (PTX 8.0, sm_90): waits until every committed bulk copy has
-/// completed (its writes performed). Use before publishing what the copies wrote.
-#[inline(always)]
-pub fn cp_async_bulk_wait_group_0() {
-    // SAFETY: waits on this thread's bulk copies.
-    unsafe { asm!("cp.async.bulk.wait_group 0;", options(nostack)) };
 }
