@@ -337,8 +337,8 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     let p = measure(g, &mut buf, o.tokens, o.iters, true)?;
     let all = Report::gather(g, &point_vals(&p))?;
     // Baselines in the same run.
-    let nccl = if o.shared_gpu {
-        Err("not run with --shared-gpu (NCCL refuses two ranks on one GPU)".to_string())
+    let nccl = if g.gpu_sharers() > 1 {
+        Err("not run on a shared GPU (NCCL refuses two ranks on one GPU)".to_string())
     } else {
         nccl_baseline(g, o.tokens, o.iters)?
     };

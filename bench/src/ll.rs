@@ -303,8 +303,7 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
 
     // The flag round trip in the same run.
     let mut rtt = f64::NAN;
-    // (Not with --shared-gpu: the probe frees memory, which waits for the whole shared GPU.)
-    for _ in 0..if o.shared_gpu { 0 } else { 2 } {
+    for _ in 0..2 {
         rtt = match me {
             0 => diag::ping_pong(g, 1, true, 2000)?.unwrap_or(f64::NAN),
             1 => {
@@ -381,10 +380,11 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
     );
     body += &table(&head, &rows);
     body += &format!(
-        "\nSlowest rank: dispatch + combine {:.1} us (pre-reduced), {:.1} us (per expert). Flag round trip in the same run (rank 0 <-> rank 1): {:.2} us.\n",
+        "\nSlowest rank: dispatch + combine {:.1} us (pre-reduced), {:.1} us (per expert). Flag round trip in the same run (rank 0 <-> rank 1): {:.2} us{}.\n",
         worst[0] + worst[2],
         worst[0] + worst[1],
-        all[0][7]
+        all[0][7],
+        if g.gpu_sharers() > 1 { " (processes sharing one GPU under CUDA MPS, not an NVLink figure; the times above mean nothing)" } else { "" }
     );
     let h = &worst[worst.len() - 3 - nb..worst.len() - nb];
     body += &format!(

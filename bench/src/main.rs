@@ -18,9 +18,9 @@ mod p2p;
 mod report;
 
 use anyhow::{Context, Result, bail};
+use moe_ep::launch::Placement;
 use moe_ep::{Group, GroupConfig};
 use report::Report;
-use std::process::Command;
 use std::time::Duration;
 
 /// Command-line options.
@@ -41,8 +41,9 @@ pub struct Opts {
     pub hold_us: u64,
     /// High-throughput combine with the bulk push (`PushEngine::Bulk`) instead of the tuned one.
     pub bulk_push: bool,
-    /// Testing: every rank a thread on GPU 0 (a smoke test of the benchmark's code on a
-    /// one-GPU machine; its numbers mean nothing).
+    /// Every rank a process on GPU 0, sharing it under CUDA MPS (a smoke test of the
+    /// benchmark's code on a one-GPU machine; no figure but the labelled flag round trip means
+    /// anything).
     pub shared_gpu: bool,
 }
 
@@ -86,7 +87,8 @@ fn parse() -> Result<Opts> {
                     "usage: moe-ep-bench [p2p|ht|ll|tune|all]... [--ranks N] [--out DIR] [--tokens N] [--sms N] [--push N] [--iters N] [--hold-us N] [--bulk-push] [--shared-gpu] [--no-sweep] [--quick]\n\
                      all (the default) = p2p ht ll; tune = the combine push/reduce split for each SM budget and push engine\n\
                      --bulk-push: high-throughput combine pushes rows with bulk copies (cp.async.bulk)\n\
-                     --shared-gpu: testing: every rank a thread on GPU 0, a smoke test of this program on one GPU (no figure means anything)\n\
+                     --shared-gpu: every rank a process on GPU 0 under CUDA MPS (MPS must be running), a smoke test of this program on one GPU:\n\
+                     \x20 every table is labelled, and no figure but the flag round trip (labelled as such) says anything about speed\n\
                      --hold-us: how long the low-latency timings' start barrier holds (default 50; 0 = the window opens while the call is launched)"
                 );
                 std::process::exit(0);
@@ -112,15 +114,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let o = parse()?;
-    let cfg = GroupConfig { timeout: Duration::from_secs(30), rendezvous_timeout: Duration::from_secs(120) };
-    if o.shared_gpu {
-        let ranks = o.ranks.unwrap_or(2);
-        let results = Group::run_threads_sharing_gpu(ranks, 0, cfg, |g| Ok(run_parts(g, &o)));
-        for (r, res) in results.into_iter().enumerate() {
-            res.map_err(anyhow::Error::from).and_then(|x| x).with_context(|| format!("rank {r} (sharing GPU 0)"))?;
-        }
-        return Ok(());
-    }
+    let cfg = GroupConfig { timeout: Duration::from_secs(30), rendezvous_timeout: Duration::from_secs(120), ..GroupConfig::default() };
     if std::env::var("RANK").is_err() && std::env::var("MOE_EP_RANK").is_err() {
         return launch(&o);
     }
@@ -131,9 +125,21 @@ fn run() -> Result<()> {
 /// This rank's share of every part asked for; rank 0 writes the report after each part.
 fn run_parts(g: &Group, o: &Opts) -> Result<()> {
     let mut rep = Report::new(g);
-    if o.shared_gpu {
-        rep.header += " -- SHARED GPU: every rank is a thread on GPU 0 (a smoke test of the benchmark; no figure below means anything)";
-    }
+    // Ranks sharing a GPU (--shared-gpu, or MOE_EP_SHARE_GPU under a launcher): every table
+    // is a smoke run of this program. Their SM budget is their share.
+    let shared;
+    let o = if g.gpu_sharers() > 1 {
+        rep.header += &format!(
+            " -- SHARED GPU: {} ranks are processes on one GPU under CUDA MPS, {} SMs each; a correctness smoke run of the benchmark, \
+             no figure below says anything about NVLink or speed (the flag round trip, labelled, is the one close to NVLink's)",
+            g.gpu_sharers(),
+            g.sm_count()
+        );
+        shared = Opts { sms: o.sms.min(g.sm_count()), ..o.clone() };
+        &shared
+    } else {
+        o
+    };
     // The report is written after every part, so a part that fails keeps what came before.
     type Part = fn(&Group, &Opts, &mut Report) -> Result<()>;
     let parts: [(&str, Part); 4] = [("p2p", p2p::run), ("ht", ht::run), ("ll", ll::run), ("tune", ht::tune)];
@@ -149,35 +155,32 @@ fn run_parts(g: &Group, o: &Opts) -> Result<()> {
     Ok(())
 }
 
-/// Parent: one process per rank, this binary again with torchrun's variables.
+/// Parent: one process per rank, this binary again with torchrun's variables (all on GPU 0
+/// under CUDA MPS with `--shared-gpu`).
 fn launch(o: &Opts) -> Result<()> {
     let n = moe_ep::device_count().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ranks = o.ranks.unwrap_or(n);
-    if n < 2 || ranks < 2 {
-        bail!("the benchmark needs at least 2 GPUs connected by NVLink; this machine has {n} (asked for {ranks} ranks)");
+    let placement = if o.shared_gpu {
+        if moe_ep::mps_control_pipe().is_none() {
+            bail!("--shared-gpu needs the CUDA MPS control daemon (nvidia-cuda-mps-control -d; CUDA_MPS_PIPE_DIRECTORY where it is not the default)");
+        }
+        Placement::SharedGpu("0".into())
+    } else {
+        Placement::GpuPerRank
+    };
+    let ranks = o.ranks.unwrap_or(if o.shared_gpu { 2 } else { n });
+    if !o.shared_gpu && (n < 2 || ranks < 2) {
+        bail!(
+            "the benchmark needs at least 2 GPUs connected by NVLink; this machine has {n} (asked for {ranks} ranks; --shared-gpu runs a smoke test on one)"
+        );
     }
-    if ranks > n {
-        bail!("--ranks {ranks} but this machine has {n} GPUs");
+    if ranks < 2 || (!o.shared_gpu && ranks > n) || ranks > moe_ep::abi::MAX_RANKS {
+        bail!("--ranks {ranks} cannot run on this machine's {n} GPU(s)");
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    // The ranks' shared secret, fresh for this run.
-    let secret = moe_ep::rendezvous::random_secret()?;
     let exe = std::env::current_exe()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut children = Vec::new();
-    for r in 0..ranks {
-        children.push(
-            Command::new(&exe)
-                .args(&args)
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", ranks.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MOE_EP_MASTER_PORT", port.to_string())
-                .env("MOE_EP_SECRET", &secret)
-                .spawn()
-                .with_context(|| format!("starting rank {r}"))?,
-        );
+    for (r, mut c) in moe_ep::launch::rank_commands(&exe, &args, ranks, &placement)?.into_iter().enumerate() {
+        children.push(c.spawn().with_context(|| format!("starting rank {r}"))?);
     }
     let mut failed = Vec::new();
     for (r, mut c) in children.into_iter().enumerate() {

@@ -91,9 +91,16 @@ pub fn run(g: &Group, o: &Opts, rep: &mut Report) -> Result<()> {
         body += &table(&["engine", "SMs", "GB/s per rank", "slowest"], &ring);
         body += "\nFlag round trip (st.release.sys / ld.acquire.sys), rank 0 and each peer:\n\n";
         body += &table(&["pair", "round trip (us)"], &rtts.iter().map(|(p, v)| vec![format!("0 <-> {p}"), format!("{v:.2}")]).collect::<Vec<_>>());
-        body += &format!(
-            "\nSummary: slowest pair, best register config: **{min_pair:.1} GB/s** (target >= 330); slowest flag round trip: **{max_rtt:.2} us** (target <= 3).\n"
-        );
+        if g.gpu_sharers() > 1 {
+            body += &format!(
+                "\nShared GPU: the store figures above are copies within one GPU and mean nothing. The flag round trip is between \
+                 processes sharing one GPU under CUDA MPS: **{max_rtt:.2} us**, close to NVLink's (2.5-2.7 us on 4 x H200), but not an NVLink figure.\n"
+            );
+        } else {
+            body += &format!(
+                "\nSummary: slowest pair, best register config: **{min_pair:.1} GB/s** (target >= 330); slowest flag round trip: **{max_rtt:.2} us** (target <= 3).\n"
+            );
+        }
         rep.section("P2P limits", body);
     }
     Ok(())

@@ -32,11 +32,52 @@ pub struct GroupConfig {
     pub timeout: Duration,
     /// Deadline of every host-side rendezvous step.
     pub rendezvous_timeout: Duration,
+    /// Several process ranks may use one GPU (`MOE_EP_SHARE_GPU=1` through
+    /// [`GroupConfig::with_env`]). Every rank on a shared GPU must opt in, and the CUDA MPS
+    /// control daemon should be running (`nvidia-cuda-mps-control -d`): without it the
+    /// processes take turns on the GPU and every cross-rank wait costs milliseconds. Off: two
+    /// ranks on one GPU are refused. Threads of one process never share a GPU (they would share
+    /// one CUDA context, whose synchronising calls wait for the other ranks' kernels). For
+    /// testing and development: ranks sharing a GPU say nothing about NVLink speed.
+    pub share_gpu: bool,
+    /// SMs this rank's kernels may use (`MOE_EP_SM_BUDGET`); 0: every SM the rank's CUDA
+    /// context may use, or, on a shared GPU, the rank's share ([`Group::sm_count`]).
+    pub sm_budget: u32,
 }
 
 impl Default for GroupConfig {
     fn default() -> Self {
-        GroupConfig { timeout: Duration::from_secs(10), rendezvous_timeout: Duration::from_secs(60) }
+        GroupConfig { timeout: Duration::from_secs(10), rendezvous_timeout: Duration::from_secs(60), share_gpu: false, sm_budget: 0 }
+    }
+}
+
+/// The environment variable that opts a process into sharing its GPU ([`GroupConfig::share_gpu`]).
+pub const SHARE_GPU_ENV: &str = "MOE_EP_SHARE_GPU";
+/// The environment variable that sets [`GroupConfig::sm_budget`].
+pub const SM_BUDGET_ENV: &str = "MOE_EP_SM_BUDGET";
+
+impl GroupConfig {
+    /// This configuration with the environment's overrides: `MOE_EP_SHARE_GPU` (`1`/`0`) sets
+    /// [`GroupConfig::share_gpu`] and `MOE_EP_SM_BUDGET` (an SM count) sets
+    /// [`GroupConfig::sm_budget`]. [`Group::from_env`] and the Python package apply them; a
+    /// malformed value is an [`Error::InvalidArgument`] naming the variable.
+    pub fn with_env(self) -> Result<Self> {
+        self.with_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`GroupConfig::with_env`] over any variable source.
+    pub fn with_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        if let Some(v) = var(SHARE_GPU_ENV) {
+            self.share_gpu = match v.trim() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" | "" => false,
+                other => return Err(Error::invalid(SHARE_GPU_ENV, format!("{other:?} is not 1 or 0"))),
+            };
+        }
+        if let Some(v) = var(SM_BUDGET_ENV) {
+            self.sm_budget = v.trim().parse().map_err(|_| Error::invalid(SM_BUDGET_ENV, format!("{v:?} is not an SM count")))?;
+        }
+        Ok(self)
     }
 }
 
@@ -172,7 +213,12 @@ struct GroupInner {
     mode: Mode,
     cfg: GroupConfig,
     device_name: String,
+    /// SMs this rank's kernels may use ([`SmShare`]).
     sm_count: u32,
+    /// SMs of the device.
+    sm_total: u32,
+    /// Ranks on this rank's GPU (itself included).
+    gpu_sharers: usize,
 }
 
 /// One rank of a group: its GPU, stream, kernels and control heap. Cheap to clone (the clones
@@ -188,7 +234,10 @@ impl Group {
     /// [`ProcessConfig::from_env`]). Where the process sees exactly one GPU (Slurm's
     /// `--gpus-per-task=1`, a Kubernetes device plugin, `CUDA_VISIBLE_DEVICES=<one>`), that GPU
     /// is the rank's, whatever `LOCAL_RANK` says.
+    /// The environment's `MOE_EP_SHARE_GPU` and `MOE_EP_SM_BUDGET` override `cfg`
+    /// ([`GroupConfig::with_env`]).
     pub fn from_env(cfg: GroupConfig) -> Result<Group> {
+        let cfg = cfg.with_env()?;
         let mut pc = ProcessConfig::from_env()?;
         if driver::driver_present() && CudaContext::device_count().is_ok_and(|n| n == 1) {
             pc.device = 0;
@@ -201,7 +250,7 @@ impl Group {
         pc.validate()?;
         let ctx = open_device(pc.device)?;
         let exchange: Arc<dyn Exchange> = Arc::new(TcpExchange::connect(pc, cfg.rendezvous_timeout)?);
-        Group::build(ctx, exchange, Mode::Processes, pc.device, cfg, false)
+        Group::build(ctx, exchange, Mode::Processes, pc.device, cfg)
     }
 
     /// Joins a multi-process group (one process per GPU, CUDA IPC) over a caller-supplied
@@ -214,26 +263,17 @@ impl Group {
             return Err(Error::invalid("exchange", format!("rank {rank} of {world}; a group needs 1..={MAX_RANKS} ranks")));
         }
         let ctx = open_device(device)?;
-        Group::build(ctx, exchange, Mode::Processes, device, cfg, false)
+        Group::build(ctx, exchange, Mode::Processes, device, cfg)
     }
 
     /// Runs `f` on `world` ranks, one thread per GPU (devices `0..world`) in this process, and
     /// returns each rank's result.
     pub fn run_threads<T: Send>(world: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
-        Self::threads_on(world, None, cfg, f)
+        Self::threads_on(world, cfg, f)
     }
 
-    /// Testing only: [`Group::run_threads`] with every rank on GPU `device`, so multi-rank
-    /// kernels can be checked for correctness on a machine with one GPU. The ranks' kernels must
-    /// fit on the GPU together (their waits time out otherwise), and nothing measured this way
-    /// says anything about speed: the "peers" share one GPU's memory and SMs.
-    #[cfg(feature = "testing")]
-    pub fn run_threads_sharing_gpu<T: Send>(world: usize, device: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
-        Self::threads_on(world, Some(device), cfg, f)
-    }
-
-    /// One thread per rank: rank `r` on GPU `r`, or every rank on `shared` (testing).
-    fn threads_on<T: Send>(world: usize, shared: Option<usize>, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
+    /// One thread per rank, rank `r` on GPU `r`.
+    fn threads_on<T: Send>(world: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
         if world == 0 || world > MAX_RANKS {
             return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={MAX_RANKS}")))];
         }
@@ -245,9 +285,8 @@ impl Group {
                 .map(|(rank, ex)| {
                     let f = &f;
                     s.spawn(move || -> Result<T> {
-                        let device = shared.unwrap_or(rank);
-                        let ctx = open_device(device)?;
-                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, device, cfg, shared.is_some())?;
+                        let ctx = open_device(rank)?;
+                        let g = Group::build(ctx, Arc::new(ex), Mode::Threads, rank, cfg)?;
                         f(&g)
                     })
                 })
@@ -260,9 +299,7 @@ impl Group {
         })
     }
 
-    /// `shared_gpu`: ranks may drive the same GPU (testing only, see
-    /// `Group::run_threads_sharing_gpu`).
-    fn build(ctx: Arc<CudaContext>, exchange: Arc<dyn Exchange>, mode: Mode, device: usize, cfg: GroupConfig, shared_gpu: bool) -> Result<Group> {
+    fn build(ctx: Arc<CudaContext>, exchange: Arc<dyn Exchange>, mode: Mode, device: usize, cfg: GroupConfig) -> Result<Group> {
         let (rank, world) = (exchange.rank(), exchange.world());
         let to = cfg.rendezvous_timeout;
         // Which GPU each rank drives (its UUID: each process may number the GPUs differently),
@@ -270,6 +307,22 @@ impl Group {
         let me = GpuId { ordinal: device, uuid: driver::peer::uuid(device).during("cuDeviceGetUuid", || format!("identifying GPU {device}"))? };
         let gpus = parse_gpus(&exchange.all_gather(&me.to_bytes(), to)?, rank, world)?;
         let visible = driver::peer::visible_uuids().during("cuDeviceGetUuid", || "listing the GPUs this process sees".into())?;
+        // This rank's SMs: its context's limit (CUDA MPS), its MPS share, an explicit budget,
+        // or an equal split of a shared GPU.
+        let sm_total = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .during("cuDeviceGetAttribute", || "reading the SM count".into())? as u32;
+        let sharers = gpus.iter().filter(|g| g.uuid == me.uuid).count();
+        let mps_percent = std::env::var("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").ok().and_then(|v| v.trim().parse::<f64>().ok());
+        let share =
+            SmShare { total: sm_total, context_limit: driver::exec_affinity_sm_count(&ctx).ok(), mps_percent, sharers, budget: cfg.sm_budget }
+                .resolve()?;
+        if sharers > 1 && rank == gpus.iter().position(|g| g.uuid == me.uuid).unwrap_or(rank) && mps_control_pipe().is_none() {
+            eprintln!(
+                "moe-ep (rank {rank}): {sharers} ranks share {me} but no CUDA MPS control daemon was found (CUDA_MPS_PIPE_DIRECTORY); \
+                 without MPS their kernels take turns on the GPU and every cross-rank wait costs milliseconds"
+            );
+        }
         let mut row = vec![access::YES; world];
         for (r, g) in gpus.iter().enumerate() {
             if r == rank {
@@ -284,7 +337,8 @@ impl Group {
                 None => access::NOT_VISIBLE,
             };
         }
-        check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank, shared_gpu)?;
+        let row = PeerRow { access: row, share_gpu: cfg.share_gpu, sms: share, sm_total }.to_bytes();
+        check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank, mode)?;
         let devices: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let mut peer_ctxs = Vec::new();
         if mode == Mode::Threads {
@@ -311,11 +365,6 @@ impl Group {
         exchange.watch(watchdog::sink(&health));
         let watchdog = Watchdog::start(health.clone(), exchange.clone())?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        let sm_count = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(0) as u32;
-        // Ranks sharing a GPU each get a share of its SMs, less two for the one-block kernels
-        // (barriers) of the other ranks, so the default grids of every rank fit on it together
-        // (their waits need every rank's blocks resident).
-        let sm_count = if shared_gpu { (sm_count / world as u32).saturating_sub(2).max(1) } else { sm_count };
         Ok(Group {
             inner: Arc::new(GroupInner {
                 _watchdog: watchdog,
@@ -334,7 +383,9 @@ impl Group {
                 mode,
                 cfg,
                 device_name,
-                sm_count,
+                sm_count: share,
+                sm_total,
+                gpu_sharers: sharers,
             }),
         })
     }
@@ -366,9 +417,24 @@ impl Group {
         &self.inner.device_name
     }
 
-    /// Streaming multiprocessors of the device.
+    /// Streaming multiprocessors this rank's kernels may use: the device's, or less where the
+    /// rank's CUDA context is limited (CUDA MPS), [`GroupConfig::sm_budget`] is set, or the GPU
+    /// is shared ([`Group::gpu_sharers`]). Every kernel's blocks must be resident at once, so no
+    /// launch asks for more blocks than this.
     pub fn sm_count(&self) -> u32 {
         self.inner.sm_count
+    }
+
+    /// Streaming multiprocessors of the device.
+    pub fn device_sm_count(&self) -> u32 {
+        self.inner.sm_total
+    }
+
+    /// Ranks of this group on this rank's GPU, itself included: 1 unless
+    /// [`GroupConfig::share_gpu`] let several processes share it. Nothing measured with
+    /// ranks sharing a GPU says anything about NVLink.
+    pub fn gpu_sharers(&self) -> usize {
+        self.inner.gpu_sharers
     }
 
     /// How ranks share memory.
@@ -703,33 +769,153 @@ fn parse_gpus(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<GpuId>
         .collect()
 }
 
-/// Checks the all-gathered peer-access rows (one byte per rank, [`access`]): every row has one
-/// entry per rank, no two ranks share a GPU (by UUID), and no pair is known not to reach each
-/// other. A pair one process cannot see is accepted here; mapping the peer's heap then says
-/// whether it works.
-fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize, shared_gpu: bool) -> Result<()> {
+/// This rank's row of the peer-access exchange: one [`access`] byte per rank, then whether it
+/// opted in to sharing its GPU, its SM share and its device's SM count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PeerRow {
+    access: Vec<u8>,
+    share_gpu: bool,
+    sms: u32,
+    sm_total: u32,
+}
+
+impl PeerRow {
+    const TAIL: usize = 9;
+
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = self.access.clone();
+        b.push(self.share_gpu as u8);
+        b.extend_from_slice(&self.sms.to_le_bytes());
+        b.extend_from_slice(&self.sm_total.to_le_bytes());
+        b
+    }
+
+    fn parse(b: &[u8], world: usize) -> Option<PeerRow> {
+        if b.len() != world + Self::TAIL {
+            return None;
+        }
+        let word = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+        Some(PeerRow { access: b[..world].to_vec(), share_gpu: b[world] == 1, sms: word(world + 1), sm_total: word(world + 5) })
+    }
+}
+
+/// Checks the all-gathered peer rows ([`PeerRow`]): every row well formed, no pair known not to
+/// reach each other, and ranks on one GPU (by UUID) only where that is allowed: processes
+/// (never threads, which would share one CUDA context), every one of them opted in
+/// ([`GroupConfig::share_gpu`]), and SM shares that fit on the GPU together (every block of
+/// every rank must be resident at once). A pair one process cannot see is accepted here;
+/// mapping the peer's heap then says whether it works.
+fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize, mode: Mode) -> Result<()> {
     let world = gpus.len();
     if rows.len() != world {
         return Err(Error::Rendezvous { rank, world, reason: format!("peer-access exchange returned {} rows for {world} ranks", rows.len()) });
     }
-    for (a, ra) in rows.iter().enumerate() {
-        if ra.len() != world {
-            return Err(Error::Rendezvous {
+    let rows: Vec<PeerRow> = rows
+        .iter()
+        .enumerate()
+        .map(|(a, b)| {
+            PeerRow::parse(b, world).ok_or_else(|| Error::Rendezvous {
                 rank,
                 world,
-                reason: format!("rank {a} sent a peer-access row of {} entries for {world} ranks", ra.len()),
-            });
-        }
-        for (b, &ok) in ra.iter().enumerate() {
-            if a != b && gpus[a].uuid == gpus[b].uuid && !shared_gpu {
-                return Err(Error::invalid("device", format!("ranks {a} and {b} both use {} ({}); each rank needs its own GPU", gpus[a], gpus[b])));
-            }
+                reason: format!("rank {a} sent a peer-access row of {} bytes for {world} ranks (expected {})", b.len(), world + PeerRow::TAIL),
+            })
+        })
+        .collect::<Result<_>>()?;
+    for (a, ra) in rows.iter().enumerate() {
+        for (b, &ok) in ra.access.iter().enumerate() {
             if ok == access::NO {
                 return Err(Error::NoPeerAccess { rank_a: a, device_a: gpus[a].ordinal, rank_b: b, device_b: gpus[b].ordinal });
             }
         }
     }
+    for a in 0..world {
+        let on_gpu: Vec<usize> = (0..world).filter(|&b| gpus[b].uuid == gpus[a].uuid).collect();
+        if on_gpu.len() < 2 || on_gpu[0] != a {
+            continue;
+        }
+        let (first, second) = (on_gpu[0], on_gpu[1]);
+        if mode == Mode::Threads {
+            return Err(Error::invalid(
+                "device",
+                format!(
+                    "ranks {first} and {second} are threads of one process on {}: they would share one CUDA context, whose \
+                     synchronising calls wait for each other's spinning kernels; run one process per rank (GroupConfig::share_gpu, under CUDA MPS)",
+                    gpus[first]
+                ),
+            ));
+        }
+        if let Some(&b) = on_gpu.iter().find(|&&b| !rows[b].share_gpu) {
+            let other = if b == first { second } else { first };
+            let (lo, hi) = (other.min(b), other.max(b));
+            return Err(Error::invalid(
+                "device",
+                format!(
+                    "ranks {lo} and {hi} both use {}; each rank needs its own GPU, unless every rank on it opts in to sharing it: \
+                     GroupConfig::share_gpu or {SHARE_GPU_ENV}=1 (rank {b} did not), with the CUDA MPS control daemon running \
+                     (nvidia-cuda-mps-control -d) so that the ranks' kernels run at once",
+                    gpus[first]
+                ),
+            ));
+        }
+        let total = rows[first].sm_total;
+        let sum: u64 = on_gpu.iter().map(|&b| rows[b].sms as u64).sum();
+        if sum > total as u64 {
+            let each = total as usize / on_gpu.len();
+            let shares: Vec<String> = on_gpu.iter().map(|&b| format!("rank {b}: {}", rows[b].sms)).collect();
+            return Err(Error::invalid(
+                "sm_budget",
+                format!(
+                    "the {} ranks on {} may use {sum} SMs together ({}) but it has {total}, and every block of every rank must be \
+                     resident at once; give each at most {each} (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={} or {SM_BUDGET_ENV}={each})",
+                    on_gpu.len(),
+                    gpus[first],
+                    shares.join(", "),
+                    100 / on_gpu.len()
+                ),
+            ));
+        }
+    }
     Ok(())
+}
+
+/// What decides how many SMs a rank's kernels may use.
+#[derive(Clone, Copy, Debug)]
+struct SmShare {
+    /// SMs of the device.
+    total: u32,
+    /// What `cuCtxGetExecAffinity` says the rank's context may use (under MPS, its share).
+    context_limit: Option<u32>,
+    /// `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, where set.
+    mps_percent: Option<f64>,
+    /// Ranks on this GPU.
+    sharers: usize,
+    /// [`GroupConfig::sm_budget`] (0: none).
+    budget: u32,
+}
+
+impl SmShare {
+    /// The rank's SMs: the budget when given (an error above what the context may use), else
+    /// what the context may use (its MPS limit, and the MPS percentage of the device), and on a
+    /// shared GPU with no MPS limit known, an equal split.
+    fn resolve(self) -> Result<u32> {
+        let mut limit = self.total.max(1);
+        if let Some(c) = self.context_limit.filter(|&c| c > 0) {
+            limit = limit.min(c);
+        }
+        if let Some(p) = self.mps_percent.filter(|p| *p > 0.0 && *p <= 100.0) {
+            limit = limit.min(((self.total as f64 * p / 100.0).floor() as u32).max(1));
+        }
+        if self.budget > 0 {
+            if self.budget > limit {
+                return Err(Error::invalid("sm_budget", format!("{} SMs but this rank may use {limit} of the GPU's {}", self.budget, self.total)));
+            }
+            return Ok(self.budget);
+        }
+        if self.sharers > 1 && limit == self.total.max(1) {
+            return Ok((self.total / self.sharers as u32).max(1));
+        }
+        Ok(limit)
+    }
 }
 
 fn open_device(device: usize) -> Result<Arc<CudaContext>> {
@@ -745,6 +931,14 @@ fn open_device(device: usize) -> Result<Arc<CudaContext>> {
     // allocated through this context are the caller's to order the same way.
     unsafe { ctx.disable_event_tracking() };
     Ok(ctx)
+}
+
+/// The CUDA MPS control daemon's pipe this process's CUDA clients would connect to
+/// (`$CUDA_MPS_PIPE_DIRECTORY/control`, by default `/tmp/nvidia-mps/control`), where it exists.
+pub fn mps_control_pipe() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp/nvidia-mps".into());
+    let pipe = std::path::Path::new(&dir).join("control");
+    pipe.exists().then_some(pipe)
 }
 
 /// Number of CUDA devices, or why there are none (no driver, no GPU).
@@ -777,15 +971,79 @@ mod tests {
         assert!(e.contains("rank 1 sent a malformed device id (3 bytes, expected 20)"), "{e}");
         assert!(parse_gpus(&[a.to_bytes()], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
         let gpus = [a, b];
-        check_peer_rows(&[vec![1, 1], vec![1, 1]], &gpus, 0, false).unwrap();
-        let e = check_peer_rows(&[vec![1, 1], vec![1, 1, 1, 1, 1]], &gpus, 0, false).unwrap_err().to_string();
-        assert!(e.contains("rank 1 sent a peer-access row of 5 entries for 2 ranks"), "{e}");
-        assert!(matches!(check_peer_rows(&[vec![1, 0], vec![1, 1]], &gpus, 0, false), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
+        let row = |access: Vec<u8>| PeerRow { access, share_gpu: false, sms: 132, sm_total: 132 }.to_bytes();
+        let p = Mode::Processes;
+        check_peer_rows(&[row(vec![1, 1]), row(vec![1, 1])], &gpus, 0, p).unwrap();
+        let e = check_peer_rows(&[row(vec![1, 1]), vec![1, 1, 1, 1, 1]], &gpus, 0, p).unwrap_err().to_string();
+        assert!(e.contains("rank 1 sent a peer-access row of 5 bytes for 2 ranks (expected 11)"), "{e}");
+        assert!(matches!(check_peer_rows(&[row(vec![1, 0]), row(vec![1, 1])], &gpus, 0, p), Err(Error::NoPeerAccess { rank_a: 0, rank_b: 1, .. })));
         // A peer GPU this process cannot see is not an error here.
-        check_peer_rows(&[vec![1, access::NOT_VISIBLE], vec![access::NOT_VISIBLE, 1]], &gpus, 0, false).unwrap();
+        check_peer_rows(&[row(vec![1, access::NOT_VISIBLE]), row(vec![access::NOT_VISIBLE, 1])], &gpus, 0, p).unwrap();
         // Same ordinal in two processes (one visible GPU each) is fine; the same UUID is not.
-        check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 1), gpu(0, 2)], 0, false).unwrap();
-        let e = check_peer_rows(&[vec![1, 1], vec![1, 1]], &[gpu(0, 7), gpu(2, 7)], 0, false).unwrap_err().to_string();
+        check_peer_rows(&[row(vec![1, 1]), row(vec![1, 1])], &[gpu(0, 1), gpu(0, 2)], 0, p).unwrap();
+        let e = check_peer_rows(&[row(vec![1, 1]), row(vec![1, 1])], &[gpu(0, 7), gpu(2, 7)], 0, p).unwrap_err().to_string();
         assert!(e.contains("ranks 0 and 1 both use GPU 0 (GPU-07070707-0707-0707-0707-070707070707)"), "{e}");
+        assert!(e.contains("MOE_EP_SHARE_GPU=1 (rank 0 did not)") && e.contains("nvidia-cuda-mps-control -d"), "{e}");
+    }
+
+    #[test]
+    fn sharing_a_gpu_needs_processes_every_rank_opted_in_and_shares_that_fit() {
+        let g = GpuId { ordinal: 0, uuid: [9; 16] };
+        let other = GpuId { ordinal: 1, uuid: [8; 16] };
+        let row = |share_gpu: bool, sms: u32| PeerRow { access: vec![1; 3], share_gpu, sms, sm_total: 132 }.to_bytes();
+        let (p, t) = (Mode::Processes, Mode::Threads);
+        // Three processes on one GPU, all opted in, 44 SMs each: accepted.
+        check_peer_rows(&[row(true, 44), row(true, 44), row(true, 44)], &[g, g, g], 1, p).unwrap();
+        // Two on one GPU, the third on another: only the two must opt in.
+        check_peer_rows(&[row(true, 66), row(false, 132), row(true, 66)], &[g, other, g], 0, p).unwrap();
+        // One of them did not opt in: named.
+        let e = check_peer_rows(&[row(true, 44), row(true, 44), row(false, 44)], &[g, g, g], 0, p).unwrap_err().to_string();
+        assert!(e.contains("ranks 0 and 2 both use GPU 0") && e.contains("(rank 2 did not)"), "{e}");
+        // Threads of one process never share a GPU, opted in or not.
+        let e = check_peer_rows(&[row(true, 44), row(true, 44), row(true, 44)], &[g, g, g], 0, t).unwrap_err().to_string();
+        assert!(e.contains("ranks 0 and 1 are threads of one process") && e.contains("one process per rank"), "{e}");
+        // Shares that cannot all be resident at once.
+        let e = check_peer_rows(&[row(true, 66), row(true, 66), row(true, 66)], &[g, g, g], 0, p).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid argument `sm_budget`") && e.contains("may use 198 SMs together (rank 0: 66, rank 1: 66, rank 2: 66) but it has 132"),
+            "{e}"
+        );
+        assert!(e.contains("at most 44 (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=33 or MOE_EP_SM_BUDGET=44)"), "{e}");
+    }
+
+    #[test]
+    fn a_ranks_sms_come_from_its_context_its_mps_share_or_its_budget() {
+        let base = SmShare { total: 132, context_limit: Some(132), mps_percent: None, sharers: 1, budget: 0 };
+        assert_eq!(base.resolve().unwrap(), 132);
+        // MPS limits the context: that is the share, alone on the GPU or not.
+        assert_eq!(SmShare { context_limit: Some(16), sharers: 8, ..base }.resolve().unwrap(), 16);
+        // The MPS percentage where the context says nothing more.
+        assert_eq!(SmShare { mps_percent: Some(12.0), sharers: 8, ..base }.resolve().unwrap(), 15);
+        assert_eq!(SmShare { mps_percent: Some(50.0), context_limit: None, sharers: 2, ..base }.resolve().unwrap(), 66);
+        // Shared with no limit known: an equal split.
+        assert_eq!(SmShare { sharers: 3, ..base }.resolve().unwrap(), 44);
+        assert_eq!(SmShare { sharers: 8, context_limit: None, ..base }.resolve().unwrap(), 16);
+        // An explicit budget, within what the context may use.
+        assert_eq!(SmShare { budget: 20, sharers: 4, ..base }.resolve().unwrap(), 20);
+        let e = SmShare { budget: 20, context_limit: Some(16), ..base }.resolve().unwrap_err().to_string();
+        assert!(e.contains("invalid argument `sm_budget`: 20 SMs but this rank may use 16 of the GPU's 132"), "{e}");
+        // Nonsense percentages are ignored (MPS refuses them itself).
+        assert_eq!(SmShare { mps_percent: Some(0.0), ..base }.resolve().unwrap(), 132);
+    }
+
+    #[test]
+    fn the_environment_opts_in_to_sharing_and_sets_the_budget() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string());
+        let c = GroupConfig::default().with_vars(vars(&[("MOE_EP_SHARE_GPU", "1"), ("MOE_EP_SM_BUDGET", "14")])).unwrap();
+        assert!(c.share_gpu);
+        assert_eq!(c.sm_budget, 14);
+        let c = GroupConfig { share_gpu: true, ..GroupConfig::default() }.with_vars(vars(&[("MOE_EP_SHARE_GPU", "0")])).unwrap();
+        assert!(!c.share_gpu);
+        let c = GroupConfig { share_gpu: true, sm_budget: 3, ..GroupConfig::default() }.with_vars(vars(&[])).unwrap();
+        assert!(c.share_gpu && c.sm_budget == 3, "no variable set keeps the configuration");
+        let e = GroupConfig::default().with_vars(vars(&[("MOE_EP_SHARE_GPU", "maybe")])).unwrap_err().to_string();
+        assert!(e.contains("`MOE_EP_SHARE_GPU`: \"maybe\" is not 1 or 0"), "{e}");
+        let e = GroupConfig::default().with_vars(vars(&[("MOE_EP_SM_BUDGET", "-3")])).unwrap_err().to_string();
+        assert!(e.contains("`MOE_EP_SM_BUDGET`: \"-3\" is not an SM count"), "{e}");
     }
 }

@@ -87,6 +87,18 @@ impl HtConfig {
         }
     }
 
+    /// This configuration with at most `sms` blocks: the tuned defaults for a rank that may use
+    /// only part of its GPU ([`Group::sm_count`], e.g. ranks sharing a GPU under CUDA MPS). A
+    /// push split that no longer fits falls back to the tuned one.
+    pub fn fit_sms(self, sms: u32) -> Self {
+        if self.num_sms <= sms {
+            return self;
+        }
+        let num_sms = sms.max(2);
+        let combine_push_blocks = if self.combine_push_blocks < num_sms { self.combine_push_blocks } else { 0 };
+        HtConfig { num_sms, combine_push_blocks, ..self }
+    }
+
     /// Default (SMs, threads) for `world` ranks: 24 SMs (DeepEP's default budget) and 1024
     /// threads (the kernels launch fewer where their registers cap them). On 4 x H200
     /// (`bench/results/`) combine is 10-12% faster at 32 SMs than at 24 (EP4 and EP2), and EP4
@@ -177,7 +189,10 @@ impl HtConfig {
         if self.num_sms == 0 || self.num_sms > sm_count.max(1) {
             return Err(Error::invalid(
                 "num_sms",
-                format!("{} blocks but the GPU has {sm_count} SMs (the kernels need every block resident)", self.num_sms),
+                format!(
+                    "{} blocks but this rank may use {sm_count} SMs (the kernels need every block resident; HtConfig::fit_sms caps the defaults)",
+                    self.num_sms
+                ),
             ));
         }
         if self.num_sms < 2 || self.combine_push_blocks >= self.num_sms {

@@ -7,7 +7,9 @@
 //! ## Layers
 //!
 //! - [`Group`]: one member per GPU (a process per GPU over TCP and CUDA IPC, or a thread per
-//!   GPU in one process), with its context, stream, kernels and device error record.
+//!   GPU in one process), with its context, stream, kernels and device error record. For
+//!   development on one GPU, several process ranks may share it under CUDA MPS
+//!   ([`GroupConfig::share_gpu`]), each with its share of the SMs.
 //! - [`SymmetricHeap`]: same-size device buffers on every rank, each mapped everywhere.
 //! - [`ht`]: high-throughput dispatch and combine (prefill): counts exchanged first, compact
 //!   deterministic outputs.
@@ -16,6 +18,8 @@
 //! - `reference` (feature `testing`): the CPU reference every test compares against.
 //! - `diag` (feature `testing`): foundation checks and probes (heap round trip, deadlines, P2P
 //!   limits).
+//! - `launch` (feature `testing`): a group's ranks as local processes, one GPU each or all
+//!   sharing one under CUDA MPS.
 //!
 //! The `testing` feature also exposes the kernels' ABI (`abi`); it is for this crate's tests
 //! and benchmark, not part of the stable API (and it pulls in rayon).
@@ -50,6 +54,8 @@ mod driver;
 mod error;
 mod group;
 mod heap;
+#[cfg(feature = "testing")]
+pub mod launch;
 mod tensor;
 #[cfg(feature = "testing")]
 mod timing;
@@ -66,7 +72,7 @@ pub mod reference;
 pub mod rendezvous;
 
 pub use error::{Error, Result};
-pub use group::{Group, GroupConfig, Kernel, PTX, device_count};
+pub use group::{Group, GroupConfig, Kernel, PTX, SHARE_GPU_ENV, SM_BUDGET_ENV, device_count, mps_control_pipe};
 pub use heap::{Mode, SymmetricHeap};
 /// The kernels' ABI (parameter blocks, heap layouts, error records), for tests and tools
 /// (`testing` feature).

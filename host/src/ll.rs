@@ -80,7 +80,7 @@ impl LlConfig {
         if self.num_blocks > sm_count.max(1) {
             return Err(Error::invalid(
                 "num_blocks",
-                format!("{} blocks but the GPU has {sm_count} SMs (every block must stay resident)", self.num_blocks),
+                format!("{} blocks but this rank may use {sm_count} SMs (every block must stay resident)", self.num_blocks),
             ));
         }
         if self.threads < 64 || self.threads > 1024 || !self.threads.is_multiple_of(32) {

@@ -81,14 +81,15 @@ pub fn gen_routing(rng: &mut Rng, n: usize, k: usize, num_experts: usize, world:
                 }
             }
             Routing::OneRank(r) => {
-                // k distinct experts of rank r (repeating when it has fewer than k).
+                // k distinct experts of rank r; where it holds fewer than k, every one of them
+                // and no expert (-1) in the other slots (a router never repeats an expert).
                 let start = rng.below(epr);
-                for j in 0..k {
+                for j in 0..k.min(epr) {
                     idx[t * k + j] = (r * epr + (start + j) % epr) as i64;
                 }
             }
             Routing::SameExperts(e0) => {
-                for j in 0..k {
+                for j in 0..k.min(num_experts) {
                     idx[t * k + j] = ((e0 + j) % num_experts) as i64;
                 }
             }

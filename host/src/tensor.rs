@@ -131,6 +131,14 @@ unsafe impl<T> DeviceArg<T> for HeapView<'_, T> {
 }
 
 /// Router output `topk_idx[N, K]`, as i64 (PyTorch's default) or i32; `-1` means no expert.
+///
+/// An id outside `-1..num_experts` is refused on the GPU (`Error::InvalidExpert`). A router
+/// names each expert at most once per token, and the kernels do not check it: a repeated id
+/// counts as one more selection of that expert. High-throughput: the token still goes to the
+/// rank once, and its received top-k ids (and the per-expert counts) name the expert twice.
+/// Low-latency: the expert receives the token twice, which counts twice against its
+/// `world * max_tokens_per_rank` rows and can end in `Error::CapacityExceeded`. Tests never
+/// repeat an id (`reference::gen_routing`).
 #[derive(Clone, Copy)]
 pub enum TopkIdx<'a> {
     /// 64-bit expert ids.

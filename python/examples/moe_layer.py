@@ -9,8 +9,6 @@ output against the same layer computed densely on its own tokens (every expert's
 generated from the seed on every rank) and prints the largest difference.
 """
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -47,9 +45,9 @@ def dense(x, idx, w, weights):
 
 
 def main():
-    dist.init_process_group("nccl")
+    dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(moe_ep.local_device())
     experts = (EXPERTS + world - 1) // world * world
     epr = experts // world
     weights = [expert_weights(e) for e in range(experts)]

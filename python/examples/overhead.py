@@ -22,7 +22,6 @@ the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
 The Rust benchmark (``moe-ep-bench ll``) prints the Rust API's host time per call too.
 """
 
-import os
 import statistics
 import time
 
@@ -35,9 +34,9 @@ HIDDEN, EXPERTS, TOPK, TOKENS, ITERS, WARMUP = 7168, 256, 8, 128, 200, 20
 
 
 def main():
-    dist.init_process_group("nccl")
+    dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(moe_ep.local_device())
     experts = (EXPERTS + world - 1) // world * world
     buf = moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=TOKENS)
     x = torch.randn(TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)

@@ -37,7 +37,10 @@ __all__ = [
     "PeerFailed",
     "Timeout",
     "device_count",
+    "dist_backend",
     "group_from_torch",
+    "local_device",
+    "shares_gpu",
 ]
 
 Group = _moe_ep.Group
@@ -64,6 +67,29 @@ def group_from_torch(process_group=None, timeout_s=10.0):
         return out
 
     return Group(rank, world, torch.cuda.current_device(), all_gather, timeout_s)
+
+
+def shares_gpu():
+    """True where this process's ranks share GPUs: ``MOE_EP_SHARE_GPU=1`` (several ranks on one
+    GPU under CUDA MPS, for development on a one-GPU machine; ``Group`` then accepts it)."""
+    import os
+
+    return os.environ.get("MOE_EP_SHARE_GPU", "0").strip() in ("1", "true", "yes")
+
+
+def local_device():
+    """This rank's CUDA device under torchrun: ``LOCAL_RANK``, or the one GPU every rank shares
+    (``MOE_EP_SHARE_GPU=1``)."""
+    import os
+
+    return 0 if shares_gpu() else int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def dist_backend():
+    """The ``torch.distributed`` backend for the caller's own collectives: ``nccl``, or ``gloo``
+    where ranks share a GPU (NCCL refuses two ranks on one GPU). moe-ep's own rendezvous works
+    over either."""
+    return "gloo" if shares_gpu() else "nccl"
 
 
 class EventOverlap:

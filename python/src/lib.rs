@@ -223,7 +223,8 @@ impl PyGroup {
         if !(timeout_s > 0.0 && timeout_s.is_finite()) {
             return Err(invalid("timeout_s", format!("{timeout_s} is not a positive number of seconds")));
         }
-        let cfg = GroupConfig { timeout: Duration::from_secs_f64(timeout_s), ..GroupConfig::default() };
+        // MOE_EP_SHARE_GPU / MOE_EP_SM_BUDGET: several ranks on one GPU under CUDA MPS.
+        let cfg = GroupConfig { timeout: Duration::from_secs_f64(timeout_s), ..GroupConfig::default() }.with_env().map_err(py_err)?;
         let ex: Arc<dyn Exchange> = Arc::new(PyExchange { rank, world, all_gather });
         Ok(PyGroup { g: Group::with_exchange(ex, device, cfg).map_err(py_err)? })
     }
@@ -243,6 +244,16 @@ impl PyGroup {
     #[getter]
     fn device_name(&self) -> String {
         self.g.device_name().to_string()
+    }
+    /// SMs this rank's kernels may use (its share where ranks share a GPU).
+    #[getter]
+    fn sm_count(&self) -> u32 {
+        self.g.sm_count()
+    }
+    /// Ranks on this rank's GPU (1 unless `MOE_EP_SHARE_GPU=1` let processes share it).
+    #[getter]
+    fn gpu_sharers(&self) -> usize {
+        self.g.gpu_sharers()
     }
 
     /// Waits for this rank's kernels and raises what a kernel reported.
@@ -566,11 +577,12 @@ struct PyHighThroughput {
 #[pymethods]
 impl PyHighThroughput {
     /// `HighThroughputBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank,
-    /// num_sms=None)`: collective; `num_sms` defaults to the tuned budget (24).
+    /// num_sms=None)`: collective; `num_sms` defaults to the tuned budget (24), or the rank's SMs
+    /// where that is less (ranks sharing a GPU).
     #[new]
     #[pyo3(signature = (group, num_experts, hidden, max_topk, max_tokens_per_rank, num_sms = None))]
     fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize, num_sms: Option<u32>) -> PyResult<Self> {
-        let mut cfg = HtConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank, group.g.world());
+        let mut cfg = HtConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank, group.g.world()).fit_sms(group.g.sm_count());
         if let Some(n) = num_sms {
             cfg.num_sms = n;
         }

@@ -1,4 +1,5 @@
-"""GPU check of the moe_ep package under torchrun (one process per GPU):
+"""GPU check of the moe_ep package under torchrun (one process per GPU, or with
+``MOE_EP_SHARE_GPU=1`` every rank on GPU 0 under CUDA MPS):
 
     torchrun --nproc-per-node N python/tests/test_gpu.py
 
@@ -12,8 +13,6 @@ Against a torch reference built from every rank's inputs (all-gathered):
   dispatch and combine with identity experts (bit for bit).
 """
 
-import os
-
 import torch
 import torch.distributed as dist
 
@@ -26,10 +25,23 @@ def expert_factor(e):
     return 1.0 + (e % 7) / 8.0
 
 
+def all_gather(t):
+    """Every rank's ``t``, on this rank's GPU (through the CPU where the backend is gloo, on a
+    shared GPU)."""
+    world = dist.get_world_size()
+    if dist.get_backend() == "gloo":
+        out = [torch.empty_like(t, device="cpu") for _ in range(world)]
+        dist.all_gather(out, t.cpu())
+        return [o.to(t.device) for o in out]
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t)
+    return out
+
+
 def main():
-    dist.init_process_group("nccl")
+    dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(moe_ep.local_device())
     experts = (EXPERTS + world - 1) // world * world
     epr = experts // world
     gen = torch.Generator(device="cpu").manual_seed(1234 + rank)
@@ -39,10 +51,7 @@ def main():
     topk_w = torch.rand(TOKENS, TOPK, generator=gen).cuda()
 
     # Every rank's inputs, for the reference.
-    xs, idxs, ws = ([torch.empty_like(t) for _ in range(world)] for t in (x, topk_idx, topk_w))
-    dist.all_gather(xs, x)
-    dist.all_gather(idxs, topk_idx)
-    dist.all_gather(ws, topk_w)
+    xs, idxs = all_gather(x), all_gather(topk_idx)
 
     buf = moe_ep.Buffer(None, num_max_dispatch_tokens_per_rank=TOKENS, hidden=HIDDEN, num_experts=experts, num_topk=TOPK)
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}")
@@ -112,9 +121,7 @@ def main():
         hx = (torch.randn(TOKENS, HIDDEN, generator=gh) * 0.5).to(torch.bfloat16).cuda()
         hidx = torch.rand(TOKENS, experts, generator=gh).topk(TOPK, dim=1).indices.to(torch.int64).cuda()
         hw = torch.rand(TOKENS, TOPK, generator=gh).cuda()
-        hxs, hidxs = [torch.empty_like(hx) for _ in range(world)], [torch.empty_like(hidx) for _ in range(world)]
-        dist.all_gather(hxs, hx)
-        dist.all_gather(hidxs, hidx)
+        hxs, hidxs = all_gather(hx), all_gather(hidx)
         recv_x, count, handle, _, hook = buf.low_latency_dispatch(hx, hidx, topk_weights=hw, use_fp8=False, return_recv_hook=True)
         hook()
         torch.cuda.synchronize()

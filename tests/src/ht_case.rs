@@ -77,7 +77,8 @@ pub fn combine_input(seed: u64, r: usize, rows: usize, hidden: usize) -> Vec<u16
 /// Runs `case` on a new buffer sized for it.
 pub fn run_case(g: &Group, seed: u64, case: Case) -> Result<()> {
     let experts = if case.experts == 0 { g.world() } else { experts_for(g.world(), case.experts) };
-    let cfg = HtConfig { combine_push: case.push, ..HtConfig::new(experts, case.hidden, case.k, case.tokens.max(1), g.world()) };
+    let cfg =
+        HtConfig { combine_push: case.push, ..HtConfig::new(experts, case.hidden, case.k, case.tokens.max(1), g.world()).fit_sms(g.sm_count()) };
     let mut buf = HtBuffer::new(g, cfg)?;
     run_case_on(g, &mut buf, seed, case)
 }

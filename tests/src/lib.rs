@@ -9,14 +9,18 @@
 //! in the child the test body runs as that rank of that world only. With
 //! `MOE_EP_TEST_ONE_GPU_PER_PROCESS=1` each child sees only its own GPU (`CUDA_VISIBLE_DEVICES`
 //! set to one device, as Slurm and Kubernetes give), so the same tests cover that setup.
-//! With `MOE_EP_TEST_SHARED_GPU=1` the multi-rank tests run as threads that all share GPU 0
-//! (2 ranks, or `MOE_EP_TEST_RANKS`), a correctness check of the kernels for a machine with one
-//! GPU; the tests that kill a rank's process are skipped then.
+//! With `MOE_EP_TEST_MPS=1` every multi-rank test runs its ranks as processes that all share
+//! one GPU under CUDA MPS (the first this process sees; each child opts in with
+//! `MOE_EP_SHARE_GPU=1` and gets an MPS share of the SMs, see `moe_ep::launch`), at 2 to 8
+//! ranks (or `MOE_EP_TEST_RANKS`): the whole multi-process stack, the kill tests included, on a
+//! machine with one GPU. It checks correctness only; the MPS control daemon must be running
+//! (`run.sh mps` starts one).
 
 pub mod ht_case;
 pub mod ll_case;
 
 use anyhow::{Context, Result, bail};
+use moe_ep::launch::Placement;
 use moe_ep::{Group, GroupConfig};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,30 +43,18 @@ pub fn gpus_needed(test: &str) -> usize {
     if test.starts_with("gpu1_") { 1 } else { 2 }
 }
 
-/// True when multi-rank tests run as threads that all share GPU 0
-/// (`MOE_EP_TEST_SHARED_GPU=1`): a correctness check of the kernels on a one-GPU machine
-/// (see `Group::run_threads_sharing_gpu`). Process-mode and kill tests are skipped then.
-pub fn shared_gpu() -> bool {
-    std::env::var("MOE_EP_TEST_SHARED_GPU").is_ok_and(|v| v == "1")
+/// True when multi-rank tests run as processes sharing one GPU under CUDA MPS
+/// (`MOE_EP_TEST_MPS=1`).
+pub fn mps() -> bool {
+    std::env::var("MOE_EP_TEST_MPS").is_ok_and(|v| v == "1")
 }
-
-/// Tests that need one process per rank (they kill a rank): skipped with a shared GPU.
-const PROCESS_ONLY: [&str; 2] = ["gpu2_ht_killed_rank_is_named", "gpu2_ll_killed_rank_is_named"];
 
 /// Why `test` cannot run on this machine (no driver, too few GPUs), or `None` when it can.
 pub fn skip_reason(test: &str) -> Option<String> {
-    if shared_gpu() && PROCESS_ONLY.contains(&test) {
-        return Some("kills a rank's process; MOE_EP_TEST_SHARED_GPU=1 runs ranks as threads".into());
+    if mps() && !test.starts_with("gpu1_") && moe_ep::mps_control_pipe().is_none() {
+        return Some("MOE_EP_TEST_MPS=1 but no CUDA MPS control daemon is running (CUDA_MPS_PIPE_DIRECTORY; run.sh mps starts one)".into());
     }
-    if shared_gpu() && test == "gpu2_ll_graph_replay_1000" {
-        // Seen on 1 x H200 (2026-11-29): after 18 to 175 replays each rank waits for the other
-        // to free its half. It passes on machines with a GPU per rank. A likely cause, not yet
-        // shown: the test's pageable host-to-device copies between replays go through the one
-        // shared context's staging buffers, so one rank's copy can queue behind the other's,
-        // which waits (stream order) for a kernel that needs the first rank's next replay.
-        return Some("deadlocks with two ranks' graphs on one GPU (cause open); runs on machines with a GPU per rank".into());
-    }
-    let need = if shared_gpu() { 1 } else { gpus_needed(test) };
+    let need = if mps() { 1 } else { gpus_needed(test) };
     match gpu_count() {
         Err(e) => Some(e),
         Ok(n) if n < need => Some(format!("needs {need} GPU(s), this machine has {n}")),
@@ -81,13 +73,8 @@ pub fn rank_counts(test: &str) -> Result<Vec<usize>> {
         return Ok(vec![w.parse().with_context(|| format!("MOE_EP_TEST_WORLD={w:?}"))?]);
     }
     let n = gpu_count().map_err(|e| anyhow::anyhow!("{test} cannot run: {e}"))?;
-    if shared_gpu() && n >= 1 {
-        return match std::env::var("MOE_EP_TEST_RANKS") {
-            Ok(list) => parse_rank_list(&list, moe_ep::abi::MAX_RANKS),
-            Err(_) => Ok(vec![2]),
-        };
-    }
-    let max = n.min(moe_ep::abi::MAX_RANKS);
+    // Under MPS every rank count runs on one GPU.
+    let max = if mps() { moe_ep::abi::MAX_RANKS } else { n.min(moe_ep::abi::MAX_RANKS) };
     if max < 2 {
         bail!("{test} needs at least 2 GPUs; this machine has {n}");
     }
@@ -167,19 +154,24 @@ pub fn experts_for(world: usize, experts: usize) -> usize {
     experts.div_ceil(world) * world
 }
 
-/// Group settings for tests: a 20-second deadline so a hang fails fast.
-pub fn test_config() -> GroupConfig {
-    GroupConfig { timeout: Duration::from_secs(20), rendezvous_timeout: Duration::from_secs(120) }
+/// A grid size that differs on every rank (for the tests of mismatched configurations), at
+/// least 2 and within every rank's SMs: 16 + rank, less where the ranks share a GPU.
+pub fn skewed_grid(g: &Group) -> u32 {
+    let base = 16.min(g.sm_count().saturating_sub(g.world() as u32)).max(2);
+    base + g.rank() as u32
 }
 
-/// Runs `body` on `world` ranks, one thread per GPU (or all on GPU 0 with [`shared_gpu`]);
-/// fails with every failing rank's error.
+/// Group settings for tests: a 20-second deadline so a hang fails fast, and the environment's
+/// `MOE_EP_SHARE_GPU` / `MOE_EP_SM_BUDGET` (the MPS mode's children have the first).
+pub fn test_config() -> GroupConfig {
+    GroupConfig { timeout: Duration::from_secs(20), rendezvous_timeout: Duration::from_secs(120), ..GroupConfig::default() }
+        .with_env()
+        .expect("MOE_EP_SHARE_GPU and MOE_EP_SM_BUDGET must be well formed")
+}
+
+/// Runs `body` on `world` ranks, one thread per GPU; fails with every failing rank's error.
 pub fn run_threads(world: usize, body: impl Fn(&Group) -> Result<()> + Sync) -> Result<()> {
-    let results = if shared_gpu() {
-        Group::run_threads_sharing_gpu(world, 0, test_config(), |g| Ok(body(g)))
-    } else {
-        Group::run_threads(world, test_config(), |g| Ok(body(g)))
-    };
+    let results = Group::run_threads(world, test_config(), |g| Ok(body(g)));
     let mut errors = Vec::new();
     for (r, res) in results.into_iter().enumerate() {
         match res {
@@ -212,32 +204,28 @@ pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Gr
 /// The parent's side of a process test: spawns `world` ranks and waits for them. Each must
 /// succeed, except `victim`, which must end by SIGKILL.
 fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>) -> Result<()> {
-    let port = free_port()?;
     let rejoin_port = free_port()?;
-    let secret = moe_ep::rendezvous::random_secret()?;
     let exe = std::env::current_exe()?;
-    let isolate = one_gpu_per_process();
     // The devices this process sees, by its ordinals (what each child keeps when isolated).
     let visible: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
         Ok(v) if !v.trim().is_empty() => v.split(',').map(|d| d.trim().to_string()).collect(),
         _ => (0..world).map(|r| r.to_string()).collect(),
     };
-    let children: Vec<_> = (0..world)
-        .map(|r| {
-            let mut c = Command::new(&exe);
-            if isolate {
-                c.env("CUDA_VISIBLE_DEVICES", visible.get(r).with_context(|| format!("no visible GPU for rank {r}"))?);
-            }
-            c.args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-                .env("MOE_EP_TEST_WORLD", world.to_string())
+    let placement = if mps() {
+        Placement::SharedGpu(visible[0].clone())
+    } else if one_gpu_per_process() {
+        Placement::OneVisibleGpuEach(visible)
+    } else {
+        Placement::GpuPerRank
+    };
+    let args: Vec<String> = [test_name, "--exact", "--nocapture", "--test-threads=1"].map(String::from).to_vec();
+    let children: Vec<_> = moe_ep::launch::rank_commands(&exe, &args, world, &placement)?
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut c)| {
+            c.env("MOE_EP_TEST_WORLD", world.to_string())
                 .env("MOE_EP_TEST_SEED", seed.to_string())
                 .env("MOE_EP_TEST_REJOIN_PORT", rejoin_port.to_string())
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MOE_EP_MASTER_PORT", port.to_string())
-                .env("MOE_EP_SECRET", &secret)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -338,22 +326,24 @@ pub fn run_both_modes(test_name: &str, body: impl Fn(&Group, u64) -> Result<()> 
     }
     for world in worlds {
         let seed = fresh_seed(test_name);
-        if shared_gpu() {
-            println!("{test_name}: {world} ranks, threads sharing GPU 0 (a correctness check), seed {seed}");
-            run_threads(world, |g| body(g, seed)).with_context(|| format!("{world} ranks, threads sharing GPU 0, seed {seed}"))?;
-            continue;
-        }
-        // One GPU per process is a process-mode setup only.
-        if !in_child() && !one_gpu_per_process() {
+        // One GPU per process, and one GPU shared by processes, are process-mode setups only.
+        if !in_child() && !one_gpu_per_process() && !mps() {
             println!("{test_name}: {world} ranks, threads, seed {seed}");
             run_threads(world, |g| body(g, seed)).with_context(|| format!("{world} ranks, one thread per GPU, seed {seed}"))?;
         }
         let seed = if in_child() { seed } else { fresh_seed(test_name) ^ 0x5eed };
         if !in_child() {
-            let how = if one_gpu_per_process() { "processes (one visible GPU each)" } else { "processes" };
+            let how = if mps() {
+                "processes sharing one GPU under CUDA MPS (a correctness check)"
+            } else if one_gpu_per_process() {
+                "processes (one visible GPU each)"
+            } else {
+                "processes"
+            };
             println!("{test_name}: {world} ranks, {how}, seed {seed}");
         }
-        run_processes(test_name, world, seed, |g| body(g, seed)).with_context(|| format!("{world} ranks, one process per GPU, seed {seed}"))?;
+        let how = if mps() { "processes sharing one GPU" } else { "one process per GPU" };
+        run_processes(test_name, world, seed, |g| body(g, seed)).with_context(|| format!("{world} ranks, {how}, seed {seed}"))?;
     }
     Ok(())
 }

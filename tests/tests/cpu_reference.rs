@@ -139,4 +139,14 @@ fn cpu_generators_are_deterministic_and_shaped() {
     }
     let (c, _) = gen_routing(&mut Rng::new(1), 32, 4, 64, 4, Routing::OneRank(2), 0.0);
     assert!(c.iter().all(|&e| (32..48).contains(&e)));
+    // A rank holding fewer experts than k (32 experts at 8 ranks, k = 6): its 4 experts, each
+    // once, and no expert in the other slots; never a repeat.
+    let (d, _) = gen_routing(&mut Rng::new(2), 32, 6, 32, 8, Routing::OneRank(0), 0.0);
+    for t in 0..32 {
+        let mut row: Vec<i64> = d[t * 6..(t + 1) * 6].iter().copied().filter(|&e| e >= 0).collect();
+        assert!(row.iter().all(|&e| (0..4).contains(&e)), "{row:?}");
+        row.sort();
+        row.dedup();
+        assert_eq!(row.len(), 4, "token {t}: {:?}", &d[t * 6..(t + 1) * 6]);
+    }
 }

@@ -29,7 +29,7 @@ fn gpu2_ht_killed_rank_is_named() -> Result<()> {
                 let world = g.world();
                 let e = experts_for(world, 64);
                 let s = g.stream().clone();
-                let mut buf = HtBuffer::new(&g, HtConfig::new(e, hd, k, t, world))?;
+                let mut buf = HtBuffer::new(&g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
                 let mut rng = Rng::new(seed ^ me as u64);
                 let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
                 let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&gen_bf16(&mut rng, t * hd, 1.0)))?;

@@ -85,6 +85,17 @@ fn gpu2_heap_pattern() -> Result<()> {
         // 1 MiB + 4 bytes per slot: odd sizes catch off-by-one strides.
         let bad = diag::heap_pattern_roundtrip(g, (1 << 20) + 4, seed as u32, 3)?;
         ensure!(bad.iter().all(|&b| b == 0), "rank {}: mismatching words per source rank: {bad:?}", g.rank());
+        // Where ranks share a GPU, what each got of it (the MPS share, checked to fit).
+        if g.gpu_sharers() > 1 {
+            println!(
+                "rank {}: {} ranks share this {}, {} of its {} SMs each",
+                g.rank(),
+                g.gpu_sharers(),
+                g.device_name(),
+                g.sm_count(),
+                g.device_sm_count()
+            );
+        }
         Ok(())
     })
 }

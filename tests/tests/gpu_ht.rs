@@ -100,7 +100,7 @@ fn gpu2_ht_graph_replay_100() -> Result<()> {
         let e = experts_for(world, 64);
         let me = g.rank();
         let s = g.stream().clone();
-        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
         let make = |it: u64| {
             let mut rng = Rng::new(seed ^ it.wrapping_mul(0x9e37_79b9) ^ me as u64);
             let (idx, w) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.2);
@@ -158,7 +158,7 @@ fn gpu2_ht_async_streams() -> Result<()> {
         let me = g.rank();
         let compute = g.context().new_stream()?;
         let comm = g.context().new_stream()?;
-        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
         let mut rng = Rng::new(seed ^ me as u64);
         let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
         let x_h = gen_bf16(&mut rng, t * hd, 1.0);
@@ -192,8 +192,8 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
         let world = g.world();
         let e = experts_for(world, 64);
         let s = g.stream().clone();
-        let mut a = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
-        let mut b = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut a = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
+        let mut b = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
         let mut rng = Rng::new(seed ^ g.rank() as u64);
         let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
         let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
@@ -206,7 +206,8 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
         expect_refused(b.new_handle(&layout), "ForeignHandle", "layout of another buffer")?;
         // A configuration that differs across ranks is refused on every rank before anything
         // is allocated (each receiver would otherwise wait for its own grid size).
-        let skewed = HtConfig { num_sms: 16 + g.rank() as u32, ..HtConfig::new(e, hd, k, t, world) };
+        // (Each rank's grid within its SMs, on a shared GPU too.)
+        let skewed = HtConfig { num_sms: skewed_grid(g), ..HtConfig::new(e, hd, k, t, world) };
         match HtBuffer::new(g, skewed) {
             Err(moe_ep::Error::CollectiveMismatch { .. }) => {}
             Err(e) => anyhow::bail!("mismatched configurations: expected CollectiveMismatch, got {e}"),
@@ -238,7 +239,7 @@ fn gpu2_ht_device_error_fails_the_group() -> Result<()> {
         let world = g.world();
         let e = experts_for(world, 64);
         let s = g.stream().clone();
-        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
         let mut rng = Rng::new(seed ^ g.rank() as u64);
         let (mut idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
         idx_h[3 * k + 1] = (e + 5) as i64;

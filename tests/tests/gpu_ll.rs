@@ -277,7 +277,7 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
         a.combine(&s, &hh, &zero_copy)?;
         a.check()?;
         // Grids and configurations that differ across ranks.
-        match b.set_launch(16 + g.rank() as u32, 512) {
+        match b.set_launch(skewed_grid(g), 512) {
             Err(moe_ep::Error::CollectiveMismatch { .. }) => {}
             other => bail!("set_launch with different grids: expected CollectiveMismatch, got {:?}", other.err()),
         }
@@ -299,7 +299,7 @@ fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
         let me = g.rank();
         let s = g.stream().clone();
         let mut ll = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
-        let mut ht = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world))?;
+        let mut ht = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
         let mut rng = Rng::new(seed ^ me as u64);
         let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
         let x_h = gen_bf16(&mut rng, t * hd, 1.0);

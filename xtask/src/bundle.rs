@@ -6,7 +6,8 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|isolated|shared|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
+# usage: run.sh [all|tests|isolated|mps|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
+#        run.sh mps [tests|python|soak|bench]...   (default: all four)
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,12 +48,72 @@ if [ "$what" = isolated ]; then
   # only its own GPU (CUDA_VISIBLE_DEVICES set per child, as Slurm and Kubernetes do).
   MOE_EP_TEST_ONE_GPU_PER_PROCESS=1 run_tests isolated ", one visible GPU per process" "$here"/tests/gpu_ht-* "$here"/tests/gpu_ll-* -- "$@"
 fi
-if [ "$what" = shared ]; then
-  # Not part of `all`: on a one-GPU machine, the multi-rank tests as threads sharing GPU 0 (a
-  # correctness check of the kernels; MOE_EP_TEST_RANKS picks the rank counts, default 2).
-  # All ranks' streams live in one context: more hardware queues than the default 8, so no two
-  # ranks' spinning kernels end up serialised behind each other in one queue.
-  CUDA_DEVICE_MAX_CONNECTIONS=32 MOE_EP_TEST_SHARED_GPU=1 run_tests shared ", ranks sharing GPU 0" "$here"/tests/gpu_* -- "$@"
+if [ "$what" = mps ]; then
+  # Not part of `all`: on a one-GPU machine, the whole multi-process stack with every rank a
+  # process on GPU 0 under CUDA MPS (a correctness check: no figure from it says anything about
+  # NVLink). A private MPS control daemon (own pipe and log directories) runs for the duration
+  # and is stopped at the end, also when a step fails or times out. Parts (default all): tests
+  # (every multi-rank test binary at each rank count of MPS_RANKS, default "2 3 4 8", one log
+  # per binary and rank count), python (the torchrun example and the Python tests at each rank
+  # count), soak (SOAK_ITERS iterations, default 3000, at 4 ranks, at most SOAK_SECONDS), bench
+  # (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip). MPS_ROOT
+  # names the daemon's directory (default: a fresh one under /tmp).
+  parts=${*:-tests python soak bench}
+  set --
+  mps_root=${MPS_ROOT:-$(mktemp -d /tmp/moe-ep-mps.XXXXXX)}
+  export CUDA_MPS_PIPE_DIRECTORY=$mps_root/pipe CUDA_MPS_LOG_DIRECTORY=$mps_root/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  mps_stop() {
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+    for _ in $(seq 100); do pgrep -f 'nvidia-cuda-mps-(control|server)' > /dev/null || break; sleep 0.1; done
+    if pgrep -f 'nvidia-cuda-mps-(control|server)' > /dev/null; then
+      echo "MPS: still running 10 s after quit, killed: $(pgrep -fa 'nvidia-cuda-mps-(control|server)' | tr '\n' ';')"
+      pkill -9 -f 'nvidia-cuda-mps-(control|server)'
+      sleep 1
+    fi
+    echo "MPS: daemon stopped; MPS processes left: $(pgrep -fc 'nvidia-cuda-mps-(control|server)')"
+    cp "$CUDA_MPS_LOG_DIRECTORY"/control.log "$out/mps-control.log" 2> /dev/null
+  }
+  if ! command -v nvidia-cuda-mps-control > /dev/null; then
+    echo "MPS: nvidia-cuda-mps-control is not on this machine; the multi-process tests cannot share the GPU"; exit 1
+  fi
+  if ! nvidia-cuda-mps-control -d; then
+    echo "MPS: the control daemon did not start (see $CUDA_MPS_LOG_DIRECTORY)"; exit 1
+  fi
+  trap 'mps_stop' EXIT
+  trap 'exit 130' INT TERM
+  for _ in $(seq 50); do [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ] && break; sleep 0.1; done
+  if [ ! -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then echo "MPS: no control pipe in $CUDA_MPS_PIPE_DIRECTORY after 5 s"; exit 1; fi
+  echo "MPS: control daemon up (pipe $CUDA_MPS_PIPE_DIRECTORY)"
+  ranks=${MPS_RANKS:-2 3 4 8}
+  for part in $parts; do
+    case $part in
+      tests)
+        for n in $ranks; do
+          MOE_EP_TEST_MPS=1 MOE_EP_TEST_RANKS=$n run_tests "mps$n" ", $n ranks sharing GPU 0 (MPS)" "$here"/tests/gpu_* --
+        done ;;
+      python)
+        py=/tmp/moe-ep-python; rm -rf "$py"
+        python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+        for n in $ranks; do
+          pct=$(( 100 / n - 2 ))
+          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
+            timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/torchrun" > "$out/mps$n-example-torchrun.log" 2>&1; rc=$?
+          echo "=== example torchrun, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank|FAILED|Error" "$out/mps$n-example-torchrun.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
+          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct PYTHONPATH="$py" \
+            timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/mps$n-python.log" 2>&1; rc=$?
+          echo "=== python test_gpu.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "passed|Error|assert" "$out/mps$n-python.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
+        done ;;
+      soak)
+        timeout $(( ${SOAK_SECONDS:-120} + 60 )) "$here/bin/moe-ep-soak" --shared-gpu --ranks 4 --iters "${SOAK_ITERS:-3000}" --seconds "${SOAK_SECONDS:-120}" > "$out/mps-soak.log" 2>&1; rc=$?
+        echo "=== soak, 4 ranks sharing GPU 0 (MPS): exit $rc"; tail -n 4 "$out/mps-soak.log"; [ "$rc" -eq 0 ] || status=1 ;;
+      bench)
+        timeout 300 "$here/bin/moe-ep-bench" p2p ll --quick --shared-gpu --ranks 2 > "$out/mps-bench.log" 2>&1; rc=$?
+        echo "=== benchmark smoke run, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "SHARED GPU|round trip" "$out/mps-bench.log" | head -n 6; [ "$rc" -eq 0 ] || status=1 ;;
+      *) echo "run.sh mps: unknown part $part (tests, python, soak, bench)"; status=1 ;;
+    esac
+  done
+  exit $status
 fi
 if [ "$what" = all ] || [ "$what" = tests ]; then
   run_tests test "" "$here"/tests/* -- "$@"
@@ -164,7 +225,7 @@ pub fn build(root: &Path) -> Result<()> {
         dir.display(),
         size as f64 / (1 << 20) as f64
     );
-    println!("run it there with: target/gpu-bundle/run.sh [all|tests|isolated|shared|examples|bench|soak|python]");
+    println!("run it there with: target/gpu-bundle/run.sh [all|tests|isolated|mps|examples|bench|soak|python]");
     Ok(())
 }
 

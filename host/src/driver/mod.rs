@@ -89,6 +89,20 @@ pub(crate) mod peer {
     }
 }
 
+/// `cuCtxGetExecAffinity(CU_EXEC_AFFINITY_TYPE_SM_COUNT)`: the SMs `ctx`'s kernels may use
+/// (under CUDA MPS, the client's share of the GPU; otherwise every SM).
+pub(crate) fn exec_affinity_sm_count(ctx: &CudaContext) -> Result<u32, DriverError> {
+    ctx.bind_to_thread()?;
+    let mut p = sys::CUexecAffinityParam_st {
+        type_: sys::CUexecAffinityType::CU_EXEC_AFFINITY_TYPE_SM_COUNT,
+        param: sys::CUexecAffinityParam_st__bindgen_ty_1 { smCount: sys::CUexecAffinitySmCount_st { val: 0 } },
+    };
+    // SAFETY: `p` is a valid out-parameter; the context is current on this thread.
+    unsafe { sys::cuCtxGetExecAffinity(&mut p, sys::CUexecAffinityType::CU_EXEC_AFFINITY_TYPE_SM_COUNT).result()? };
+    // SAFETY: the driver filled the `smCount` member, the one the SM-count type selects.
+    Ok(unsafe { p.param.smCount.val })
+}
+
 /// `cuFuncGetAttribute`.
 pub(crate) fn function_attribute(f: sys::CUfunction, attr: sys::CUfunction_attribute) -> Result<i32, DriverError> {
     // SAFETY: `f` is a live function handle of a loaded module.

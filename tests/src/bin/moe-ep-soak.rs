@@ -4,7 +4,10 @@
 //! reference (the GPU tests' cases, on long-lived buffers). Meant for the GPU machine, not CI:
 //! `cargo xtask soak` here, `run.sh soak` in the GPU bundle.
 //!
-//! usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S]
+//! usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S] [--shared-gpu]
+//!
+//! `--shared-gpu` runs the ranks as processes sharing GPU 0 under CUDA MPS (2 ranks unless
+//! `--ranks`; the MPS control daemon must be running): the soak on a one-GPU machine.
 //!
 //! `--seconds` stops every rank after the first iteration that ends past `S` seconds (all
 //! ranks agree on it), and the report says how many iterations ran.
@@ -15,6 +18,7 @@
 
 use anyhow::{Context, Result, bail};
 use moe_ep::ht::{HtBuffer, HtConfig};
+use moe_ep::launch::Placement;
 use moe_ep::ll::{CombineMode, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
 use moe_ep::reference::{Rng, Routing};
 use moe_ep::{Group, device_count};
@@ -101,7 +105,7 @@ fn soak(g: &Group, iters: u64, seconds: f64, seed: u64) -> Result<u64> {
         LL_BUFFERS.iter().map(|&(e, h, k, t)| LlBuffer::new(g, LlConfig::new(experts_for(world, e), h, k, t))).collect::<moe_ep::Result<_>>()?;
     let mut ht: Vec<HtBuffer> = HT_BUFFERS
         .iter()
-        .map(|&(e, h, k, t)| HtBuffer::new(g, HtConfig::new(experts_for(world, e), h, k, t, world)))
+        .map(|&(e, h, k, t)| HtBuffer::new(g, HtConfig::new(experts_for(world, e), h, k, t, world).fit_sms(g.sm_count())))
         .collect::<moe_ep::Result<_>>()?;
     let t0 = Instant::now();
     for i in 0..iters {
@@ -135,7 +139,9 @@ fn main() -> Result<()> {
     let mut iters = 1000u64;
     let mut seconds = f64::INFINITY;
     let mut ranks = 0usize;
+    let mut shared_gpu = false;
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
+    const USAGE: &str = "usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S] [--shared-gpu]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
@@ -144,19 +150,73 @@ fn main() -> Result<()> {
             "--seconds" => seconds = value("--seconds")?.parse()?,
             "--ranks" => ranks = value("--ranks")?.parse()?,
             "--seed" => seed = value("--seed")?.parse()?,
+            "--shared-gpu" => shared_gpu = true,
             "-h" | "--help" => {
-                println!("usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S]");
+                println!("{USAGE}");
                 return Ok(());
             }
-            other => bail!("unknown argument {other:?} (usage: moe-ep-soak [--iters N] [--seconds S] [--ranks N] [--seed S])"),
+            other => bail!("unknown argument {other:?} ({USAGE})"),
         }
     }
+    let t0 = Instant::now();
+    // A rank process of a --shared-gpu soak (started below, with the parent's seed).
+    if std::env::var("RANK").is_ok() {
+        let g = Group::from_env(test_config()).context("joining the soak's group")?;
+        let world = g.world();
+        if g.rank() == 0 {
+            println!(
+                "soak: {world} ranks as processes sharing one {} under CUDA MPS ({} SMs each), {iters} iterations, seed {seed}",
+                g.device_name(),
+                g.sm_count()
+            );
+        }
+        let r = soak(&g, iters, seconds, seed);
+        let ran = g
+            .all_gather_bytes(&r.as_ref().map_or(0, |n| *n).to_le_bytes())
+            .map(|all| all.iter().map(|b| b.as_slice().try_into().map(u64::from_le_bytes).unwrap_or(0)).min().unwrap_or(0));
+        return match r {
+            Ok(_) => {
+                if g.rank() == 0 {
+                    summary(ran.unwrap_or(0), iters, world, t0.elapsed().as_secs_f64(), seed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("rank {}: {e:#}", g.rank());
+                println!("soak: stopped at the first failure (above), {:.0} s, seed {seed}: 1 mismatch or error", t0.elapsed().as_secs_f64());
+                std::process::exit(1);
+            }
+        };
+    }
     let gpus = device_count().context("counting GPUs")?;
+    if shared_gpu {
+        let world = if ranks == 0 { 2 } else { ranks };
+        if !(2..=moe_ep::abi::MAX_RANKS).contains(&world) {
+            bail!("--ranks {world}: a shared-GPU soak runs 2 to {} ranks", moe_ep::abi::MAX_RANKS);
+        }
+        if moe_ep::mps_control_pipe().is_none() {
+            bail!("--shared-gpu needs the CUDA MPS control daemon (nvidia-cuda-mps-control -d)");
+        }
+        let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--shared-gpu").collect();
+        args.extend(["--seed".to_string(), seed.to_string()]);
+        let exe = std::env::current_exe()?;
+        let children = moe_ep::launch::rank_commands(&exe, &args, world, &Placement::SharedGpu("0".into()))?
+            .into_iter()
+            .map(|mut c| c.spawn().context("starting a soak rank"))
+            .collect::<Result<Vec<_>>>()?;
+        let mut failed = false;
+        for mut c in children {
+            failed |= !c.wait()?.success();
+        }
+        if failed {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let world = if ranks == 0 { gpus } else { ranks };
     if world < 2 || world > gpus {
-        bail!("--ranks {world}: this machine has {gpus} GPU(s); the soak needs 2 to {gpus} ranks");
+        bail!("--ranks {world}: this machine has {gpus} GPU(s); the soak needs 2 to {gpus} ranks (--shared-gpu: processes sharing one GPU)");
     }
-    let t0 = Instant::now();
     let results = Group::run_threads(world, test_config(), |g| {
         if g.rank() == 0 {
             println!("soak: {world} x {}, one thread per GPU, {iters} iterations, seed {seed}", g.device_name());
@@ -174,8 +234,7 @@ fn main() -> Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     if failures.is_empty() {
-        let stopped = if ran < iters { format!(" (stopped by --seconds before {iters})") } else { String::new() };
-        println!("soak: {ran} iterations at {world} ranks{stopped}, 0 mismatches, {secs:.0} s, seed {seed}");
+        summary(ran, iters, world, secs, seed);
         Ok(())
     } else {
         for f in &failures {
@@ -184,4 +243,10 @@ fn main() -> Result<()> {
         println!("soak: stopped at the first failure (above), {secs:.0} s, seed {seed}: 1 mismatch or error");
         std::process::exit(1);
     }
+}
+
+/// The last line of a soak that found nothing.
+fn summary(ran: u64, iters: u64, world: usize, secs: f64, seed: u64) {
+    let stopped = if ran < iters { format!(" (stopped by --seconds before {iters})") } else { String::new() };
+    println!("soak: {ran} iterations at {world} ranks{stopped}, 0 mismatches, {secs:.0} s, seed {seed}");
 }
