@@ -215,8 +215,10 @@ struct GroupInner {
     device_name: String,
     /// SMs this rank's kernels may use ([`SmShare`]).
     sm_count: u32,
-    /// SMs of the device.
+    /// SMs the device reports to this rank's context.
     sm_total: u32,
+    /// Where `sm_count` comes from, in words.
+    sm_source: String,
     /// Ranks on this rank's GPU (itself included).
     gpu_sharers: usize,
 }
@@ -314,9 +316,9 @@ impl Group {
             .during("cuDeviceGetAttribute", || "reading the SM count".into())? as u32;
         let sharers = gpus.iter().filter(|g| g.uuid == me.uuid).count();
         let mps_percent = std::env::var("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").ok().and_then(|v| v.trim().parse::<f64>().ok());
-        let share =
-            SmShare { total: sm_total, context_limit: driver::exec_affinity_sm_count(&ctx).ok(), mps_percent, sharers, budget: cfg.sm_budget }
-                .resolve()?;
+        let sm_share =
+            SmShare { total: sm_total, context_limit: driver::exec_affinity_sm_count(&ctx).ok(), mps_percent, sharers, budget: cfg.sm_budget };
+        let (share, share_source) = sm_share.resolve()?;
         if sharers > 1 && rank == gpus.iter().position(|g| g.uuid == me.uuid).unwrap_or(rank) && mps_control_pipe().is_none() {
             eprintln!(
                 "moe-ep (rank {rank}): {sharers} ranks share {me} but no CUDA MPS control daemon was found (CUDA_MPS_PIPE_DIRECTORY); \
@@ -337,7 +339,7 @@ impl Group {
                 None => access::NOT_VISIBLE,
             };
         }
-        let row = PeerRow { access: row, share_gpu: cfg.share_gpu, sms: share, sm_total }.to_bytes();
+        let row = PeerRow { access: row, share_gpu: cfg.share_gpu, sms: share, ppm: sm_share.ppm(share) }.to_bytes();
         check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank, mode)?;
         let devices: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let mut peer_ctxs = Vec::new();
@@ -385,6 +387,7 @@ impl Group {
                 device_name,
                 sm_count: share,
                 sm_total,
+                sm_source: share_source,
                 gpu_sharers: sharers,
             }),
         })
@@ -425,9 +428,16 @@ impl Group {
         self.inner.sm_count
     }
 
-    /// Streaming multiprocessors of the device.
+    /// Streaming multiprocessors the device reports to this rank's CUDA context (under CUDA
+    /// MPS with an active-thread percentage, the client's limit rather than the whole GPU).
     pub fn device_sm_count(&self) -> u32 {
         self.inner.sm_total
+    }
+
+    /// Where [`Group::sm_count`] comes from, in words (e.g. "the 14 SMs its CUDA MPS context
+    /// may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10)").
+    pub fn sm_count_source(&self) -> &str {
+        &self.inner.sm_source
     }
 
     /// Ranks of this group on this rank's GPU, itself included: 1 unless
@@ -770,13 +780,14 @@ fn parse_gpus(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<GpuId>
 }
 
 /// This rank's row of the peer-access exchange: one [`access`] byte per rank, then whether it
-/// opted in to sharing its GPU, its SM share and its device's SM count.
+/// opted in to sharing its GPU, its SM count and the part of its GPU it may occupy (parts per
+/// million, [`SmShare::ppm`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PeerRow {
     access: Vec<u8>,
     share_gpu: bool,
     sms: u32,
-    sm_total: u32,
+    ppm: u32,
 }
 
 impl PeerRow {
@@ -786,7 +797,7 @@ impl PeerRow {
         let mut b = self.access.clone();
         b.push(self.share_gpu as u8);
         b.extend_from_slice(&self.sms.to_le_bytes());
-        b.extend_from_slice(&self.sm_total.to_le_bytes());
+        b.extend_from_slice(&self.ppm.to_le_bytes());
         b
     }
 
@@ -795,7 +806,7 @@ impl PeerRow {
             return None;
         }
         let word = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-        Some(PeerRow { access: b[..world].to_vec(), share_gpu: b[world] == 1, sms: word(world + 1), sm_total: word(world + 5) })
+        Some(PeerRow { access: b[..world].to_vec(), share_gpu: b[world] == 1, sms: word(world + 1), ppm: word(world + 5) })
     }
 }
 
@@ -857,19 +868,20 @@ fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize, mode: Mode) ->
                 ),
             ));
         }
-        let total = rows[first].sm_total;
-        let sum: u64 = on_gpu.iter().map(|&b| rows[b].sms as u64).sum();
-        if sum > total as u64 {
-            let each = total as usize / on_gpu.len();
-            let shares: Vec<String> = on_gpu.iter().map(|&b| format!("rank {b}: {}", rows[b].sms)).collect();
+        let sum: u64 = on_gpu.iter().map(|&b| rows[b].ppm as u64).sum();
+        if sum > 1_000_000 {
+            let pct = |ppm: u64| format!("{:.1}%", ppm as f64 / 1e4);
+            let shares: Vec<String> = on_gpu.iter().map(|&b| format!("rank {b}: {} SMs, {}", rows[b].sms, pct(rows[b].ppm as u64))).collect();
             return Err(Error::invalid(
                 "sm_budget",
                 format!(
-                    "the {} ranks on {} may use {sum} SMs together ({}) but it has {total}, and every block of every rank must be \
-                     resident at once; give each at most {each} (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={} or {SM_BUDGET_ENV}={each})",
+                    "the {} ranks on {} would occupy {} of it together ({}), and every block of every rank must be resident at \
+                     once; give each at most {}% (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={} or a {SM_BUDGET_ENV} within it)",
                     on_gpu.len(),
                     gpus[first],
+                    pct(sum),
                     shares.join(", "),
+                    100 / on_gpu.len(),
                     100 / on_gpu.len()
                 ),
             ));
@@ -881,9 +893,10 @@ fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize, mode: Mode) ->
 /// What decides how many SMs a rank's kernels may use.
 #[derive(Clone, Copy, Debug)]
 struct SmShare {
-    /// SMs of the device.
+    /// SMs the device reports to this rank's context (under CUDA MPS with an active-thread
+    /// percentage, already the client's limit).
     total: u32,
-    /// What `cuCtxGetExecAffinity` says the rank's context may use (under MPS, its share).
+    /// What `cuCtxGetExecAffinity` says the rank's context may use.
     context_limit: Option<u32>,
     /// `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`, where set.
     mps_percent: Option<f64>,
@@ -894,27 +907,50 @@ struct SmShare {
 }
 
 impl SmShare {
-    /// The rank's SMs: the budget when given (an error above what the context may use), else
-    /// what the context may use (its MPS limit, and the MPS percentage of the device), and on a
-    /// shared GPU with no MPS limit known, an equal split.
-    fn resolve(self) -> Result<u32> {
-        let mut limit = self.total.max(1);
-        if let Some(c) = self.context_limit.filter(|&c| c > 0) {
-            limit = limit.min(c);
-        }
-        if let Some(p) = self.mps_percent.filter(|p| *p > 0.0 && *p <= 100.0) {
-            limit = limit.min(((self.total as f64 * p / 100.0).floor() as u32).max(1));
-        }
+    /// The rank's SMs, and where they come from: the budget when given (an error above what the
+    /// context may use); else what the context may use (under MPS its limit, which the driver
+    /// already applies to the SM count it reports); and on a shared GPU with no MPS share, an
+    /// equal split.
+    fn resolve(self) -> Result<(u32, String)> {
+        let limit = self.limit();
+        let mps = self.percent().map(|p| format!(" (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={p})")).unwrap_or_default();
         if self.budget > 0 {
             if self.budget > limit {
-                return Err(Error::invalid("sm_budget", format!("{} SMs but this rank may use {limit} of the GPU's {}", self.budget, self.total)));
+                return Err(Error::invalid("sm_budget", format!("{} SMs but this rank's context may use {limit}{mps}", self.budget)));
             }
-            return Ok(self.budget);
+            return Ok((self.budget, format!("its SM budget of {} ({SM_BUDGET_ENV} or GroupConfig::sm_budget)", self.budget)));
         }
-        if self.sharers > 1 && limit == self.total.max(1) {
-            return Ok((self.total / self.sharers as u32).max(1));
+        if self.sharers > 1 && self.percent().is_none() && limit == self.total.max(1) {
+            let each = (limit / self.sharers as u32).max(1);
+            return Ok((each, format!("an equal split of the {limit} SMs among the {} ranks on its GPU", self.sharers)));
         }
-        Ok(limit)
+        if self.sharers > 1 || self.percent().is_some() {
+            return Ok((limit, format!("the {limit} SMs its CUDA MPS context may use{mps}")));
+        }
+        Ok((limit, format!("every SM of the GPU ({limit})")))
+    }
+
+    /// What the context may use: the SM count the device reports to it, and its execution
+    /// affinity where that says less.
+    fn limit(self) -> u32 {
+        let total = self.total.max(1);
+        self.context_limit.filter(|&c| c > 0).map_or(total, |c| total.min(c))
+    }
+
+    /// A usable MPS percentage (the driver refuses others).
+    fn percent(self) -> Option<f64> {
+        self.mps_percent.filter(|p| *p > 0.0 && *p <= 100.0)
+    }
+
+    /// The part of the GPU (parts per million) a rank using `sms` SMs may occupy: with an MPS
+    /// percentage, that percentage of the GPU times the part of its limit it uses (the limit is
+    /// the percentage's SMs); else its SMs over the device's.
+    fn ppm(self, sms: u32) -> u32 {
+        let frac = match self.percent() {
+            Some(p) => p / 100.0 * (sms as f64 / self.limit() as f64).min(1.0),
+            None => sms as f64 / self.total.max(1) as f64,
+        };
+        (frac * 1e6).round() as u32
     }
 }
 
@@ -971,7 +1007,7 @@ mod tests {
         assert!(e.contains("rank 1 sent a malformed device id (3 bytes, expected 20)"), "{e}");
         assert!(parse_gpus(&[a.to_bytes()], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
         let gpus = [a, b];
-        let row = |access: Vec<u8>| PeerRow { access, share_gpu: false, sms: 132, sm_total: 132 }.to_bytes();
+        let row = |access: Vec<u8>| PeerRow { access, share_gpu: false, sms: 132, ppm: 1_000_000 }.to_bytes();
         let p = Mode::Processes;
         check_peer_rows(&[row(vec![1, 1]), row(vec![1, 1])], &gpus, 0, p).unwrap();
         let e = check_peer_rows(&[row(vec![1, 1]), vec![1, 1, 1, 1, 1]], &gpus, 0, p).unwrap_err().to_string();
@@ -990,45 +1026,48 @@ mod tests {
     fn sharing_a_gpu_needs_processes_every_rank_opted_in_and_shares_that_fit() {
         let g = GpuId { ordinal: 0, uuid: [9; 16] };
         let other = GpuId { ordinal: 1, uuid: [8; 16] };
-        let row = |share_gpu: bool, sms: u32| PeerRow { access: vec![1; 3], share_gpu, sms, sm_total: 132 }.to_bytes();
+        let row = |share_gpu: bool, sms: u32, ppm: u32| PeerRow { access: vec![1; 3], share_gpu, sms, ppm }.to_bytes();
         let (p, t) = (Mode::Processes, Mode::Threads);
-        // Three processes on one GPU, all opted in, 44 SMs each: accepted.
-        check_peer_rows(&[row(true, 44), row(true, 44), row(true, 44)], &[g, g, g], 1, p).unwrap();
-        // Two on one GPU, the third on another: only the two must opt in.
-        check_peer_rows(&[row(true, 66), row(false, 132), row(true, 66)], &[g, other, g], 0, p).unwrap();
+        // Three processes on one GPU, all opted in, a third each: accepted.
+        check_peer_rows(&[row(true, 44, 333_333), row(true, 44, 333_333), row(true, 44, 333_333)], &[g, g, g], 1, p).unwrap();
+        // Two on one GPU, the third alone on another: only the two must opt in, and only their
+        // shares must fit together.
+        check_peer_rows(&[row(true, 66, 500_000), row(false, 132, 1_000_000), row(true, 66, 500_000)], &[g, other, g], 0, p).unwrap();
         // One of them did not opt in: named.
-        let e = check_peer_rows(&[row(true, 44), row(true, 44), row(false, 44)], &[g, g, g], 0, p).unwrap_err().to_string();
+        let e = check_peer_rows(&[row(true, 44, 1), row(true, 44, 1), row(false, 44, 1)], &[g, g, g], 0, p).unwrap_err().to_string();
         assert!(e.contains("ranks 0 and 2 both use GPU 0") && e.contains("(rank 2 did not)"), "{e}");
         // Threads of one process never share a GPU, opted in or not.
-        let e = check_peer_rows(&[row(true, 44), row(true, 44), row(true, 44)], &[g, g, g], 0, t).unwrap_err().to_string();
+        let e = check_peer_rows(&[row(true, 44, 1), row(true, 44, 1), row(true, 44, 1)], &[g, g, g], 0, t).unwrap_err().to_string();
         assert!(e.contains("ranks 0 and 1 are threads of one process") && e.contains("one process per rank"), "{e}");
         // Shares that cannot all be resident at once.
-        let e = check_peer_rows(&[row(true, 66), row(true, 66), row(true, 66)], &[g, g, g], 0, p).unwrap_err().to_string();
-        assert!(
-            e.contains("invalid argument `sm_budget`") && e.contains("may use 198 SMs together (rank 0: 66, rank 1: 66, rank 2: 66) but it has 132"),
-            "{e}"
-        );
-        assert!(e.contains("at most 44 (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=33 or MOE_EP_SM_BUDGET=44)"), "{e}");
+        let e = check_peer_rows(&[row(true, 66, 500_000), row(true, 66, 500_000), row(true, 66, 500_000)], &[g, g, g], 0, p).unwrap_err().to_string();
+        assert!(e.contains("invalid argument `sm_budget`") && e.contains("would occupy 150.0% of it together (rank 0: 66 SMs, 50.0%"), "{e}");
+        assert!(e.contains("at most 33% (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=33"), "{e}");
     }
 
     #[test]
-    fn a_ranks_sms_come_from_its_context_its_mps_share_or_its_budget() {
+    fn a_ranks_sms_come_from_its_context_its_budget_or_an_equal_split() {
         let base = SmShare { total: 132, context_limit: Some(132), mps_percent: None, sharers: 1, budget: 0 };
-        assert_eq!(base.resolve().unwrap(), 132);
-        // MPS limits the context: that is the share, alone on the GPU or not.
-        assert_eq!(SmShare { context_limit: Some(16), sharers: 8, ..base }.resolve().unwrap(), 16);
-        // The MPS percentage where the context says nothing more.
-        assert_eq!(SmShare { mps_percent: Some(12.0), sharers: 8, ..base }.resolve().unwrap(), 15);
-        assert_eq!(SmShare { mps_percent: Some(50.0), context_limit: None, sharers: 2, ..base }.resolve().unwrap(), 66);
-        // Shared with no limit known: an equal split.
-        assert_eq!(SmShare { sharers: 3, ..base }.resolve().unwrap(), 44);
-        assert_eq!(SmShare { sharers: 8, context_limit: None, ..base }.resolve().unwrap(), 16);
+        let sms = |s: SmShare| s.resolve().unwrap().0;
+        assert_eq!(base.resolve().unwrap(), (132, "every SM of the GPU (132)".to_string()));
+        // Under MPS with a percentage the driver reports the limited count (seen on an H200
+        // with the 580 driver): that is the share, as is a smaller execution affinity.
+        let mps = SmShare { total: 14, context_limit: Some(14), mps_percent: Some(10.0), sharers: 8, ..base };
+        assert_eq!(mps.resolve().unwrap(), (14, "the 14 SMs its CUDA MPS context may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10)".to_string()));
+        assert_eq!(mps.ppm(14), 100_000);
+        assert_eq!(mps.ppm(7), 50_000);
+        assert_eq!(sms(SmShare { context_limit: Some(16), sharers: 8, ..base }), 16);
+        // Shared with no MPS share: an equal split, and its part of the GPU.
+        let split = SmShare { sharers: 3, ..base };
+        assert_eq!(split.resolve().unwrap(), (44, "an equal split of the 132 SMs among the 3 ranks on its GPU".to_string()));
+        assert_eq!(split.ppm(44), 333_333);
+        assert_eq!(sms(SmShare { sharers: 8, context_limit: None, ..base }), 16);
         // An explicit budget, within what the context may use.
-        assert_eq!(SmShare { budget: 20, sharers: 4, ..base }.resolve().unwrap(), 20);
-        let e = SmShare { budget: 20, context_limit: Some(16), ..base }.resolve().unwrap_err().to_string();
-        assert!(e.contains("invalid argument `sm_budget`: 20 SMs but this rank may use 16 of the GPU's 132"), "{e}");
+        assert_eq!(sms(SmShare { budget: 20, sharers: 4, ..base }), 20);
+        let e = SmShare { budget: 20, ..mps }.resolve().unwrap_err().to_string();
+        assert!(e.contains("invalid argument `sm_budget`: 20 SMs but this rank's context may use 14 (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10)"), "{e}");
         // Nonsense percentages are ignored (MPS refuses them itself).
-        assert_eq!(SmShare { mps_percent: Some(0.0), ..base }.resolve().unwrap(), 132);
+        assert_eq!(sms(SmShare { mps_percent: Some(0.0), ..base }), 132);
     }
 
     #[test]

@@ -88,11 +88,12 @@ fn gpu2_heap_pattern() -> Result<()> {
         // Where ranks share a GPU, what each got of it (the MPS share, checked to fit).
         if g.gpu_sharers() > 1 {
             println!(
-                "rank {}: {} ranks share this {}, {} of its {} SMs each",
+                "rank {}: {} ranks share this {}: {} SMs, {} (the device reports {} SMs to this rank's context)",
                 g.rank(),
                 g.gpu_sharers(),
                 g.device_name(),
                 g.sm_count(),
+                g.sm_count_source(),
                 g.device_sm_count()
             );
         }

@@ -40,7 +40,7 @@ run_tests() {
     rc=$?
     echo "=== $name$label: exit $rc"
     [ "$rc" -eq 0 ] || status=1
-    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ" "$out/$prefix-${name%%-*}.log" | head -n 30
+    grep -E "^test .*(ok|FAILED)$|^test result|SKIP|panicked|Error:|differ|^rank 0: .* share" "$out/$prefix-${name%%-*}.log" | head -n 30
   done
 }
 if [ "$what" = isolated ]; then
@@ -63,15 +63,18 @@ if [ "$what" = mps ]; then
   mps_root=${MPS_ROOT:-$(mktemp -d /tmp/moe-ep-mps.XXXXXX)}
   export CUDA_MPS_PIPE_DIRECTORY=$mps_root/pipe CUDA_MPS_LOG_DIRECTORY=$mps_root/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  # The daemon and its server by process name (nvidia-cuda-mps-control and -server, both
+  # "nvidia-cuda-mps" in the kernel's 15-character name), never by command line.
+  mps_pids() { pgrep -x nvidia-cuda-mps; }
   mps_stop() {
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
-    for _ in $(seq 100); do pgrep -f 'nvidia-cuda-mps-(control|server)' > /dev/null || break; sleep 0.1; done
-    if pgrep -f 'nvidia-cuda-mps-(control|server)' > /dev/null; then
-      echo "MPS: still running 10 s after quit, killed: $(pgrep -fa 'nvidia-cuda-mps-(control|server)' | tr '\n' ';')"
-      pkill -9 -f 'nvidia-cuda-mps-(control|server)'
+    for _ in $(seq 100); do mps_pids > /dev/null || break; sleep 0.1; done
+    if mps_pids > /dev/null; then
+      echo "MPS: still running 10 s after quit, killed: $(ps -o pid=,args= -p "$(mps_pids | paste -sd,)" | tr '\n' ';')"
+      mps_pids | xargs -r kill -9
       sleep 1
     fi
-    echo "MPS: daemon stopped; MPS processes left: $(pgrep -fc 'nvidia-cuda-mps-(control|server)')"
+    echo "MPS: daemon stopped; MPS processes left: $(mps_pids | wc -l)"
     cp "$CUDA_MPS_LOG_DIRECTORY"/control.log "$out/mps-control.log" 2> /dev/null
   }
   if ! command -v nvidia-cuda-mps-control > /dev/null; then
