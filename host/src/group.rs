@@ -339,7 +339,7 @@ impl Group {
                 None => access::NOT_VISIBLE,
             };
         }
-        let row = PeerRow { access: row, share_gpu: cfg.share_gpu, sms: share, ppm: sm_share.ppm(share) }.to_bytes();
+        let row = PeerRow { access: row, share_gpu: cfg.share_gpu, sms: share, limit: sm_share.limit() }.to_bytes();
         check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank, mode)?;
         let devices: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let mut peer_ctxs = Vec::new();
@@ -434,8 +434,8 @@ impl Group {
         self.inner.sm_total
     }
 
-    /// Where [`Group::sm_count`] comes from, in words (e.g. "the 14 SMs its CUDA MPS context
-    /// may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10)").
+    /// Where [`Group::sm_count`] comes from, in words (e.g. "an equal split of the GPU's 132
+    /// SMs among the 4 ranks on it, less 2 for other kernels").
     pub fn sm_count_source(&self) -> &str {
         &self.inner.sm_source
     }
@@ -780,14 +780,14 @@ fn parse_gpus(blobs: &[Vec<u8>], rank: usize, world: usize) -> Result<Vec<GpuId>
 }
 
 /// This rank's row of the peer-access exchange: one [`access`] byte per rank, then whether it
-/// opted in to sharing its GPU, its SM count and the part of its GPU it may occupy (parts per
-/// million, [`SmShare::ppm`]).
+/// opted in to sharing its GPU, its SM count and the most its context may use
+/// ([`SmShare::limit`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct PeerRow {
     access: Vec<u8>,
     share_gpu: bool,
     sms: u32,
-    ppm: u32,
+    limit: u32,
 }
 
 impl PeerRow {
@@ -797,7 +797,7 @@ impl PeerRow {
         let mut b = self.access.clone();
         b.push(self.share_gpu as u8);
         b.extend_from_slice(&self.sms.to_le_bytes());
-        b.extend_from_slice(&self.ppm.to_le_bytes());
+        b.extend_from_slice(&self.limit.to_le_bytes());
         b
     }
 
@@ -806,7 +806,7 @@ impl PeerRow {
             return None;
         }
         let word = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-        Some(PeerRow { access: b[..world].to_vec(), share_gpu: b[world] == 1, sms: word(world + 1), ppm: word(world + 5) })
+        Some(PeerRow { access: b[..world].to_vec(), share_gpu: b[world] == 1, sms: word(world + 1), limit: word(world + 5) })
     }
 }
 
@@ -868,21 +868,21 @@ fn check_peer_rows(rows: &[Vec<u8>], gpus: &[GpuId], rank: usize, mode: Mode) ->
                 ),
             ));
         }
-        let sum: u64 = on_gpu.iter().map(|&b| rows[b].ppm as u64).sum();
-        if sum > 1_000_000 {
-            let pct = |ppm: u64| format!("{:.1}%", ppm as f64 / 1e4);
-            let shares: Vec<String> = on_gpu.iter().map(|&b| format!("rank {b}: {} SMs, {}", rows[b].sms, pct(rows[b].ppm as u64))).collect();
+        // Under MPS every client may be limited to the same SMs, so every rank's blocks must
+        // fit within the smallest limit among them.
+        let sum: u64 = on_gpu.iter().map(|&b| rows[b].sms as u64).sum();
+        let room = on_gpu.iter().map(|&b| rows[b].limit).min().unwrap_or(0);
+        if sum > room as u64 {
+            let shares: Vec<String> = on_gpu.iter().map(|&b| format!("rank {b}: {}", rows[b].sms)).collect();
             return Err(Error::invalid(
                 "sm_budget",
                 format!(
-                    "the {} ranks on {} would occupy {} of it together ({}), and every block of every rank must be resident at \
-                     once; give each at most {}% (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={} or a {SM_BUDGET_ENV} within it)",
+                    "the {} ranks on {} would use {sum} SMs together ({}) but their contexts may use {room}, and every block of \
+                     every rank must be resident at once; give each at most {} ({SM_BUDGET_ENV}), or leave it unset for an equal split",
                     on_gpu.len(),
                     gpus[first],
-                    pct(sum),
                     shares.join(", "),
-                    100 / on_gpu.len(),
-                    100 / on_gpu.len()
+                    room as usize / on_gpu.len()
                 ),
             ));
         }
@@ -908,24 +908,29 @@ struct SmShare {
 
 impl SmShare {
     /// The rank's SMs, and where they come from: the budget when given (an error above what the
-    /// context may use); else what the context may use (under MPS its limit, which the driver
-    /// already applies to the SM count it reports); and on a shared GPU with no MPS share, an
-    /// equal split.
+    /// context may use); alone on its GPU, what the context may use; sharing it, an equal split
+    /// of that, less a little room for other kernels. Under CUDA MPS with an active-thread
+    /// percentage the driver reports the client's limited SM count (12 of 132 at 10% on an
+    /// H200, 580 driver), and clients with the same percentage may all be confined to the same
+    /// SMs, so the split divides that limit among every rank on the GPU.
     fn resolve(self) -> Result<(u32, String)> {
         let limit = self.limit();
-        let mps = self.percent().map(|p| format!(" (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={p})")).unwrap_or_default();
+        let mps = self.percent().map(|p| format!(" (its CUDA MPS context's limit, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE={p})")).unwrap_or_default();
         if self.budget > 0 {
             if self.budget > limit {
-                return Err(Error::invalid("sm_budget", format!("{} SMs but this rank's context may use {limit}{mps}", self.budget)));
+                return Err(Error::invalid("sm_budget", format!("{} SMs but this rank may use {limit}{mps}", self.budget)));
             }
-            return Ok((self.budget, format!("its SM budget of {} ({SM_BUDGET_ENV} or GroupConfig::sm_budget)", self.budget)));
+            return Ok((self.budget, format!("its SM budget ({SM_BUDGET_ENV} or GroupConfig::sm_budget)")));
         }
-        if self.sharers > 1 && self.percent().is_none() && limit == self.total.max(1) {
-            let each = (limit / self.sharers as u32).max(1);
-            return Ok((each, format!("an equal split of the {limit} SMs among the {} ranks on its GPU", self.sharers)));
+        if self.sharers > 1 {
+            let split = limit / self.sharers as u32;
+            let reserve = (split / 4).min(2);
+            let each = (split - reserve).max(1);
+            let of = if mps.is_empty() { format!("the GPU's {limit} SMs") } else { format!("the {limit} SMs{mps}") };
+            return Ok((each, format!("an equal split of {of} among the {} ranks on it, less {reserve} for other kernels", self.sharers)));
         }
-        if self.sharers > 1 || self.percent().is_some() {
-            return Ok((limit, format!("the {limit} SMs its CUDA MPS context may use{mps}")));
+        if !mps.is_empty() {
+            return Ok((limit, format!("the {limit} SMs{mps}")));
         }
         Ok((limit, format!("every SM of the GPU ({limit})")))
     }
@@ -940,17 +945,6 @@ impl SmShare {
     /// A usable MPS percentage (the driver refuses others).
     fn percent(self) -> Option<f64> {
         self.mps_percent.filter(|p| *p > 0.0 && *p <= 100.0)
-    }
-
-    /// The part of the GPU (parts per million) a rank using `sms` SMs may occupy: with an MPS
-    /// percentage, that percentage of the GPU times the part of its limit it uses (the limit is
-    /// the percentage's SMs); else its SMs over the device's.
-    fn ppm(self, sms: u32) -> u32 {
-        let frac = match self.percent() {
-            Some(p) => p / 100.0 * (sms as f64 / self.limit() as f64).min(1.0),
-            None => sms as f64 / self.total.max(1) as f64,
-        };
-        (frac * 1e6).round() as u32
     }
 }
 
@@ -1007,7 +1001,7 @@ mod tests {
         assert!(e.contains("rank 1 sent a malformed device id (3 bytes, expected 20)"), "{e}");
         assert!(parse_gpus(&[a.to_bytes()], 0, 2).unwrap_err().to_string().contains("1 entries for 2 ranks"));
         let gpus = [a, b];
-        let row = |access: Vec<u8>| PeerRow { access, share_gpu: false, sms: 132, ppm: 1_000_000 }.to_bytes();
+        let row = |access: Vec<u8>| PeerRow { access, share_gpu: false, sms: 132, limit: 132 }.to_bytes();
         let p = Mode::Processes;
         check_peer_rows(&[row(vec![1, 1]), row(vec![1, 1])], &gpus, 0, p).unwrap();
         let e = check_peer_rows(&[row(vec![1, 1]), vec![1, 1, 1, 1, 1]], &gpus, 0, p).unwrap_err().to_string();
@@ -1026,23 +1020,28 @@ mod tests {
     fn sharing_a_gpu_needs_processes_every_rank_opted_in_and_shares_that_fit() {
         let g = GpuId { ordinal: 0, uuid: [9; 16] };
         let other = GpuId { ordinal: 1, uuid: [8; 16] };
-        let row = |share_gpu: bool, sms: u32, ppm: u32| PeerRow { access: vec![1; 3], share_gpu, sms, ppm }.to_bytes();
+        let row = |share_gpu: bool, sms: u32, limit: u32| PeerRow { access: vec![1; 3], share_gpu, sms, limit }.to_bytes();
         let (p, t) = (Mode::Processes, Mode::Threads);
-        // Three processes on one GPU, all opted in, a third each: accepted.
-        check_peer_rows(&[row(true, 44, 333_333), row(true, 44, 333_333), row(true, 44, 333_333)], &[g, g, g], 1, p).unwrap();
+        // Three processes on one GPU, all opted in, 42 SMs each: accepted.
+        check_peer_rows(&[row(true, 42, 132), row(true, 42, 132), row(true, 42, 132)], &[g, g, g], 1, p).unwrap();
         // Two on one GPU, the third alone on another: only the two must opt in, and only their
         // shares must fit together.
-        check_peer_rows(&[row(true, 66, 500_000), row(false, 132, 1_000_000), row(true, 66, 500_000)], &[g, other, g], 0, p).unwrap();
+        check_peer_rows(&[row(true, 64, 132), row(false, 132, 132), row(true, 64, 132)], &[g, other, g], 0, p).unwrap();
         // One of them did not opt in: named.
-        let e = check_peer_rows(&[row(true, 44, 1), row(true, 44, 1), row(false, 44, 1)], &[g, g, g], 0, p).unwrap_err().to_string();
+        let e = check_peer_rows(&[row(true, 4, 132), row(true, 4, 132), row(false, 4, 132)], &[g, g, g], 0, p).unwrap_err().to_string();
         assert!(e.contains("ranks 0 and 2 both use GPU 0") && e.contains("(rank 2 did not)"), "{e}");
         // Threads of one process never share a GPU, opted in or not.
-        let e = check_peer_rows(&[row(true, 44, 1), row(true, 44, 1), row(true, 44, 1)], &[g, g, g], 0, t).unwrap_err().to_string();
+        let e = check_peer_rows(&[row(true, 4, 132), row(true, 4, 132), row(true, 4, 132)], &[g, g, g], 0, t).unwrap_err().to_string();
         assert!(e.contains("ranks 0 and 1 are threads of one process") && e.contains("one process per rank"), "{e}");
-        // Shares that cannot all be resident at once.
-        let e = check_peer_rows(&[row(true, 66, 500_000), row(true, 66, 500_000), row(true, 66, 500_000)], &[g, g, g], 0, p).unwrap_err().to_string();
-        assert!(e.contains("invalid argument `sm_budget`") && e.contains("would occupy 150.0% of it together (rank 0: 66 SMs, 50.0%"), "{e}");
-        assert!(e.contains("at most 33% (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=33"), "{e}");
+        // Shares that cannot all be resident at once: under MPS at 48% each client may use 62
+        // SMs, the same 62 for both (seen: two 62-block grids deadlocked).
+        let e = check_peer_rows(&[row(true, 62, 62), row(false, 132, 132), row(true, 62, 62)], &[g, other, g], 0, p).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid argument `sm_budget`")
+                && e.contains("would use 124 SMs together (rank 0: 62, rank 2: 62) but their contexts may use 62"),
+            "{e}"
+        );
+        assert!(e.contains("give each at most 31 (MOE_EP_SM_BUDGET)"), "{e}");
     }
 
     #[test]
@@ -1050,22 +1049,25 @@ mod tests {
         let base = SmShare { total: 132, context_limit: Some(132), mps_percent: None, sharers: 1, budget: 0 };
         let sms = |s: SmShare| s.resolve().unwrap().0;
         assert_eq!(base.resolve().unwrap(), (132, "every SM of the GPU (132)".to_string()));
-        // Under MPS with a percentage the driver reports the limited count (seen on an H200
-        // with the 580 driver): that is the share, as is a smaller execution affinity.
-        let mps = SmShare { total: 14, context_limit: Some(14), mps_percent: Some(10.0), sharers: 8, ..base };
-        assert_eq!(mps.resolve().unwrap(), (14, "the 14 SMs its CUDA MPS context may use (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10)".to_string()));
-        assert_eq!(mps.ppm(14), 100_000);
-        assert_eq!(mps.ppm(7), 50_000);
-        assert_eq!(sms(SmShare { context_limit: Some(16), sharers: 8, ..base }), 16);
-        // Shared with no MPS share: an equal split, and its part of the GPU.
-        let split = SmShare { sharers: 3, ..base };
-        assert_eq!(split.resolve().unwrap(), (44, "an equal split of the 132 SMs among the 3 ranks on its GPU".to_string()));
-        assert_eq!(split.ppm(44), 333_333);
-        assert_eq!(sms(SmShare { sharers: 8, context_limit: None, ..base }), 16);
+        // Shared: an equal split, less a little room.
+        let split = SmShare { sharers: 2, ..base };
+        assert_eq!(
+            split.resolve().unwrap(),
+            (64, "an equal split of the GPU's 132 SMs among the 2 ranks on it, less 2 for other kernels".to_string())
+        );
+        assert_eq!([3, 4, 8].map(|n| sms(SmShare { sharers: n, ..base })), [42, 31, 14]);
+        // Under MPS with a percentage the driver reports the limited count: the split divides
+        // it, as every client may be confined to the same SMs.
+        let mps = SmShare { total: 62, context_limit: Some(62), mps_percent: Some(48.0), sharers: 2, ..base };
+        assert_eq!(sms(mps), 29);
+        assert_eq!(sms(SmShare { total: 12, context_limit: Some(12), mps_percent: Some(10.0), sharers: 8, ..base }), 1);
+        let alone = SmShare { sharers: 1, ..mps };
+        assert_eq!(alone.resolve().unwrap(), (62, "the 62 SMs (its CUDA MPS context's limit, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=48)".to_string()));
+        assert_eq!(sms(SmShare { context_limit: Some(16), ..base }), 16);
         // An explicit budget, within what the context may use.
         assert_eq!(sms(SmShare { budget: 20, sharers: 4, ..base }), 20);
-        let e = SmShare { budget: 20, ..mps }.resolve().unwrap_err().to_string();
-        assert!(e.contains("invalid argument `sm_budget`: 20 SMs but this rank's context may use 14 (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=10)"), "{e}");
+        let e = SmShare { budget: 70, ..mps }.resolve().unwrap_err().to_string();
+        assert!(e.contains("invalid argument `sm_budget`: 70 SMs but this rank may use 62 (its CUDA MPS context's limit"), "{e}");
         // Nonsense percentages are ignored (MPS refuses them itself).
         assert_eq!(sms(SmShare { mps_percent: Some(0.0), ..base }), 132);
     }

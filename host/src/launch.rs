@@ -19,15 +19,10 @@ pub enum Placement {
     /// Slurm and Kubernetes give).
     OneVisibleGpuEach(Vec<String>),
     /// Every rank on the one GPU this names (as `CUDA_VISIBLE_DEVICES` would), sharing it under
-    /// CUDA MPS: each child sees only that GPU, opts in (`MOE_EP_SHARE_GPU=1`) and gets the MPS
-    /// active-thread percentage [`mps_percent`] unless the environment already sets one.
+    /// CUDA MPS: each child sees only that GPU and opts in (`MOE_EP_SHARE_GPU=1`); the group
+    /// gives each an equal share of the SMs. No MPS active-thread percentage is set: clients
+    /// with one may all be confined to the same SMs (see `Group::sm_count`).
     SharedGpu(String),
-}
-
-/// The MPS active-thread percentage each of `world` ranks sharing a GPU gets: an equal share,
-/// less 2 points, so the SM shares fit on the GPU together with room left for small kernels.
-pub fn mps_percent(world: usize) -> u32 {
-    (100 / world.max(1) as u32).saturating_sub(2).max(1)
 }
 
 /// The commands that start ranks `0..world` of `exe args` on this machine, placed by
@@ -56,9 +51,6 @@ pub fn rank_commands(exe: &Path, args: &[String], world: usize, placement: &Plac
                 }
                 Placement::SharedGpu(device) => {
                     c.env("CUDA_VISIBLE_DEVICES", device).env("LOCAL_RANK", "0").env(SHARE_GPU_ENV, "1");
-                    if std::env::var_os("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").is_none() {
-                        c.env("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", mps_percent(world).to_string());
-                    }
                 }
             }
             Ok(c)
@@ -83,25 +75,11 @@ mod tests {
             assert_eq!(env_of(c, "CUDA_VISIBLE_DEVICES").as_deref(), Some("0"));
             assert_eq!(env_of(c, "LOCAL_RANK").as_deref(), Some("0"));
             assert_eq!(env_of(c, "MOE_EP_SHARE_GPU").as_deref(), Some("1"));
-            if std::env::var_os("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").is_none() {
-                assert_eq!(env_of(c, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE").as_deref(), Some("31"));
-            }
         }
         assert_eq!(env_of(&cmds[0], "MOE_EP_SECRET"), env_of(&cmds[2], "MOE_EP_SECRET"));
         let cmds = rank_commands(Path::new("/bin/true"), &[], 2, &Placement::OneVisibleGpuEach(vec!["3".into(), "1".into()])).unwrap();
         assert_eq!(env_of(&cmds[1], "CUDA_VISIBLE_DEVICES").as_deref(), Some("1"));
         assert!(env_of(&cmds[1], "MOE_EP_SHARE_GPU").is_none());
         assert!(rank_commands(Path::new("/bin/true"), &[], 3, &Placement::OneVisibleGpuEach(vec!["0".into()])).is_err());
-    }
-
-    #[test]
-    fn mps_shares_fit_on_the_gpu() {
-        for world in 2..=8 {
-            let p = mps_percent(world);
-            assert!(p as usize * world < 100, "{world} ranks at {p}%");
-            assert!(p >= 10, "{world} ranks at {p}%");
-        }
-        assert_eq!(mps_percent(2), 48);
-        assert_eq!(mps_percent(8), 10);
     }
 }

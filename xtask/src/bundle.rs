@@ -99,11 +99,10 @@ if [ "$what" = mps ]; then
         py=/tmp/moe-ep-python; rm -rf "$py"
         python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
         for n in $ranks; do
-          pct=$(( 100 / n - 2 ))
-          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
+          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
             timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/torchrun" > "$out/mps$n-example-torchrun.log" 2>&1; rc=$?
           echo "=== example torchrun, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank|FAILED|Error" "$out/mps$n-example-torchrun.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
-          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=$pct PYTHONPATH="$py" \
+          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
             timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/mps$n-python.log" 2>&1; rc=$?
           echo "=== python test_gpu.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "passed|Error|assert" "$out/mps$n-python.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
         done ;;
