@@ -307,7 +307,7 @@ impl Group {
         // Which GPU each rank drives (its UUID: each process may number the GPUs differently),
         // and whether this rank's GPU reaches every other.
         let me = GpuId { ordinal: device, uuid: driver::peer::uuid(device).during("cuDeviceGetUuid", || format!("identifying GPU {device}"))? };
-        let gpus = parse_gpus(&exchange.all_gather(&me.to_bytes(), to)?, rank, world)?;
+        let gpus = parse_gpus(&exchange.all_gather_as("device ids", &me.to_bytes(), to)?, rank, world)?;
         let visible = driver::peer::visible_uuids().during("cuDeviceGetUuid", || "listing the GPUs this process sees".into())?;
         // This rank's SMs: its context's limit (CUDA MPS), its MPS share, an explicit budget,
         // or an equal split of a shared GPU.
@@ -340,7 +340,7 @@ impl Group {
             };
         }
         let row = PeerRow { access: row, share_gpu: cfg.share_gpu, sms: share, limit: sm_share.limit() }.to_bytes();
-        check_peer_rows(&exchange.all_gather(&row, to)?, &gpus, rank, mode)?;
+        check_peer_rows(&exchange.all_gather_as("peer access rows", &row, to)?, &gpus, rank, mode)?;
         let devices: Vec<usize> = gpus.iter().map(|g| g.ordinal).collect();
         let mut peer_ctxs = Vec::new();
         if mode == Mode::Threads {
@@ -481,14 +481,14 @@ impl Group {
 
     /// All-gather of small blobs through the rendezvous (e.g. an NCCL id, benchmark results).
     pub fn all_gather_bytes(&self, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.inner.exchange.all_gather(data, self.inner.cfg.rendezvous_timeout)
+        self.inner.exchange.all_gather_as("Group::all_gather_bytes", data, self.inner.cfg.rendezvous_timeout)
     }
 
     /// Collective: checks that every rank passed the same `value` (a configuration's canonical
     /// text); a mismatch is an [`Error::CollectiveMismatch`] naming this rank's and the first
     /// differing rank's values, on every rank.
     pub(crate) fn agree(&self, what: &'static str, value: &str) -> Result<()> {
-        let all = self.inner.exchange.all_gather(value.as_bytes(), self.inner.cfg.rendezvous_timeout)?;
+        let all = self.inner.exchange.all_gather_as(what, value.as_bytes(), self.inner.cfg.rendezvous_timeout)?;
         match all.iter().position(|v| v.as_slice() != value.as_bytes()) {
             None => Ok(()),
             Some(r) => Err(Error::CollectiveMismatch {
@@ -503,7 +503,7 @@ impl Group {
 
     /// The smallest SM count of every rank's GPU (collective).
     pub(crate) fn min_sm_count(&self) -> Result<u32> {
-        let all = self.inner.exchange.all_gather(&self.inner.sm_count.to_le_bytes(), self.inner.cfg.rendezvous_timeout)?;
+        let all = self.inner.exchange.all_gather_as("SM counts", &self.inner.sm_count.to_le_bytes(), self.inner.cfg.rendezvous_timeout)?;
         all.iter()
             .enumerate()
             .map(|(r, b)| {
@@ -631,7 +631,12 @@ impl Group {
         h.announce(&*self.inner.exchange, FailureKind::Aborted, reason.to_string());
     }
 
-    /// The error that failed the group, if one did (see [`Error::GroupFailed`]).
+    /// The error that failed the group, if one did (see [`Error::GroupFailed`]): a peer that
+    /// died, failed or aborted, or an error this rank's kernels reported (read from host-mapped
+    /// memory the device writes: no copy and no synchronisation, so it is cheap to call between
+    /// CUDA-graph replays, which cannot consult the host). After the work of a step has finished
+    /// (a stream synchronisation or an event), `None` means none of its kernels met an error or a
+    /// failed peer, so its outputs can be used; `Some` means they must not be.
     pub fn failure(&self) -> Option<String> {
         self.inner.health.failure()
     }

@@ -49,7 +49,7 @@ impl SymmetricHeap {
         if world > MAX_RANKS {
             return Err(Error::invalid("world", format!("{world} ranks exceed the {MAX_RANKS} a heap maps")));
         }
-        let sizes = exchange.all_gather(&bytes.to_le_bytes(), timeout)?;
+        let sizes = exchange.all_gather_as("heap sizes", &bytes.to_le_bytes(), timeout)?;
         for (r, s) in sizes.iter().enumerate() {
             let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::Rendezvous {
                 rank,
@@ -69,7 +69,7 @@ impl SymmetricHeap {
         let mut heap = SymmetricHeap { id, peers: Peers::default(), opened: Vec::new(), local, exchange: exchange.clone(), ctx: ctx.clone() };
         match mode {
             Mode::Threads => {
-                let ptrs = exchange.all_gather(&heap.local.ptr().to_le_bytes(), timeout)?;
+                let ptrs = exchange.all_gather_as("heap pointers", &heap.local.ptr().to_le_bytes(), timeout)?;
                 for (r, p) in ptrs.iter().enumerate() {
                     heap.peers.base[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::Rendezvous {
                         rank,
@@ -80,7 +80,7 @@ impl SymmetricHeap {
             }
             Mode::Processes => {
                 let h = ipc::get_mem_handle(heap.local.ptr()).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"))?;
-                let handles = exchange.all_gather(&h, timeout)?;
+                let handles = exchange.all_gather_as("heap IPC handles", &h, timeout)?;
                 for (r, hb) in handles.iter().enumerate() {
                     if r == rank {
                         heap.peers.base[r] = heap.local.ptr();

@@ -872,7 +872,10 @@ impl HtBuffer {
     /// Fills this rank's receive rows and combine staging with `byte` (a debugging aid: rows
     /// a dispatch should have written but did not then stand out). Stream-ordered; the next
     /// dispatch's count exchange keeps peers from writing before it is done.
+    /// Every existing handle is stale from then on: the fill overwrites the receive metadata
+    /// a combine would compute peer addresses from.
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        self.generation += 1;
         let from = self.hl.recv_x;
         let bytes = (self.hl.total - from) as usize;
         // SAFETY: the range lies inside this rank's heap; the caller's stream orders it after

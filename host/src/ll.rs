@@ -283,6 +283,8 @@ pub struct LlBuffer {
     hl: LlHalfLayout,
     heap: SymmetricHeap,
     dispatches: u64,
+    /// The last dispatch before the latest [`LlBuffer::poison`] (its handles and older are stale).
+    poisoned_after: u64,
     combines: std::cell::Cell<u64>,
     pending_dispatch: bool,
     pending_combine: std::cell::Cell<bool>,
@@ -325,6 +327,7 @@ impl LlBuffer {
             hl,
             heap,
             dispatches: 0,
+            poisoned_after: 0,
             combines: std::cell::Cell::new(0),
             pending_dispatch: false,
             pending_combine: std::cell::Cell::new(false),
@@ -517,6 +520,7 @@ impl LlBuffer {
                 reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
             });
         }
+        self.check_not_poisoned(h)?;
         let (fp8, fmt) = match h.payload {
             Payload::Bf16 => (0, 0),
             Payload::Fp8(f) => (1, f.code()),
@@ -570,6 +574,19 @@ impl LlBuffer {
         self.check_own(h.buffer)?;
         if self.dispatches.saturating_sub(h.generation) >= 2 {
             return Err(Error::StaleHandle { reason: format!("dispatch #{} was overwritten by dispatch #{}", h.generation, self.dispatches) });
+        }
+        self.check_not_poisoned(h)
+    }
+
+    /// A handle from before [`LlBuffer::poison`] points at rows and metadata the fill overwrote.
+    fn check_not_poisoned(&self, h: &Handle) -> Result<()> {
+        if h.generation <= self.poisoned_after {
+            return Err(Error::StaleHandle {
+                reason: format!(
+                    "the buffer was poisoned after dispatch #{}, so dispatch #{}'s rows and metadata are gone",
+                    self.poisoned_after, h.generation
+                ),
+            });
         }
         Ok(())
     }
@@ -762,7 +779,9 @@ impl LlBuffer {
     /// Collective: fills the receive rows, scales and metadata of both halves with `byte` (a
     /// debugging aid), then meets every rank at a GPU barrier, so no peer writes before the
     /// fill. Counters are left alone. Every rank calls it at the same point between calls.
+    /// Every handle of an earlier dispatch is stale from then on (its metadata is overwritten).
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        self.poisoned_after = self.dispatches;
         for half in 0..2 {
             let base = self.heap.local_ptr() + self.half_off(half);
             let bytes = (self.hl.slot_counter - self.hl.recv_x) as usize;

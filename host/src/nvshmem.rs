@@ -97,7 +97,7 @@ impl Nvshmem {
             check(rc, "nvshmemx_get_uniqueid")?;
         }
         let (ex, timeout) = g.exchange();
-        let all = ex.all_gather(&uid, timeout)?;
+        let all = ex.all_gather_as("NVSHMEM unique id", &uid, timeout)?;
         let root: [u8; UID_BYTES] = all[0].as_slice().try_into().map_err(|_| err(format!("rank 0 sent a {}-byte unique id", all[0].len())))?;
         let mut attr = ATTR_INIT;
         let (rank, world) = (g.rank() as c_int, g.world() as c_int);

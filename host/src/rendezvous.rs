@@ -32,9 +32,17 @@ pub trait Exchange: Send + Sync {
     fn world(&self) -> usize;
     /// Every rank contributes `data`; every rank gets all contributions, by rank.
     fn all_gather(&self, data: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>>;
+    /// [`Exchange::all_gather`] named `what`: an exchange that can (moe-ep's own) checks that
+    /// every rank is in the same collective (the same name, at the same count of collectives
+    /// on this exchange) and fails naming both otherwise, instead of pairing two different
+    /// collectives up. The default ignores the name.
+    fn all_gather_as(&self, what: &str, data: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        let _ = what;
+        self.all_gather(data, timeout)
+    }
     /// Waits until every rank has called it.
     fn barrier(&self, timeout: Duration) -> Result<()> {
-        self.all_gather(&[], timeout).map(|_| ())
+        self.all_gather_as("barrier", &[], timeout).map(|_| ())
     }
     /// Starts watching the peers: from then on, `sink` gets every peer failure the exchange
     /// observes or is told about (a peer's process gone, a failure it announced, a peer
@@ -77,6 +85,11 @@ pub fn random_secret() -> Result<String> {
 /// `MOE_EP_MASTER_PORT` is not set: torchrun's own store already holds `MASTER_PORT`.
 pub const PORT_OFFSET: u16 = 1;
 
+/// Most handshakes rank 0 runs at once; a connection beyond them is closed at once.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Refused connections logged (and named in a rendezvous error); the rest are only counted.
+const MAX_LOGGED_REFUSALS: usize = 16;
+
 /// How long rank 0 waits for one connection's hello before refusing it.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -111,8 +124,25 @@ impl ProcessConfig {
     /// the benchmark do). Without it the secret is derived from what every rank of a torchrun
     /// job shares (`TORCHELASTIC_RUN_ID`, the master address and port, the world size): that
     /// keeps strays and other jobs out, but not someone who can read the job's environment.
+    /// Prints [`ProcessConfig::derived_secret_warning`] where it applies.
     pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|k| std::env::var(k).ok())
+        let get = |k: &str| std::env::var(k).ok();
+        let c = Self::from_lookup(get)?;
+        if let Some(w) = Self::derived_secret_warning(get) {
+            eprintln!("moe-ep (rank {}): {w}", c.rank);
+        }
+        Ok(c)
+    }
+
+    /// The warning a rank prints when its secret is derived (no `MOE_EP_SECRET`): what it is
+    /// derived from can be read or guessed by anyone who sees the job's environment.
+    pub fn derived_secret_warning(get: impl Fn(&str) -> Option<String>) -> Option<String> {
+        get("MOE_EP_SECRET").is_none().then(|| {
+            "MOE_EP_SECRET is not set, so the rendezvous secret is derived from torchrun's variables (TORCHELASTIC_RUN_ID, \
+             MASTER_ADDR, MASTER_PORT, WORLD_SIZE), which anyone who can read or guess the job's environment knows; give every \
+             rank the same random MOE_EP_SECRET (e.g. `openssl rand -hex 16`)"
+                .to_string()
+        })
     }
 
     /// As [`ProcessConfig::from_env`], reading variables through `get` (for tests).
@@ -182,7 +212,7 @@ impl ProcessConfig {
 // ---------------------------------------------------------------------------------------
 
 const MAGIC: u32 = 0x4d4f_4550; // "MOEP"
-const VERSION: u16 = 2;
+const VERSION: u16 = 3;
 /// Largest blob a frame may carry (guards allocations against garbage lengths).
 const MAX_FRAME: usize = 16 << 20;
 /// Largest frame of the handshake (before a peer has authenticated).
@@ -309,12 +339,16 @@ fn decode_list(b: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 /// Rendezvous over TCP: rank 0 listens at the master address and relays all-gathers.
+///
+/// Every connection has a reader thread that takes each frame off the socket as it arrives:
+/// a failure notice is acted on at once (it never waits behind unread data), and every frame
+/// goes on to the connection's inbox, which the all-gathers read.
 pub struct TcpExchange {
     rank: usize,
     world: usize,
-    /// Rank 0: connections to ranks 1.. (index r - 1). Others: the connection to rank 0.
-    /// All-gathers read them under this lock.
-    conns: Mutex<Vec<TcpStream>>,
+    /// The all-gathers' side: each connection's inbox (rank 0: ranks 1.., index r - 1; the
+    /// others: rank 0) and the count of all-gathers so far. All-gathers run under this lock.
+    inbox: Mutex<Inbox>,
     /// The same connections for writing, one lock each, so all-gathers, failure notices and
     /// rank 0's relays never interleave frames.
     writers: Arc<Vec<Mutex<TcpStream>>>,
@@ -322,13 +356,75 @@ pub struct TcpExchange {
     /// relayed, so a relay never overtakes a reply (a rank that leaves right after an
     /// all-gather must not fail that all-gather on the ranks still reading it).
     broadcast: Arc<Mutex<()>>,
-    /// Set on drop: the watch threads end.
+    /// Where failure notices go: kept until the group watches, then to its sink.
+    notices: Arc<Mutex<Notices>>,
+    /// Set on drop: the reader threads end without reporting.
     stop: Arc<AtomicBool>,
+}
+
+/// The all-gathers' view of the connections.
+struct Inbox {
+    rx: Vec<std::sync::mpsc::Receiver<Inbound>>,
+    /// All-gathers this rank has started on this exchange.
+    seq: u64,
+}
+
+/// What a reader thread passes on.
+enum Inbound {
+    Frame(u8, Vec<u8>),
+    /// The connection ended (why).
+    Closed(String),
+}
+
+/// Failure notices before and after the group watches its peers.
+enum Notices {
+    Early(Vec<PeerFailure>),
+    Watching(FailureSink),
+}
+
+/// An all-gather frame's head: the all-gather's sequence number on this exchange and its name.
+fn collective_head(seq: u64, what: &str) -> Vec<u8> {
+    let name = &what.as_bytes()[..what.len().min(255)];
+    let mut b = seq.to_le_bytes().to_vec();
+    b.push(name.len() as u8);
+    b.extend_from_slice(name);
+    b
+}
+
+/// Splits an all-gather frame into its head's sequence number and name, and its body.
+fn split_collective(p: &[u8]) -> Option<(u64, String, &[u8])> {
+    let seq = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
+    let n = *p.get(8)? as usize;
+    let name = String::from_utf8_lossy(p.get(9..9 + n)?).into_owned();
+    Some((seq, name, &p[9 + n..]))
 }
 
 /// Labels of the two MACs of the handshake.
 const HELLO_LABEL: &[u8] = b"moe-ep rendezvous hello";
 const WELCOME_LABEL: &[u8] = b"moe-ep rendezvous welcome";
+
+/// The connections rank 0 refused: the first few logged and kept for an error, the rest
+/// counted.
+#[derive(Default)]
+struct Refusals {
+    logged: Vec<String>,
+    count: usize,
+}
+
+impl Refusals {
+    fn add(&mut self, world: usize, peer: SocketAddr, why: &str) {
+        self.count += 1;
+        if self.logged.len() < MAX_LOGGED_REFUSALS {
+            eprintln!("moe-ep rendezvous (rank 0 of {world}): refused a connection from {peer}: {why}");
+            self.logged.push(format!("{peer}: {why}"));
+        }
+    }
+
+    fn summary(&self) -> String {
+        let more = self.count - self.logged.len();
+        if more > 0 { format!("{} and {more} more", self.logged.join("; ")) } else { self.logged.join("; ") }
+    }
+}
 
 /// What one connection's handshake at rank 0 came to.
 enum Handshake {
@@ -379,18 +475,6 @@ impl TcpExchange {
             let listener = TcpListener::bind(addr).map_err(|e| err(format!("cannot listen on {addr}: {e}")))?;
             return Self::accept_all(cfg, listener, deadline, timeout);
         }
-        let mut last;
-        let mut stream = loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                Ok(s) => break s,
-                Err(e) => last = e.to_string(),
-            }
-            if Instant::now() >= deadline {
-                return Err(err(format!("could not reach rank 0 at {addr} within {timeout:?}: {last}")));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let _ = stream.set_nodelay(true);
         let read = |stream: &mut TcpStream, what: &str| -> Result<(u8, Vec<u8>)> {
             stream.set_read_timeout(Some(remaining(deadline))).ok();
             match read_frame_max(stream, MAX_HANDSHAKE_FRAME) {
@@ -402,9 +486,43 @@ impl TcpExchange {
                 Err(e) => Err(err(format!("waiting for rank 0's {what} at {addr}: {e}"))),
             }
         };
-        let nonce = match read(&mut stream, "challenge")? {
-            (kind::CHALLENGE, n) if n.len() == NONCE => n,
-            (k, p) => return Err(err(format!("rank 0 at {addr} sent frame kind {k} ({} bytes) instead of a challenge", p.len()))),
+        // Connect, until rank 0 listens and takes the connection: it closes connections
+        // beyond its handshake limit at once (a flood of strangers), so a connection closed
+        // before its challenge is tried again.
+        let mut last = String::new();
+        let (mut stream, nonce) = loop {
+            if Instant::now() >= deadline {
+                return Err(err(format!("could not reach rank 0 at {addr} within {timeout:?}: {last}")));
+            }
+            let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(s) => s,
+                Err(e) => {
+                    last = e.to_string();
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            stream.set_read_timeout(Some(remaining(deadline))).ok();
+            let closed = |e: &std::io::Error| {
+                use std::io::ErrorKind::*;
+                matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
+            };
+            match read_frame_max(&mut stream, MAX_HANDSHAKE_FRAME) {
+                Ok((kind::CHALLENGE, n)) if n.len() == NONCE => break (stream, n),
+                Ok((kind::FAIL, msg)) => return Err(err(String::from_utf8_lossy(&msg).into_owned())),
+                Ok((k, p)) => return Err(err(format!("rank 0 at {addr} sent frame kind {k} ({} bytes) instead of a challenge", p.len()))),
+                Err(e) if closed(&e) => {
+                    last = format!("rank 0 closed the connection before its challenge ({e})");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if is_timeout(&e) => {
+                    return Err(err(format!(
+                        "rank 0 at {addr} did not complete the rendezvous within {timeout:?} (waiting for its challenge; some rank is missing)"
+                    )));
+                }
+                Err(e) => return Err(err(format!("waiting for rank 0's challenge at {addr}: {e}"))),
+            }
         };
         let (rank, world) = (cfg.rank as u32, cfg.world as u32);
         let mut hello = Vec::with_capacity(8 + NONCE);
@@ -426,27 +544,37 @@ impl TcpExchange {
         let err = |reason: String| Error::Rendezvous { rank: 0, world: cfg.world, reason };
         listener.set_nonblocking(true).map_err(|e| err(e.to_string()))?;
         let mut slots: Vec<Option<(TcpStream, SocketAddr, Vec<u8>)>> = (1..cfg.world).map(|_| None).collect();
-        let mut refused: Vec<String> = Vec::new();
+        let mut refused = Refusals::default();
         let fail_all = |slots: &mut Vec<Option<(TcpStream, SocketAddr, Vec<u8>)>>, msg: &str| {
             for (s, _, _) in slots.iter_mut().flatten() {
                 let _ = write_frame(s, kind::FAIL, msg.as_bytes());
             }
         };
         let (tx, rx) = std::sync::mpsc::channel::<Handshake>();
+        // Handshakes in flight (each on its own thread): at most MAX_HANDSHAKES, so a flood of
+        // connections costs neither threads nor memory without bound; a connection beyond that
+        // is closed at once (a rank of the job retries until its deadline).
+        let mut in_flight = 0usize;
         while slots.iter().any(|s| s.is_none()) {
             if Instant::now() >= deadline {
                 let missing: Vec<usize> = slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| i + 1).collect();
                 let mut msg = format!("rank(s) {missing:?} of {} did not join within {timeout:?}", cfg.world);
-                if !refused.is_empty() {
-                    msg += &format!("; refused connections: {}", refused.join("; "));
+                if refused.count > 0 {
+                    msg += &format!("; refused connections: {}", refused.summary());
                 }
                 fail_all(&mut slots, &msg);
                 return Err(err(msg));
             }
             let mut idle = true;
             match listener.accept() {
+                Ok((s, peer)) if in_flight >= MAX_HANDSHAKES => {
+                    idle = false;
+                    drop(s);
+                    refused.add(cfg.world, peer, &format!("{MAX_HANDSHAKES} handshakes were already in progress"));
+                }
                 Ok((s, peer)) => {
                     idle = false;
+                    in_flight += 1;
                     let (tx, secret) = (tx.clone(), cfg.secret.clone());
                     let per_peer = remaining(deadline).min(HELLO_TIMEOUT);
                     std::thread::spawn(move || {
@@ -458,10 +586,10 @@ impl TcpExchange {
             }
             while let Ok(h) = rx.try_recv() {
                 idle = false;
+                in_flight -= 1;
                 let (rank, world, mut stream, peer, nonce) = match h {
                     Handshake::Refused { peer, why } => {
-                        eprintln!("moe-ep rendezvous (rank 0 of {}): refused a connection from {peer}: {why}", cfg.world);
-                        refused.push(format!("{peer}: {why}"));
+                        refused.add(cfg.world, peer, &why);
                         continue;
                     }
                     Handshake::Joined { rank, world, stream, peer, nonce } => (rank, world, stream, peer, nonce),
@@ -499,15 +627,30 @@ impl TcpExchange {
     }
 
     fn new(rank: usize, world: usize, conns: Vec<TcpStream>) -> std::io::Result<Self> {
-        let writers = conns.iter().map(|s| s.try_clone().map(Mutex::new)).collect::<std::io::Result<Vec<_>>>()?;
-        Ok(TcpExchange {
-            rank,
-            world,
-            conns: Mutex::new(conns),
-            writers: Arc::new(writers),
-            broadcast: Arc::new(Mutex::new(())),
-            stop: Arc::new(AtomicBool::new(false)),
-        })
+        let writers = Arc::new(conns.iter().map(|s| s.try_clone().map(Mutex::new)).collect::<std::io::Result<Vec<_>>>()?);
+        let broadcast = Arc::new(Mutex::new(()));
+        let notices = Arc::new(Mutex::new(Notices::Early(Vec::new())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut rx = Vec::new();
+        for (i, s) in conns.into_iter().enumerate() {
+            let (tx, r) = std::sync::mpsc::channel();
+            rx.push(r);
+            s.set_read_timeout(None)?;
+            let peer = if rank == 0 { i + 1 } else { 0 };
+            let reader = Reader {
+                i,
+                peer,
+                rank,
+                world,
+                tx,
+                writers: writers.clone(),
+                broadcast: broadcast.clone(),
+                notices: notices.clone(),
+                stop: stop.clone(),
+            };
+            std::thread::Builder::new().name(format!("moe-ep rendezvous {rank}<-{peer}")).spawn(move || reader.run(s))?;
+        }
+        Ok(TcpExchange { rank, world, inbox: Mutex::new(Inbox { rx, seq: 0 }), writers, broadcast, notices, stop })
     }
 
     /// The rank at the other end of connection `i`.
@@ -520,97 +663,89 @@ impl TcpExchange {
         write_frame(&mut writers[i].lock().unwrap_or_else(|p| p.into_inner()), kind, payload)
     }
 
-    /// Rank 0, after an all-gather failed on connection `bad`: the others stop waiting for it.
-    fn fail_others(&self, bad: usize, msg: &str) {
+    /// Rank 0, after an all-gather failed: every rank stops waiting for it (the one at fault
+    /// too, where its connection still works: a rank in another collective learns so).
+    fn fail_all(&self, msg: &str) {
         let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
-        for i in (0..self.writers.len()).filter(|&i| i != bad) {
+        for i in 0..self.writers.len() {
             let _ = Self::send(&self.writers, i, kind::FAIL, msg.as_bytes());
         }
     }
 }
 
-/// What one watch thread needs: connection `i` (to `peer`) of rank `rank`.
-struct Watch {
+/// One connection's reader thread: connection `i` (to `peer`) of rank `rank`.
+struct Reader {
     i: usize,
     peer: usize,
     rank: usize,
     world: usize,
+    tx: std::sync::mpsc::Sender<Inbound>,
     writers: Arc<Vec<Mutex<TcpStream>>>,
     broadcast: Arc<Mutex<()>>,
+    notices: Arc<Mutex<Notices>>,
     stop: Arc<AtomicBool>,
-    sink: FailureSink,
 }
 
-/// One watch thread: peeks (never consumes) at connection `i`'s next frame until the peer's
-/// connection closes or a failure notice arrives, then delivers it (rank 0 also relays it to
-/// every other rank) and ends. Frames meant for an all-gather are left to it.
-fn watch_connection(s: TcpStream, w: Watch) {
-    let Watch { i, peer, rank, world, writers, broadcast, stop, sink } = w;
-    let deliver = |f: PeerFailure| {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        if rank == 0 {
-            let frame = encode_failure(&f);
-            let _b = broadcast.lock().unwrap_or_else(|p| p.into_inner());
-            for j in (0..writers.len()).filter(|&j| j != i) {
-                let _ = TcpExchange::send(&writers, j, kind::ABORT, &frame);
-            }
-        }
-        sink(f);
-    };
-    let mut head = [0u8; 12];
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        match s.peek(&mut head) {
-            Ok(0) => return deliver(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: format!("its connection to rank {rank} closed") }),
-            Ok(n) if n < head.len() => std::thread::sleep(Duration::from_millis(1)),
-            Ok(_) => {
-                // An all-gather that has read a frame's header but not yet its payload leaves the
-                // payload at the head of the stream: only a real header (magic and version) is a
-                // frame boundary; anything else is looked at again once the reader is done.
-                let magic = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
-                let version = u16::from_le_bytes(head[4..6].try_into().expect("2 bytes"));
-                if magic != MAGIC || version != VERSION {
-                    std::thread::sleep(Duration::from_millis(1));
-                    continue;
-                }
-                let (k, len) = (head[6], u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) as usize);
-                if k != kind::ABORT && k != kind::FAIL {
-                    // An all-gather's frame: its reader takes it.
-                    std::thread::sleep(Duration::from_millis(2));
-                    continue;
-                }
-                if len > MAX_DETAIL + 5 {
-                    return deliver(PeerFailure { rank: peer, kind: FailureKind::Error, detail: format!("it sent a failure notice of {len} bytes") });
-                }
-                let mut frame = vec![0u8; head.len() + len];
-                match s.peek(&mut frame) {
-                    Ok(n) if n == frame.len() => {
-                        let body = &frame[head.len()..];
-                        return deliver(if k == kind::ABORT {
-                            decode_failure(body, peer, world)
-                        } else {
-                            PeerFailure { rank: peer, kind: FailureKind::Error, detail: String::from_utf8_lossy(body).into_owned() }
-                        });
+impl Reader {
+    /// Takes frames off the connection until it ends: a failure notice (or the connection
+    /// closing) is reported at once, and rank 0 relays it to every other rank; every frame then
+    /// goes to the inbox.
+    fn run(self, mut s: TcpStream) {
+        loop {
+            match read_frame(&mut s) {
+                Ok((k, p)) => {
+                    if k == kind::ABORT {
+                        self.report(decode_failure(&p, self.peer, self.world));
+                    } else if k == kind::FAIL {
+                        self.report(PeerFailure { rank: self.peer, kind: FailureKind::Error, detail: String::from_utf8_lossy(&p).into_owned() });
                     }
-                    _ => std::thread::sleep(Duration::from_millis(1)),
+                    if self.tx.send(Inbound::Frame(k, p)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let why = if e.kind() == std::io::ErrorKind::UnexpectedEof { "closed".to_string() } else { format!("failed: {e}") };
+                    self.report(PeerFailure {
+                        rank: self.peer,
+                        kind: FailureKind::Gone,
+                        detail: format!("its connection to rank {} {why}", self.rank),
+                    });
+                    let _ = self.tx.send(Inbound::Closed(why));
+                    return;
                 }
             }
-            Err(e) if is_timeout(&e) || e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return deliver(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: format!("its connection to rank {rank} failed: {e}") });
+        }
+    }
+
+    fn report(&self, f: PeerFailure) {
+        if self.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if self.rank == 0 {
+            let frame = encode_failure(&f);
+            let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
+            for j in (0..self.writers.len()).filter(|&j| j != self.i) {
+                let _ = TcpExchange::send(&self.writers, j, kind::ABORT, &frame);
             }
         }
+        let sink = {
+            let mut n = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+            match &mut *n {
+                Notices::Early(v) => {
+                    v.push(f);
+                    return;
+                }
+                Notices::Watching(sink) => sink.clone(),
+            }
+        };
+        sink(f);
     }
 }
 
 impl Drop for TcpExchange {
     fn drop(&mut self) {
         // Leaving: the peers stop waiting for this rank (a peer still inside a collective with
-        // it would otherwise wait until its deadline), then the watch threads wake and end.
+        // it would otherwise wait until its deadline), then the reader threads wake and end.
         self.stop.store(true, Ordering::SeqCst);
         let bye = encode_failure(&PeerFailure { rank: self.rank, kind: FailureKind::Left, detail: String::new() });
         for i in 0..self.writers.len() {
@@ -640,77 +775,91 @@ impl Exchange for TcpExchange {
     }
 
     fn all_gather(&self, data: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        self.all_gather_as("all-gather", data, timeout)
+    }
+
+    fn all_gather_as(&self, what: &str, data: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
         let err = |reason: String| Error::Rendezvous { rank: self.rank, world: self.world, reason };
         let deadline = Instant::now() + timeout;
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+        inbox.seq += 1;
+        let seq = inbox.seq;
+        let head = collective_head(seq, what);
+        // The next frame of this all-gather from connection `i` (`from` names its rank): frames
+        // of an earlier all-gather that failed on this rank are skipped.
+        let next = |inbox: &Inbox, i: usize, from: &str, want: u8| -> std::result::Result<Vec<u8>, String> {
+            loop {
+                let frame = match inbox.rx[i].recv_timeout(remaining(deadline)) {
+                    Ok(Inbound::Frame(k, p)) if k == want => p,
+                    Ok(Inbound::Frame(kind::ABORT, p)) => return Err(decode_failure(&p, self.peer_of(i), self.world).to_string()),
+                    Ok(Inbound::Frame(kind::FAIL, m)) => return Err(String::from_utf8_lossy(&m).into_owned()),
+                    Ok(Inbound::Frame(k, _)) => return Err(format!("{from} sent frame kind {k} during an all-gather")),
+                    Ok(Inbound::Closed(why)) => return Err(format!("the connection to {from} {why}")),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        return Err(if self.rank == 0 {
+                            format!("{from} did not reach all-gather #{seq} ({what}) within {timeout:?}")
+                        } else {
+                            format!("no reply to all-gather #{seq} ({what}) from rank 0 within {timeout:?} (some rank did not arrive)")
+                        });
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(format!("the connection to {from} is gone")),
+                };
+                match split_collective(&frame) {
+                    Some((s, name, body)) if s == seq && name == what => return Ok(body.to_vec()),
+                    Some((s, _, _)) if s < seq => continue,
+                    Some((s, name, _)) => {
+                        return Err(format!(
+                            "{from} is in all-gather #{s} ({name}) while rank {} is in #{seq} ({what}): the ranks run different collectives",
+                            self.rank
+                        ));
+                    }
+                    None => return Err(format!("{from} sent a malformed all-gather frame")),
+                }
+            }
+        };
         if self.rank == 0 {
             let mut items = vec![data.to_vec()];
-            for (i, s) in conns.iter_mut().enumerate() {
-                let r = i + 1;
-                s.set_read_timeout(Some(remaining(deadline))).ok();
-                let failed = match read_frame(s) {
-                    Ok((kind::DATA, p)) => {
-                        items.push(p);
-                        continue;
+            for i in 0..inbox.rx.len() {
+                match next(&inbox, i, &format!("rank {}", i + 1), kind::DATA) {
+                    Ok(p) => items.push(p),
+                    Err(failed) => {
+                        // The other ranks would wait for a reply until their deadline.
+                        self.fail_all(&failed);
+                        return Err(err(failed));
                     }
-                    Ok((kind::ABORT, p)) => decode_failure(&p, r, self.world).to_string(),
-                    Ok((k, _)) => format!("rank {r} sent frame kind {k} during an all-gather"),
-                    Err(e) if is_timeout(&e) => format!("rank {r} did not reach the all-gather within {timeout:?}"),
-                    Err(e) => format!("reading from rank {r}: {e}"),
-                };
-                // The other ranks would wait for a reply until their deadline.
-                self.fail_others(i, &failed);
-                return Err(err(failed));
+                }
             }
-            let all = encode_list(&items);
+            let mut all = head;
+            all.extend_from_slice(&encode_list(&items));
             let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
-            for i in 0..conns.len() {
+            for i in 0..self.writers.len() {
                 Self::send(&self.writers, i, kind::ALL, &all).map_err(|e| err(format!("sending to rank {}: {e}", i + 1)))?;
             }
             Ok(items)
         } else {
-            Self::send(&self.writers, 0, kind::DATA, data).map_err(|e| err(format!("sending to rank 0: {e}")))?;
-            let s = &mut conns[0];
-            s.set_read_timeout(Some(remaining(deadline))).ok();
-            match read_frame(s) {
-                Ok((kind::ALL, p)) => {
-                    let items = decode_list(&p).ok_or_else(|| err("rank 0 sent a malformed all-gather reply".into()))?;
-                    if items.len() != self.world {
-                        return Err(err(format!("all-gather reply has {} entries for {} ranks", items.len(), self.world)));
-                    }
-                    Ok(items)
-                }
-                Ok((kind::FAIL, m)) => Err(err(String::from_utf8_lossy(&m).into_owned())),
-                Ok((kind::ABORT, p)) => Err(err(decode_failure(&p, 0, self.world).to_string())),
-                Ok((k, _)) => Err(err(format!("rank 0 sent frame kind {k} during an all-gather"))),
-                Err(e) if is_timeout(&e) => Err(err(format!("no all-gather reply from rank 0 within {timeout:?} (some rank did not arrive)"))),
-                Err(e) => Err(err(format!("reading from rank 0: {e}"))),
+            let mut frame = head;
+            frame.extend_from_slice(data);
+            Self::send(&self.writers, 0, kind::DATA, &frame).map_err(|e| err(format!("sending to rank 0: {e}")))?;
+            let p = next(&inbox, 0, "rank 0", kind::ALL).map_err(err)?;
+            let items = decode_list(&p).ok_or_else(|| err("rank 0 sent a malformed all-gather reply".into()))?;
+            if items.len() != self.world {
+                return Err(err(format!("all-gather reply has {} entries for {} ranks", items.len(), self.world)));
             }
+            Ok(items)
         }
     }
 
     fn watch(&self, sink: FailureSink) {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        for (i, c) in conns.iter().enumerate() {
-            let peer = self.peer_of(i);
-            let Ok(s) = c.try_clone() else {
-                sink(PeerFailure { rank: peer, kind: FailureKind::Gone, detail: "its connection could not be watched".into() });
-                continue;
-            };
-            let w = Watch {
-                i,
-                peer,
-                rank: self.rank,
-                world: self.world,
-                writers: self.writers.clone(),
-                broadcast: self.broadcast.clone(),
-                stop: self.stop.clone(),
-                sink: sink.clone(),
-            };
-            let spawned = std::thread::Builder::new().name(format!("moe-ep watch {}<-{peer}", self.rank)).spawn(move || watch_connection(s, w));
-            if let Err(e) = spawned {
-                eprintln!("moe-ep (rank {}): cannot watch rank {peer}: {e}; a dead peer is noticed at the wait deadline", self.rank);
+        // From now on every notice goes to the sink; those that came earlier go now.
+        let early = {
+            let mut n = self.notices.lock().unwrap_or_else(|p| p.into_inner());
+            match std::mem::replace(&mut *n, Notices::Watching(sink.clone())) {
+                Notices::Early(v) => v,
+                Notices::Watching(_) => Vec::new(),
             }
+        };
+        for f in early {
+            sink(f);
         }
     }
 
@@ -729,8 +878,8 @@ impl Exchange for TcpExchange {
 
 struct LocalState {
     generation: u64,
-    data: Vec<Option<Vec<u8>>>,
-    result: Arc<Vec<Vec<u8>>>,
+    data: Vec<Option<(String, Vec<u8>)>>,
+    result: Arc<std::result::Result<Vec<Vec<u8>>, String>>,
     /// Each rank's failure sink, once it watches.
     sinks: Vec<Option<FailureSink>>,
 }
@@ -746,7 +895,7 @@ impl LocalExchange {
     /// One exchange per rank, all connected.
     pub fn group(world: usize) -> Vec<LocalExchange> {
         let shared = Arc::new((
-            Mutex::new(LocalState { generation: 0, data: vec![None; world], result: Arc::new(Vec::new()), sinks: vec![None; world] }),
+            Mutex::new(LocalState { generation: 0, data: vec![None; world], result: Arc::new(Ok(Vec::new())), sinks: vec![None; world] }),
             Condvar::new(),
         ));
         (0..world).map(|rank| LocalExchange { rank, world, shared: shared.clone() }).collect()
@@ -763,16 +912,27 @@ impl Exchange for LocalExchange {
     }
 
     fn all_gather(&self, data: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
+        self.all_gather_as("all-gather", data, timeout)
+    }
+
+    fn all_gather_as(&self, what: &str, data: &[u8], timeout: Duration) -> Result<Vec<Vec<u8>>> {
         let (lock, cv) = &*self.shared;
         let mut st = lock.lock().unwrap_or_else(|p| p.into_inner());
         let generation = st.generation;
-        st.data[self.rank] = Some(data.to_vec());
+        st.data[self.rank] = Some((what.to_string(), data.to_vec()));
+        let done = |st: &LocalState| match &*st.result {
+            Ok(items) => Ok(items.clone()),
+            Err(reason) => Err(Error::Rendezvous { rank: self.rank, world: self.world, reason: reason.clone() }),
+        };
         if st.data.iter().all(|d| d.is_some()) {
-            let items: Vec<Vec<u8>> = st.data.iter_mut().map(|d| d.take().unwrap()).collect();
-            st.result = Arc::new(items);
+            let entries: Vec<(String, Vec<u8>)> = st.data.iter_mut().map(|d| d.take().unwrap()).collect();
+            st.result = Arc::new(match entries.iter().position(|(name, _)| *name != entries[0].0) {
+                None => Ok(entries.into_iter().map(|(_, d)| d).collect()),
+                Some(r) => Err(format!("rank 0 is in {}, rank {r} in {}: the ranks run different collectives", entries[0].0, entries[r].0)),
+            });
             st.generation += 1;
             cv.notify_all();
-            return Ok((*st.result).clone());
+            return done(&st);
         }
         let deadline = Instant::now() + timeout;
         while st.generation == generation {
@@ -788,7 +948,7 @@ impl Exchange for LocalExchange {
             }
             st = cv.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0;
         }
-        Ok((*st.result).clone())
+        done(&st)
     }
 
     fn watch(&self, sink: FailureSink) {

@@ -13,7 +13,10 @@
 //!   kernels reported without the host looking yet: the watchdog thread reads the `REPORTED`
 //!   word the device mirrors its first error into, and announces it.
 //!
-//! From then on the group is failed ([`Error::GroupFailed`]).
+//! From then on the group is failed ([`Error::GroupFailed`]), on this rank too: every launch
+//! first looks at the failure and at the `REPORTED` word (a read of host memory), so a rank
+//! whose kernels reported an error launches nothing more, whether or not anyone read the
+//! record.
 
 use crate::driver::MappedHost;
 use crate::error::{Error, Result};
@@ -100,6 +103,8 @@ pub(crate) struct Health {
     abort_cause: Mutex<Option<String>>,
     /// This rank's own failure was announced to the peers.
     announced: AtomicBool,
+    /// `failure` was taken from the `REPORTED` word alone.
+    from_report: AtomicBool,
 }
 
 impl Health {
@@ -110,6 +115,7 @@ impl Health {
             failure: Mutex::new(None),
             abort_cause: Mutex::new(None),
             announced: AtomicBool::new(false),
+            from_report: AtomicBool::new(false),
         }))
     }
 
@@ -118,10 +124,12 @@ impl Health {
         self.flags.device_ptr()
     }
 
-    /// Records the first failure; true when this was it.
+    /// Records the first failure; true when this was it. A cause taken from the `REPORTED`
+    /// word alone (which says only what kind of error) gives way to the error itself once the
+    /// host has read it.
     pub(crate) fn fail(&self, cause: String) -> bool {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() {
+        if f.is_none() || self.from_report.swap(false, Ordering::SeqCst) {
             *f = Some(cause);
             true
         } else {
@@ -129,8 +137,27 @@ impl Health {
         }
     }
 
+    /// The first failure, counting an error this rank's kernels reported that the host has not
+    /// read yet: the device mirrors its first error's status into the host-mapped `REPORTED`
+    /// word, so this is a plain memory read (no copy, no synchronisation) and the group fails
+    /// as soon as a kernel has reported, before anyone looked at the record.
     pub(crate) fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            let code = self.flags.read(host_flag::REPORTED);
+            if code != status::OK {
+                self.from_report.store(true, Ordering::SeqCst);
+                *f = Some(match code {
+                    status::ABORTED => self.abort_cause().unwrap_or_else(|| format!("rank {}'s kernels stopped on an abort", self.rank)),
+                    c => format!(
+                        "rank {} failed: its kernels reported {} (Group::check or Group::poll_error gives the details)",
+                        self.rank,
+                        status_name(c)
+                    ),
+                });
+            }
+        }
+        f.clone()
     }
 
     /// Stops every wait of this rank, now and later, naming `f` (the first cause is kept).
@@ -187,6 +214,8 @@ impl Watchdog {
                     let code = health.flags.read(host_flag::REPORTED);
                     // An abort the host raised is the peers' news, not this rank's.
                     if code != status::OK && code != status::ABORTED {
+                        // This rank's own group is failed too: its later launches are refused.
+                        let _ = health.failure();
                         health.announce(
                             &*exchange,
                             FailureKind::Error,

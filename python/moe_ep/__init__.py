@@ -54,19 +54,38 @@ def _invalid(argument, message):
 
 def group_from_torch(process_group=None, timeout_s=10.0):
     """A moe-ep group of the ranks of ``process_group`` (default: the world), one GPU each
-    (``torch.cuda.current_device()``). Collective."""
+    (``torch.cuda.current_device()``; several ranks may share one under CUDA MPS with
+    ``MOE_EP_SHARE_GPU=1``). Collective.
+
+    The ranks meet over moe-ep's own TCP rendezvous, whose address, port and secret rank 0 of
+    the group picks and hands to the others over ``process_group``: the group then watches its
+    peers, so a peer that dies, fails or aborts stops this rank's waits within milliseconds and
+    every later call raises ``GroupFailed``/``PeerFailed`` naming it. Rank 0 listens on
+    ``127.0.0.1`` when every rank is on its host, else on ``MOE_EP_MASTER_ADDR`` or its own
+    host name."""
+    import secrets
+    import socket
+
     import torch
     import torch.distributed as dist
 
     rank = dist.get_rank(process_group)
     world = dist.get_world_size(process_group)
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
+    offer = None
+    if rank == 0:
+        import os
 
-    def all_gather(blob):
-        out = [None] * world
-        dist.all_gather_object(out, bytes(blob), group=process_group)
-        return out
-
-    return Group(rank, world, torch.cuda.current_device(), all_gather, timeout_s)
+        addr = "127.0.0.1" if len(set(hosts)) == 1 else os.environ.get("MOE_EP_MASTER_ADDR", socket.getfqdn())
+        with socket.socket() as s:
+            s.bind((addr, 0))
+            port = s.getsockname()[1]
+        offer = (addr, port, secrets.token_hex(16))
+    offers = [None] * world
+    dist.all_gather_object(offers, offer, group=process_group)
+    addr, port, secret = offers[0]
+    return Group.connect(rank, world, torch.cuda.current_device(), addr, port, secret, timeout_s)
 
 
 def shares_gpu():

@@ -15,7 +15,7 @@ use cudarc::driver::sys;
 use half::bf16;
 use moe_ep::ht::{self, HtBuffer, HtConfig, Layout};
 use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
-use moe_ep::rendezvous::Exchange;
+use moe_ep::rendezvous::{Exchange, ProcessConfig, Secret};
 use moe_ep::{DeviceArg, Error, Group, GroupConfig, TopkIdx};
 use pyo3::create_exception;
 use pyo3::intern;
@@ -153,6 +153,12 @@ fn tensor_path(py: Python<'_>) -> String {
     torch_shim::describe(py)
 }
 
+/// Exposed for tests: whether the tensor fast path is taken on torch `version`.
+#[pyfunction]
+fn _shim_layout_proven(version: &str) -> bool {
+    torch_shim::layout_proven(version)
+}
+
 /// A checked torch tensor as a device argument.
 struct Raw<T> {
     ptr: u64,
@@ -229,6 +235,52 @@ impl PyGroup {
         Ok(PyGroup { g: Group::with_exchange(ex, device, cfg).map_err(py_err)? })
     }
 
+    /// `Group.connect(rank, world, device, master_addr, master_port, secret, timeout_s=10.0,
+    /// rendezvous_timeout_s=120.0)`: collective; the ranks meet over moe-ep's own TCP
+    /// rendezvous (rank 0 listens on `master_addr:master_port`; every rank proves it knows
+    /// `secret`). Unlike the `all_gather` form, the group then watches its peers: a peer that
+    /// dies, fails or aborts stops this rank's GPU waits at once and fails the group.
+    #[staticmethod]
+    #[pyo3(signature = (rank, world, device, master_addr, master_port, secret, timeout_s = 10.0, rendezvous_timeout_s = 120.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn connect(
+        py: Python<'_>,
+        rank: usize,
+        world: usize,
+        device: usize,
+        master_addr: String,
+        master_port: u16,
+        secret: String,
+        timeout_s: f64,
+        rendezvous_timeout_s: f64,
+    ) -> PyResult<Self> {
+        for (name, v) in [("timeout_s", timeout_s), ("rendezvous_timeout_s", rendezvous_timeout_s)] {
+            if !(v > 0.0 && v.is_finite()) {
+                return Err(invalid(name, format!("{v} is not a positive number of seconds")));
+            }
+        }
+        let cfg = GroupConfig {
+            timeout: Duration::from_secs_f64(timeout_s),
+            rendezvous_timeout: Duration::from_secs_f64(rendezvous_timeout_s),
+            ..GroupConfig::default()
+        }
+        .with_env()
+        .map_err(py_err)?;
+        let pc = ProcessConfig { rank, world, device, master_addr, master_port, secret: Secret(secret) };
+        // The rendezvous waits for the other ranks: without the GIL, so their Python threads
+        // (and this process's) keep running.
+        let g = py.allow_threads(|| Group::connect(&pc, cfg)).map_err(py_err)?;
+        Ok(PyGroup { g })
+    }
+
+    /// What failed the group, or `None`: a peer that died, failed or aborted, or an error this
+    /// rank's kernels reported. A read of host memory (no synchronisation): call it after a
+    /// step's work has finished (e.g. after `torch.cuda.synchronize()` or an event, or between
+    /// CUDA-graph replays) to know whether that step's outputs can be used.
+    fn failure(&self) -> Option<String> {
+        self.g.failure()
+    }
+
     #[getter]
     fn rank(&self) -> usize {
         self.g.rank()
@@ -257,8 +309,8 @@ impl PyGroup {
     }
 
     /// Waits for this rank's kernels and raises what a kernel reported.
-    fn check(&self) -> PyResult<()> {
-        self.g.check().map_err(py_err)
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.g.check()).map_err(py_err)
     }
 
     /// Queues a GPU barrier of the whole group on `stream` (a raw CUstream, e.g. torch's
@@ -852,5 +904,6 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device_count, m)?)?;
     m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_path, m)?)?;
+    m.add_function(wrap_pyfunction!(_shim_layout_proven, m)?)?;
     Ok(())
 }

@@ -5,7 +5,8 @@
 //!
 //! Where the `at::Tensor` sits inside the Python object is not a public ABI: torch 2.11 keeps
 //! it at byte 16, earlier releases kept a `MaybeOwned<at::Tensor>` there (the tensor at byte
-//! 24). So it is found once per process, as the word of a probe tensor's object that equals the
+//! 24, or a borrowed one elsewhere). The fast path is taken on torch 2.11 and later only
+//! ([`layout_proven`]), the versions it has been checked on; earlier ones use the attributes. So it is found once per process, as the word of a probe tensor's object that equals the
 //! handle torch's DLPack capsule carries for the same tensor, and the shim's answers are then
 //! checked against the attribute path, on CPU probes at start and on the first CUDA tensor read.
 //! Anything unexpected (no shim symbols, no matching word, a disagreement) keeps the attribute
@@ -173,6 +174,12 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
         move |err: PyErr| format!("{what}: {err}")
     };
     let torch = py.import("torch").map_err(e("import torch"))?;
+    // Where the at::Tensor sits is found and checked below on any torch, but only torch 2.11's
+    // layout (a plain at::Tensor) has been read on a GPU; before 2.11 the word may be a
+    // MaybeOwned borrow, which this code has not been shown to read safely.
+    if !layout_proven(&version(&torch)) {
+        return Err(format!("torch {} predates 2.11, whose tensor layout is the only one this fast path has been checked on", version(&torch)));
+    }
     let file: String = torch.getattr("__file__").and_then(|f| f.extract()).map_err(e("torch.__file__"))?;
     let lib_path = std::path::Path::new(&file).with_file_name("lib").join("libtorch_cpu.so");
     // SAFETY: torch's own library, which `import torch` has already loaded and initialised:
@@ -291,6 +298,16 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
         }
     }
     Ok(s)
+}
+
+/// True for the torch versions whose `THPVariable` layout the fast path is proven on: 2.11 and
+/// later (a version that does not parse is not).
+pub fn layout_proven(version: &str) -> bool {
+    let mut parts = version.split(['.', '+', 'a', 'b', 'r']).map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 11),
+        _ => false,
+    }
 }
 
 fn version(torch: &Bound<'_, PyModule>) -> String {

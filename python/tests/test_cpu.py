@@ -92,6 +92,23 @@ def main():
     except moe_ep.NoDevice as e:
         print(f"Group(...): NoDevice: {e}")
     assert all(hasattr(_moe_ep, c) for c in ("LowLatencyBuffer", "HighThroughputBuffer", "HighThroughputLayout")) and hasattr(moe_ep, "Buffer")
+    # The tensor fast path is taken only on the torch versions its layout is proven on.
+    for v, proven in (("2.11.0", True), ("2.11.0+cu130", True), ("2.12.0a0+git1234", True), ("3.0.1", True), ("2.10.1+cu128", False), ("2.9.0", False), ("1.13.1", False), ("", False), ("nightly", False)):
+        assert _moe_ep._shim_layout_proven(v) == proven, (v, proven)
+    # The rendezvous over moe-ep's own TCP (the peer watch): without a GPU, NoDevice too.
+    try:
+        moe_ep.Group.connect(0, 1, 0, "127.0.0.1", 1, "secret")
+        print("Group.connect built (a GPU is present)")
+    except moe_ep.NoDevice as e:
+        print(f"Group.connect(...): NoDevice: {e}")
+    # Ranks sharing a GPU: the opt-in and what it chooses.
+    import os
+
+    os.environ["MOE_EP_SHARE_GPU"] = "1"
+    assert moe_ep.shares_gpu() and moe_ep.dist_backend() == "gloo" and moe_ep.local_device() == 0
+    os.environ["MOE_EP_SHARE_GPU"] = "0"
+    os.environ["LOCAL_RANK"] = "3"
+    assert not moe_ep.shares_gpu() and moe_ep.dist_backend() == "nccl" and moe_ep.local_device() == 3
     print("moe_ep CPU checks passed")
 
 

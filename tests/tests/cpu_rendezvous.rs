@@ -291,7 +291,7 @@ fn cpu_rendezvous_fake_rank0_is_detected() {
     let p = listener.local_addr().unwrap().port();
     let frame = |kind: u8, payload: &[u8]| {
         let mut f = 0x4d4f_4550u32.to_le_bytes().to_vec();
-        f.extend([2, 0, kind, 0]);
+        f.extend([3, 0, kind, 0]);
         f.extend((payload.len() as u32).to_le_bytes());
         f.extend(payload);
         f
@@ -354,6 +354,10 @@ fn cpu_process_config_from_env_conventions() {
     let with_secret = ProcessConfig::from_lookup(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "7"), ("MOE_EP_SECRET", "s3")])).unwrap();
     assert_eq!(with_secret.secret, Secret("s3".into()));
     assert!(!format!("{with_secret:?}").contains("s3"));
+    // A derived secret comes with a warning that says why and what to do; a given one does not.
+    let w = ProcessConfig::derived_secret_warning(env(&[("RANK", "2"), ("MASTER_PORT", "29500")])).unwrap();
+    assert!(w.contains("MOE_EP_SECRET is not set") && w.contains("TORCHELASTIC_RUN_ID") && w.contains("openssl rand -hex 16"), "{w}");
+    assert!(ProcessConfig::derived_secret_warning(env(&[("MOE_EP_SECRET", "s3")])).is_none());
     // MOE_EP_* names win; LOCAL_RANK defaults to RANK; MASTER_ADDR to loopback.
     let c = ProcessConfig::from_lookup(env(&[
         ("RANK", "2"),
@@ -549,5 +553,104 @@ fn cpu_watch_coexists_with_all_gathers() {
                 assert!(t0.elapsed() < Duration::from_secs(6));
             });
         }
+    });
+}
+
+/// A failure notice that arrives behind data nobody reads yet (here the reply of an all-gather
+/// rank 1 gave up on) still reaches rank 1 at once, and rank 1's next all-gather skips the
+/// stale reply and fails with the notice instead of taking it for its own.
+#[test]
+fn cpu_watch_sees_a_notice_behind_unread_data() {
+    let p = port();
+    std::thread::scope(|s| {
+        let h0 = s.spawn(move || TcpExchange::connect(&cfg(0, 2, p), Duration::from_secs(20)).unwrap());
+        let r1 = TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(20)).unwrap();
+        let r0 = h0.join().unwrap();
+        let (sink1, got1) = collector();
+        r1.watch(sink1);
+        r0.watch(collector().0);
+        let e = r1.all_gather_as("early", b"one", Duration::from_millis(50)).unwrap_err().to_string();
+        assert!(e.contains("no reply to all-gather #1 (early) from rank 0"), "{e}");
+        // Rank 0 arrives late: rank 1's contribution is there, so it completes, and its reply
+        // sits unread on rank 1's connection.
+        let all = r0.all_gather_as("early", b"zero", Duration::from_secs(5)).unwrap();
+        assert_eq!(all, vec![b"zero".to_vec(), b"one".to_vec()]);
+        r0.announce(&PeerFailure { rank: 0, kind: FailureKind::Aborted, detail: "stop".into() });
+        let took = wait_for(&got1, 0, FailureKind::Aborted, Duration::from_secs(2));
+        assert!(took < Duration::from_millis(500), "the notice took {took:?}");
+        let e = r1.all_gather_as("next", b"", Duration::from_secs(2)).unwrap_err().to_string();
+        assert!(e.contains("rank 0 called Group::abort: stop"), "{e}");
+    });
+}
+
+/// Two ranks in different collectives are told so, on both sides, naming both collectives,
+/// over TCP and in memory; the same names pair up as before.
+#[test]
+fn cpu_rendezvous_mismatched_collectives_are_named() {
+    let p = port();
+    std::thread::scope(|s| {
+        let h1 = s.spawn(move || {
+            let ex = TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(20)).unwrap();
+            assert_eq!(ex.all_gather_as("heap sizes", b"a", Duration::from_secs(5)).unwrap().len(), 2);
+            ex.all_gather_as("peer rows", b"b", Duration::from_secs(5)).unwrap_err().to_string()
+        });
+        let ex = TcpExchange::connect(&cfg(0, 2, p), Duration::from_secs(20)).unwrap();
+        assert_eq!(ex.all_gather_as("heap sizes", b"c", Duration::from_secs(5)).unwrap()[1], b"a".to_vec());
+        let e0 = ex.all_gather_as("device ids", b"d", Duration::from_secs(5)).unwrap_err().to_string();
+        let e1 = h1.join().unwrap();
+        assert!(e0.contains("rank 1 is in all-gather #2 (peer rows) while rank 0 is in #2 (device ids)"), "{e0}");
+        assert!(e1.contains("rank 1 is in all-gather #2 (peer rows) while rank 0 is in #2 (device ids)"), "{e1}");
+    });
+    let exs = LocalExchange::group(2);
+    std::thread::scope(|s| {
+        let mut it = exs.iter();
+        let (a, b) = (it.next().unwrap(), it.next().unwrap());
+        let h = s.spawn(move || b.all_gather_as("peer rows", b"x", Duration::from_secs(5)).map_err(|e| e.to_string()));
+        let e0 = a.all_gather_as("device ids", b"y", Duration::from_secs(5)).unwrap_err().to_string();
+        let e1 = h.join().unwrap().unwrap_err();
+        for e in [&e0, &e1] {
+            assert!(e.contains("rank 0 is in device ids, rank 1 in peer rows"), "{e}");
+        }
+        let h = s.spawn(move || b.all_gather_as("same", b"x", Duration::from_secs(5)).map(|v| v.len()).map_err(|e| e.to_string()));
+        assert_eq!(a.all_gather_as("same", b"y", Duration::from_secs(5)).unwrap().len(), 2);
+        assert_eq!(h.join().unwrap(), Ok(2));
+    });
+}
+
+/// A flood of connections during the rendezvous: rank 0 runs at most `MAX_HANDSHAKES`
+/// handshakes at once and closes every connection beyond them at once (no thread, no memory
+/// for it); the job's rank retries and joins once the strangers' handshakes have timed out.
+#[test]
+fn cpu_rendezvous_connection_flood_is_capped() {
+    use moe_ep::rendezvous::{HELLO_TIMEOUT, MAX_HANDSHAKES};
+    let p = port();
+    std::thread::scope(|s| {
+        let root = s.spawn(move || TcpExchange::connect(&cfg(0, 2, p), Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(200));
+        let extra = 8;
+        let mut strangers: Vec<TcpStream> = (0..MAX_HANDSHAKES + extra).map(|_| TcpStream::connect(("127.0.0.1", p)).unwrap()).collect();
+        // The first MAX_HANDSHAKES get a challenge; the rest are closed without one.
+        let mut challenged = 0;
+        let mut closed = 0;
+        for c in strangers.iter_mut() {
+            c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut b = [0u8; 12];
+            match std::io::Read::read(c, &mut b) {
+                Ok(0) | Err(_) => closed += 1,
+                Ok(_) => challenged += 1,
+            }
+        }
+        assert_eq!((challenged, closed), (MAX_HANDSHAKES, extra));
+        // The real rank joins, after the strangers' handshakes have run out of time.
+        let t0 = Instant::now();
+        let r1 = TcpExchange::connect(&cfg(1, 2, p), Duration::from_secs(30)).unwrap();
+        let r0 = root.join().unwrap().unwrap();
+        assert!(t0.elapsed() < HELLO_TIMEOUT + Duration::from_secs(5), "joining took {:?}", t0.elapsed());
+        std::thread::scope(|s2| {
+            let h = s2.spawn(|| r1.all_gather(b"b", Duration::from_secs(5)).unwrap());
+            assert_eq!(r0.all_gather(b"a", Duration::from_secs(5)).unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+            h.join().unwrap();
+        });
+        drop(strangers);
     });
 }

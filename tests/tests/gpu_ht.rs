@@ -226,6 +226,14 @@ fn gpu2_ht_misuse_is_refused() -> Result<()> {
         expect_refused(a.recv_x_bf16(&h2), "StaleHandle", "stale handle")?;
         a.combine(&s, &h, &cargs)?;
         a.check()?;
+        // Poisoning overwrites the receive metadata a combine computes peer addresses from:
+        // every handle is stale until a dispatch (here a cached one) writes it again.
+        a.poison(&s, 0xEE)?;
+        expect_refused(a.combine(&s, &h, &cargs), "StaleHandle", "a combine with a handle from before poison")?;
+        expect_refused(a.recv_x_bf16(&h), "StaleHandle", "a view from before poison")?;
+        a.cached_dispatch(&s, &mut h, &args)?;
+        a.combine(&s, &h, &cargs)?;
+        a.check()?;
         Ok(())
     })
 }

@@ -105,6 +105,13 @@ if [ "$what" = mps ]; then
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
             timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/mps$n-python.log" 2>&1; rc=$?
           echo "=== python test_gpu.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "passed|Error|assert" "$out/mps$n-python.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
+          # A rank killed mid-decode: torchrun itself then exits non-zero, so count the
+          # survivors' verdicts (its agent looks at its workers only every 10 s).
+          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+            timeout 120 python3 -m torch.distributed.run --monitor-interval 10 --nproc-per-node "$n" "$here/python/test_kill.py" > "$out/mps$n-python-kill.log" 2>&1
+          passes=$(grep -c "^PASS" "$out/mps$n-python-kill.log")
+          echo "=== python kill test, $n ranks sharing GPU 0 (MPS): $passes of $(( n - 1 )) survivors passed"; grep -E "^(PASS|FAIL)|Error" "$out/mps$n-python-kill.log" | head -n 10
+          [ "$passes" -eq $(( n - 1 )) ] || status=1
         done ;;
       soak)
         timeout $(( ${SOAK_SECONDS:-120} + 60 )) "$here/bin/moe-ep-soak" --shared-gpu --ranks 4 --iters "${SOAK_ITERS:-3000}" --seconds "${SOAK_SECONDS:-120}" > "$out/mps-soak.log" 2>&1; rc=$?
@@ -145,6 +152,12 @@ if [ "$what" = python ]; then
     PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
     echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
   done
+  # A rank killed mid-decode at every GPU: count the survivors' verdicts (torchrun itself exits
+  # non-zero when a worker is killed).
+  PYTHONPATH="$py" timeout 120 python3 -m torch.distributed.run --monitor-interval 10 --nproc-per-node "$gpus" "$here/python/test_kill.py" > "$out/python-kill.log" 2>&1
+  passes=$(grep -c "^PASS" "$out/python-kill.log")
+  echo "=== python kill test, $gpus ranks: $passes of $(( gpus - 1 )) survivors passed"; grep -E "^(PASS|FAIL)|Error" "$out/python-kill.log" | head -n 10
+  [ "$passes" -eq $(( gpus - 1 )) ] || status=1
   for shim in 1 0; do
     MOE_EP_TORCH_SHIM=$shim PYTHONPATH="$py" timeout 120 python3 "$here/python/test_tensor_paths.py" > "$out/python-tensor-paths-$shim.log" 2>&1; rc=$?
     echo "=== python tensor paths (MOE_EP_TORCH_SHIM=$shim): exit $rc"; cat "$out/python-tensor-paths-$shim.log" | tail -n 5; [ "$rc" -eq 0 ] || status=1
@@ -211,6 +224,7 @@ pub fn build(root: &Path) -> Result<()> {
         ("examples/moe_layer.py", "moe_layer.py"),
         ("examples/overhead.py", "overhead.py"),
         ("tests/test_tensor_paths.py", "test_tensor_paths.py"),
+        ("tests/test_kill.py", "test_kill.py"),
     ] {
         std::fs::copy(root.join("python").join(from), dir.join("python").join(to))?;
     }
