@@ -66,6 +66,14 @@ pub fn launch_held_barrier(g: &Group, stream: &CudaStream, hold: Duration) -> Re
     g.launch_held_barrier(stream, ns)
 }
 
+/// Queues `hold` of GPU time on `stream` that waits for no other rank (a busy stream, as work
+/// queued ahead of an operation makes it in serving).
+pub fn launch_gpu_sleep(g: &Group, stream: &CudaStream, hold: Duration) -> Result<()> {
+    let ns =
+        u32::try_from(hold.as_nanos()).map_err(|_| Error::invalid("hold", format!("{hold:?} is above the kernel's limit of {} ns", u32::MAX)))?;
+    g.launch_gpu_sleep(stream, ns)
+}
+
 /// Launches `launches` barrier kernels of `iters_per_launch` barriers each and checks them.
 pub fn barrier_loop(g: &Group, launches: u32, iters_per_launch: u32) -> Result<()> {
     for _ in 0..launches {

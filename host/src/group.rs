@@ -535,6 +535,13 @@ impl Group {
         self.launch_barrier_on(stream, &self.inner.heap, 1, hold_ns)
     }
 
+    /// Keeps `stream` busy for `hold_ns` on the GPU, meeting no other rank (the barrier kernel
+    /// with no barrier: `crate::diag::launch_gpu_sleep`).
+    #[cfg(feature = "testing")]
+    pub(crate) fn launch_gpu_sleep(&self, stream: &CudaStream, hold_ns: u32) -> Result<()> {
+        self.launch_barrier_on(stream, &self.inner.heap, 0, hold_ns)
+    }
+
     /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
     /// different buffers never pair up across ranks), `iters` times, after waiting `hold_ns`
     /// on the GPU (`BarrierParams::hold_ns`; 0 for none).

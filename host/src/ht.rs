@@ -700,7 +700,12 @@ impl HtBuffer {
         };
         while self.host.read(0) != self.ticket {
             if Instant::now() > deadline {
+                // Work queued ahead on the stream may only have delayed the count exchange:
+                // wait for the stream (and learn of any kernel's error), then look again.
                 self.g.check()?;
+                if self.host.read(0) == self.ticket {
+                    break;
+                }
                 return Err(unexplained(format!("rank {}: dispatch counts never arrived and no kernel reported why", self.g.rank())));
             }
             std::hint::spin_loop();

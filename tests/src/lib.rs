@@ -164,7 +164,9 @@ pub fn skewed_grid(g: &Group) -> u32 {
 /// Group settings for tests: a 20-second deadline so a hang fails fast, and the environment's
 /// `MOE_EP_SHARE_GPU` / `MOE_EP_SM_BUDGET` (the MPS mode's children have the first).
 pub fn test_config() -> GroupConfig {
-    GroupConfig { timeout: Duration::from_secs(20), rendezvous_timeout: Duration::from_secs(120), ..GroupConfig::default() }
+    // A test may ask its child processes for a shorter GPU wait deadline.
+    let ms = std::env::var("MOE_EP_TEST_TIMEOUT_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    GroupConfig { timeout: Duration::from_millis(ms), rendezvous_timeout: Duration::from_secs(120), ..GroupConfig::default() }
         .with_env()
         .expect("MOE_EP_SHARE_GPU and MOE_EP_SM_BUDGET must be well formed")
 }
@@ -194,16 +196,22 @@ pub fn one_gpu_per_process() -> bool {
 /// Runs `body` on `world` ranks, one process per GPU. In the parent, spawns the children and
 /// waits for them; in a child, joins the group as its rank and runs `body`.
 pub fn run_processes(test_name: &str, world: usize, seed: u64, body: impl Fn(&Group) -> Result<()>) -> Result<()> {
+    run_processes_with_env(test_name, world, seed, &[], body)
+}
+
+/// [`run_processes`] with extra environment variables for the children (e.g.
+/// `MOE_EP_TEST_TIMEOUT_MS`, which [`test_config`] reads).
+pub fn run_processes_with_env(test_name: &str, world: usize, seed: u64, env: &[(&str, &str)], body: impl Fn(&Group) -> Result<()>) -> Result<()> {
     if in_child() {
         let g = Group::from_env(test_config()).context("joining the group")?;
         return body(&g);
     }
-    spawn_ranks(test_name, world, seed, None)
+    spawn_ranks(test_name, world, seed, None, env)
 }
 
 /// The parent's side of a process test: spawns `world` ranks and waits for them. Each must
 /// succeed, except `victim`, which must end by SIGKILL.
-fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>) -> Result<()> {
+fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>, env: &[(&str, &str)]) -> Result<()> {
     let rejoin_port = free_port()?;
     let exe = std::env::current_exe()?;
     // The devices this process sees, by its ordinals (what each child keeps when isolated).
@@ -223,7 +231,8 @@ fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>) 
         .into_iter()
         .enumerate()
         .map(|(r, mut c)| {
-            c.env("MOE_EP_TEST_WORLD", world.to_string())
+            c.envs(env.iter().copied())
+                .env("MOE_EP_TEST_WORLD", world.to_string())
                 .env("MOE_EP_TEST_SEED", seed.to_string())
                 .env("MOE_EP_TEST_REJOIN_PORT", rejoin_port.to_string())
                 .stdout(Stdio::piped())
@@ -274,7 +283,7 @@ pub fn run_kill_test(test_name: &str, victim_of: fn(usize) -> usize, body: impl 
         let seed = fresh_seed(test_name);
         let victim = victim_of(world);
         println!("{test_name}: {world} ranks, processes, rank {victim} is killed, seed {seed}");
-        spawn_ranks(test_name, world, seed, Some(victim)).with_context(|| format!("{world} ranks, rank {victim} killed, seed {seed}"))?;
+        spawn_ranks(test_name, world, seed, Some(victim), &[]).with_context(|| format!("{world} ranks, rank {victim} killed, seed {seed}"))?;
     }
     Ok(())
 }

@@ -279,6 +279,62 @@ fn gpu2_ht_device_error_fails_the_group() -> Result<()> {
     })
 }
 
+/// A busy stream is not a failure: with a 1 s GPU wait deadline, 2.5 s of GPU work queued
+/// ahead of a dispatch that waits for its counts keeps the count exchange from running until
+/// the host's wait (deadline + 1 s) has passed; the dispatch must then find the counts once the
+/// stream is done, and succeed with the right rows, instead of failing the group. Processes only
+/// (the deadline is the children's).
+fn gpu2_ht_busy_stream_is_not_a_failure() -> Result<()> {
+    let name = "gpu2_ht_busy_stream_is_not_a_failure";
+    let worlds = rank_counts(name)?;
+    if !in_child() {
+        report_line("ranks", name, &format!("{worlds:?}"));
+    }
+    for world in worlds {
+        let seed = fresh_seed(name);
+        if !in_child() {
+            println!("{name}: {world} ranks, processes, 1 s GPU deadline, seed {seed}");
+        }
+        run_processes_with_env(name, world, seed, &[("MOE_EP_TEST_TIMEOUT_MS", "1000")], |g| {
+            let (hd, k, t) = (256, 4, 64);
+            let e = experts_for(g.world(), 64);
+            let s = g.stream().clone();
+            anyhow::ensure!(g.config().timeout == std::time::Duration::from_secs(1), "the GPU deadline is {:?}", g.config().timeout);
+            let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, g.world()).fit_sms(g.sm_count()))?;
+            let mut rng = Rng::new(seed ^ g.rank() as u64);
+            let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, g.world(), Routing::Scores, 0.0);
+            let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
+            let idx = upload(&s, &idx_h)?;
+            let wts = upload(&s, &w_h)?;
+            let layout = buf.layout(&s, TopkIdx::I64(&idx), k)?;
+            g.barrier()?;
+            moe_ep::diag::launch_gpu_sleep(g, &s, std::time::Duration::from_millis(2500))?;
+            let t0 = std::time::Instant::now();
+            let (h, _) = buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+            let took = t0.elapsed();
+            anyhow::ensure!(
+                took > std::time::Duration::from_secs(2),
+                "the dispatch returned after {took:?}: the stream was not busy long enough to test anything"
+            );
+            buf.check()?;
+            anyhow::ensure!(g.failure().is_none(), "the group failed: {:?}", g.failure());
+            // The right number of rows arrived (every rank's tokens that chose this rank).
+            let all: Vec<Vec<i64>> = g
+                .all_gather_bytes(bytemuck::cast_slice(&idx_h))?
+                .iter()
+                .map(|b| b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+                .collect();
+            let epr = (e / g.world()) as i64;
+            let want: usize = all.iter().map(|ri| ri.chunks(k).filter(|tok| tok.iter().any(|&x| x >= 0 && x / epr == g.rank() as i64)).count()).sum();
+            anyhow::ensure!(h.num_recv() == Some(want), "rank {}: {:?} rows received, expected {want}", g.rank(), h.num_recv());
+            println!("rank {}: the dispatch behind 2.5 s of queued work returned after {took:?} with its {want} rows", g.rank());
+            Ok(())
+        })
+        .with_context(|| format!("{world} ranks, processes, seed {seed}"))?;
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     gpu_main(&[
         ("gpu2_ht_uniform_bf16_and_fp8", gpu2_ht_uniform_bf16_and_fp8),
@@ -289,5 +345,6 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ht_async_streams", gpu2_ht_async_streams),
         ("gpu2_ht_misuse_is_refused", gpu2_ht_misuse_is_refused),
         ("gpu2_ht_device_error_fails_the_group", gpu2_ht_device_error_fails_the_group),
+        ("gpu2_ht_busy_stream_is_not_a_failure", gpu2_ht_busy_stream_is_not_a_failure),
     ])
 }

@@ -256,25 +256,6 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
         a.combine_recv(&s, &mut pending)?;
         expect_refused(a.combine_recv(&s, &mut pending), "StaleHandle", "a receive half run twice")?;
         a.check()?;
-        // Poisoning overwrites every half's rows and metadata: earlier handles are stale.
-        a.poison(&s, 0xEE)?;
-        expect_refused(a.recv_count(&h), "StaleHandle", "a view of a dispatch from before poison")?;
-        let after_poison = CombineArgs {
-            x: CombineInput::ZeroCopy,
-            topk_idx: TopkIdx::I64(&idx),
-            topk_weights: None,
-            out: &out,
-            mode: CombineMode::PreReduced,
-            hook: false,
-        };
-        expect_refused(a.combine(&s, &h, &after_poison), "StaleHandle", "a combine with a handle from before poison")?;
-        // A hook-mode dispatch: views may be taken before its receive half (their contents are
-        // valid once the stream has run it); a combine may not start before it.
-        let hook_args = DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook: true, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
-        let (mut hh, _) = a.dispatch(&s, &hook_args)?;
-        a.recv_count(&hh)?;
-        a.recv_src_info(&hh)?;
-        a.recv_x_bf16(&hh)?;
         let zero_copy = CombineArgs {
             x: CombineInput::ZeroCopy,
             topk_idx: TopkIdx::I64(&idx),
@@ -283,6 +264,17 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
             mode: CombineMode::PreReduced,
             hook: false,
         };
+        // Poisoning overwrites every half's rows and metadata: earlier handles are stale.
+        a.poison(&s, 0xEE)?;
+        expect_refused(a.recv_count(&h), "StaleHandle", "a view of a dispatch from before poison")?;
+        expect_refused(a.combine(&s, &h, &zero_copy), "StaleHandle", "a combine with a handle from before poison")?;
+        // A hook-mode dispatch: views may be taken before its receive half (their contents are
+        // valid once the stream has run it); a combine may not start before it.
+        let hook_args = DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook: true, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+        let (mut hh, _) = a.dispatch(&s, &hook_args)?;
+        a.recv_count(&hh)?;
+        a.recv_src_info(&hh)?;
+        a.recv_x_bf16(&hh)?;
         expect_refused(a.combine(&s, &hh, &zero_copy), "PendingHook", "a combine before the dispatch's receive half")?;
         expect_refused(a.dispatch(&s, &hook_args), "PendingHook", "a dispatch before the previous one's receive half")?;
         a.dispatch_recv(&s, &mut hh, None)?;
