@@ -306,11 +306,16 @@ fn gpu2_ht_busy_stream_is_not_a_failure() -> Result<()> {
             let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
             let idx = upload(&s, &idx_h)?;
             let wts = upload(&s, &w_h)?;
-            let layout = buf.layout(&s, TopkIdx::I64(&idx), k)?;
+            // The caller's own stream (not the group's, on which the library's own small copies
+            // would wait for the queued work before the dispatch is even launched).
+            let cs = g.context().new_stream()?;
+            s.synchronize()?;
+            let layout = buf.layout(&cs, TopkIdx::I64(&idx), k)?;
+            cs.synchronize()?;
             g.barrier()?;
-            moe_ep::diag::launch_gpu_sleep(g, &s, std::time::Duration::from_millis(2500))?;
+            moe_ep::diag::launch_gpu_sleep(g, &cs, std::time::Duration::from_millis(2500))?;
             let t0 = std::time::Instant::now();
-            let (h, _) = buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+            let (h, _) = buf.dispatch(&cs, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
             let took = t0.elapsed();
             anyhow::ensure!(
                 took > std::time::Duration::from_secs(2),
