@@ -501,8 +501,9 @@ impl Group {
         }
     }
 
-    /// The smallest SM count of every rank's GPU (collective).
-    pub(crate) fn min_sm_count(&self) -> Result<u32> {
+    /// Collective: the smallest [`Group::sm_count`] of every rank (the grid every rank can
+    /// launch, e.g. for `HtConfig::fit_sms` where ranks' shares may differ).
+    pub fn min_sm_count(&self) -> Result<u32> {
         let all = self.inner.exchange.all_gather_as("SM counts", &self.inner.sm_count.to_le_bytes(), self.inner.cfg.rendezvous_timeout)?;
         all.iter()
             .enumerate()
@@ -622,7 +623,8 @@ impl Group {
             return;
         }
         let h = &self.inner.health;
-        if h.fail(e.to_string()) && !matches!(e, Error::PeerFailed { .. }) {
+        let own = !matches!(e, Error::PeerFailed { .. });
+        if h.fail(e.to_string(), own) && own {
             h.announce(&*self.inner.exchange, FailureKind::Error, e.to_string());
         }
     }

@@ -382,9 +382,18 @@ enum Notices {
     Watching(FailureSink),
 }
 
+/// A collective's name as it travels: at most 255 bytes, cut at a character boundary.
+fn wire_name(what: &str) -> &str {
+    let mut end = what.len().min(255);
+    while !what.is_char_boundary(end) {
+        end -= 1;
+    }
+    &what[..end]
+}
+
 /// An all-gather frame's head: the all-gather's sequence number on this exchange and its name.
 fn collective_head(seq: u64, what: &str) -> Vec<u8> {
-    let name = &what.as_bytes()[..what.len().min(255)];
+    let name = wire_name(what).as_bytes();
     let mut b = seq.to_le_bytes().to_vec();
     b.push(name.len() as u8);
     b.extend_from_slice(name);
@@ -582,7 +591,12 @@ impl TcpExchange {
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(err(format!("accept: {e}"))),
+                // A connection gone before it was taken, or a full descriptor table (a flood):
+                // not the job's failure; try again.
+                Err(e) => {
+                    refused.add(cfg.world, "0.0.0.0:0".parse().expect("an address"), &format!("accept failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             while let Ok(h) = rx.try_recv() {
                 idle = false;
@@ -663,11 +677,12 @@ impl TcpExchange {
         write_frame(&mut writers[i].lock().unwrap_or_else(|p| p.into_inner()), kind, payload)
     }
 
-    /// Rank 0, after an all-gather failed: every rank stops waiting for it (the one at fault
-    /// too, where its connection still works: a rank in another collective learns so).
-    fn fail_all(&self, msg: &str) {
+    /// Rank 0, after an all-gather failed on connection `bad`: every other rank stops waiting
+    /// for it, and so does `bad`'s rank when `tell_bad` (it is alive and in another collective,
+    /// or sent something malformed; a rank that failed, left or died is not told its own news).
+    fn fail_all(&self, bad: usize, tell_bad: bool, msg: &str) {
         let _b = self.broadcast.lock().unwrap_or_else(|p| p.into_inner());
-        for i in 0..self.writers.len() {
+        for i in (0..self.writers.len()).filter(|&i| i != bad || tell_bad) {
             let _ = Self::send(&self.writers, i, kind::FAIL, msg.as_bytes());
         }
     }
@@ -691,13 +706,17 @@ impl Reader {
     /// closing) is reported at once, and rank 0 relays it to every other rank; every frame then
     /// goes to the inbox.
     fn run(self, mut s: TcpStream) {
+        // One report per connection: the close that follows a notice is not news.
+        let mut reported = false;
         loop {
             match read_frame(&mut s) {
                 Ok((k, p)) => {
-                    if k == kind::ABORT {
-                        self.report(decode_failure(&p, self.peer, self.world));
-                    } else if k == kind::FAIL {
-                        self.report(PeerFailure { rank: self.peer, kind: FailureKind::Error, detail: String::from_utf8_lossy(&p).into_owned() });
+                    if (k == kind::ABORT || k == kind::FAIL) && !std::mem::replace(&mut reported, true) {
+                        self.report(if k == kind::ABORT {
+                            decode_failure(&p, self.peer, self.world)
+                        } else {
+                            PeerFailure { rank: self.peer, kind: FailureKind::Error, detail: String::from_utf8_lossy(&p).into_owned() }
+                        });
                     }
                     if self.tx.send(Inbound::Frame(k, p)).is_err() {
                         return;
@@ -705,11 +724,13 @@ impl Reader {
                 }
                 Err(e) => {
                     let why = if e.kind() == std::io::ErrorKind::UnexpectedEof { "closed".to_string() } else { format!("failed: {e}") };
-                    self.report(PeerFailure {
-                        rank: self.peer,
-                        kind: FailureKind::Gone,
-                        detail: format!("its connection to rank {} {why}", self.rank),
-                    });
+                    if !reported {
+                        self.report(PeerFailure {
+                            rank: self.peer,
+                            kind: FailureKind::Gone,
+                            detail: format!("its connection to rank {} {why}", self.rank),
+                        });
+                    }
                     let _ = self.tx.send(Inbound::Closed(why));
                     return;
                 }
@@ -787,33 +808,36 @@ impl Exchange for TcpExchange {
         let head = collective_head(seq, what);
         // The next frame of this all-gather from connection `i` (`from` names its rank): frames
         // of an earlier all-gather that failed on this rank are skipped.
-        let next = |inbox: &Inbox, i: usize, from: &str, want: u8| -> std::result::Result<Vec<u8>, String> {
+        // An error says whether the rank at fault is alive and should be told.
+        let next = |inbox: &Inbox, i: usize, from: &str, want: u8| -> std::result::Result<Vec<u8>, (String, bool)> {
             loop {
                 let frame = match inbox.rx[i].recv_timeout(remaining(deadline)) {
                     Ok(Inbound::Frame(k, p)) if k == want => p,
-                    Ok(Inbound::Frame(kind::ABORT, p)) => return Err(decode_failure(&p, self.peer_of(i), self.world).to_string()),
-                    Ok(Inbound::Frame(kind::FAIL, m)) => return Err(String::from_utf8_lossy(&m).into_owned()),
-                    Ok(Inbound::Frame(k, _)) => return Err(format!("{from} sent frame kind {k} during an all-gather")),
-                    Ok(Inbound::Closed(why)) => return Err(format!("the connection to {from} {why}")),
+                    Ok(Inbound::Frame(kind::ABORT, p)) => return Err((decode_failure(&p, self.peer_of(i), self.world).to_string(), false)),
+                    Ok(Inbound::Frame(kind::FAIL, m)) => return Err((String::from_utf8_lossy(&m).into_owned(), false)),
+                    Ok(Inbound::Frame(k, _)) => return Err((format!("{from} sent frame kind {k} during an all-gather"), true)),
+                    Ok(Inbound::Closed(why)) => return Err((format!("the connection to {from} {why}"), false)),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        return Err(if self.rank == 0 {
+                        let late = if self.rank == 0 {
                             format!("{from} did not reach all-gather #{seq} ({what}) within {timeout:?}")
                         } else {
                             format!("no reply to all-gather #{seq} ({what}) from rank 0 within {timeout:?} (some rank did not arrive)")
-                        });
+                        };
+                        return Err((late, true));
                     }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(format!("the connection to {from} is gone")),
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err((format!("the connection to {from} is gone"), false)),
                 };
                 match split_collective(&frame) {
-                    Some((s, name, body)) if s == seq && name == what => return Ok(body.to_vec()),
+                    Some((s, name, body)) if s == seq && name == wire_name(what) => return Ok(body.to_vec()),
                     Some((s, _, _)) if s < seq => continue,
                     Some((s, name, _)) => {
-                        return Err(format!(
+                        let msg = format!(
                             "{from} is in all-gather #{s} ({name}) while rank {} is in #{seq} ({what}): the ranks run different collectives",
                             self.rank
-                        ));
+                        );
+                        return Err((msg, true));
                     }
-                    None => return Err(format!("{from} sent a malformed all-gather frame")),
+                    None => return Err((format!("{from} sent a malformed all-gather frame"), true)),
                 }
             }
         };
@@ -822,9 +846,9 @@ impl Exchange for TcpExchange {
             for i in 0..inbox.rx.len() {
                 match next(&inbox, i, &format!("rank {}", i + 1), kind::DATA) {
                     Ok(p) => items.push(p),
-                    Err(failed) => {
+                    Err((failed, alive)) => {
                         // The other ranks would wait for a reply until their deadline.
-                        self.fail_all(&failed);
+                        self.fail_all(i, alive, &failed);
                         return Err(err(failed));
                     }
                 }
@@ -840,7 +864,7 @@ impl Exchange for TcpExchange {
             let mut frame = head;
             frame.extend_from_slice(data);
             Self::send(&self.writers, 0, kind::DATA, &frame).map_err(|e| err(format!("sending to rank 0: {e}")))?;
-            let p = next(&inbox, 0, "rank 0", kind::ALL).map_err(err)?;
+            let p = next(&inbox, 0, "rank 0", kind::ALL).map_err(|(m, _)| err(m))?;
             let items = decode_list(&p).ok_or_else(|| err("rank 0 sent a malformed all-gather reply".into()))?;
             if items.len() != self.world {
                 return Err(err(format!("all-gather reply has {} entries for {} ranks", items.len(), self.world)));

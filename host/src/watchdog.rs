@@ -125,11 +125,11 @@ impl Health {
     }
 
     /// Records the first failure; true when this was it. A cause taken from the `REPORTED`
-    /// word alone (which says only what kind of error) gives way to the error itself once the
-    /// host has read it.
-    pub(crate) fn fail(&self, cause: String) -> bool {
+    /// word alone (which says only what kind of error) gives way to this rank's own error once
+    /// the host has read it (`own`), never to a peer's news.
+    pub(crate) fn fail(&self, cause: String, own: bool) -> bool {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() || self.from_report.swap(false, Ordering::SeqCst) {
+        if f.is_none() || (own && self.from_report.swap(false, Ordering::SeqCst)) {
             *f = Some(cause);
             true
         } else {
@@ -170,7 +170,7 @@ impl Health {
             }
             *c = Some(text.clone());
         }
-        self.fail(text);
+        self.fail(text, false);
         self.flags.write(host_flag::CULPRIT, f.rank as u32);
         // The culprit is visible before the flag that makes the device read it.
         std::sync::atomic::fence(Ordering::SeqCst);

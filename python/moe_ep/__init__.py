@@ -61,8 +61,9 @@ def group_from_torch(process_group=None, timeout_s=10.0):
     the group picks and hands to the others over ``process_group``: the group then watches its
     peers, so a peer that dies, fails or aborts stops this rank's waits within milliseconds and
     every later call raises ``GroupFailed``/``PeerFailed`` naming it. Rank 0 listens on
-    ``127.0.0.1`` when every rank is on its host, else on ``MOE_EP_MASTER_ADDR`` or its own
-    host name."""
+    ``127.0.0.1`` when every rank is on its host, else where ``_rendezvous_addr`` says. Its port
+    is one the OS had free a moment before (a small window in which another process may take
+    it; the rendezvous then fails with "cannot listen")."""
     import secrets
     import socket
 
@@ -75,9 +76,7 @@ def group_from_torch(process_group=None, timeout_s=10.0):
     dist.all_gather_object(hosts, socket.gethostname(), group=process_group)
     offer = None
     if rank == 0:
-        import os
-
-        addr = "127.0.0.1" if len(set(hosts)) == 1 else os.environ.get("MOE_EP_MASTER_ADDR", socket.getfqdn())
+        addr = _rendezvous_addr(hosts, dist.get_rank())
         with socket.socket() as s:
             s.bind((addr, 0))
             port = s.getsockname()[1]
@@ -86,6 +85,25 @@ def group_from_torch(process_group=None, timeout_s=10.0):
     dist.all_gather_object(offers, offer, group=process_group)
     addr, port, secret = offers[0]
     return Group.connect(rank, world, torch.cuda.current_device(), addr, port, secret, timeout_s)
+
+
+def _rendezvous_addr(hosts, global_rank):
+    """Where rank 0 of a group listens: loopback when every rank is on its host, else
+    ``MOE_EP_MASTER_ADDR``, else torchrun's ``MASTER_ADDR`` when rank 0 is the job's rank 0, else
+    its host's address (refused if that is a loopback address, which other hosts cannot reach)."""
+    import os
+    import socket
+
+    if len(set(hosts)) == 1:
+        return "127.0.0.1"
+    if os.environ.get("MOE_EP_MASTER_ADDR"):
+        return os.environ["MOE_EP_MASTER_ADDR"]
+    if global_rank == 0 and os.environ.get("MASTER_ADDR"):
+        return os.environ["MASTER_ADDR"]
+    addr = socket.gethostbyname(socket.gethostname())
+    if addr.startswith("127."):
+        raise _invalid("MOE_EP_MASTER_ADDR", f"the ranks span {len(set(hosts))} hosts and this host's name resolves to {addr}; set MOE_EP_MASTER_ADDR to an address of rank 0's host the others can reach")
+    return addr
 
 
 def shares_gpu():

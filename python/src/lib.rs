@@ -634,7 +634,9 @@ impl PyHighThroughput {
     #[new]
     #[pyo3(signature = (group, num_experts, hidden, max_topk, max_tokens_per_rank, num_sms = None))]
     fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize, num_sms: Option<u32>) -> PyResult<Self> {
-        let mut cfg = HtConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank, group.g.world()).fit_sms(group.g.sm_count());
+        // Every rank's default grid the same: within the smallest share (collective).
+        let sms = group.g.min_sm_count().map_err(py_err)?;
+        let mut cfg = HtConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank, group.g.world()).fit_sms(sms);
         if let Some(n) = num_sms {
             cfg.num_sms = n;
         }

@@ -109,6 +109,14 @@ def main():
     os.environ["MOE_EP_SHARE_GPU"] = "0"
     os.environ["LOCAL_RANK"] = "3"
     assert not moe_ep.shares_gpu() and moe_ep.dist_backend() == "nccl" and moe_ep.local_device() == 3
+    # Where rank 0 of a Python group listens.
+    for k in ("MOE_EP_MASTER_ADDR", "MASTER_ADDR"):
+        os.environ.pop(k, None)
+    assert moe_ep._rendezvous_addr(["a", "a"], 0) == "127.0.0.1"
+    os.environ["MASTER_ADDR"] = "10.1.2.3"
+    assert moe_ep._rendezvous_addr(["a", "b"], 0) == "10.1.2.3"
+    os.environ["MOE_EP_MASTER_ADDR"] = "10.9.9.9"
+    assert moe_ep._rendezvous_addr(["a", "b"], 4) == "10.9.9.9"
     print("moe_ep CPU checks passed")
 
 

@@ -654,3 +654,50 @@ fn cpu_rendezvous_connection_flood_is_capped() {
         drop(strangers);
     });
 }
+
+/// A rank that announces its failure instead of joining an all-gather: the others hear of it
+/// once per connection (not again when rank 0's all-gather fails on it, nor when connections
+/// close), and the failed rank is not told its own news as if rank 0 had failed.
+#[test]
+fn cpu_watch_one_notice_per_failure_and_none_back_to_the_culprit() {
+    let world = 3;
+    let p = port();
+    let joined = std::sync::Barrier::new(world);
+    let outcomes: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let joined = &joined;
+                s.spawn(move || {
+                    let ex = TcpExchange::connect(&cfg(r, world, p), Duration::from_secs(20)).unwrap();
+                    let (sink, got) = collector();
+                    ex.watch(sink);
+                    joined.wait();
+                    // Checked without panicking, so every rank reaches the last barrier.
+                    let outcome = if r == 2 {
+                        ex.announce(&PeerFailure { rank: 2, kind: FailureKind::Error, detail: "boom".into() });
+                        std::thread::sleep(Duration::from_millis(500));
+                        let heard = got.lock().unwrap().clone();
+                        if heard.is_empty() { Ok(()) } else { Err(format!("rank 2 was told of failures after its own: {heard:?}")) }
+                    } else {
+                        let e = ex.all_gather_as("step", b"x", Duration::from_secs(5)).map(|_| ()).unwrap_err().to_string();
+                        std::thread::sleep(Duration::from_millis(300));
+                        let heard = got.lock().unwrap().clone();
+                        if !e.contains("rank 2 failed: boom") {
+                            Err(format!("rank {r}: {e}"))
+                        } else if heard.len() != 1 || (heard[0].rank, heard[0].kind) != (2, FailureKind::Error) {
+                            Err(format!("rank {r} heard {heard:?}"))
+                        } else {
+                            Ok(())
+                        }
+                    };
+                    joined.wait();
+                    outcome
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for o in outcomes {
+        o.unwrap();
+    }
+}
