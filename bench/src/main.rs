@@ -178,19 +178,9 @@ fn launch(o: &Opts) -> Result<()> {
     }
     let exe = std::env::current_exe()?;
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut children = Vec::new();
-    for (r, mut c) in moe_ep::launch::rank_commands(&exe, &args, ranks, &placement)?.into_iter().enumerate() {
-        children.push(c.spawn().with_context(|| format!("starting rank {r}"))?);
-    }
-    let mut failed = Vec::new();
-    for (r, mut c) in children.into_iter().enumerate() {
-        let st = c.wait()?;
-        if !st.success() {
-            failed.push(format!("rank {r}: {st}"));
-        }
-    }
+    let failed = moe_ep::launch::run_ranks(&exe, &args, ranks, &placement)?;
     if !failed.is_empty() {
-        bail!("benchmark ranks failed: {}", failed.join(", "));
+        bail!("benchmark ranks failed: {}", failed.iter().map(|(r, st)| format!("rank {r}: {st}")).collect::<Vec<_>>().join(", "));
     }
     Ok(())
 }

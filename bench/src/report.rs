@@ -25,12 +25,13 @@ pub struct Report {
 impl Report {
     pub fn new(g: &Group) -> Self {
         let header = format!(
-            "device: {} x {} (GPUs {:?}), {} SMs each, {} ranks, one process per GPU",
+            "device: {} x {} (GPUs {:?}), {} SMs each, {} ranks, {}",
             g.world(),
             g.device_name(),
             g.devices(),
             g.sm_count(),
-            g.world()
+            g.world(),
+            if g.gpu_sharers() > 1 { "processes sharing GPUs" } else { "one process per GPU" }
         );
         Report { header, sections: vec![], files: vec![] }
     }

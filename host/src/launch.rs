@@ -58,6 +58,24 @@ pub fn rank_commands(exe: &Path, args: &[String], world: usize, placement: &Plac
         .collect()
 }
 
+/// Starts ranks `0..world` of `exe args` ([`rank_commands`]) and waits for all of them; the
+/// ranks that did not succeed, with how they ended.
+pub fn run_ranks(exe: &Path, args: &[String], world: usize, placement: &Placement) -> Result<Vec<(usize, std::process::ExitStatus)>> {
+    let mut children = Vec::new();
+    for (r, mut c) in rank_commands(exe, args, world, placement)?.into_iter().enumerate() {
+        let child = c.spawn().map_err(|e| Error::Rendezvous { rank: r, world, reason: format!("starting rank {r}: {e}") })?;
+        children.push(child);
+    }
+    let mut failed = Vec::new();
+    for (r, mut c) in children.into_iter().enumerate() {
+        let st = c.wait().map_err(|e| Error::Rendezvous { rank: r, world, reason: format!("waiting for rank {r}: {e}") })?;
+        if !st.success() {
+            failed.push((r, st));
+        }
+    }
+    Ok(failed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

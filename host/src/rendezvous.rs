@@ -369,6 +369,12 @@ struct Inbox {
     seq: u64,
 }
 
+/// The rank at the other end of connection `i` of rank `rank` (rank 0 holds one to each rank
+/// `1..`, every other rank one to rank 0).
+fn peer_of(rank: usize, i: usize) -> usize {
+    if rank == 0 { i + 1 } else { 0 }
+}
+
 /// What a reader thread passes on.
 enum Inbound {
     Frame(u8, Vec<u8>),
@@ -421,11 +427,12 @@ struct Refusals {
 }
 
 impl Refusals {
-    fn add(&mut self, world: usize, peer: SocketAddr, why: &str) {
+    /// One refusal of a connection `from` (an address, or what failed).
+    fn add(&mut self, world: usize, from: &dyn std::fmt::Display, why: &str) {
         self.count += 1;
         if self.logged.len() < MAX_LOGGED_REFUSALS {
-            eprintln!("moe-ep rendezvous (rank 0 of {world}): refused a connection from {peer}: {why}");
-            self.logged.push(format!("{peer}: {why}"));
+            eprintln!("moe-ep rendezvous (rank 0 of {world}): refused a connection from {from}: {why}");
+            self.logged.push(format!("{from}: {why}"));
         }
     }
 
@@ -579,7 +586,7 @@ impl TcpExchange {
                 Ok((s, peer)) if in_flight >= MAX_HANDSHAKES => {
                     idle = false;
                     drop(s);
-                    refused.add(cfg.world, peer, &format!("{MAX_HANDSHAKES} handshakes were already in progress"));
+                    refused.add(cfg.world, &peer, &format!("{MAX_HANDSHAKES} handshakes were already in progress"));
                 }
                 Ok((s, peer)) => {
                     idle = false;
@@ -594,7 +601,7 @@ impl TcpExchange {
                 // A connection gone before it was taken, or a full descriptor table (a flood):
                 // not the job's failure; try again.
                 Err(e) => {
-                    refused.add(cfg.world, "0.0.0.0:0".parse().expect("an address"), &format!("accept failed: {e}"));
+                    refused.add(cfg.world, &"an unknown peer", &format!("accept failed: {e}"));
                     std::thread::sleep(Duration::from_millis(10));
                 }
             }
@@ -603,7 +610,7 @@ impl TcpExchange {
                 in_flight -= 1;
                 let (rank, world, mut stream, peer, nonce) = match h {
                     Handshake::Refused { peer, why } => {
-                        refused.add(cfg.world, peer, &why);
+                        refused.add(cfg.world, &peer, &why);
                         continue;
                     }
                     Handshake::Joined { rank, world, stream, peer, nonce } => (rank, world, stream, peer, nonce),
@@ -650,7 +657,7 @@ impl TcpExchange {
             let (tx, r) = std::sync::mpsc::channel();
             rx.push(r);
             s.set_read_timeout(None)?;
-            let peer = if rank == 0 { i + 1 } else { 0 };
+            let peer = peer_of(rank, i);
             let reader = Reader {
                 i,
                 peer,
@@ -669,7 +676,7 @@ impl TcpExchange {
 
     /// The rank at the other end of connection `i`.
     fn peer_of(&self, i: usize) -> usize {
-        if self.rank == 0 { i + 1 } else { 0 }
+        peer_of(self.rank, i)
     }
 
     /// Writes one frame on connection `i`.

@@ -108,10 +108,9 @@ def _rendezvous_addr(hosts, global_rank):
 
 def shares_gpu():
     """True where this process's ranks share GPUs: ``MOE_EP_SHARE_GPU=1`` (several ranks on one
-    GPU under CUDA MPS, for development on a one-GPU machine; ``Group`` then accepts it)."""
-    import os
-
-    return os.environ.get("MOE_EP_SHARE_GPU", "0").strip() in ("1", "true", "yes")
+    GPU under CUDA MPS, for development on a one-GPU machine; ``Group`` then accepts it), read
+    as the library reads it."""
+    return _moe_ep._share_gpu_env()
 
 
 def local_device():

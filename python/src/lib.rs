@@ -213,6 +213,30 @@ impl Exchange for PyExchange {
     }
 }
 
+/// A group's settings from Python: the deadlines (checked), then the environment's
+/// `MOE_EP_SHARE_GPU` / `MOE_EP_SM_BUDGET` (several ranks on one GPU under CUDA MPS).
+fn group_config(timeout_s: f64, rendezvous_timeout_s: f64) -> PyResult<GroupConfig> {
+    for (name, v) in [("timeout_s", timeout_s), ("rendezvous_timeout_s", rendezvous_timeout_s)] {
+        if !(v > 0.0 && v.is_finite()) {
+            return Err(invalid(name, format!("{v} is not a positive number of seconds")));
+        }
+    }
+    GroupConfig {
+        timeout: Duration::from_secs_f64(timeout_s),
+        rendezvous_timeout: Duration::from_secs_f64(rendezvous_timeout_s),
+        ..GroupConfig::default()
+    }
+    .with_env()
+    .map_err(py_err)
+}
+
+/// Whether the environment opts this process into sharing its GPU (`MOE_EP_SHARE_GPU`, read
+/// as the library reads it; a malformed value raises `InvalidArgument`).
+#[pyfunction]
+fn _share_gpu_env() -> PyResult<bool> {
+    Ok(GroupConfig::default().with_env().map_err(py_err)?.share_gpu)
+}
+
 /// One rank of a group (one process per GPU), whose rendezvous runs over `all_gather`.
 #[pyclass(name = "Group", module = "moe_ep._moe_ep")]
 struct PyGroup {
@@ -226,11 +250,7 @@ impl PyGroup {
     #[new]
     #[pyo3(signature = (rank, world, device, all_gather, timeout_s = 10.0))]
     fn new(rank: usize, world: usize, device: usize, all_gather: Py<PyAny>, timeout_s: f64) -> PyResult<Self> {
-        if !(timeout_s > 0.0 && timeout_s.is_finite()) {
-            return Err(invalid("timeout_s", format!("{timeout_s} is not a positive number of seconds")));
-        }
-        // MOE_EP_SHARE_GPU / MOE_EP_SM_BUDGET: several ranks on one GPU under CUDA MPS.
-        let cfg = GroupConfig { timeout: Duration::from_secs_f64(timeout_s), ..GroupConfig::default() }.with_env().map_err(py_err)?;
+        let cfg = group_config(timeout_s, GroupConfig::default().rendezvous_timeout.as_secs_f64())?;
         let ex: Arc<dyn Exchange> = Arc::new(PyExchange { rank, world, all_gather });
         Ok(PyGroup { g: Group::with_exchange(ex, device, cfg).map_err(py_err)? })
     }
@@ -254,18 +274,7 @@ impl PyGroup {
         timeout_s: f64,
         rendezvous_timeout_s: f64,
     ) -> PyResult<Self> {
-        for (name, v) in [("timeout_s", timeout_s), ("rendezvous_timeout_s", rendezvous_timeout_s)] {
-            if !(v > 0.0 && v.is_finite()) {
-                return Err(invalid(name, format!("{v} is not a positive number of seconds")));
-            }
-        }
-        let cfg = GroupConfig {
-            timeout: Duration::from_secs_f64(timeout_s),
-            rendezvous_timeout: Duration::from_secs_f64(rendezvous_timeout_s),
-            ..GroupConfig::default()
-        }
-        .with_env()
-        .map_err(py_err)?;
+        let cfg = group_config(timeout_s, rendezvous_timeout_s)?;
         let pc = ProcessConfig { rank, world, device, master_addr, master_port, secret: Secret(secret) };
         // The rendezvous waits for the other ranks: without the GIL, so their Python threads
         // (and this process's) keep running.
@@ -907,5 +916,6 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_path, m)?)?;
     m.add_function(wrap_pyfunction!(_shim_layout_proven, m)?)?;
+    m.add_function(wrap_pyfunction!(_share_gpu_env, m)?)?;
     Ok(())
 }

@@ -109,6 +109,13 @@ def main():
     os.environ["MOE_EP_SHARE_GPU"] = "0"
     os.environ["LOCAL_RANK"] = "3"
     assert not moe_ep.shares_gpu() and moe_ep.dist_backend() == "nccl" and moe_ep.local_device() == 3
+    os.environ["MOE_EP_SHARE_GPU"] = "maybe"
+    try:
+        moe_ep.shares_gpu()
+        raise AssertionError("MOE_EP_SHARE_GPU=maybe was accepted")
+    except moe_ep.InvalidArgument as e:
+        assert e.argument == "MOE_EP_SHARE_GPU", e.argument
+    os.environ["MOE_EP_SHARE_GPU"] = "0"
     # Where rank 0 of a Python group listens.
     for k in ("MOE_EP_MASTER_ADDR", "MASTER_ADDR"):
         os.environ.pop(k, None)

@@ -11,7 +11,7 @@
 //! set to one device, as Slurm and Kubernetes give), so the same tests cover that setup.
 //! With `MOE_EP_TEST_MPS=1` every multi-rank test runs its ranks as processes that all share
 //! one GPU under CUDA MPS (the first this process sees; each child opts in with
-//! `MOE_EP_SHARE_GPU=1` and gets an MPS share of the SMs, see `moe_ep::launch`), at 2 to 8
+//! `MOE_EP_SHARE_GPU=1` and the group gives it an equal share of the SMs, see `moe_ep::launch`), at 2 to 8
 //! ranks (or `MOE_EP_TEST_RANKS`): the whole multi-process stack, the kill tests included, on a
 //! machine with one GPU. It checks correctness only; the MPS control daemon must be running
 //! (`run.sh mps` starts one).

@@ -200,15 +200,7 @@ fn main() -> Result<()> {
         let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--shared-gpu").collect();
         args.extend(["--seed".to_string(), seed.to_string()]);
         let exe = std::env::current_exe()?;
-        let children = moe_ep::launch::rank_commands(&exe, &args, world, &Placement::SharedGpu("0".into()))?
-            .into_iter()
-            .map(|mut c| c.spawn().context("starting a soak rank"))
-            .collect::<Result<Vec<_>>>()?;
-        let mut failed = false;
-        for mut c in children {
-            failed |= !c.wait()?.success();
-        }
-        if failed {
+        if !moe_ep::launch::run_ranks(&exe, &args, world, &Placement::SharedGpu("0".into()))?.is_empty() {
             std::process::exit(1);
         }
         return Ok(());
