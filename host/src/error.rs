@@ -91,6 +91,20 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// The host waited for this rank's own kernels (a check, a buffer's `destroy`) past its
+    /// deadline: something queued ahead of them on their streams kept them from finishing.
+    #[error("rank {rank}: {what} gave up after {waited:?}: {reason}")]
+    HostWaitTimeout {
+        /// This rank.
+        rank: usize,
+        /// What was waited for.
+        what: String,
+        /// How long it waited.
+        waited: Duration,
+        /// What was still pending.
+        reason: String,
+    },
+
     /// A rank would receive more rows than its receive buffer holds.
     #[error(
         "rank {receiver} would receive {needed} rows but its receive buffer holds {capacity} (reported by rank {rank}); raise the buffer's receive capacity"
@@ -117,6 +131,26 @@ pub enum Error {
         value: i64,
         /// Experts in the model.
         num_experts: u64,
+    },
+
+    /// A kernel read an index (a source rank, a token, a slot, a count) out of range from a
+    /// peer's data or from its receive buffers, and neither read nor wrote through it: those
+    /// contents are corrupt (a peer's bug, or memory overwritten under the buffer). The group
+    /// is failed.
+    #[error("rank {rank}: {phase} read {what} {value} from rank {source_rank}'s data, outside 0..{limit}; the buffer's contents are corrupt")]
+    BadIndex {
+        /// The rank whose kernel found it.
+        rank: usize,
+        /// What the kernel was doing.
+        phase: &'static str,
+        /// Which index.
+        what: &'static str,
+        /// The value read.
+        value: u64,
+        /// Its exclusive limit.
+        limit: u64,
+        /// The rank whose data held it.
+        source_rank: usize,
     },
 
     /// A handle (or layout) from an older dispatch, or whose routing was recomputed since: its
@@ -229,6 +263,14 @@ impl Error {
             status::SHORT_INPUT => Some(Error::InvalidArgument {
                 name: "x",
                 reason: format!("rank {rank}: {} has {} rows but {} were received", phase::name(rec.phase), rec.expected, rec.seen),
+            }),
+            status::BAD_INDEX => Some(Error::BadIndex {
+                rank,
+                phase: phase::name(rec.phase),
+                what: moe_ep_kernels::abi::bad_index::name(rec.waited_ns),
+                value: rec.seen,
+                limit: rec.expected,
+                source_rank: rec.peer as usize,
             }),
             _ => Some(Error::Device { rank, record: *rec }),
         }

@@ -11,9 +11,10 @@
 
 use crate::driver::{self, DeviceAlloc, Module};
 use crate::error::{DriverContext, Error, Result};
-use crate::heap::{Mode, SymmetricHeap};
+use crate::heap::{Mode, Quarantine, SymmetricHeap};
 use crate::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
 use crate::watchdog::{self, FailureKind, Health, PeerFailure, Watchdog};
+use crate::work::OwnWork;
 use cudarc::driver::{CudaContext, CudaStream, sys};
 use moe_ep_kernels::abi::{self, CONTROL_BYTES, ERROR_RECORD_CLEAR, ErrorRecord, KernelParams, MAX_RANKS, WaitCtx};
 use std::collections::HashMap;
@@ -202,6 +203,10 @@ struct GroupInner {
     stream: Arc<CudaStream>,
     /// Private stream of [`Group::poll_error`]'s copies (never waits for other work).
     poll_stream: Arc<CudaStream>,
+    /// The end of this rank's latest work on every stream it launched on.
+    work: Arc<OwnWork>,
+    /// This group's heaps dropped without `destroy`, until every rank has let go of them.
+    quarantine: Arc<Quarantine>,
     /// The first failure (every later launch is refused with [`Error::GroupFailed`]) and the
     /// abort flag every GPU wait polls.
     health: Arc<Health>,
@@ -362,7 +367,10 @@ impl Group {
         let rec = ErrorRecord { host: health.device_ptr(), ..Default::default() };
         // SAFETY: `err` is a live allocation of one ErrorRecord; no kernel runs yet.
         unsafe { driver::copy_to_device(&[rec], err.ptr(), &stream) }.during("cuMemcpyHtoDAsync", || "initialising the error record".into())?;
-        let heap = SymmetricHeap::new(&ctx, &exchange, mode, CONTROL_BYTES, to)?;
+        let work = Arc::new(OwnWork::new(&ctx));
+        work.mark(&stream)?;
+        let quarantine = Quarantine::new();
+        let heap = SymmetricHeap::new(&ctx, &exchange, &quarantine, &work, mode, CONTROL_BYTES, to)?;
         // From here on, a peer that dies or fails stops this rank's waits at once.
         exchange.watch(watchdog::sink(&health));
         let watchdog = Watchdog::start(health.clone(), exchange.clone())?;
@@ -376,6 +384,8 @@ impl Group {
                 kernels,
                 stream,
                 poll_stream,
+                work,
+                quarantine,
                 health,
                 _peer_ctxs: peer_ctxs,
                 ctx,
@@ -551,28 +561,43 @@ impl Group {
         self.launch(Kernel::Barrier, 1, 32, 0, stream, &p)
     }
 
-    /// Synchronises the device (every stream of this rank), then turns the rank's device error
-    /// record into an error (and clears it). A kernel that timed out or met bad input has
-    /// already returned; this is where the host learns what happened. To look without stalling
-    /// other streams, use [`Group::poll_error`].
+    /// Waits until every kernel this rank launched has finished (polling its own events, with a
+    /// deadline of the group's GPU timeout plus 1 s: never the whole context, whose other
+    /// streams, torch's or NCCL's, may wait forever), then turns the rank's device error record
+    /// into an error (and clears it). A kernel that timed out or met bad input has already
+    /// returned; this is where the host learns what happened. Work queued ahead of this rank's
+    /// kernels on their streams that outlasts the deadline is an [`Error::HostWaitTimeout`].
+    /// Any error fails the group. To look without waiting, use [`Group::poll_error`] or
+    /// [`Group::failure`].
     pub fn check(&self) -> Result<()> {
         self.check_inner().inspect_err(|e| self.fail(e))
     }
 
+    /// Waits (deadline: the GPU timeout plus 1 s) for every kernel this rank launched so far.
+    pub(crate) fn wait_own_work(&self, what: &str) -> Result<()> {
+        self.inner.work.wait(self.inner.rank, what, self.inner.cfg.timeout + Duration::from_secs(1))
+    }
+
+    /// Notes that this rank just queued work on `stream` outside [`Group::launch`] (a fill, a
+    /// copy), so that waits for its own work cover it.
+    pub(crate) fn mark(&self, stream: &CudaStream) -> Result<()> {
+        self.inner.work.mark(stream)
+    }
+
     fn check_inner(&self) -> Result<()> {
-        self.inner.ctx.synchronize().during("cuCtxSynchronize", || format!("rank {} waiting for its kernels", self.inner.rank))?;
+        self.wait_own_work("check (waiting for its kernels)")?;
+        let s = &self.inner.poll_stream;
         let mut rec = [ErrorRecord::default()];
         // SAFETY: the record is a live allocation of one ErrorRecord.
-        unsafe { driver::copy_to_host(self.inner.err.ptr(), &mut rec, &self.inner.stream) }
-            .during("cuMemcpyDtoH", || "reading the error record".into())?;
+        unsafe { driver::copy_to_host(self.inner.err.ptr(), &mut rec, s) }.during("cuMemcpyDtoH", || "reading the error record".into())?;
         match Error::from_record(&rec[0]).map(|e| self.explain(e)) {
             None => Ok(()),
             Some(e) => {
-                // SAFETY: the record is a live allocation; no kernel runs (synchronised).
-                // (All but the flags' address.)
-                unsafe { driver::memset_d8_async(self.inner.err.ptr(), 0, ERROR_RECORD_CLEAR, &self.inner.stream) }
+                // SAFETY: the record is a live allocation; none of this rank's kernels runs
+                // (waited for above). (All but the flags' address.)
+                unsafe { driver::memset_d8_async(self.inner.err.ptr(), 0, ERROR_RECORD_CLEAR, s) }
                     .during("cuMemsetD8", || "clearing the error record".into())?;
-                self.inner.stream.synchronize().during("cuStreamSynchronize", || "clearing the error record".into())?;
+                s.synchronize().during("cuStreamSynchronize", || "clearing the error record".into())?;
                 Err(e)
             }
         }
@@ -677,10 +702,66 @@ impl Group {
         self.inner.heap.peers()
     }
 
+    /// Collective: releases `heap` on every rank ([`SymmetricHeap::destroy`]); on an error its
+    /// memory is quarantined instead. Ranks that destroyed different buffers leave the group
+    /// usable; any other error fails it.
+    pub(crate) fn destroy_heap(&self, heap: SymmetricHeap) -> Result<()> {
+        heap.destroy(self.inner.cfg.timeout + Duration::from_secs(1), self.inner.cfg.rendezvous_timeout).inspect_err(|e| {
+            if !matches!(e, Error::CollectiveMismatch { .. }) {
+                self.fail(e)
+            }
+        })
+    }
+
+    /// Bytes of this rank's device memory held for buffers that were dropped without
+    /// `destroy`: kept until every rank has dropped them (a peer may still write into it), then
+    /// freed at the group's next buffer creation or [`Group::reclaim_dropped`].
+    pub fn quarantined_bytes(&self) -> usize {
+        self.inner.quarantine.bytes()
+    }
+
+    /// Collective: frees the memory of every buffer that all ranks have dropped (without
+    /// `destroy`) and none of whose kernels still runs; returns the bytes this rank freed.
+    /// Buffer creation does the same on its own.
+    pub fn reclaim_dropped(&self) -> Result<usize> {
+        self.inner.quarantine.reclaim(&self.inner.exchange, &self.inner.work, self.inner.cfg.rendezvous_timeout)
+    }
+
+    /// Collective: releases the group's own memory on every rank and ends it. Call it on the
+    /// last clone, after every buffer is destroyed or dropped; otherwise it is refused (and
+    /// nothing is released). Dropping a group instead runs no collective: its memory, and that
+    /// of buffers dropped without `destroy` and not yet reclaimed, is then kept until the
+    /// process ends, since a peer may still write into it.
+    pub fn destroy(self) -> Result<()> {
+        let inner = Arc::try_unwrap(self.inner).map_err(|inner| {
+            Error::invalid(
+                "group",
+                format!(
+                    "{} other clones (buffers, layers) still hold rank {}'s group; destroy or drop them first",
+                    Arc::strong_count(&inner) - 1,
+                    inner.rank
+                ),
+            )
+        })?;
+        let g = Group { inner: Arc::new(inner) };
+        g.reclaim_dropped()?;
+        let inner = Arc::try_unwrap(g.inner).map_err(|_| Error::Internal { reason: "the group was cloned while being destroyed".into() })?;
+        let (work_timeout, timeout) = (inner.cfg.timeout + Duration::from_secs(1), inner.cfg.rendezvous_timeout);
+        inner.heap.destroy(work_timeout, timeout)
+    }
+
     /// Collective: a new symmetric heap of `bytes` per rank.
     pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
         self.ensure_healthy()?;
-        SymmetricHeap::new(&self.inner.ctx, &self.inner.exchange, self.inner.mode, bytes, self.inner.cfg.rendezvous_timeout)
+        SymmetricHeap::new(
+            &self.inner.ctx,
+            &self.inner.exchange,
+            &self.inner.quarantine,
+            &self.inner.work,
+            self.inner.mode,
+            bytes,
+            self.inner.cfg.rendezvous_timeout,
+        )
     }
 
     /// Threads per block a launch of `k` asking for `requested` actually gets: the request,
@@ -690,12 +771,34 @@ impl Group {
     }
 
     /// Runs `launch` (an operation's kernel launches on `stream`) ordered against its
-    /// arguments' own streams (`args`, see [`crate::DeviceArg::owning_stream`]): `stream` first
-    /// waits for each of them, and each then waits for `stream`. Nothing is added for an
-    /// argument on `stream` itself, or while `stream` is being captured into a CUDA graph.
-    pub(crate) fn ordered<R>(&self, stream: &CudaStream, args: &[Option<&Arc<CudaStream>>], launch: impl FnOnce() -> Result<R>) -> Result<R> {
+    /// arguments' own streams (`args`: each argument's name and stream, see
+    /// [`crate::DeviceArg::owning_stream`]): `stream` first waits for each of them, and each then
+    /// waits for `stream`. Nothing is added for an argument on `stream` itself, or while
+    /// `stream` is being captured into a CUDA graph. The stream, and every argument with a
+    /// stream, must belong to this rank's CUDA context (its GPU); anything else is refused
+    /// before the launch.
+    pub(crate) fn ordered<R>(&self, stream: &CudaStream, args: &[ArgStream<'_>], launch: impl FnOnce() -> Result<R>) -> Result<R> {
+        let mine = self.inner.ctx.cu_ctx();
+        let foreign = |name: &'static str, ctx: &Arc<CudaContext>| {
+            Error::invalid(
+                name,
+                format!(
+                    "belongs to another CUDA context (GPU {}) than rank {}'s (GPU {}); pass memory and streams of the group's GPU",
+                    ctx.ordinal(),
+                    self.inner.rank,
+                    self.inner.ctx.ordinal()
+                ),
+            )
+        };
+        if stream.context().cu_ctx() != mine {
+            return Err(foreign("stream", stream.context()));
+        }
         let mut others: Vec<&Arc<CudaStream>> = Vec::new();
-        for a in args.iter().flatten() {
+        for (name, a) in args {
+            let Some(a) = a else { continue };
+            if a.context().cu_ctx() != mine {
+                return Err(foreign(name, a.context()));
+            }
             if a.cu_stream() != stream.cu_stream() && !others.iter().any(|o| o.cu_stream() == a.cu_stream()) {
                 others.push(a);
             }
@@ -732,9 +835,13 @@ impl Group {
         // address in it belongs to allocations the caller keeps alive until the stream has run
         // the kernel.
         unsafe { driver::launch(f.raw, grid.max(1), block, smem, stream, params) }
-            .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.inner.rank, k.name()))
+            .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.inner.rank, k.name()))?;
+        self.inner.work.mark(stream)
     }
 }
+
+/// An operation's argument, by name, and the stream its memory is ordered on (if any).
+pub(crate) type ArgStream<'a> = (&'static str, Option<&'a Arc<CudaStream>>);
 
 /// A GPU as its rank's process numbers it, and its UUID (the same in every process).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,21 +4,95 @@
 //!
 //! Multi-process groups share it with CUDA IPC (`cuIpcGetMemHandle` on the owner, handles
 //! all-gathered through the rendezvous, `cuIpcOpenMemHandle` on the peers); single-process
-//! groups use plain pointers with peer access enabled. Drop order is fixed by ownership: the
-//! heap synchronises its context, meets every rank at a host barrier (so no peer still uses
-//! this rank's memory), closes the peers' mappings, meets every rank again (so nobody still
-//! maps this rank's memory), then frees its own allocation.
+//! groups use plain pointers with peer access enabled.
+//!
+//! Releasing it takes every rank: peers may write into this rank's memory until they are done
+//! with it. [`SymmetricHeap::destroy`] is the collective way (wait for this rank's kernels, meet
+//! every rank, close the peers' mappings, meet again, free). A heap that is simply dropped runs
+//! no collective (a drop may run on one rank only, from a garbage collector): it closes its
+//! mappings of the peers if none of this rank's kernels still runs, and puts its own memory in
+//! the group's [`Quarantine`]. Quarantined memory is freed at the group's next collective heap
+//! creation once every rank has dropped that heap and closed its mappings; what is still there
+//! when the group goes is kept until the process ends (never freed under a peer).
 
 use crate::driver::{DeviceAlloc, IpcMapping, ipc};
 use crate::error::{DriverContext, Error, Result};
 use crate::rendezvous::Exchange;
+use crate::work::OwnWork;
 use cudarc::driver::CudaContext;
 use moe_ep_kernels::abi::{MAX_RANKS, Peers};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long a dropping heap waits for the other ranks before closing anyway.
-const DROP_BARRIER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A group's heaps that were dropped without [`SymmetricHeap::destroy`]: their memory waits
+/// here until every rank has let go of them ([`Quarantine::reclaim`]).
+pub(crate) struct Quarantine {
+    /// Heaps this group created (a heap's number is the same on every rank, since heaps are
+    /// created collectively in the same order).
+    created: AtomicU64,
+    dropped: Mutex<Vec<Dropped>>,
+}
+
+/// One dropped heap: its own memory, and its mappings of the peers' while this rank's kernels
+/// might still use them.
+struct Dropped {
+    seq: u64,
+    local: DeviceAlloc,
+    opened: Vec<IpcMapping>,
+}
+
+impl Quarantine {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Quarantine { created: AtomicU64::new(0), dropped: Mutex::new(Vec::new()) })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Dropped>> {
+        self.dropped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes of this rank's memory held here.
+    pub(crate) fn bytes(&self) -> usize {
+        self.entries().iter().map(|d| d.local.bytes()).sum()
+    }
+
+    /// Collective (every rank, at the same point: the group's heap creation): closes this
+    /// rank's remaining mappings of dropped heaps if none of its kernels still runs, tells every
+    /// rank which dropped heaps it no longer maps, and frees this rank's memory of every heap
+    /// that all ranks dropped and no longer map. Returns the bytes freed.
+    pub(crate) fn reclaim(&self, exchange: &Arc<dyn Exchange>, work: &OwnWork, timeout: Duration) -> Result<usize> {
+        let released: Vec<u64> = {
+            let mut d = self.entries();
+            if work.is_idle() {
+                for e in d.iter_mut() {
+                    e.opened.clear();
+                }
+            }
+            d.iter().filter(|e| e.opened.is_empty()).map(|e| e.seq).collect()
+        };
+        let bytes: Vec<u8> = released.iter().flat_map(|s| s.to_le_bytes()).collect();
+        let all = exchange.all_gather_as("released heaps", &bytes, timeout)?;
+        let everywhere = |seq: u64| all.iter().all(|b| b.chunks_exact(8).any(|c| c == seq.to_le_bytes()));
+        let mut d = self.entries();
+        let before = d.iter().map(|e| e.local.bytes()).sum::<usize>();
+        // Every rank has dropped these heaps and closed its mappings of them: nothing can reach
+        // this rank's memory of them any more.
+        d.retain(|e| !(e.opened.is_empty() && everywhere(e.seq)));
+        Ok(before - d.iter().map(|e| e.local.bytes()).sum::<usize>())
+    }
+}
+
+impl Drop for Quarantine {
+    fn drop(&mut self) {
+        // The group is gone on this rank, not necessarily on its peers, which may still write
+        // into this memory: keep it (and the mappings, which a kernel may still use) until the
+        // process ends.
+        for e in std::mem::take(&mut *self.entries()) {
+            std::mem::forget(e.local);
+            std::mem::forget(e.opened);
+        }
+    }
+}
 
 /// How ranks share memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,19 +107,34 @@ pub enum Mode {
 pub struct SymmetricHeap {
     /// Unique per heap in this process (buffers tie their handles to it).
     id: u64,
-    local: DeviceAlloc,
+    /// Which of its group's heaps this is (the same on every rank).
+    seq: u64,
+    /// This rank's memory (taken by `destroy` or by the drop).
+    local: Option<DeviceAlloc>,
+    ptr: u64,
+    bytes: usize,
     peers: Peers,
-    /// Peer allocations mapped over IPC (closed in drop, between its two barriers).
+    /// Peer allocations mapped over IPC.
     opened: Vec<IpcMapping>,
     exchange: Arc<dyn Exchange>,
-    ctx: Arc<CudaContext>,
+    quarantine: Arc<Quarantine>,
+    work: Arc<OwnWork>,
 }
 
 impl SymmetricHeap {
     /// Collective: every rank of the group calls it with the same `bytes`. The heap starts
     /// zeroed on every rank before any rank can touch a peer's copy.
-    pub(crate) fn new(ctx: &Arc<CudaContext>, exchange: &Arc<dyn Exchange>, mode: Mode, bytes: u64, timeout: Duration) -> Result<Self> {
+    pub(crate) fn new(
+        ctx: &Arc<CudaContext>,
+        exchange: &Arc<dyn Exchange>,
+        quarantine: &Arc<Quarantine>,
+        work: &Arc<OwnWork>,
+        mode: Mode,
+        bytes: u64,
+        timeout: Duration,
+    ) -> Result<Self> {
         let (rank, world) = (exchange.rank(), exchange.world());
+        quarantine.reclaim(exchange, work, timeout)?;
         if world > MAX_RANKS {
             return Err(Error::invalid("world", format!("{world} ranks exceed the {MAX_RANKS} a heap maps")));
         }
@@ -66,10 +155,22 @@ impl SymmetricHeap {
         let local = DeviceAlloc::zeroed(ctx, bytes as usize)?;
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut heap = SymmetricHeap { id, peers: Peers::default(), opened: Vec::new(), local, exchange: exchange.clone(), ctx: ctx.clone() };
+        let seq = quarantine.created.fetch_add(1, Ordering::Relaxed);
+        let mut heap = SymmetricHeap {
+            id,
+            seq,
+            ptr: local.ptr(),
+            bytes: local.bytes(),
+            local: Some(local),
+            peers: Peers::default(),
+            opened: Vec::new(),
+            exchange: exchange.clone(),
+            quarantine: quarantine.clone(),
+            work: work.clone(),
+        };
         match mode {
             Mode::Threads => {
-                let ptrs = exchange.all_gather_as("heap pointers", &heap.local.ptr().to_le_bytes(), timeout)?;
+                let ptrs = exchange.all_gather_as("heap pointers", &heap.ptr.to_le_bytes(), timeout)?;
                 for (r, p) in ptrs.iter().enumerate() {
                     heap.peers.base[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::Rendezvous {
                         rank,
@@ -79,11 +180,11 @@ impl SymmetricHeap {
                 }
             }
             Mode::Processes => {
-                let h = ipc::get_mem_handle(heap.local.ptr()).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"))?;
+                let h = ipc::get_mem_handle(heap.ptr).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"))?;
                 let handles = exchange.all_gather_as("heap IPC handles", &h, timeout)?;
                 for (r, hb) in handles.iter().enumerate() {
                     if r == rank {
-                        heap.peers.base[r] = heap.local.ptr();
+                        heap.peers.base[r] = heap.ptr;
                         continue;
                     }
                     let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::Rendezvous {
@@ -113,25 +214,71 @@ impl SymmetricHeap {
 
     /// Device address of this rank's heap.
     pub fn local_ptr(&self) -> u64 {
-        self.local.ptr()
+        self.ptr
     }
 
     /// Bytes per rank.
     pub fn bytes(&self) -> usize {
-        self.local.bytes()
+        self.bytes
+    }
+
+    /// Collective: releases the heap on every rank. Waits (deadline: `work_timeout`) for this
+    /// rank's kernels, checks that every rank destroys the same heap, closes this rank's
+    /// mappings of the peers' memory, meets every rank (so no rank maps this rank's memory any
+    /// more), then frees this rank's memory. On any error the heap is dropped instead (its
+    /// memory quarantined, never freed under a peer) and the error returned.
+    pub(crate) fn destroy(mut self, work_timeout: Duration, timeout: Duration) -> Result<()> {
+        let (rank, world) = (self.exchange.rank(), self.exchange.world());
+        // Every rank takes part in the exchange, so that one rank's failed wait is an error
+        // everywhere, not a peer's hang.
+        let waited = self.work.wait(rank, "destroy (waiting for its kernels)", work_timeout);
+        let mut mine = self.seq.to_le_bytes().to_vec();
+        mine.push(waited.is_ok() as u8);
+        let all = self.exchange.all_gather_as("heap destroy", &mine, timeout)?;
+        waited?;
+        for (r, b) in all.iter().enumerate() {
+            if b.len() != 9 || b[..8] != mine[..8] {
+                let other = <[u8; 8]>::try_from(&b[..b.len().min(8)])
+                    .map(u64::from_le_bytes)
+                    .map_or("a malformed heap number".into(), |s| format!("heap #{s}"));
+                return Err(Error::CollectiveMismatch {
+                    what: "the buffer destroyed",
+                    rank,
+                    value: format!("heap #{}", self.seq),
+                    other_rank: r,
+                    other_value: other,
+                });
+            }
+            if b[8] == 0 {
+                return Err(Error::Rendezvous {
+                    rank,
+                    world,
+                    reason: format!(
+                        "destroying a buffer: rank {r}'s kernels did not finish in time, so its memory is kept (quarantined) on every rank"
+                    ),
+                });
+            }
+        }
+        // None of this rank's kernels runs: its mappings of the peers can go.
+        self.opened.clear();
+        self.exchange.barrier(timeout).map_err(|e| Error::Rendezvous { rank, world, reason: format!("destroying a buffer: {e}") })?;
+        // No rank maps this rank's memory any more.
+        self.local = None;
+        Ok(())
     }
 }
 
 impl Drop for SymmetricHeap {
     fn drop(&mut self) {
-        // Nothing of this rank may still run on the heap, and no peer may still read or write
-        // it: synchronise, then meet every rank. Failures are ignored (Drop never panics).
-        let _ = self.ctx.synchronize();
-        let _ = self.exchange.barrier(DROP_BARRIER_TIMEOUT);
-        // No rank uses its peers' memory any more: close this rank's mappings of it.
-        self.opened.clear();
-        // Every rank has closed its mapping of this rank's allocation before it is freed
-        // (field drop of `local`, right after this).
-        let _ = self.exchange.barrier(DROP_BARRIER_TIMEOUT);
+        // No collective here (see the module's doc). Nothing of this rank still running means
+        // nothing of it uses the peers' memory: close those mappings now; otherwise the
+        // quarantine closes them later.
+        if self.work.is_idle() {
+            self.opened.clear();
+        }
+        if let Some(local) = self.local.take() {
+            let opened = std::mem::take(&mut self.opened);
+            self.quarantine.entries().push(Dropped { seq: self.seq, local, opened });
+        }
     }
 }

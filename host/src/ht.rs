@@ -17,7 +17,7 @@
 
 use crate::driver::MappedHost;
 use crate::error::{DriverContext, Error, Result};
-use crate::group::{Group, Kernel};
+use crate::group::{ArgStream, Group, Kernel};
 use crate::heap::SymmetricHeap;
 use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len, check_model_shape};
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
@@ -250,6 +250,10 @@ impl Layout {
     pub fn token_pos(&self) -> &CudaSlice<i32> {
         &self.0.token_pos
     }
+    /// The stream its arrays (and its handles' arrays) are allocated and freed on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        self.0.token_pos.stream()
+    }
 }
 
 /// What a dispatch sends per token.
@@ -293,13 +297,20 @@ pub struct DispatchArgs<'a> {
 }
 
 impl<'a> DispatchArgs<'a> {
-    /// The arguments' own streams (see [`DeviceArg::owning_stream`]).
-    fn streams(&self) -> Vec<Option<&Arc<CudaStream>>> {
+    /// The arguments' own streams (see [`DeviceArg::owning_stream`]), and that of the layout
+    /// whose arrays (and the handle's) the kernels read.
+    fn streams<'s>(&'s self, layout: &'s Layout) -> Vec<ArgStream<'s>> {
         let x = match self.x {
-            Payload::Bf16(x) => vec![x.owning_stream()],
-            Payload::Fp8 { x, scales } => vec![x.owning_stream(), scales.owning_stream()],
+            Payload::Bf16(x) => vec![("x", x.owning_stream())],
+            Payload::Fp8 { x, scales } => vec![("x", x.owning_stream()), ("scales", scales.owning_stream())],
         };
-        x.into_iter().chain([self.topk_idx.and_then(|t| t.owning_stream()), self.topk_weights.and_then(|w| w.owning_stream())]).collect()
+        x.into_iter()
+            .chain([
+                ("topk_idx", self.topk_idx.and_then(|t| t.owning_stream())),
+                ("topk_weights", self.topk_weights.and_then(|w| w.owning_stream())),
+                ("layout", Some(layout.stream())),
+            ])
+            .collect()
     }
 
     /// BF16 tokens with their routing and weights, waiting for counts.
@@ -515,7 +526,9 @@ impl HtBuffer {
             idx_i64: topk_idx.is_i64(),
         };
         let smem = ht_layout_smem_bytes(self.epr() as u32);
-        self.g.ordered(stream, &[topk_idx.owning_stream()], || self.g.launch(Kernel::HtLayout, self.g.world() as u32, 1024, smem, stream, &p))
+        self.g.ordered(stream, &[("topk_idx", topk_idx.owning_stream()), ("layout", Some(layout.stream()))], || {
+            self.g.launch(Kernel::HtLayout, self.g.world() as u32, 1024, smem, stream, &p)
+        })
     }
 
     fn check_own_layout(&self, layout: &Layout) -> Result<()> {
@@ -525,31 +538,33 @@ impl HtBuffer {
         Ok(())
     }
 
-    /// Allocates a handle for `layout` (do this before a graph capture).
+    /// Allocates a handle for `layout` (do this before a graph capture). Its device arrays live
+    /// on the layout's stream (the one [`HtBuffer::new_layout`] was given): allocated there, in
+    /// stream order, and freed there when the handle drops. Every operation that reads them on
+    /// another stream first waits for the layout's stream and then makes it wait for the
+    /// operation, so a dropped handle's memory is never reused under a queued kernel. (A graph
+    /// captured on another stream than the layout's needs that stream's work, these
+    /// allocations included, finished before the capture: synchronise it.)
     pub fn new_handle(&self, layout: &Layout) -> Result<Handle> {
         self.check_own_layout(layout)?;
-        let s = self.g.stream();
+        let s = layout.stream();
         let world = self.g.world();
         let e = || "allocating a dispatch handle".to_string();
-        let h = Handle {
+        Ok(Handle {
             buffer: self.heap.id(),
             layout_version: 0,
             generation: 0,
             layout: layout.clone(),
-            dest_base: s.alloc_zeros::<i32>(world).during("cuMemAlloc", e)?,
-            src_base: s.alloc_zeros::<i32>(world + 1).during("cuMemAlloc", e)?,
-            recv_expert_counts: s.alloc_zeros::<i32>(self.epr()).during("cuMemAlloc", e)?,
+            dest_base: s.alloc_zeros::<i32>(world).during("cuMemAllocAsync", e)?,
+            src_base: s.alloc_zeros::<i32>(world + 1).during("cuMemAllocAsync", e)?,
+            recv_expert_counts: s.alloc_zeros::<i32>(self.epr()).during("cuMemAllocAsync", e)?,
             num_recv: None,
             expert_counts: None,
             payload: PayloadKind::Bf16,
             has_topk: false,
             has_weights: false,
             notified: false,
-        };
-        // The allocations are ordered on the group's stream; finish them before any other
-        // stream uses the handle.
-        s.synchronize().during("cuStreamSynchronize", e)?;
-        Ok(h)
+        })
     }
 
     /// Full dispatch: exchanges counts, then sends every token to every rank that needs it.
@@ -585,8 +600,8 @@ impl HtBuffer {
             capacity: self.cfg.capacity(world) as u32,
             host_ticket: self.ticket,
         };
-        let g = self.g.clone();
-        g.ordered(stream, &args.streams(), || {
+        let (g, layout) = (self.g.clone(), h.layout.clone());
+        g.ordered(stream, &args.streams(&layout), || {
             g.launch(Kernel::HtNotify, 1, 256, 0, stream, &p)?;
             self.launch_dispatch(stream, h, args)
         })?;
@@ -611,7 +626,8 @@ impl HtBuffer {
         self.check_layout_unchanged(h)?;
         self.g.launch_barrier_on(stream, &self.heap, 1, 0)?;
         let g = self.g.clone();
-        g.ordered(stream, &args.streams(), || self.launch_dispatch(stream, h, args))?;
+        let layout = h.layout.clone();
+        g.ordered(stream, &args.streams(&layout), || self.launch_dispatch(stream, h, args))?;
         self.event(stream)
     }
 
@@ -862,12 +878,13 @@ impl HtBuffer {
         };
         let smem = ht_combine_smem_bytes(p.bulk_pushers, (hd * 2) as u32);
         let streams = [
-            args.x.owning_stream(),
-            args.topk_weights.and_then(|w| w.owning_stream()),
-            args.bias[0].and_then(|b| b.owning_stream()),
-            args.bias[1].and_then(|b| b.owning_stream()),
-            args.out.owning_stream(),
-            args.out_weights.and_then(|w| w.owning_stream()),
+            ("x", args.x.owning_stream()),
+            ("topk_weights", args.topk_weights.and_then(|w| w.owning_stream())),
+            ("bias", args.bias[0].and_then(|b| b.owning_stream())),
+            ("bias", args.bias[1].and_then(|b| b.owning_stream())),
+            ("out", args.out.owning_stream()),
+            ("out_weights", args.out_weights.and_then(|w| w.owning_stream())),
+            ("handle", Some(h.layout.stream())),
         ];
         self.g.ordered(stream, &streams, || self.g.launch(Kernel::HtCombine, self.cfg.num_sms, self.cfg.threads, smem, stream, &p))?;
         self.last.set(LastOp::Combine);
@@ -881,16 +898,40 @@ impl HtBuffer {
     /// a combine would compute peer addresses from.
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
         self.generation += 1;
+        self.fill_received(stream, byte)
+    }
+
+    /// Testing: fills the receive rows, metadata and staging like [`HtBuffer::poison`] but
+    /// keeps every handle valid, as memory overwritten under the buffer would: a combine then
+    /// reads corrupt indices, which the kernels must report ([`Error::BadIndex`]) instead of
+    /// following.
+    #[cfg(feature = "testing")]
+    pub fn corrupt_received_for_testing(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        self.fill_received(stream, byte)
+    }
+
+    fn fill_received(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
         let from = self.hl.recv_x;
         let bytes = (self.hl.total - from) as usize;
         // SAFETY: the range lies inside this rank's heap; the caller's stream orders it after
         // this rank's earlier operations, and peers write only after the next exchange.
         unsafe { crate::driver::memset_d8_async(self.heap.local_ptr() + from, byte, bytes, stream) }
-            .during("cuMemsetD8Async", || "poisoning the receive buffer".into())
+            .during("cuMemsetD8Async", || "poisoning the receive buffer".into())?;
+        self.g.mark(stream)
     }
 
-    /// Synchronises and reports any device error of this rank (see [`Group::check`]).
+    /// Waits for this rank's kernels and reports any device error of this rank (see
+    /// [`Group::check`]).
     pub fn check(&self) -> Result<()> {
         self.g.check()
+    }
+
+    /// Collective: releases the buffer on every rank (DeepEP's `destroy`): waits for this
+    /// rank's kernels (deadline: the group's GPU timeout plus 1 s), checks that every rank
+    /// destroys the same buffer, then frees it once no rank maps it. Dropping a buffer instead
+    /// runs no collective and frees nothing a peer may still write into: its memory is
+    /// quarantined until every rank has dropped it ([`Group::quarantined_bytes`]).
+    pub fn destroy(self) -> Result<()> {
+        self.g.destroy_heap(self.heap)
     }
 }

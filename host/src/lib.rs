@@ -60,6 +60,7 @@ mod tensor;
 #[cfg(feature = "testing")]
 mod timing;
 mod watchdog;
+mod work;
 
 #[cfg(feature = "testing")]
 pub mod diag;

@@ -17,7 +17,7 @@
 //! launch has run); its combine waits for the receive half.
 
 use crate::error::{DriverContext, Error, Result};
-use crate::group::{Group, Kernel};
+use crate::group::{ArgStream, Group, Kernel};
 use crate::heap::SymmetricHeap;
 use crate::tensor::{DeviceArg, HeapView, TopkIdx, check_len, check_model_shape};
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -253,9 +253,12 @@ pub struct CombineArgs<'a> {
 pub struct CombinePending<'a> {
     /// The buffer (heap) whose combine this finishes.
     buffer: u64,
+    /// Which of the buffer's combines (1-based).
+    seq: u64,
     params: LlCombineParams,
-    /// The output's own stream, ordered around the receive half too.
-    out_stream: Option<Arc<CudaStream>>,
+    /// The own streams of the arguments the receive half reads and writes (routing, weights,
+    /// output), by name: it is ordered against them too.
+    streams: Vec<(&'static str, Arc<CudaStream>)>,
     /// Whether the receive half has been launched.
     done: bool,
     /// The combine's arguments (routing, weights, output), which the receive half reads and
@@ -271,7 +274,7 @@ impl CombinePending<'_> {
     /// The combine's `topk_idx`, `topk_weights` and `out` must stay allocated (and `out` not
     /// reused) until the stream has run [`LlBuffer::combine_recv`]'s launch.
     pub unsafe fn into_unbound(self) -> CombinePending<'static> {
-        CombinePending { buffer: self.buffer, params: self.params, out_stream: self.out_stream, done: self.done, _args: PhantomData }
+        CombinePending { buffer: self.buffer, seq: self.seq, params: self.params, streams: self.streams, done: self.done, _args: PhantomData }
     }
 }
 
@@ -286,8 +289,11 @@ pub struct LlBuffer {
     /// The last dispatch before the latest [`LlBuffer::poison`] (its handles and older are stale).
     poisoned_after: u64,
     combines: std::cell::Cell<u64>,
-    pending_dispatch: bool,
-    pending_combine: std::cell::Cell<bool>,
+    /// The hook-mode dispatch whose receive half has not run: (its handle's generation, half,
+    /// payload, scale layout).
+    pending_dispatch: Option<(u64, usize, Payload, ScaleLayout)>,
+    /// The hook-mode combine whose receive half has not run: its number and parameters.
+    pending_combine: std::cell::Cell<Option<(u64, LlCombineParams)>>,
     /// False only for testing (`MOE_EP_TESTING_NO_LL_REUSE_GUARD`, read when the buffer is
     /// built): lets the reuse test show the race the guard prevents.
     reuse_guard: bool,
@@ -329,8 +335,8 @@ impl LlBuffer {
             dispatches: 0,
             poisoned_after: 0,
             combines: std::cell::Cell::new(0),
-            pending_dispatch: false,
-            pending_combine: std::cell::Cell::new(false),
+            pending_dispatch: None,
+            pending_combine: std::cell::Cell::new(None),
             reuse_guard: std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_none(),
             trace: None,
             tracing: false,
@@ -393,7 +399,7 @@ impl LlBuffer {
     /// same values: each receiver waits for every sender's blocks). Not while a hook-mode call
     /// is pending.
     pub fn set_launch(&mut self, num_blocks: u32, threads: u32) -> Result<()> {
-        if self.pending_dispatch || self.pending_combine.get() {
+        if self.pending_dispatch.is_some() || self.pending_combine.get().is_some() {
             return Err(Error::PendingHook { reason: "set_launch while a hook-mode receive half is pending".into() });
         }
         let cfg = LlConfig { num_blocks, threads, ..self.cfg };
@@ -467,8 +473,12 @@ impl LlBuffer {
     /// Dispatch: every (token, slot) to its expert's rank. Without `hook`, returns once both
     /// halves are enqueued.
     pub fn dispatch(&mut self, stream: &Arc<CudaStream>, args: &DispatchArgs<'_>) -> Result<(Handle, CudaEvent)> {
-        if self.pending_dispatch {
-            return Err(Error::PendingHook { reason: "the previous low-latency dispatch's receive hook has not run".into() });
+        if self.pending_dispatch.is_some() {
+            return Err(Error::PendingHook {
+                reason:
+                    "the previous low-latency dispatch's receive hook has not run (LlBuffer::recover_pending_hooks runs it if the hook was dropped)"
+                        .into(),
+            });
         }
         let hd = self.cfg.hidden;
         if args.x.elems() % hd != 0 {
@@ -489,15 +499,15 @@ impl LlBuffer {
         }
         let p = self.dispatch_params(half, n, k, args, stages);
         let streams = [
-            args.x.owning_stream(),
-            args.topk_idx.owning_stream(),
-            args.topk_weights.and_then(|w| w.owning_stream()),
-            args.stats.and_then(|s| s.owning_stream()),
+            ("x", args.x.owning_stream()),
+            ("topk_idx", args.topk_idx.owning_stream()),
+            ("topk_weights", args.topk_weights.and_then(|w| w.owning_stream())),
+            ("stats", args.stats.and_then(|s| s.owning_stream())),
         ];
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
         self.g.ordered(stream, &streams, || self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p))?;
         self.dispatches += 1;
-        self.pending_dispatch = args.hook;
+        self.pending_dispatch = args.hook.then_some((self.dispatches, half, args.payload, args.scale_layout));
         let h = Handle {
             buffer: self.heap.id(),
             generation: self.dispatches,
@@ -515,7 +525,7 @@ impl LlBuffer {
     /// The receive half of a hook-mode dispatch.
     pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut Handle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
         self.check_own(h.buffer)?;
-        if h.received || h.generation != self.dispatches {
+        if h.received || h.generation != self.dispatches || self.pending_dispatch.is_none() {
             return Err(Error::StaleHandle {
                 reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
             });
@@ -544,11 +554,11 @@ impl LlBuffer {
             p.stats = s.device_addr();
         }
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
-        self.g.ordered(stream, &[stats.and_then(|s| s.owning_stream())], || {
+        self.g.ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || {
             self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p)
         })?;
         h.received = true;
-        self.pending_dispatch = false;
+        self.pending_dispatch = None;
         self.event(stream)
     }
 
@@ -674,8 +684,12 @@ impl LlBuffer {
     /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
     pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'a>) -> Result<(Option<CombinePending<'a>>, CudaEvent)> {
         self.check_received(h)?;
-        if self.pending_combine.get() {
-            return Err(Error::PendingHook { reason: "the previous low-latency combine's receive hook has not run".into() });
+        if self.pending_combine.get().is_some() {
+            return Err(Error::PendingHook {
+                reason:
+                    "the previous low-latency combine's receive hook has not run (LlBuffer::recover_pending_hooks drains it if the hook was dropped)"
+                        .into(),
+            });
         }
         let (n, hd) = (h.num_tokens, self.cfg.hidden);
         let k = self.check_routing(&args.topk_idx, n)?;
@@ -737,21 +751,27 @@ impl LlBuffer {
             trace: self.trace_addr(1),
         };
         let streams = [
-            match args.x {
-                CombineInput::Tensor(t) => t.owning_stream(),
-                CombineInput::ZeroCopy => None,
-            },
-            args.topk_idx.owning_stream(),
-            args.topk_weights.and_then(|w| w.owning_stream()),
-            args.out.owning_stream(),
+            (
+                "x",
+                match args.x {
+                    CombineInput::Tensor(t) => t.owning_stream(),
+                    CombineInput::ZeroCopy => None,
+                },
+            ),
+            ("topk_idx", args.topk_idx.owning_stream()),
+            ("topk_weights", args.topk_weights.and_then(|w| w.owning_stream())),
+            ("out", args.out.owning_stream()),
         ];
         self.g.ordered(stream, &streams, || self.launch_combine(stream, &p))?;
         self.combines.set(self.combines.get() + 1);
-        self.pending_combine.set(args.hook);
+        let seq = self.combines.get();
+        self.pending_combine.set(args.hook.then_some((seq, LlCombineParams { stages: stage::RECV, ..p })));
         let pending = args.hook.then_some(CombinePending {
             buffer: self.heap.id(),
             params: LlCombineParams { stages: stage::RECV, ..p },
-            out_stream: args.out.owning_stream().cloned(),
+            // The receive half reads the routing and weights and writes the output.
+            streams: streams[1..].iter().filter_map(|&(name, st)| st.map(|st| (name, st.clone()))).collect(),
+            seq,
             done: false,
             _args: PhantomData,
         });
@@ -765,9 +785,13 @@ impl LlBuffer {
         if pending.done {
             return Err(Error::StaleHandle { reason: "this combine's receive half has already run".into() });
         }
-        self.g.ordered(stream, &[pending.out_stream.as_ref()], || self.launch_combine(stream, &pending.params))?;
+        if self.pending_combine.get().map(|(seq, _)| seq) != Some(pending.seq) {
+            return Err(Error::StaleHandle { reason: "this combine's receive half was drained by LlBuffer::recover_pending_hooks".into() });
+        }
+        let streams: Vec<ArgStream<'_>> = pending.streams.iter().map(|(name, st)| (*name, Some(st))).collect();
+        self.g.ordered(stream, &streams, || self.launch_combine(stream, &pending.params))?;
         pending.done = true;
-        self.pending_combine.set(false);
+        self.pending_combine.set(None);
         self.event(stream)
     }
 
@@ -776,12 +800,50 @@ impl LlBuffer {
         self.g.launch(Kernel::LlCombine, self.cfg.num_blocks, self.cfg.threads, smem, stream, p)
     }
 
+    /// Finishes hook-mode calls whose receive hooks were dropped without being called, which
+    /// would otherwise leave the buffer refusing every later call with `PendingHook` (and the
+    /// peers waiting on this rank). A pending dispatch's receive half runs on `stream` (its rows
+    /// land in the buffer; statistics are not counted); a pending combine's receive half is
+    /// drained: it waits for the peers' rows and resets the arrival counters, and writes no
+    /// output. A hook object kept after this is refused (`StaleHandle`). Returns whether a
+    /// dispatch and whether a combine were finished.
+    pub fn recover_pending_hooks(&mut self, stream: &Arc<CudaStream>) -> Result<(bool, bool)> {
+        let mut done = (false, false);
+        if let Some((generation, half, payload, scale_layout)) = self.pending_dispatch {
+            let mut h =
+                Handle { buffer: self.heap.id(), generation, half, num_tokens: 0, k: 0, payload, scale_layout, has_weights: false, received: false };
+            self.dispatch_recv(stream, &mut h, None)?;
+            done.0 = true;
+        }
+        if let Some((_, p)) = self.pending_combine.get() {
+            // Drain: no output, so nothing of the abandoned call's arguments is touched.
+            let p = LlCombineParams { out: 0, topk_idx: 0, topk_weights: 0, y: 0, ..p };
+            self.launch_combine(stream, &p)?;
+            self.pending_combine.set(None);
+            done.1 = true;
+        }
+        Ok(done)
+    }
+
     /// Collective: fills the receive rows, scales and metadata of both halves with `byte` (a
     /// debugging aid), then meets every rank at a GPU barrier, so no peer writes before the
     /// fill. Counters are left alone. Every rank calls it at the same point between calls.
     /// Every handle of an earlier dispatch is stale from then on (its metadata is overwritten).
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
         self.poisoned_after = self.dispatches;
+        self.fill_received(stream, byte)?;
+        self.g.launch_barrier_on(stream, &self.heap, 1, 0)
+    }
+
+    /// Testing: fills the receive rows and metadata like [`LlBuffer::poison`] but keeps every
+    /// handle valid, as memory overwritten under the buffer would: a combine then reads corrupt
+    /// indices, which the kernels must report ([`Error::BadIndex`]) instead of following.
+    #[cfg(feature = "testing")]
+    pub fn corrupt_received_for_testing(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        self.fill_received(stream, byte)
+    }
+
+    fn fill_received(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
         for half in 0..2 {
             let base = self.heap.local_ptr() + self.half_off(half);
             let bytes = (self.hl.slot_counter - self.hl.recv_x) as usize;
@@ -789,11 +851,21 @@ impl LlBuffer {
             unsafe { crate::driver::memset_d8_async(base + self.hl.recv_x, byte, bytes, stream) }
                 .during("cuMemsetD8Async", || "poisoning the receive buffer".into())?;
         }
-        self.g.launch_barrier_on(stream, &self.heap, 1, 0)
+        self.g.mark(stream)
     }
 
-    /// Synchronises and reports any device error of this rank (see [`Group::check`]).
+    /// Waits for this rank's kernels and reports any device error of this rank (see
+    /// [`Group::check`]).
     pub fn check(&self) -> Result<()> {
         self.g.check()
+    }
+
+    /// Collective: releases the buffer on every rank (DeepEP's `destroy`): waits for this
+    /// rank's kernels (deadline: the group's GPU timeout plus 1 s), checks that every rank
+    /// destroys the same buffer, then frees it once no rank maps it. Dropping a buffer instead
+    /// runs no collective and frees nothing a peer may still write into: its memory is
+    /// quarantined until every rank has dropped it ([`Group::quarantined_bytes`]).
+    pub fn destroy(self) -> Result<()> {
+        self.g.destroy_heap(self.heap)
     }
 }

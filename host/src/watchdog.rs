@@ -247,6 +247,7 @@ pub(crate) fn status_name(code: u32) -> &'static str {
         status::BAD_EXPERT => "an expert id outside the model",
         status::SHORT_INPUT => "an input shorter than the rows received",
         status::ABORTED => "an abort",
+        status::BAD_INDEX => "an index out of range in received data",
         _ => "an unknown error code",
     }
 }

@@ -14,7 +14,7 @@
 //! relaxed add per (block, rank) on the receiver's arrival counter, which the receiver acquires, waits to reach the
 //! sender's grid size, and zeroes; combine releases one flag per row, which the reducer
 //! acquires and then zeroes.
-use crate::abi::{HT_PUSH_STAGES, HtCombineParams, HtDispatchParams, HtLayoutParams, HtNotifyParams, phase, status};
+use crate::abi::{HT_PUSH_STAGES, HtCombineParams, HtDispatchParams, HtLayoutParams, HtNotifyParams, bad_index, phase, status};
 use crate::dev::{
     FULL, accumulate_rows, accumulate_rows_in_order, block_exclusive_scan_u32, div_rem_u32, div_rem_u64, load_topk_idx, pack_bf16x8, peer_base,
     shfl_idx_u64, warp_copy_to_lane_dests,
@@ -321,7 +321,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
         let own = peer_base(&p.peers, rank);
         if ctaid_x() < p.push_blocks && p.bulk_pushers != 0 {
             if lane == 0 && warp < p.bulk_pushers {
-                push_rows_bulk(&p, own, num_recv, warp);
+                push_rows_bulk(&p, &w, own, num_recv, warp);
             }
         } else if ctaid_x() < p.push_blocks {
             // Rows of source s are [start_s, start_s + count_s); visit them round-robin over
@@ -346,6 +346,10 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                 if s != rank && j < shfl_sync_idx_b32(FULL, count, s) {
                     let i = first + j;
                     let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+                    if !w.index_ok(t as u64, p.max_tokens as u64, bad_index::TOKEN, phase::HT_COMBINE, s) {
+                        v += p.push_blocks * warps;
+                        continue;
+                    }
                     let home = peer_base(&p.peers, s);
                     let dst = home + p.comb_x_off + slot(rank, t) * row_bytes;
                     warp_copy_to_lane_dests::<PUSH_UNROLL>(p.y + i as u64 * row_bytes, nvec, dst, 1);
@@ -450,7 +454,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
 /// flag is released when its group has completed (`wait_group`, then
 /// `fence.proxy.async.global`), as the window moves or at the end.
 #[inline(always)]
-unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u32) {
+unsafe fn push_rows_bulk(p: &HtCombineParams, w: &Waiter, own: u64, num_recv: u32, pusher: u32) {
     const S: u32 = HT_PUSH_STAGES;
     let (world, rank) = (p.wait.world, p.wait.rank);
     let k = p.k as u64;
@@ -486,7 +490,10 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, own: u64, num_recv: u32, pusher: u
                 let (first, count) = range(s);
                 if s != rank && j < count {
                     let i = first + j;
-                    return Some((i, ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32, s));
+                    let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+                    if w.index_ok(t as u64, p.max_tokens as u64, bad_index::TOKEN, phase::HT_COMBINE, s) {
+                        return Some((i, t, s));
+                    }
                 }
             }
             None

@@ -25,8 +25,8 @@
 //! of the same half needs; see `docs/protocol.md` for the ordering argument.
 
 use crate::abi::{
-    FP8_GROUP, LlCombineParams, LlDispatchParams, MAX_HIDDEN, MAX_TOPK, combine_mode, ll_scale_rows, phase, scale_fmt, scale_layout, stage, status,
-    trace,
+    FP8_GROUP, LlCombineParams, LlDispatchParams, MAX_HIDDEN, MAX_TOPK, bad_index, combine_mode, ll_scale_rows, phase, scale_fmt, scale_layout,
+    stage, status, trace,
 };
 use crate::dev::{
     FULL, accumulate_rows_in_order, block_exclusive_scan_u32, div_ceil_u32, div_rem_u32, div_rem_u64, grid_warp_interleaved, group_max_f32,
@@ -383,17 +383,20 @@ fn quantize_bf16x16(v: [[u32; 4]; 2], fmt: u32) -> ([u32; 4], f32) {
 
 /// Loads the `world` per-source token counts at `ntok` (with `load`) into shared memory as an
 /// exclusive prefix (`world + 1` words at `prefix`; the last is the total) and returns the
-/// total. All threads must call it.
+/// total. A count above `max` (the sources write them) is reported as a bad index (`phase`)
+/// and taken as `max`. All threads must call it.
 ///
 /// # Safety
 /// `prefix` must be `world + 1` free words of shared memory; `ntok` must hold `world` counts.
 #[inline(always)]
-unsafe fn token_prefix(ntok: u64, world: u32, prefix: u32, load: unsafe fn(*const u32) -> u32) -> u32 {
-    let tid = tid_x();
+unsafe fn token_prefix(w: &Waiter, ntok: u64, max: u32, phase: u32, prefix: u32, load: unsafe fn(*const u32) -> u32) -> u32 {
+    let (tid, world) = (tid_x(), w.world);
     // SAFETY: the caller guarantees both ranges.
     unsafe {
         if tid < world {
-            st_shared_cta_u32(prefix + 4 * (tid + 1), load((ntok as *const u32).add(tid as usize)));
+            let c = load((ntok as *const u32).add(tid as usize));
+            let c = if w.index_ok(c as u64, max as u64 + 1, bad_index::COUNT, phase, tid) { c } else { max };
+            st_shared_cta_u32(prefix + 4 * (tid + 1), c);
         }
         bar_sync_0();
         if tid == 0 {
@@ -455,7 +458,7 @@ unsafe fn dispatch_recv(p: &LlDispatchParams, w: &Waiter) {
     // SAFETY: as in `ll_dispatch`; every source's rows were acquired before (arrival counters);
     // shared memory holds `world + 1` words.
     unsafe {
-        let total = token_prefix(hb + p.layout.src_ntok, world, prefix, ld_global_u32);
+        let total = token_prefix(w, hb + p.layout.src_ntok, p.max_tokens, phase::LL_DISPATCH_RECV, prefix, ld_global_u32);
         let mut u = gw;
         while u < total {
             let (s, t) = locate(prefix, world, u);
@@ -601,7 +604,8 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
             let me = control(&p.peers, rank);
             let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), p.send_blocks, phase::LL_COMBINE_RECV);
             mark(p.trace, trace::ARRIVED);
-            if ok {
+            // No output: a drain (`LlBuffer::recover_pending_hooks`) only takes the arrivals.
+            if ok && p.out != 0 {
                 if reduced {
                     combine_reduce_ranks(&p);
                 } else {
@@ -640,7 +644,10 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
         let mut j0 = 0u32;
         while j0 < epr {
             let j = j0 + tid;
-            let c = if j < epr { ld_global_nc_s32((dh + p.layout.recv_count + 4 * j as u64) as *const i32) as u32 } else { 0 };
+            let mut c = if j < epr { ld_global_nc_s32((dh + p.layout.recv_count + 4 * j as u64) as *const i32) as u32 } else { 0 };
+            if !w.index_ok(c as u64, rows_per_expert + 1, bad_index::COUNT, phase::LL_COMBINE_SEND, rank) {
+                c = 0;
+            }
             let (excl, total) = block_exclusive_scan_u32(c, prefix + 4 * (epr + 1));
             if j < epr {
                 st_shared_cta_u32(prefix + 4 * j, carry + excl);
@@ -671,6 +678,13 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
             let row = e as u64 * rows_per_expert + (i - ld_shared_cta_u32(prefix + 4 * e)) as u64;
             let meta = ld_global_nc_s32((dh + p.layout.recv_meta + 4 * row) as *const i32) as u32;
             let (s, kk, t) = (meta >> 24, ((meta >> 16) & 0xff) as u64, (meta & 0xffff) as u64);
+            if !(w.index_ok(s as u64, world as u64, bad_index::SOURCE, phase::LL_COMBINE_SEND, rank)
+                && w.index_ok(kk, p.slot_k as u64, bad_index::SLOT, phase::LL_COMBINE_SEND, s)
+                && w.index_ok(t, p.max_tokens as u64, bad_index::TOKEN, phase::LL_COMBINE_SEND, s))
+            {
+                unit += total_warps;
+                continue;
+            }
             let off = c as u64 * CHUNK as u64 * 16;
             let n = core::cmp::min(CHUNK, p.hidden / 8 - c * CHUNK);
             let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t * p.slot_k as u64 + kk) * row_bytes + off;
@@ -694,10 +708,12 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
     let chunks = nvec.div_ceil(CHUNK);
     let dh = peer_base(&p.peers, rank) + p.dispatch_half_off;
     let prefix = dyn_smem_base();
+    // Rows of this rank's expert outputs (`p.y`).
+    let rows = p.experts_per_rank as u64 * (world * p.max_tokens) as u64;
     // SAFETY: as in `ll_combine`; the dispatch's metadata was written by an earlier kernel;
     // shared memory holds `world + 1` words.
     unsafe {
-        let total = token_prefix(dh + p.layout.src_ntok, world, prefix, ld_input_u32);
+        let total = token_prefix(w, dh + p.layout.src_ntok, p.max_tokens, phase::LL_COMBINE_SEND, prefix, ld_input_u32);
         let mut unit = gw;
         while unit < total * chunks {
             let (i, c) = div_rem_u32(unit, chunks);
@@ -709,6 +725,7 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
             } else {
                 (u32::MAX, 0.0)
             };
+            let pos = if pos == u32::MAX || w.index_ok(pos as u64, rows, bad_index::ROW, phase::LL_COMBINE_SEND, rank) { pos } else { u32::MAX };
             let kmask = vote_sync_ballot_b32(FULL, pos != u32::MAX);
             if kmask != 0 {
                 let end = core::cmp::min(nvec, (c + 1) * CHUNK);

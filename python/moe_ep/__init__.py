@@ -204,7 +204,22 @@ class Buffer:
         if num_max_tokens_per_rank > 0:
             self._ht = _moe_ep.HighThroughputBuffer(group, num_experts, hidden, num_topk, num_max_tokens_per_rank, num_sms)
 
+    def destroy(self):
+        """Collective: releases the buffer's memory on every rank (every rank calls it at the
+        same point). Tensors that view the buffer's memory must not be used afterwards.
+        Dropping a Buffer instead runs no collective: its memory is kept until every rank has
+        dropped it, and freed at the group's next buffer creation."""
+        for part in (self._ll, self._ht):
+            if part is not None:
+                part.destroy()
+        self._ll = self._ht = None
+        self._layout = None
+        self._ll_cache = {}
+        self._destroyed = True
+
     def _need(self, which):
+        if getattr(self, "_destroyed", False):
+            raise MoeEpError("the buffer was destroyed")
         buf = self._ll if which == "low-latency" else self._ht
         if buf is None:
             arg = "num_max_dispatch_tokens_per_rank" if which == "low-latency" else "num_max_tokens_per_rank"

@@ -60,6 +60,11 @@ fn py_err(e: Error) -> PyErr {
     with_fields(err, &kind, argument, rank, phase, peer)
 }
 
+/// A call on a buffer after its `destroy`.
+fn destroyed() -> PyErr {
+    with_fields(MoeEpError::new_err("the buffer was destroyed"), "Destroyed", None, None, None, None)
+}
+
 fn invalid(argument: &str, msg: String) -> PyErr {
     with_fields(InvalidArgument::new_err(format!("invalid argument `{argument}`: {msg}")), "InvalidArgument", Some(argument), None, None, None)
 }
@@ -371,7 +376,8 @@ struct PyLlCombinePending {
 #[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", unsendable)]
 struct PyLowLatency {
     g: Group,
-    buf: LlBuffer,
+    /// `None` once destroyed.
+    buf: Option<LlBuffer>,
     /// CPU microseconds the last dispatch or combine spent in the Rust API (the launch), so
     /// the binding's own share of a call can be measured in the same process.
     last_api_us: f64,
@@ -384,13 +390,30 @@ fn stream_of(g: &Group, stream: usize) -> Arc<cudarc::driver::CudaStream> {
     unsafe { g.context().wrap_borrowed_stream(stream as sys::CUstream) }
 }
 
+impl PyLowLatency {
+    fn buf(&self) -> PyResult<&LlBuffer> {
+        self.buf.as_ref().ok_or_else(destroyed)
+    }
+    fn buf_mut(&mut self) -> PyResult<&mut LlBuffer> {
+        self.buf.as_mut().ok_or_else(destroyed)
+    }
+}
+
 #[pymethods]
 impl PyLowLatency {
+    /// Collective: releases the buffer on every rank (DeepEP's `destroy`); the GIL is released
+    /// while it waits. Dropping it instead runs no collective (its memory is kept until every
+    /// rank has dropped it).
+    fn destroy(&mut self, py: Python<'_>) -> PyResult<()> {
+        let buf = self.buf.take().ok_or_else(destroyed)?;
+        py.allow_threads(|| buf.destroy()).map_err(py_err)
+    }
+
     /// `LowLatencyBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank)`: collective.
     #[new]
     fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<Self> {
         let buf = LlBuffer::new(&group.g, LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank)).map_err(py_err)?;
-        Ok(PyLowLatency { g: group.g.clone(), buf, last_api_us: 0.0 })
+        Ok(PyLowLatency { g: group.g.clone(), buf: Some(buf), last_api_us: 0.0 })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
@@ -410,7 +433,7 @@ impl PyLowLatency {
         hook: bool,
     ) -> PyResult<PyLlHandle> {
         let dev = self.g.device() as i64;
-        let hd = self.buf.config().hidden;
+        let hd = self.buf()?.config().hidden;
         let xi = check("x", x, &["torch.bfloat16"], &[None, Some(hd)], dev)?;
         let n = xi.shape[0];
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(n), None], dev)?;
@@ -433,7 +456,7 @@ impl PyLowLatency {
         };
         let s = stream_of(&self.g, stream);
         let t0 = Instant::now();
-        let (h, _) = self.buf.dispatch(&s, &args).map_err(py_err)?;
+        let (h, _) = self.buf_mut()?.dispatch(&s, &args).map_err(py_err)?;
         self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
         Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales })
     }
@@ -441,7 +464,7 @@ impl PyLowLatency {
     /// The receive half of a hook-mode dispatch.
     fn dispatch_recv(&mut self, stream: usize, handle: &mut PyLlHandle) -> PyResult<()> {
         let s = stream_of(&self.g, stream);
-        self.buf.dispatch_recv(&s, &mut handle.h, None).map(|_| ()).map_err(py_err)
+        self.buf_mut()?.dispatch_recv(&s, &mut handle.h, None).map(|_| ()).map_err(py_err)
     }
 
     /// DLPack capsules viewing what `handle` received: `(x, scales or None, count, src_info)`.
@@ -452,7 +475,7 @@ impl PyLowLatency {
     fn recv_views(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<(PyObject, Option<PyObject>, PyObject, PyObject)> {
         let py = slf.py();
         let me = slf.borrow();
-        let (b, h, dev) = (&me.buf, &handle.h, me.g.device() as i32);
+        let (b, h, dev) = (me.buf()?, &handle.h, me.g.device() as i32);
         let epr = b.config().num_experts / me.g.world();
         let rows = me.g.world() * b.config().max_tokens_per_rank;
         let hd = b.config().hidden;
@@ -503,7 +526,7 @@ impl PyLowLatency {
         hook: bool,
     ) -> PyResult<Option<PyLlCombinePending>> {
         let dev = self.g.device() as i64;
-        let cfg = self.buf.config();
+        let cfg = self.buf()?.config();
         let (n, hd) = (handle.num_tokens, cfg.hidden);
         let epr = cfg.num_experts / self.g.world();
         let rows = self.g.world() * cfg.max_tokens_per_rank;
@@ -528,7 +551,7 @@ impl PyLowLatency {
         };
         let s = stream_of(&self.g, stream);
         let t0 = Instant::now();
-        let (pending, _) = self.buf.combine(&s, &handle.h, &args).map_err(py_err)?;
+        let (pending, _) = self.buf()?.combine(&s, &handle.h, &args).map_err(py_err)?;
         self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
         let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
         // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch tensors,
@@ -552,7 +575,7 @@ impl PyLowLatency {
         let p = pending.pending.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
         let s = stream_of(&self.g, stream);
         // A refused call leaves the pending half in place, to run on its own buffer.
-        self.buf.combine_recv(&s, p).map_err(py_err)?;
+        self.buf()?.combine_recv(&s, p).map_err(py_err)?;
         pending.pending = None;
         Ok(())
     }
@@ -562,9 +585,9 @@ impl PyLowLatency {
     fn combine_input(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<PyObject> {
         let py = slf.py();
         let me = slf.borrow();
-        let cfg = me.buf.config();
+        let cfg = me.buf()?.config();
         let shape = [cfg.num_experts / me.g.world(), me.g.world() * cfg.max_tokens_per_rank, cfg.hidden];
-        let v = me.buf.combine_input(&handle.h).map_err(py_err)?;
+        let v = me.buf()?.combine_input(&handle.h).map_err(py_err)?;
         dlpack(py, v.device_addr(), &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())
     }
 }
@@ -632,11 +655,27 @@ impl PyHtHandle {
 #[pyclass(name = "HighThroughputBuffer", module = "moe_ep._moe_ep", unsendable)]
 struct PyHighThroughput {
     g: Group,
-    buf: HtBuffer,
+    /// `None` once destroyed.
+    buf: Option<HtBuffer>,
+}
+
+impl PyHighThroughput {
+    fn buf(&self) -> PyResult<&HtBuffer> {
+        self.buf.as_ref().ok_or_else(destroyed)
+    }
+    fn buf_mut(&mut self) -> PyResult<&mut HtBuffer> {
+        self.buf.as_mut().ok_or_else(destroyed)
+    }
 }
 
 #[pymethods]
 impl PyHighThroughput {
+    /// Collective: releases the buffer on every rank; as `LowLatencyBuffer.destroy`.
+    fn destroy(&mut self, py: Python<'_>) -> PyResult<()> {
+        let buf = self.buf.take().ok_or_else(destroyed)?;
+        py.allow_threads(|| buf.destroy()).map_err(py_err)
+    }
+
     /// `HighThroughputBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank,
     /// num_sms=None)`: collective; `num_sms` defaults to the tuned budget (24), or the rank's SMs
     /// where that is less (ranks sharing a GPU).
@@ -650,7 +689,7 @@ impl PyHighThroughput {
             cfg.num_sms = n;
         }
         let buf = HtBuffer::new(&group.g, cfg).map_err(py_err)?;
-        Ok(PyHighThroughput { g: group.g.clone(), buf })
+        Ok(PyHighThroughput { g: group.g.clone(), buf: Some(buf) })
     }
 
     /// The routing of `topk_idx` (`int64 [N, k]`, -1 = no expert): counts per rank and
@@ -659,8 +698,8 @@ impl PyHighThroughput {
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[None, None], self.g.device() as i64)?;
         let tr = Raw::<i64>::of(&ti);
         let s = stream_of(&self.g, stream);
-        let layout = self.buf.layout(&s, TopkIdx::I64(&tr), ti.shape[1]).map_err(py_err)?;
-        Ok(PyHtLayout { layout, device: self.g.device() as i32, world: self.g.world(), experts: self.buf.config().num_experts })
+        let layout = self.buf()?.layout(&s, TopkIdx::I64(&tr), ti.shape[1]).map_err(py_err)?;
+        Ok(PyHtLayout { layout, device: self.g.device() as i32, world: self.g.world(), experts: self.buf()?.config().num_experts })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`, or FP8 `float8_e4m3fn [N, hidden]` with `x_scales`
@@ -671,6 +710,7 @@ impl PyHighThroughput {
     #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &mut self,
+        py: Python<'_>,
         stream: usize,
         layout: &PyHtLayout,
         x: &Bound<'_, PyAny>,
@@ -681,7 +721,7 @@ impl PyHighThroughput {
         handle: Option<&mut PyHtHandle>,
     ) -> PyResult<Option<PyHtHandle>> {
         let dev = self.g.device() as i64;
-        let (n, hd) = (layout.layout.num_tokens(), self.buf.config().hidden);
+        let (n, hd) = (layout.layout.num_tokens(), self.buf()?.config().hidden);
         let k = layout.layout.k();
         let fp8 = x_scales.is_some();
         let xi = check("x", x, if fp8 { &["torch.float8_e4m3fn"] } else { &["torch.bfloat16"] }, &[Some(n), Some(hd)], dev)?;
@@ -692,30 +732,33 @@ impl PyHighThroughput {
         let sr = si.as_ref().map(Raw::<f32>::of);
         let tr = ti.as_ref().map(Raw::<i64>::of);
         let wr = wi.as_ref().map(Raw::<f32>::of);
-        let args = ht::DispatchArgs {
-            x: match &sr {
-                Some(scales) => ht::Payload::Fp8 { x: &xq, scales },
-                None => ht::Payload::Bf16(&xb),
-            },
-            topk_idx: tr.as_ref().map(|t| TopkIdx::I64(t)),
-            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
-            expert_alignment,
-            wait_for_counts: true,
-        };
         let s = stream_of(&self.g, stream);
-        match handle {
-            Some(h) => {
-                if h.fp8 != fp8 {
-                    return Err(invalid("x", "a cached dispatch sends the same payload kind (BF16 or FP8) as its handle's dispatch".into()));
-                }
-                self.buf.cached_dispatch(&s, &mut h.h, &args).map_err(py_err)?;
-                Ok(None)
-            }
-            None => {
-                let (h, _) = self.buf.dispatch(&s, &layout.layout, &args).map_err(py_err)?;
-                Ok(Some(PyHtHandle { h, fp8 }))
-            }
+        if let Some(h) = &handle
+            && h.fp8 != fp8
+        {
+            return Err(invalid("x", "a cached dispatch sends the same payload kind (BF16 or FP8) as its handle's dispatch".into()));
         }
+        let buf = self.buf_mut()?;
+        let ll = &layout.layout;
+        // The dispatch waits (host) for the counts: without the GIL, so other Python threads
+        // run meanwhile.
+        let r = py.allow_threads(move || {
+            let args = ht::DispatchArgs {
+                x: match &sr {
+                    Some(scales) => ht::Payload::Fp8 { x: &xq, scales },
+                    None => ht::Payload::Bf16(&xb),
+                },
+                topk_idx: tr.as_ref().map(|t| TopkIdx::I64(t)),
+                topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+                expert_alignment,
+                wait_for_counts: true,
+            };
+            match handle {
+                Some(h) => buf.cached_dispatch(&s, &mut h.h, &args).map(|_| None),
+                None => buf.dispatch(&s, ll, &args).map(|(h, _)| Some(h)),
+            }
+        });
+        Ok(r.map_err(py_err)?.map(|h| PyHtHandle { h, fp8 }))
     }
 
     /// DLPack capsules of what `handle` received: `(x, scales or None, topk_idx int32 or None,
@@ -728,7 +771,7 @@ impl PyHighThroughput {
     ) -> PyResult<(PyObject, Option<PyObject>, Option<PyObject>, Option<PyObject>, PyObject)> {
         let py = slf.py();
         let me = slf.borrow();
-        let (b, h, dev) = (&me.buf, &handle.h, me.g.device() as i32);
+        let (b, h, dev) = (me.buf()?, &handle.h, me.g.device() as i32);
         let n = h.num_recv().ok_or_else(|| invalid("handle", "its dispatch did not wait for the counts".into()))?;
         let (hd, k) = (b.config().hidden, h.layout().k());
         let owner = || slf.clone().into_any().unbind();
@@ -762,7 +805,7 @@ impl PyHighThroughput {
     ) -> PyResult<()> {
         let dev = self.g.device() as i64;
         let h = &handle.h;
-        let (n, k, hd) = (h.layout().num_tokens(), h.layout().k(), self.buf.config().hidden);
+        let (n, k, hd) = (h.layout().num_tokens(), h.layout().k(), self.buf()?.config().hidden);
         let r = h.num_recv().ok_or_else(|| invalid("handle", "its dispatch did not wait for the counts".into()))?;
         let xi = check("x", x, &["torch.bfloat16"], &[Some(r), Some(hd)], dev)?;
         let oi = check("out", out, &["torch.bfloat16"], &[Some(n), Some(hd)], dev)?;
@@ -781,7 +824,7 @@ impl PyHighThroughput {
             out_weights: owr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
         };
         let s = stream_of(&self.g, stream);
-        self.buf.combine(&s, h, &args).map(|_| ()).map_err(py_err)
+        self.buf()?.combine(&s, h, &args).map(|_| ()).map_err(py_err)
     }
 }
 

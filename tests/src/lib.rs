@@ -43,6 +43,12 @@ pub fn gpus_needed(test: &str) -> usize {
     if test.starts_with("gpu1_") { 1 } else { 2 }
 }
 
+/// True for tests that need two GPUs seen by one process (`gpu2x_*`: a second GPU's context),
+/// which processes sharing one GPU under MPS cannot stand in for.
+pub fn needs_two_physical_gpus(test: &str) -> bool {
+    test.starts_with("gpu2x_")
+}
+
 /// True when multi-rank tests run as processes sharing one GPU under CUDA MPS
 /// (`MOE_EP_TEST_MPS=1`).
 pub fn mps() -> bool {
@@ -54,7 +60,7 @@ pub fn skip_reason(test: &str) -> Option<String> {
     if mps() && !test.starts_with("gpu1_") && moe_ep::mps_control_pipe().is_none() {
         return Some("MOE_EP_TEST_MPS=1 but no CUDA MPS control daemon is running (CUDA_MPS_PIPE_DIRECTORY; run.sh mps starts one)".into());
     }
-    let need = if mps() { 1 } else { gpus_needed(test) };
+    let need = if mps() && !needs_two_physical_gpus(test) { 1 } else { gpus_needed(test) };
     match gpu_count() {
         Err(e) => Some(e),
         Ok(n) if n < need => Some(format!("needs {need} GPU(s), this machine has {n}")),
@@ -323,6 +329,24 @@ pub fn expect_peer_failure<T>(r: moe_ep::Result<T>, me: usize, victim: usize) ->
         Err(moe_ep::Error::GroupFailed { cause }) if cause.starts_with(&format!("rank {victim}")) => Ok(()),
         Err(e) => bail!("rank {me}: expected an error naming rank {victim}, got {e}"),
         Ok(_) => bail!("rank {me}: the operation succeeded although rank {victim} was dead"),
+    }
+}
+
+/// `r` must be the report of a corrupt index ([`moe_ep::Error::BadIndex`]) on this rank, or a
+/// peer's report of one reaching it (its waits stopped, or the group failed, naming it).
+pub fn expect_bad_index<T>(r: moe_ep::Result<T>, what: &str) -> Result<()> {
+    match r {
+        Err(moe_ep::Error::BadIndex { .. }) => Ok(()),
+        Err(e)
+            if matches!(e, moe_ep::Error::PeerFailed { .. } | moe_ep::Error::GroupFailed { .. }) && {
+                let m = e.to_string();
+                m.contains("outside 0..") || m.contains("index out of range")
+            } =>
+        {
+            Ok(())
+        }
+        Err(e) => bail!("{what}: expected BadIndex (or a peer's, passed on), got {e}"),
+        Ok(_) => bail!("{what}: expected BadIndex, but it succeeded"),
     }
 }
 

@@ -340,6 +340,135 @@ fn gpu2_ht_busy_stream_is_not_a_failure() -> Result<()> {
     Ok(())
 }
 
+/// A handle dropped right after its combine was queued behind other work: its device arrays
+/// must outlive the combine. The next handle's allocation may get the same memory back (the
+/// test says whether it did); were the arrays freed and reused out of the caller's stream order,
+/// that allocation's zeroing would land under the queued combine, which would then send every
+/// row to the wrong place.
+fn gpu2_ht_handle_dropped_under_queued_combine() -> Result<()> {
+    run_both_modes("gpu2_ht_handle_dropped_under_queued_combine", |g, seed| {
+        use moe_ep::DeviceArg;
+        let (hd, k, t) = (2048, 8, 256);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let me = g.rank();
+        // The caller's stream, not the group's.
+        let cs = g.context().new_stream()?;
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
+        let mut rng = Rng::new(seed ^ me as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
+        let x = upload(&cs, &x_h.iter().map(|&b| bf16::from_bits(b)).collect::<Vec<_>>())?;
+        let idx = upload(&cs, &idx_h)?;
+        let wts = upload(&cs, &w_h)?;
+        let out = poisoned(&cs, t * hd, bf16::from_bits(0xFFFF))?;
+        let layout = buf.layout(&cs, TopkIdx::I64(&idx), k)?;
+        // Waits for the counts: the handle's arrays are written when this returns.
+        let (h, _) = buf.dispatch(&cs, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+        let old = h.src_base_device().device_addr();
+        moe_ep::diag::launch_gpu_sleep(g, &cs, std::time::Duration::from_millis(300))?;
+        let y = buf.recv_x_bf16(&h)?;
+        buf.combine(&cs, &h, &CombineArgs { x: &y, topk_weights: None, bias: [None, None], out: &out, out_weights: None })?;
+        drop(h);
+        let h2 = buf.new_handle(&layout)?;
+        let reused = h2.src_base_device().device_addr() == old;
+        let got: Vec<u16> = out.to_vec(&cs)?.iter().map(|v| v.to_bits()).collect();
+        compare("rows combined with a handle dropped under the queued combine", &got, &identity_combine(&x_h, &idx_h, k, e, world, hd))?;
+        println!("rank {me}: the next handle got the dropped handle's memory back: {reused}");
+        buf.check()?;
+        Ok(())
+    })
+}
+
+/// Releasing buffers. `destroy` is collective and frees at once. A drop runs no collective
+/// (it used to meet every rank twice, waiting up to 30 s for each): rank 0 drops its buffer
+/// while its peers are busy for 1.5 s, and must return at once, its memory kept (quarantined)
+/// until every rank has dropped it and then freed by the next collective. Ranks that destroy
+/// different buffers get `CollectiveMismatch`, and the group goes on.
+fn gpu2_buffer_drop_and_destroy() -> Result<()> {
+    run_both_modes("gpu2_buffer_drop_and_destroy", |g, _seed| {
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let cfg = HtConfig::new(e, 256, 4, 64, world).fit_sms(g.sm_count());
+        let bytes = cfg.heap_bytes(world) as usize;
+        anyhow::ensure!(g.quarantined_bytes() == 0, "{} bytes quarantined before any buffer", g.quarantined_bytes());
+        HtBuffer::new(g, cfg)?.destroy()?;
+        anyhow::ensure!(g.quarantined_bytes() == 0, "{} bytes quarantined after destroy", g.quarantined_bytes());
+
+        let b = HtBuffer::new(g, cfg)?;
+        g.barrier()?;
+        if g.rank() == 0 {
+            let t0 = std::time::Instant::now();
+            drop(b);
+            let took = t0.elapsed();
+            anyhow::ensure!(took < std::time::Duration::from_millis(500), "rank 0's drop took {took:?} while its peers were busy");
+            anyhow::ensure!(
+                g.quarantined_bytes() == bytes,
+                "{} bytes quarantined after the drop, expected the heap's {bytes}",
+                g.quarantined_bytes()
+            );
+            println!("rank 0: dropped a buffer in {took:?} while its peers were busy; {bytes} bytes quarantined");
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            drop(b);
+        }
+        let freed = g.reclaim_dropped()?;
+        anyhow::ensure!(
+            freed == bytes && g.quarantined_bytes() == 0,
+            "reclaim freed {freed} of {bytes} bytes; {} still quarantined",
+            g.quarantined_bytes()
+        );
+
+        let ll = moe_ep::ll::LlConfig::new(e, 256, 4, 16);
+        let (c, d) = (moe_ep::ll::LlBuffer::new(g, ll)?, moe_ep::ll::LlBuffer::new(g, ll)?);
+        let (destroyed, dropped) = if g.rank() == 0 { (c, d) } else { (d, c) };
+        drop(dropped);
+        let r = destroyed.destroy();
+        expect_refused(r, "CollectiveMismatch", "ranks destroying different buffers")?;
+        anyhow::ensure!(g.failure().is_none(), "a mismatched destroy failed the group: {:?}", g.failure());
+        // Both are dropped now on every rank (one destroyed in vain, one dropped): both go back.
+        let freed = g.reclaim_dropped()?;
+        let want = 2 * ll.heap_bytes(world) as usize;
+        anyhow::ensure!(
+            freed == want && g.quarantined_bytes() == 0,
+            "reclaim freed {freed} of {want} bytes; {} still quarantined",
+            g.quarantined_bytes()
+        );
+        Ok(())
+    })
+}
+
+/// Corrupt indices in the receive buffers are reported, never followed: after every rank's
+/// dispatch, each rank overwrites its received rows, their source token indices and the
+/// combine staging (keeping the handle), then combines. The token indices read are out of
+/// range; the kernels must report `BadIndex` (here, or passed on by a peer) instead of writing
+/// through them into another rank's memory.
+fn gpu2_ht_corrupt_indices_are_reported() -> Result<()> {
+    run_both_modes("gpu2_ht_corrupt_indices_are_reported", |g, seed| {
+        let (hd, k, t) = (256, 4, 64);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let s = g.stream().clone();
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
+        let mut rng = Rng::new(seed ^ g.rank() as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x = upload(&s, &gen_bf16(&mut rng, t * hd, 1.0).iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        let layout = buf.layout(&s, TopkIdx::I64(&idx), k)?;
+        let (h, _) = buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+        let y = upload(&s, &buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
+        g.barrier()?;
+        buf.corrupt_received_for_testing(&s, 0xEE)?;
+        g.barrier()?;
+        let args = CombineArgs { x: &y, topk_weights: None, bias: [None, None], out: &out, out_weights: None };
+        expect_bad_index(buf.combine(&s, &h, &args).and_then(|_| buf.check()), "a combine over corrupt receive metadata")?;
+        println!("rank {}: the corrupt metadata was reported: {:?}", g.rank(), g.failure());
+        Ok(())
+    })
+}
+
 fn main() -> std::process::ExitCode {
     gpu_main(&[
         ("gpu2_ht_uniform_bf16_and_fp8", gpu2_ht_uniform_bf16_and_fp8),
@@ -351,5 +480,8 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ht_misuse_is_refused", gpu2_ht_misuse_is_refused),
         ("gpu2_ht_device_error_fails_the_group", gpu2_ht_device_error_fails_the_group),
         ("gpu2_ht_busy_stream_is_not_a_failure", gpu2_ht_busy_stream_is_not_a_failure),
+        ("gpu2_ht_handle_dropped_under_queued_combine", gpu2_ht_handle_dropped_under_queued_combine),
+        ("gpu2_buffer_drop_and_destroy", gpu2_buffer_drop_and_destroy),
+        ("gpu2_ht_corrupt_indices_are_reported", gpu2_ht_corrupt_indices_are_reported),
     ])
 }

@@ -413,8 +413,122 @@ fn gpu2_ll_trace_marks() -> Result<()> {
     })
 }
 
+/// Corrupt indices in the receive buffers are reported, never followed: after every rank's
+/// dispatch, each rank overwrites its received rows and their metadata (keeping the handle, as
+/// memory overwritten under the buffer would), then combines per expert. Every source rank read
+/// from the metadata is then out of range; the kernels must report `BadIndex` (here, or passed
+/// on by a peer) instead of writing through it into another rank's memory.
+fn gpu2_ll_corrupt_indices_are_reported() -> Result<()> {
+    run_both_modes("gpu2_ll_corrupt_indices_are_reported", |g, seed| {
+        let (hd, k, t) = (512, 4, 32);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let s = g.stream().clone();
+        let mut a = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
+        let mut rng = Rng::new(seed ^ g.rank() as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&gen_bf16(&mut rng, t * hd, 1.0)))?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        let (h, _) = a.dispatch(&s, &DispatchArgs { payload: Payload::Bf16, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        let y = upload(&s, &a.recv_x_bf16(&h)?.to_vec(&s)?)?;
+        g.barrier()?;
+        a.corrupt_received_for_testing(&s, 0xEE)?;
+        g.barrier()?;
+        let args = CombineArgs {
+            x: CombineInput::Tensor(&y),
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: Some(&wts),
+            out: &out,
+            mode: CombineMode::PerExpert,
+            hook: false,
+        };
+        expect_bad_index(a.combine(&s, &h, &args).and_then(|_| a.check()), "a combine over corrupt receive metadata")?;
+        println!("rank {}: the corrupt metadata was reported: {:?}", g.rank(), g.failure());
+        Ok(())
+    })
+}
+
+/// Hooks dropped without being called do not wedge the buffer: a hook-mode dispatch whose
+/// handle is dropped, then a hook-mode combine whose pending receive is dropped, each leave the
+/// buffer refusing the next call (`PendingHook`) until `recover_pending_hooks` finishes them
+/// (the dispatch received, the combine drained); a kept pending combine is then refused, and
+/// the next dispatch and combine are exact.
+fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
+    run_both_modes("gpu2_ll_abandoned_hooks_recover", |g, seed| {
+        let (hd, k, t) = (1024, 4, 32);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let me = g.rank();
+        let s = g.stream().clone();
+        let mut buf = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
+        let mut rng = Rng::new(seed ^ me as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
+        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&x_h))?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let args = |hook| DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+        // The hook-mode dispatch's handle is dropped at once, its receive half never run.
+        let _ = buf.dispatch(&s, &args(true))?;
+        expect_refused(buf.dispatch(&s, &args(false)), "PendingHook", "a dispatch after a dropped dispatch hook")?;
+        anyhow::ensure!(buf.recover_pending_hooks(&s)? == (true, false), "recovery did not find the pending dispatch");
+        let (h, _) = buf.dispatch(&s, &args(false))?;
+        let y = upload(&s, &buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        let cargs = |hook| CombineArgs {
+            x: CombineInput::Tensor(&y),
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: Some(&wts),
+            out: &out,
+            mode: CombineMode::PerExpert,
+            hook,
+        };
+        let (pending, _) = buf.combine(&s, &h, &cargs(true))?;
+        let mut kept = pending.context("hook mode returns the receive half")?;
+        expect_refused(buf.combine(&s, &h, &cargs(false)), "PendingHook", "a combine after an unfinished combine hook")?;
+        anyhow::ensure!(buf.recover_pending_hooks(&s)? == (false, true), "recovery did not find the pending combine");
+        expect_refused(buf.combine_recv(&s, &mut kept), "StaleHandle", "a receive half that recovery drained")?;
+        drop(kept);
+        buf.combine(&s, &h, &cargs(false))?;
+        buf.check()?;
+        let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(&s)?).to_vec();
+        compare("combine after recovering both hooks", &got, &identity_combine(e, hd, k, world, me, &x_h, &idx_h, &w_h, CombineMode::PerExpert))?;
+        Ok(())
+    })
+}
+
+/// An input from another GPU's CUDA context is refused before anything is launched, with an
+/// error naming the argument: rank 0 (one thread per GPU) passes tokens allocated on GPU 1.
+/// Needs two GPUs in one process.
+fn gpu2x_foreign_context_is_refused() -> Result<()> {
+    let name = "gpu2x_foreign_context_is_refused";
+    report_line("ranks", name, "[2]");
+    run_threads(2, |g| {
+        let (hd, k, t) = (512, 4, 16);
+        let e = experts_for(2, 64);
+        let mut buf = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
+        if g.rank() == 0 {
+            let other = cudarc::driver::CudaContext::new(1)?.new_stream()?;
+            let x = other.alloc_zeros::<bf16>(t * hd)?;
+            let idx = g.stream().alloc_zeros::<i64>(t * k)?;
+            match buf.dispatch(g.stream(), &DispatchArgs::fp8(&x, TopkIdx::I64(&idx))) {
+                Err(moe_ep::Error::InvalidArgument { name: "x", reason }) => println!("rank 0: refused: {reason}"),
+                Err(e) => anyhow::bail!("tokens of another GPU: expected InvalidArgument naming x, got {e}"),
+                Ok(_) => anyhow::bail!("tokens of another GPU were accepted"),
+            }
+        }
+        g.barrier()?;
+        Ok(())
+    })
+}
+
 fn main() -> std::process::ExitCode {
     gpu_main(&[
+        ("gpu2x_foreign_context_is_refused", gpu2x_foreign_context_is_refused),
+        ("gpu2_ll_abandoned_hooks_recover", gpu2_ll_abandoned_hooks_recover),
+        ("gpu2_ll_corrupt_indices_are_reported", gpu2_ll_corrupt_indices_are_reported),
         ("gpu2_ll_formats", gpu2_ll_formats),
         ("gpu2_ll_edges", gpu2_ll_edges),
         ("gpu2_ll_pre_reduced", gpu2_ll_pre_reduced),

@@ -21,11 +21,12 @@ impl DeviceAlloc {
         // SAFETY: plain allocation; freed in Drop.
         let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.during("cuMemAlloc", || format!("allocating {bytes} bytes"))?;
         let a = DeviceAlloc { ptr, bytes, ctx: ctx.clone() };
-        // SAFETY: `ptr` holds `bytes` bytes.
-        unsafe { result::memset_d8_sync(ptr, 0, bytes.max(1)) }.during("cuMemsetD8", || "zeroing a new allocation".into())?;
-        // cuMemsetD8 runs on the legacy stream, which the library's non-blocking streams (and
-        // peers) do not wait for: finish it before the memory is handed out.
-        ctx.synchronize().during("cuCtxSynchronize", || "zeroing a new allocation".into())?;
+        // Zeroed on a stream of its own, and only that stream is waited for (a context
+        // synchronisation would also wait for every other stream: torch's, NCCL's).
+        let s = ctx.new_stream().during("cuStreamCreate", || "zeroing a new allocation".into())?;
+        // SAFETY: `ptr` holds `bytes` bytes, used by nothing else yet.
+        unsafe { result::memset_d8_async(ptr, 0, bytes.max(1), s.cu_stream()) }.during("cuMemsetD8Async", || "zeroing a new allocation".into())?;
+        s.synchronize().during("cuStreamSynchronize", || "zeroing a new allocation".into())?;
         Ok(a)
     }
 

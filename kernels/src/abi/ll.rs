@@ -202,7 +202,8 @@ pub struct LlCombineParams {
     /// rank as home.
     pub topk_idx: u64,
     pub topk_weights: u64,
-    /// Out: `bf16 [N, H]`.
+    /// Out: `bf16 [N, H]`; 0 for a receive half that only drains (takes the arrivals, writes
+    /// nothing).
     pub out: u64,
     pub num_tokens: u32,
     pub hidden: u32,

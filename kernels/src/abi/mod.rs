@@ -65,6 +65,36 @@ pub mod status {
     /// The host raised this rank's abort flag ([`super::host_flag`]) while a kernel waited: `peer` is
     /// the rank that failed, `seen` the reason ([`super::abort_reason`]).
     pub const ABORTED: u32 = 5;
+    /// An index read from a peer's data or from the receive buffers is out of range (`peer`:
+    /// the rank whose data held it, `expected`: the limit, `seen`: the value, `waited_ns`: which
+    /// index, a [`super::bad_index`] code). Nothing was read or written through it.
+    pub const BAD_INDEX: u32 = 6;
+}
+
+/// Which index a [`status::BAD_INDEX`] record names.
+pub mod bad_index {
+    /// A source rank.
+    pub const SOURCE: u64 = 1;
+    /// A token of a source rank.
+    pub const TOKEN: u64 = 2;
+    /// A top-k slot.
+    pub const SLOT: u64 = 3;
+    /// A count of tokens or rows.
+    pub const COUNT: u64 = 4;
+    /// A received row.
+    pub const ROW: u64 = 5;
+
+    /// Human-readable name of an index code.
+    pub const fn name(code: u64) -> &'static str {
+        match code {
+            SOURCE => "source rank",
+            TOKEN => "token index",
+            SLOT => "top-k slot",
+            COUNT => "count",
+            ROW => "received row",
+            _ => "index",
+        }
+    }
 }
 
 /// Words of a rank's host-mapped flags (pinned host memory the device can read): the host's
@@ -115,6 +145,8 @@ pub mod phase {
     pub const LL_DISPATCH_RECV: u32 = 9;
     /// Low-latency combine receive half.
     pub const LL_COMBINE_RECV: u32 = 10;
+    /// Low-latency combine send half (reading what the dispatch received).
+    pub const LL_COMBINE_SEND: u32 = 11;
 
     /// Human-readable name of a phase code.
     pub const fn name(code: u32) -> &'static str {
@@ -129,6 +161,7 @@ pub mod phase {
             LL_DISPATCH_SEND => "low-latency dispatch send",
             LL_DISPATCH_RECV => "low-latency dispatch receive",
             LL_COMBINE_RECV => "low-latency combine receive",
+            LL_COMBINE_SEND => "low-latency combine send",
             _ => "unknown phase",
         }
     }

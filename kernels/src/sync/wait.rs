@@ -39,6 +39,18 @@ impl Waiter {
         unsafe { ld_relaxed_sys_global_u32(&raw const (*self.err).status) != status::OK }
     }
 
+    /// True when `value < limit`; otherwise reports [`status::BAD_INDEX`] (`kind`: a
+    /// [`crate::abi::bad_index`] code, `peer`: the rank whose data held it) and returns false,
+    /// so that the caller neither reads nor writes through it.
+    #[inline(always)]
+    pub fn index_ok(&self, value: u64, limit: u64, kind: u64, phase: u32, peer: u32) -> bool {
+        if value < limit {
+            return true;
+        }
+        self.report(status::BAD_INDEX, phase, peer, limit, value, kind);
+        false
+    }
+
     /// Reports an error unless one was already reported (the first report wins).
     pub fn report(&self, code: u32, phase: u32, peer: u32, expected: u64, seen: u64, waited_ns: u64) {
         let e = self.err;

@@ -1,0 +1,93 @@
+//! Where this rank's own GPU work stands: one event per stream the rank launched on,
+//! re-recorded after every launch. Waiting for them, with a deadline, is how the library waits
+//! for its kernels ([`crate::Group::check`], a buffer's `destroy`) without synchronising the
+//! whole context, which would also wait for torch's and NCCL's streams, possibly forever.
+
+use crate::error::{DriverContext, Error, Result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, sys};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Streams tracked before completed marks are dropped from the table.
+const PRUNE_AT: usize = 32;
+
+/// The last launch of this rank on each stream it used.
+pub(crate) struct OwnWork {
+    ctx: Arc<CudaContext>,
+    /// (raw stream handle, event recorded after the stream's latest launch of this rank).
+    marks: Mutex<Vec<(usize, CudaEvent)>>,
+}
+
+impl OwnWork {
+    pub(crate) fn new(ctx: &Arc<CudaContext>) -> Self {
+        OwnWork { ctx: ctx.clone(), marks: Mutex::new(Vec::new()) }
+    }
+
+    /// Records the end of the work just queued on `stream`. Nothing is recorded while `stream`
+    /// is being captured into a CUDA graph (the graph's replays are the caller's to wait for).
+    pub(crate) fn mark(&self, stream: &CudaStream) -> Result<()> {
+        let capturing = stream.capture_status().during("cuStreamIsCapturing", || "marking a launch".into())?;
+        if capturing != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(());
+        }
+        let key = stream.cu_stream() as usize;
+        let mut marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, ev)) = marks.iter().find(|(k, _)| *k == key) {
+            return ev.record(stream).during("cuEventRecord", || "marking a launch".into());
+        }
+        if marks.len() >= PRUNE_AT {
+            // A stream whose latest work is done needs no mark; a stream that is gone (its
+            // handle may be reused) left only finished work behind.
+            marks.retain(|(_, ev)| !ev.is_complete());
+        }
+        let ev = self.ctx.new_event(None).during("cuEventCreate", || "marking a launch".into())?;
+        ev.record(stream).during("cuEventRecord", || "marking a launch".into())?;
+        marks.push((key, ev));
+        Ok(())
+    }
+
+    /// True when every kernel this rank launched so far has finished (no waiting; a failed
+    /// query counts as not finished).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.marks.lock().unwrap_or_else(|e| e.into_inner()).iter().all(|(_, ev)| ev.try_is_complete().unwrap_or(false))
+    }
+
+    /// Waits until every kernel this rank launched so far has finished, or `deadline`: the
+    /// events are polled (no blocking driver call), so other streams of the context (torch's,
+    /// NCCL's) are never waited for. `what` names the wait in the error.
+    pub(crate) fn wait(&self, rank: usize, what: &str, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let pending = {
+                let marks = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pending = 0;
+                for (_, ev) in marks.iter() {
+                    if !ev.try_is_complete().during("cuEventQuery", || format!("rank {rank} {what}"))? {
+                        pending += 1;
+                    }
+                }
+                pending
+            };
+            if pending == 0 {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                return Err(Error::HostWaitTimeout {
+                    rank,
+                    what: what.to_string(),
+                    waited: t0.elapsed(),
+                    reason: format!(
+                        "{pending} of its streams still had its work queued or running (work queued ahead of it on those streams, e.g. a peer's hung collective, keeps it from starting)"
+                    ),
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}
