@@ -55,6 +55,8 @@ fn py_err(e: Error) -> PyErr {
         Error::Timeout { rank, phase, peer, .. } => (Timeout::new_err(msg), None, Some(*rank), Some(phase), Some(*peer)),
         Error::PeerFailed { rank, phase, peer, .. } => (PeerFailed::new_err(msg), None, Some(*rank), Some(phase), Some(*peer)),
         Error::GroupFailed { .. } => (GroupFailed::new_err(msg), None, None, None, None),
+        Error::HostWaitTimeout { rank, .. } => (Timeout::new_err(msg), None, Some(*rank), None, None),
+        Error::BadIndex { rank, phase, source_rank, .. } => (MoeEpError::new_err(msg), None, Some(*rank), Some(phase), Some(*source_rank)),
         _ => (MoeEpError::new_err(msg), None, None, None, None),
     };
     with_fields(err, &kind, argument, rank, phase, peer)
@@ -339,6 +341,17 @@ impl PyGroup {
     /// Stops every rank's GPU waits (they raise `PeerFailed` naming this rank).
     fn abort(&self, reason: &str) {
         self.g.abort(reason)
+    }
+
+    /// Bytes of this rank's memory kept for buffers dropped without `destroy` (until every rank
+    /// has dropped them).
+    fn quarantined_bytes(&self) -> usize {
+        self.g.quarantined_bytes()
+    }
+
+    /// Collective: frees what every rank has dropped; returns the bytes this rank freed.
+    fn reclaim_dropped(&self, py: Python<'_>) -> PyResult<usize> {
+        py.allow_threads(|| self.g.reclaim_dropped()).map_err(py_err)
     }
 }
 

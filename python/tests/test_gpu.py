@@ -13,6 +13,7 @@ Against a torch reference built from every rank's inputs (all-gathered):
   dispatch and combine with identity experts (bit for bit).
 """
 
+import gc
 import torch
 import torch.distributed as dist
 
@@ -191,6 +192,23 @@ def main():
         raise AssertionError("a float32 x was accepted")
     except moe_ep.InvalidArgument as e:
         assert e.argument == "x", e.argument
+
+    # Releasing: destroy is collective and frees at once; a dropped buffer is kept until every
+    # rank has dropped it, then freed by the next collective.
+    group = buf.group
+    buf.destroy()
+    try:
+        buf.low_latency_dispatch(x, topk_idx)
+        raise AssertionError("a destroyed buffer was used")
+    except moe_ep.MoeEpError as e:
+        assert "destroyed" in str(e), str(e)
+    assert group.quarantined_bytes() == 0, group.quarantined_bytes()
+    dropped = moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16)
+    del dropped
+    gc.collect()
+    assert group.quarantined_bytes() > 0, "a dropped buffer's memory was freed at once"
+    freed = group.reclaim_dropped()
+    assert freed > 0 and group.quarantined_bytes() == 0, (freed, group.quarantined_bytes())
     dist.barrier()
     print(f"rank {rank}: moe_ep GPU checks passed")
     dist.destroy_process_group()
