@@ -280,7 +280,7 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
         .map_err(e("a strided probe"))?;
     for p in [&probe, &view] {
         let got = s.read(p);
-        let want = crate::attribute_meta("probe", p).map_err(e("the probe's attributes"))?;
+        let want = crate::tensors::attribute_meta("probe", p).map_err(e("the probe's attributes"))?;
         if got.as_ref() != Some(&want) {
             return Err(format!("the shim reads a probe as {got:?}, its attributes say {want:?}"));
         }

@@ -1,0 +1,253 @@
+//! The low-latency buffer's binding.
+
+use crate::errors::*;
+use crate::group::{PyGroup, stream_of};
+use crate::tensors::*;
+use half::bf16;
+use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
+use moe_ep::{DeviceArg, Group, TopkIdx};
+use pyo3::prelude::*;
+use std::time::Instant;
+
+/// The handle of one low-latency dispatch.
+#[pyclass(name = "LowLatencyHandle", module = "moe_ep._moe_ep")]
+pub(crate) struct PyLlHandle {
+    h: Handle,
+    num_tokens: usize,
+    fp8: bool,
+    ue8m0: bool,
+    column_major: bool,
+}
+
+#[pymethods]
+impl PyLlHandle {
+    /// What the received views depend on: `(half, fp8, ue8m0, column_major)`. Views of equal
+    /// keys are the same memory, so the package makes them once per key.
+    #[getter]
+    fn view_key(&self) -> (usize, bool, bool, bool) {
+        (self.h.half(), self.fp8, self.ue8m0, self.column_major)
+    }
+}
+
+/// A hook-mode low-latency combine whose receive half has not run.
+#[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep", unsendable)]
+pub(crate) struct PyLlCombinePending {
+    pending: Option<moe_ep::ll::CombinePending<'static>>,
+    /// The tensors the receive half reads and writes (`topk_idx`, `topk_weights`, `out`),
+    /// kept alive by this object (see `combine`'s SAFETY comment).
+    _tensors: Vec<Py<PyAny>>,
+}
+
+/// The low-latency buffer (decode): dispatch and combine on torch tensors. Used from the thread
+/// that made it (as a rank's serving loop does).
+#[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", unsendable)]
+pub(crate) struct PyLowLatency {
+    g: Group,
+    /// `None` once destroyed.
+    buf: Option<LlBuffer>,
+    /// CPU microseconds the last dispatch or combine spent in the Rust API (the launch), so
+    /// the binding's own share of a call can be measured in the same process.
+    last_api_us: f64,
+}
+
+impl PyLowLatency {
+    fn buf(&self) -> PyResult<&LlBuffer> {
+        self.buf.as_ref().ok_or_else(destroyed)
+    }
+    fn buf_mut(&mut self) -> PyResult<&mut LlBuffer> {
+        self.buf.as_mut().ok_or_else(destroyed)
+    }
+}
+
+#[pymethods]
+impl PyLowLatency {
+    /// Collective: releases the buffer on every rank (DeepEP's `destroy`); the GIL is released
+    /// while it waits. Dropping it instead runs no collective (its memory is kept until every
+    /// rank has dropped it).
+    fn destroy(&mut self, py: Python<'_>) -> PyResult<()> {
+        let buf = self.buf.take().ok_or_else(destroyed)?;
+        py.allow_threads(|| buf.destroy()).map_err(py_err)
+    }
+
+    /// `LowLatencyBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank)`: collective.
+    #[new]
+    fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<Self> {
+        let buf = LlBuffer::new(&group.g, LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank)).map_err(py_err)?;
+        Ok(PyLowLatency { g: group.g.clone(), buf: Some(buf), last_api_us: 0.0 })
+    }
+
+    /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
+    /// (`float32 [N, k]`) travel with the rows (needed for the pre-reduced combine).
+    /// `scale_format`: "f32", "f32_pow2" or "ue8m0" (FP8 only).
+    #[pyo3(signature = (stream, x, topk_idx, topk_weights = None, use_fp8 = true, scale_format = "f32", column_major_scales = false, hook = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &mut self,
+        stream: usize,
+        x: &Bound<'_, PyAny>,
+        topk_idx: &Bound<'_, PyAny>,
+        topk_weights: Option<&Bound<'_, PyAny>>,
+        use_fp8: bool,
+        scale_format: &str,
+        column_major_scales: bool,
+        hook: bool,
+    ) -> PyResult<PyLlHandle> {
+        let dev = self.g.device() as i64;
+        let hd = self.buf()?.config().hidden;
+        let xi = check("x", x, &["torch.bfloat16"], &[None, Some(hd)], dev)?;
+        let n = xi.shape[0];
+        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(n), None], dev)?;
+        let k = ti.shape[1];
+        let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
+        let fmt = match scale_format {
+            "f32" => ScaleFormat::F32,
+            "f32_pow2" => ScaleFormat::F32Pow2,
+            "ue8m0" => ScaleFormat::Ue8m0,
+            other => return Err(invalid("scale_format", format!("{other:?} is not one of \"f32\", \"f32_pow2\", \"ue8m0\""))),
+        };
+        let (xr, tr) = (Raw::<bf16>::of(&xi), Raw::<i64>::of(&ti));
+        let wr = wi.as_ref().map(Raw::<f32>::of);
+        let args = DispatchArgs {
+            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+            payload: if use_fp8 { Payload::Fp8(fmt) } else { Payload::Bf16 },
+            scale_layout: if column_major_scales { ScaleLayout::ColumnMajor } else { ScaleLayout::RowMajor },
+            hook,
+            ..DispatchArgs::fp8(&xr, TopkIdx::I64(&tr))
+        };
+        let s = stream_of(&self.g, stream);
+        let t0 = Instant::now();
+        let (h, _) = self.buf_mut()?.dispatch(&s, &args).map_err(py_err)?;
+        self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
+        Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales })
+    }
+
+    /// The receive half of a hook-mode dispatch.
+    fn dispatch_recv(&mut self, stream: usize, handle: &mut PyLlHandle) -> PyResult<()> {
+        let s = stream_of(&self.g, stream);
+        self.buf_mut()?.dispatch_recv(&s, &mut handle.h, None).map(|_| ()).map_err(py_err)
+    }
+
+    /// DLPack capsules viewing what `handle` received: `(x, scales or None, count, src_info)`.
+    /// `x` is `[E_local, R * T, hidden]` (uint8 bytes of FP8 e4m3, or bf16); scales `float32
+    /// [E_local, R * T, hidden / 128]` (row-major), `[E_local, hidden / 128, rows]` (column-major)
+    /// or int32 words of four UE8M0 bytes; `count` int32 `[E_local]`; `src_info` int32.
+    /// The views stay valid until the dispatch after next (two halves).
+    fn recv_views(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<(PyObject, Option<PyObject>, PyObject, PyObject)> {
+        let py = slf.py();
+        let me = slf.borrow();
+        let (b, h, dev) = (me.buf()?, &handle.h, me.g.device() as i32);
+        let epr = b.config().num_experts / me.g.world();
+        let rows = me.g.world() * b.config().max_tokens_per_rank;
+        let hd = b.config().hidden;
+        let owner: Py<PyAny> = slf.clone().into_any().unbind();
+        let groups = hd / 128;
+        let x = if handle.fp8 {
+            let v = b.recv_x_fp8(h).map_err(py_err)?;
+            dlpack(py, v.device_addr(), &[epr, rows, hd], DT_U8, dev, owner.clone_ref(py))?
+        } else {
+            let v = b.recv_x_bf16(h).map_err(py_err)?;
+            dlpack(py, v.device_addr(), &[epr, rows, hd], DT_BF16, dev, owner.clone_ref(py))?
+        };
+        let scales = if !handle.fp8 {
+            None
+        } else if handle.ue8m0 {
+            let v = b.recv_scales_ue8m0(h).map_err(py_err)?;
+            let words = groups.div_ceil(4);
+            let shape = if handle.column_major { vec![epr, words, b.scale_rows()] } else { vec![epr, rows, words] };
+            Some(dlpack(py, v.device_addr(), &shape, DT_I32, dev, owner.clone_ref(py))?)
+        } else {
+            let v = b.recv_scales(h).map_err(py_err)?;
+            let shape = if handle.column_major { vec![epr, groups, b.scale_rows()] } else { vec![epr, rows, groups] };
+            Some(dlpack(py, v.device_addr(), &shape, DT_F32, dev, owner.clone_ref(py))?)
+        };
+        let count = dlpack(py, b.recv_count(h).map_err(py_err)?.device_addr(), &[epr], DT_I32, dev, owner.clone_ref(py))?;
+        let src = dlpack(py, b.recv_src_info(h).map_err(py_err)?.device_addr(), &[epr, rows], DT_I32, dev, owner)?;
+        Ok((x, scales, count, src))
+    }
+
+    /// Combine: expert outputs `x` (`bf16 [E_local, R * T, hidden]`, or None for the buffer's
+    /// zero-copy input) back to their homes into `out` (`bf16 [N, hidden]`). Per expert (exact;
+    /// needs `topk_weights`), or `pre_reduced` (each expert rank sums its slots first; uses the
+    /// weights the dispatch carried).
+    /// With `hook`, only the send half runs; the result is the pending receive half for
+    /// `combine_recv`, and the caller keeps `topk_idx`, `topk_weights` and `out` alive until
+    /// then (the package's hook closure holds them).
+    #[pyo3(signature = (stream, handle, x, topk_idx, out, topk_weights = None, pre_reduced = false, hook = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn combine(
+        &mut self,
+        stream: usize,
+        handle: &PyLlHandle,
+        x: Option<&Bound<'_, PyAny>>,
+        topk_idx: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        topk_weights: Option<&Bound<'_, PyAny>>,
+        pre_reduced: bool,
+        hook: bool,
+    ) -> PyResult<Option<PyLlCombinePending>> {
+        let dev = self.g.device() as i64;
+        let cfg = self.buf()?.config();
+        let (n, hd) = (handle.num_tokens, cfg.hidden);
+        let epr = cfg.num_experts / self.g.world();
+        let rows = self.g.world() * cfg.max_tokens_per_rank;
+        let xi = x.map(|x| check("x", x, &["torch.bfloat16"], &[Some(epr), Some(rows), Some(hd)], dev)).transpose()?;
+        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(n), None], dev)?;
+        let k = ti.shape[1];
+        let oi = check("out", out, &["torch.bfloat16"], &[Some(n), Some(hd)], dev)?;
+        let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
+        let xr = xi.as_ref().map(Raw::<bf16>::of);
+        let (tr, or) = (Raw::<i64>::of(&ti), Raw::<bf16>::of(&oi));
+        let wr = wi.as_ref().map(Raw::<f32>::of);
+        let args = CombineArgs {
+            x: match &xr {
+                Some(x) => CombineInput::Tensor(x),
+                None => CombineInput::ZeroCopy,
+            },
+            topk_idx: TopkIdx::I64(&tr),
+            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+            out: &or,
+            mode: if pre_reduced { CombineMode::PreReduced } else { CombineMode::PerExpert },
+            hook,
+        };
+        let s = stream_of(&self.g, stream);
+        let t0 = Instant::now();
+        let (pending, _) = self.buf()?.combine(&s, &handle.h, &args).map_err(py_err)?;
+        self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
+        let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
+        // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch tensors,
+        // which own their memory), so they stay allocated until `combine_recv` has queued the
+        // receive half on `stream` and the pending object is dropped; torch's caching allocator
+        // orders their later reuse on that same stream (the package runs the hook on the
+        // combine's stream) after the receive half.
+        Ok(pending.map(|p| PyLlCombinePending { pending: Some(unsafe { p.into_unbound() }), _tensors: tensors }))
+    }
+
+    /// CPU microseconds the last `dispatch` or `combine` spent inside the Rust API (checks of
+    /// sizes, the parameter block, the launch, the completion event): the rest of a call's
+    /// time is the binding's.
+    #[getter]
+    fn last_api_us(&self) -> f64 {
+        self.last_api_us
+    }
+
+    /// The receive half of a hook-mode combine (once per pending combine).
+    fn combine_recv(&self, stream: usize, pending: &mut PyLlCombinePending) -> PyResult<()> {
+        let p = pending.pending.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
+        let s = stream_of(&self.g, stream);
+        // A refused call leaves the pending half in place, to run on its own buffer.
+        self.buf()?.combine_recv(&s, p).map_err(py_err)?;
+        pending.pending = None;
+        Ok(())
+    }
+
+    /// A DLPack capsule of the zero-copy combine input of `handle` (`bf16 [E_local, R * T,
+    /// hidden]`): write the expert outputs there and combine with `x=None`.
+    fn combine_input(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<PyObject> {
+        let py = slf.py();
+        let me = slf.borrow();
+        let cfg = me.buf()?.config();
+        let shape = [cfg.num_experts / me.g.world(), me.g.world() * cfg.max_tokens_per_rank, cfg.hidden];
+        let v = me.buf()?.combine_input(&handle.h).map_err(py_err)?;
+        dlpack(py, v.device_addr(), &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())
+    }
+}
