@@ -329,6 +329,9 @@ pub struct Handle {
     dest_base: CudaSlice<i32>,
     src_base: CudaSlice<i32>,
     recv_expert_counts: CudaSlice<i32>,
+    /// `i32 [capacity]`: the source token of each received row, copied out of the heap after
+    /// the dispatch, so this handle's combine still works after later dispatches.
+    recv_src: CudaSlice<i32>,
     num_recv: Option<usize>,
     expert_counts: Option<Vec<usize>>,
     payload: PayloadKind,
@@ -393,6 +396,9 @@ pub struct HtBuffer {
     host: MappedHost,
     ticket: u32,
     generation: u64,
+    /// The latest dispatch before the latest [`HtBuffer::poison`] (its handles and older ones
+    /// cannot combine: the fill overwrote the combine's staging flags).
+    poisoned_after: u64,
     last: std::cell::Cell<LastOp>,
 }
 
@@ -405,7 +411,7 @@ impl HtBuffer {
         let hl = cfg.heap_layout(g.world());
         let heap = g.new_heap(hl.total)?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
-        Ok(HtBuffer { g: g.clone(), cfg, hl, heap, host, ticket: 0, generation: 0, last: std::cell::Cell::new(LastOp::None) })
+        Ok(HtBuffer { g: g.clone(), cfg, hl, heap, host, ticket: 0, generation: 0, poisoned_after: 0, last: std::cell::Cell::new(LastOp::None) })
     }
 
     /// The configuration.
@@ -558,6 +564,7 @@ impl HtBuffer {
             dest_base: s.alloc_zeros::<i32>(world).during("cuMemAllocAsync", e)?,
             src_base: s.alloc_zeros::<i32>(world + 1).during("cuMemAllocAsync", e)?,
             recv_expert_counts: s.alloc_zeros::<i32>(self.epr()).during("cuMemAllocAsync", e)?,
+            recv_src: s.alloc_zeros::<i32>(self.cfg.capacity(world)).during("cuMemAllocAsync", e)?,
             num_recv: None,
             expert_counts: None,
             payload: PayloadKind::Bf16,
@@ -695,6 +702,16 @@ impl HtBuffer {
             experts_per_rank: self.epr() as u32,
         };
         self.g.launch(Kernel::HtDispatch, self.cfg.num_sms, self.cfg.threads, 0, stream, &p)?;
+        // The dispatch has waited for every sender: the heap's source tokens are complete. The
+        // handle keeps its own copy for its combine (a later dispatch overwrites the heap's).
+        let rows = self.cfg.capacity(self.g.world());
+        // SAFETY: both ranges hold `rows` i32 (the heap's receive metadata, the handle's array,
+        // both of this context); the copy is ordered after the dispatch on `stream`, and the
+        // handle's array is freed only after `stream`'s later work (its layout's stream is
+        // ordered around this operation).
+        unsafe { crate::driver::copy_device_async(h.recv_src.device_addr(), self.heap.local_ptr() + self.hl.recv_src, rows * 4, stream) }
+            .during("cuMemcpyDtoDAsync", || "keeping the received rows' source tokens with the handle".into())?;
+        self.g.mark(stream)?;
         self.generation += 1;
         h.generation = self.generation;
         h.payload = kind;
@@ -746,6 +763,24 @@ impl HtBuffer {
                     "it belongs to dispatch #{} but the buffer's latest is #{}; its received rows were overwritten",
                     h.generation, self.generation
                 ),
+            });
+        }
+        Ok(())
+    }
+
+    /// A combine may use the handle of any dispatch of this buffer since the latest poison (not
+    /// only the latest: two micro-batches in flight), since the handle keeps what it needs of
+    /// the dispatch.
+    fn check_combinable(&self, h: &Handle) -> Result<()> {
+        if h.buffer != self.heap.id() {
+            return Err(Error::ForeignHandle { reason: "this handle belongs to another high-throughput buffer".into() });
+        }
+        if h.generation == 0 {
+            return Err(Error::invalid("handle", "it went through no dispatch yet"));
+        }
+        if h.generation <= self.poisoned_after {
+            return Err(Error::StaleHandle {
+                reason: format!("dispatch #{} is older than the latest poison (which overwrote the combine's staging)", h.generation),
             });
         }
         Ok(())
@@ -815,7 +850,7 @@ impl HtBuffer {
     /// Takes `&self`: it leaves the received rows intact, so views of them (e.g. the received
     /// weights) may be its inputs.
     pub fn combine(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'_>) -> Result<CudaEvent> {
-        self.check_handle(h)?;
+        self.check_combinable(h)?;
         self.check_layout_unchanged(h)?;
         let (n, k, hd) = (h.layout.0.num_tokens, h.layout.0.k, self.cfg.hidden);
         // Rows of the input: at least the received count when the host knows it; otherwise the
@@ -863,7 +898,7 @@ impl HtBuffer {
             out: args.out.device_addr(),
             out_weights: args.out_weights.map_or(0, |w| w.device_addr()),
             token_pos: h.layout.0.token_pos.device_addr(),
-            recv_src_off: self.hl.recv_src,
+            recv_src: h.recv_src.device_addr(),
             comb_x_off: self.hl.comb_x,
             comb_w_off: self.hl.comb_w,
             comb_flags_off: self.hl.comb_flags,
@@ -898,16 +933,21 @@ impl HtBuffer {
     /// a combine would compute peer addresses from.
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
         self.generation += 1;
+        self.poisoned_after = self.generation;
         self.fill_received(stream, byte)
     }
 
-    /// Testing: fills the receive rows, metadata and staging like [`HtBuffer::poison`] but
-    /// keeps every handle valid, as memory overwritten under the buffer would: a combine then
-    /// reads corrupt indices, which the kernels must report ([`Error::BadIndex`]) instead of
-    /// following.
+    /// Testing: fills `h`'s own copy of the received rows' source tokens with `byte`, as memory
+    /// overwritten under it would: its combine then reads corrupt token indices, which the
+    /// kernel must report ([`Error::BadIndex`]) instead of following.
     #[cfg(feature = "testing")]
-    pub fn corrupt_received_for_testing(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
-        self.fill_received(stream, byte)
+    pub fn corrupt_handle_for_testing(&self, stream: &Arc<CudaStream>, h: &Handle, byte: u8) -> Result<()> {
+        let rows = self.cfg.capacity(self.g.world());
+        // SAFETY: the handle's array holds `rows` i32; stream order puts the fill after the
+        // dispatch's copy and before the combine.
+        unsafe { crate::driver::memset_d8_async(h.recv_src.device_addr(), byte, rows * 4, stream) }
+            .during("cuMemsetD8Async", || "corrupting a handle".into())?;
+        self.g.mark(stream)
     }
 
     fn fill_received(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {

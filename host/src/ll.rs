@@ -289,11 +289,13 @@ pub struct LlBuffer {
     /// The last dispatch before the latest [`LlBuffer::poison`] (its handles and older are stale).
     poisoned_after: u64,
     combines: std::cell::Cell<u64>,
-    /// The hook-mode dispatch whose receive half has not run: (its handle's generation, half,
-    /// payload, scale layout).
-    pending_dispatch: Option<(u64, usize, Payload, ScaleLayout)>,
-    /// The hook-mode combine whose receive half has not run: its number and parameters.
-    pending_combine: std::cell::Cell<Option<(u64, LlCombineParams)>>,
+    /// Per buffer half, the hook-mode dispatch whose receive half has not run: (its handle's
+    /// generation, payload, scale layout). Two may be pending, one per half (two micro-batches
+    /// in flight); a third dispatch would reuse a pending half and is refused.
+    pending_dispatch: [Option<(u64, Payload, ScaleLayout)>; 2],
+    /// Per combine half, the hook-mode combine whose receive half has not run: its number and
+    /// parameters (two may be pending, as for dispatches).
+    pending_combine: std::cell::Cell<[Option<(u64, LlCombineParams)>; 2]>,
     /// False only for testing (`MOE_EP_TESTING_NO_LL_REUSE_GUARD`, read when the buffer is
     /// built): lets the reuse test show the race the guard prevents.
     reuse_guard: bool,
@@ -335,8 +337,8 @@ impl LlBuffer {
             dispatches: 0,
             poisoned_after: 0,
             combines: std::cell::Cell::new(0),
-            pending_dispatch: None,
-            pending_combine: std::cell::Cell::new(None),
+            pending_dispatch: [None, None],
+            pending_combine: std::cell::Cell::new([None, None]),
             reuse_guard: std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_none(),
             trace: None,
             tracing: false,
@@ -399,7 +401,7 @@ impl LlBuffer {
     /// same values: each receiver waits for every sender's blocks). Not while a hook-mode call
     /// is pending.
     pub fn set_launch(&mut self, num_blocks: u32, threads: u32) -> Result<()> {
-        if self.pending_dispatch.is_some() || self.pending_combine.get().is_some() {
+        if self.pending_dispatch.iter().any(Option::is_some) || self.pending_combine.get().iter().any(Option::is_some) {
             return Err(Error::PendingHook { reason: "set_launch while a hook-mode receive half is pending".into() });
         }
         let cfg = LlConfig { num_blocks, threads, ..self.cfg };
@@ -473,11 +475,12 @@ impl LlBuffer {
     /// Dispatch: every (token, slot) to its expert's rank. Without `hook`, returns once both
     /// halves are enqueued.
     pub fn dispatch(&mut self, stream: &Arc<CudaStream>, args: &DispatchArgs<'_>) -> Result<(Handle, CudaEvent)> {
-        if self.pending_dispatch.is_some() {
+        let half = (self.dispatches % 2) as usize;
+        if let Some((g, ..)) = self.pending_dispatch[half] {
             return Err(Error::PendingHook {
-                reason:
-                    "the previous low-latency dispatch's receive hook has not run (LlBuffer::recover_pending_hooks runs it if the hook was dropped)"
-                        .into(),
+                reason: format!(
+                    "dispatch #{g}'s receive hook has not run and this dispatch would reuse its buffer half (two may be pending; LlBuffer::recover_pending_hooks runs a dropped hook)"
+                ),
             });
         }
         let hd = self.cfg.hidden;
@@ -492,7 +495,6 @@ impl LlBuffer {
         if let Some(w) = args.topk_weights {
             check_len("topk_weights", w.elems(), n * k, || format!("[{n}, {k}] f32"))?;
         }
-        let half = (self.dispatches % 2) as usize;
         let mut stages = if args.hook { stage::SEND } else { stage::SEND | stage::RECV };
         if !self.reuse_guard {
             stages |= stage::NO_REUSE_GUARD;
@@ -507,7 +509,7 @@ impl LlBuffer {
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
         self.g.ordered(stream, &streams, || self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p))?;
         self.dispatches += 1;
-        self.pending_dispatch = args.hook.then_some((self.dispatches, half, args.payload, args.scale_layout));
+        self.pending_dispatch[half] = args.hook.then_some((self.dispatches, args.payload, args.scale_layout));
         let h = Handle {
             buffer: self.heap.id(),
             generation: self.dispatches,
@@ -525,10 +527,8 @@ impl LlBuffer {
     /// The receive half of a hook-mode dispatch.
     pub fn dispatch_recv(&mut self, stream: &Arc<CudaStream>, h: &mut Handle, stats: Option<&dyn DeviceArg<i32>>) -> Result<CudaEvent> {
         self.check_own(h.buffer)?;
-        if h.received || h.generation != self.dispatches || self.pending_dispatch.is_none() {
-            return Err(Error::StaleHandle {
-                reason: "dispatch_recv needs the latest dispatch's handle, sent in hook mode and not yet received".into(),
-            });
+        if h.received || self.pending_dispatch[h.half].map(|(g, ..)| g) != Some(h.generation) {
+            return Err(Error::StaleHandle { reason: "dispatch_recv needs the handle of a dispatch sent in hook mode and not yet received".into() });
         }
         self.check_not_poisoned(h)?;
         let (fp8, fmt) = match h.payload {
@@ -558,7 +558,7 @@ impl LlBuffer {
             self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p)
         })?;
         h.received = true;
-        self.pending_dispatch = None;
+        self.pending_dispatch[h.half] = None;
         self.event(stream)
     }
 
@@ -684,11 +684,12 @@ impl LlBuffer {
     /// Takes `&self`: it leaves the received rows intact, so views of them may be its inputs.
     pub fn combine<'a>(&self, stream: &Arc<CudaStream>, h: &Handle, args: &CombineArgs<'a>) -> Result<(Option<CombinePending<'a>>, CudaEvent)> {
         self.check_received(h)?;
-        if self.pending_combine.get().is_some() {
+        let half = (self.combines.get() % 2) as usize;
+        if let Some((seq, _)) = self.pending_combine.get()[half] {
             return Err(Error::PendingHook {
-                reason:
-                    "the previous low-latency combine's receive hook has not run (LlBuffer::recover_pending_hooks drains it if the hook was dropped)"
-                        .into(),
+                reason: format!(
+                    "combine #{seq}'s receive hook has not run and this combine would reuse its buffer half (two may be pending; LlBuffer::recover_pending_hooks drains a dropped hook)"
+                ),
             });
         }
         let (n, hd) = (h.num_tokens, self.cfg.hidden);
@@ -722,7 +723,6 @@ impl LlBuffer {
             }
             CombineInput::ZeroCopy => self.heap.local_ptr() + self.half_off(h.half) + self.hl.comb_in,
         };
-        let half = (self.combines.get() % 2) as usize;
         let p = LlCombineParams {
             wait: self.g.wait_ctx(),
             peers: self.heap.peers(),
@@ -765,7 +765,9 @@ impl LlBuffer {
         self.g.ordered(stream, &streams, || self.launch_combine(stream, &p))?;
         self.combines.set(self.combines.get() + 1);
         let seq = self.combines.get();
-        self.pending_combine.set(args.hook.then_some((seq, LlCombineParams { stages: stage::RECV, ..p })));
+        let mut pc = self.pending_combine.get();
+        pc[half] = args.hook.then_some((seq, LlCombineParams { stages: stage::RECV, ..p }));
+        self.pending_combine.set(pc);
         let pending = args.hook.then_some(CombinePending {
             buffer: self.heap.id(),
             params: LlCombineParams { stages: stage::RECV, ..p },
@@ -785,13 +787,16 @@ impl LlBuffer {
         if pending.done {
             return Err(Error::StaleHandle { reason: "this combine's receive half has already run".into() });
         }
-        if self.pending_combine.get().map(|(seq, _)| seq) != Some(pending.seq) {
+        let half = pending.params.half as usize;
+        let mut pc = self.pending_combine.get();
+        if pc[half].map(|(seq, _)| seq) != Some(pending.seq) {
             return Err(Error::StaleHandle { reason: "this combine's receive half was drained by LlBuffer::recover_pending_hooks".into() });
         }
         let streams: Vec<ArgStream<'_>> = pending.streams.iter().map(|(name, st)| (*name, Some(st))).collect();
         self.g.ordered(stream, &streams, || self.launch_combine(stream, &pending.params))?;
         pending.done = true;
-        self.pending_combine.set(None);
+        pc[half] = None;
+        self.pending_combine.set(pc);
         self.event(stream)
     }
 
@@ -809,17 +814,26 @@ impl LlBuffer {
     /// dispatch and whether a combine were finished.
     pub fn recover_pending_hooks(&mut self, stream: &Arc<CudaStream>) -> Result<(bool, bool)> {
         let mut done = (false, false);
-        if let Some((generation, half, payload, scale_layout)) = self.pending_dispatch {
+        // Oldest first, as the hooks would have run.
+        let mut dispatches: Vec<(usize, (u64, Payload, ScaleLayout))> =
+            self.pending_dispatch.iter().enumerate().filter_map(|(half, p)| p.map(|p| (half, p))).collect();
+        dispatches.sort_by_key(|(_, (g, ..))| *g);
+        for (half, (generation, payload, scale_layout)) in dispatches {
             let mut h =
                 Handle { buffer: self.heap.id(), generation, half, num_tokens: 0, k: 0, payload, scale_layout, has_weights: false, received: false };
             self.dispatch_recv(stream, &mut h, None)?;
             done.0 = true;
         }
-        if let Some((_, p)) = self.pending_combine.get() {
+        let mut combines: Vec<(usize, (u64, LlCombineParams))> =
+            self.pending_combine.get().iter().enumerate().filter_map(|(half, p)| p.map(|p| (half, p))).collect();
+        combines.sort_by_key(|(_, (seq, _))| *seq);
+        for (half, (_, p)) in combines {
             // Drain: no output, so nothing of the abandoned call's arguments is touched.
             let p = LlCombineParams { out: 0, topk_idx: 0, topk_weights: 0, y: 0, ..p };
             self.launch_combine(stream, &p)?;
-            self.pending_combine.set(None);
+            let mut pc = self.pending_combine.get();
+            pc[half] = None;
+            self.pending_combine.set(pc);
             done.1 = true;
         }
         Ok(done)

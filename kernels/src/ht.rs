@@ -321,7 +321,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
         let own = peer_base(&p.peers, rank);
         if ctaid_x() < p.push_blocks && p.bulk_pushers != 0 {
             if lane == 0 && warp < p.bulk_pushers {
-                push_rows_bulk(&p, &w, own, num_recv, warp);
+                push_rows_bulk(&p, &w, num_recv, warp);
             }
         } else if ctaid_x() < p.push_blocks {
             // Rows of source s are [start_s, start_s + count_s); visit them round-robin over
@@ -345,7 +345,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
                 let first = shfl_sync_idx_b32(FULL, start, s);
                 if s != rank && j < shfl_sync_idx_b32(FULL, count, s) {
                     let i = first + j;
-                    let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+                    let t = ld_global_nc_s32((p.recv_src + i as u64 * 4) as *const i32) as u32;
                     if !w.index_ok(t as u64, p.max_tokens as u64, bad_index::TOKEN, phase::HT_COMBINE, s) {
                         v += p.push_blocks * warps;
                         continue;
@@ -454,7 +454,7 @@ pub unsafe extern "ptx-kernel" fn ht_combine(p: HtCombineParams) {
 /// flag is released when its group has completed (`wait_group`, then
 /// `fence.proxy.async.global`), as the window moves or at the end.
 #[inline(always)]
-unsafe fn push_rows_bulk(p: &HtCombineParams, w: &Waiter, own: u64, num_recv: u32, pusher: u32) {
+unsafe fn push_rows_bulk(p: &HtCombineParams, w: &Waiter, num_recv: u32, pusher: u32) {
     const S: u32 = HT_PUSH_STAGES;
     let (world, rank) = (p.wait.world, p.wait.rank);
     let k = p.k as u64;
@@ -490,7 +490,7 @@ unsafe fn push_rows_bulk(p: &HtCombineParams, w: &Waiter, own: u64, num_recv: u3
                 let (first, count) = range(s);
                 if s != rank && j < count {
                     let i = first + j;
-                    let t = ld_global_nc_s32((own + p.recv_src_off + i as u64 * 4) as *const i32) as u32;
+                    let t = ld_global_nc_s32((p.recv_src + i as u64 * 4) as *const i32) as u32;
                     if w.index_ok(t as u64, p.max_tokens as u64, bad_index::TOKEN, phase::HT_COMBINE, s) {
                         return Some((i, t, s));
                     }

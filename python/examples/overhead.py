@@ -3,8 +3,9 @@
     torchrun --nproc-per-node N python/examples/overhead.py
 
 DeepEP's decode shape (128 tokens per rank, hidden 7168, top-8 of 256, FP8 dispatch, BF16
-combine, pre-reduced). For ``low_latency_dispatch`` and ``low_latency_combine`` it prints, as
-medians over 200 calls:
+combine: pre-reduced through ``moe_ep.Buffer``, per expert through DeepEP's face
+``moe_ep.deep_ep.Buffer``). For ``low_latency_dispatch`` and ``low_latency_combine`` of each it
+prints, as medians over 200 calls:
 
 - ``host``: the CPU time of the whole Python call (tensor checks, views, the launch);
 - ``extension``: the CPU time of the Rust extension's call alone (argument conversion, checks,
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 import moe_ep
+import moe_ep.deep_ep as deep_ep
 
 HIDDEN, EXPERTS, TOPK, TOKENS, ITERS, WARMUP = 7168, 256, 8, 128, 200, 20
 
@@ -46,22 +48,41 @@ def main():
     y = torch.randn(epr, world * TOKENS, HIDDEN, device="cuda").to(torch.bfloat16)
     out = torch.empty(TOKENS, HIDDEN, device="cuda", dtype=torch.bfloat16)
     ll, group = buf._ll, buf.group
+    # DeepEP's face (moe_ep.deep_ep), per-expert combine as DeepEP's, on a buffer of its own.
+    dbuf = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, world, experts), low_latency_mode=True)
+    dbuf.low_latency_dispatch(x, idx, TOKENS, experts)
+    dll = dbuf._ll
 
     def calls(which):
-        """(dispatch, combine) as the package's methods or as the extension's calls."""
+        """(dispatch, combine, the extension buffer) as the package's methods, DeepEP's methods
+        (`moe_ep.deep_ep`) or the extension's calls."""
         if which == "python":
             return (
                 lambda: buf.low_latency_dispatch(x, idx, topk_weights=w)[2],
                 lambda h: buf.low_latency_combine(y, idx, None, h, out=out, pre_reduced=True),
+                ll,
+            )
+        if which == "deep_ep":
+            return (
+                lambda: dbuf.low_latency_dispatch(x, idx, TOKENS, experts)[2],
+                lambda h: dbuf.low_latency_combine(y, idx, w, h, out=out),
+                dll,
+            )
+        if which == "deep_ep extension":
+            return (
+                lambda: dll.dispatch(dbuf._raw_stream(), x, idx, None, True, "f32", True, False, None),
+                lambda h: dll.combine(dbuf._raw_stream(), h, y, idx, out, w, False, False),
+                dll,
             )
         return (
             lambda: ll.dispatch(buf._stream(), x, idx, w, True, "f32", False, False),
             lambda h: ll.combine(buf._stream(), h, y, idx, out, None, True, False),
+            ll,
         )
 
     samples = {}
-    for which in ("python", "extension"):
-        dispatch, combine = calls(which)
+    for which in ("python", "extension", "deep_ep", "deep_ep extension"):
+        dispatch, combine, part = calls(which)
         host = {"dispatch": [], "combine": []}
         gpu = {"dispatch": [], "combine": []}
         api = {"dispatch": [], "combine": []}
@@ -81,7 +102,7 @@ def main():
                 b.synchronize()
                 if it >= WARMUP:
                     host[op].append((t1 - t0) * 1e6)
-                    api[op].append(ll.last_api_us)
+                    api[op].append(part.last_api_us)
                     gpu[op].append(a.elapsed_time(b) * 1e3)
         samples[which] = {op: (statistics.median(host[op]), statistics.median(gpu[op]), statistics.median(api[op])) for op in host}
     group.check()
@@ -109,14 +130,16 @@ def main():
             for _ in range(n):
                 f()
             print(f"rank 0 ({name}): {label}: {(time.perf_counter() - t0) / n * 1e6:.3f} us", flush=True)
-    for op in ("dispatch", "combine"):
-        (ph, pg, pa), (eh, eg, _) = samples["python"][op], samples["extension"][op]
-        print(
-            f"rank {rank} of {world} ({name}): low_latency_{op}: host {ph:.1f} us per call, of which Rust API {pa:.1f} us, "
-            f"so the binding adds {ph - pa:.1f} us (Python layer {ph - eh:.1f} us, extension {eh - pa:.1f} us); "
-            f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
-            flush=True,
-        )
+    for face, ext in (("python", "extension"), ("deep_ep", "deep_ep extension")):
+        for op in ("dispatch", "combine"):
+            (ph, pg, pa), (eh, eg, _) = samples[face][op], samples[ext][op]
+            label = "moe_ep.Buffer" if face == "python" else "moe_ep.deep_ep.Buffer"
+            print(
+                f"rank {rank} of {world} ({name}): {label}.low_latency_{op}: host {ph:.1f} us per call, of which Rust API {pa:.1f} us, "
+                f"so the binding adds {ph - pa:.1f} us (Python layer {ph - eh:.1f} us, extension {eh - pa:.1f} us); "
+                f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

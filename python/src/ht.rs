@@ -2,14 +2,16 @@
 
 use crate::errors::*;
 use crate::group::{PyGroup, stream_of};
+use crate::live::{Live, lock};
 use crate::tensors::*;
 use half::bf16;
 use moe_ep::ht::{self, HtBuffer, HtConfig, Layout};
 use moe_ep::{DeviceArg, Group, TopkIdx};
 use pyo3::prelude::*;
+use std::sync::Mutex;
 
 /// The routing of one high-throughput dispatch (`HighThroughputBuffer.layout`).
-#[pyclass(name = "HighThroughputLayout", module = "moe_ep._moe_ep", unsendable)]
+#[pyclass(name = "HighThroughputLayout", module = "moe_ep._moe_ep")]
 pub(crate) struct PyHtLayout {
     layout: Layout,
     device: i32,
@@ -46,7 +48,7 @@ impl PyHtLayout {
 }
 
 /// The handle of one high-throughput dispatch (for its views, a cached dispatch, the combine).
-#[pyclass(name = "HighThroughputHandle", module = "moe_ep._moe_ep", unsendable)]
+#[pyclass(name = "HighThroughputHandle", module = "moe_ep._moe_ep")]
 pub(crate) struct PyHtHandle {
     h: ht::Handle,
     fp8: bool,
@@ -64,31 +66,36 @@ impl PyHtHandle {
     fn expert_counts(&self) -> Option<Vec<usize>> {
         self.h.expert_counts().map(|c| c.to_vec())
     }
+    /// A DLPack capsule of `int32 [R + 1]`: the first received row of each source rank (the
+    /// last entry is the row count), valid while this handle lives (written by its dispatch).
+    fn src_base(slf: &Bound<'_, Self>, device: i32) -> PyResult<PyObject> {
+        let me = slf.borrow();
+        let v = me.h.src_base_device();
+        dlpack(slf.py(), v.device_addr(), &[v.elems()], DT_I32, device, slf.clone().into_any().unbind())
+    }
 }
 
 /// The high-throughput buffer (prefill): layout, dispatch, cached dispatch and combine on
-/// torch tensors. Used from the thread that made it.
-#[pyclass(name = "HighThroughputBuffer", module = "moe_ep._moe_ep", unsendable)]
+/// torch tensors. Usable from any thread (calls are serialised by a lock).
+#[pyclass(name = "HighThroughputBuffer", module = "moe_ep._moe_ep")]
 pub(crate) struct PyHighThroughput {
     g: Group,
     /// `None` once destroyed.
-    buf: Option<HtBuffer>,
+    buf: Mutex<Option<HtBuffer>>,
 }
 
 impl PyHighThroughput {
-    fn buf(&self) -> PyResult<&HtBuffer> {
-        self.buf.as_ref().ok_or_else(destroyed)
-    }
-    fn buf_mut(&mut self) -> PyResult<&mut HtBuffer> {
-        self.buf.as_mut().ok_or_else(destroyed)
+    /// The buffer, locked (the error of a destroyed one).
+    fn buf(&self) -> PyResult<Live<'_, HtBuffer>> {
+        Live::of(&self.buf)
     }
 }
 
 #[pymethods]
 impl PyHighThroughput {
     /// Collective: releases the buffer on every rank; as `LowLatencyBuffer.destroy`.
-    fn destroy(&mut self, py: Python<'_>) -> PyResult<()> {
-        let buf = self.buf.take().ok_or_else(destroyed)?;
+    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
+        let buf = lock(&self.buf).take().ok_or_else(destroyed)?;
         py.allow_threads(|| buf.destroy()).map_err(py_err)
     }
 
@@ -105,7 +112,20 @@ impl PyHighThroughput {
             cfg.num_sms = n;
         }
         let buf = HtBuffer::new(&group.g, cfg).map_err(py_err)?;
-        Ok(PyHighThroughput { g: group.g.clone(), buf: Some(buf) })
+        Ok(PyHighThroughput { g: group.g.clone(), buf: Mutex::new(Some(buf)) })
+    }
+
+    /// Blocks (SMs) of the dispatch and combine kernels.
+    #[getter]
+    fn num_sms(&self) -> PyResult<u32> {
+        Ok(self.buf()?.config().num_sms)
+    }
+
+    /// Collective: the dispatch and combine kernels' blocks (every rank passes the same).
+    fn set_num_sms(&self, num_sms: u32) -> PyResult<()> {
+        let mut b = self.buf()?;
+        let threads = b.config().threads;
+        b.set_launch(num_sms, threads).map_err(py_err)
     }
 
     /// The routing of `topk_idx` (`int64 [N, k]`, -1 = no expert): counts per rank and
@@ -114,18 +134,20 @@ impl PyHighThroughput {
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[None, None], self.g.device() as i64)?;
         let tr = Raw::<i64>::of(&ti);
         let s = stream_of(&self.g, stream);
-        let layout = self.buf()?.layout(&s, TopkIdx::I64(&tr), ti.shape[1]).map_err(py_err)?;
-        Ok(PyHtLayout { layout, device: self.g.device() as i32, world: self.g.world(), experts: self.buf()?.config().num_experts })
+        let buf = self.buf()?;
+        let layout = buf.layout(&s, TopkIdx::I64(&tr), ti.shape[1]).map_err(py_err)?;
+        Ok(PyHtLayout { layout, device: self.g.device() as i32, world: self.g.world(), experts: buf.config().num_experts })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`, or FP8 `float8_e4m3fn [N, hidden]` with `x_scales`
     /// `float32 [N, hidden / 128]`) by `layout`, with `topk_idx` and `topk_weights` travelling
     /// along. With `handle` (an earlier dispatch of the same layout) it is a cached dispatch: no
-    /// count exchange. Waits (host) for the counts, so the views are exact.
-    #[pyo3(signature = (stream, layout, x, x_scales = None, topk_idx = None, topk_weights = None, expert_alignment = 1, handle = None))]
+    /// count exchange. With `wait_for_counts` (the default) the host waits for the counts, so
+    /// the views are exact; without, nothing synchronises and the views span the capacity.
+    #[pyo3(signature = (stream, layout, x, x_scales = None, topk_idx = None, topk_weights = None, expert_alignment = 1, handle = None, wait_for_counts = true))]
     #[allow(clippy::too_many_arguments)]
     fn dispatch(
-        &mut self,
+        &self,
         py: Python<'_>,
         stream: usize,
         layout: &PyHtLayout,
@@ -135,6 +157,7 @@ impl PyHighThroughput {
         topk_weights: Option<&Bound<'_, PyAny>>,
         expert_alignment: usize,
         handle: Option<&mut PyHtHandle>,
+        wait_for_counts: bool,
     ) -> PyResult<Option<PyHtHandle>> {
         let dev = self.g.device() as i64;
         let (n, hd) = (layout.layout.num_tokens(), self.buf()?.config().hidden);
@@ -154,7 +177,8 @@ impl PyHighThroughput {
         {
             return Err(invalid("x", "a cached dispatch sends the same payload kind (BF16 or FP8) as its handle's dispatch".into()));
         }
-        let buf = self.buf_mut()?;
+        let mut guard = self.buf()?;
+        let buf: &mut HtBuffer = &mut guard;
         let ll = &layout.layout;
         // The dispatch waits (host) for the counts: without the GIL, so other Python threads
         // run meanwhile.
@@ -167,7 +191,7 @@ impl PyHighThroughput {
                 topk_idx: tr.as_ref().map(|t| TopkIdx::I64(t)),
                 topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
                 expert_alignment,
-                wait_for_counts: true,
+                wait_for_counts,
             };
             match handle {
                 Some(h) => buf.cached_dispatch(&s, &mut h.h, &args).map(|_| None),
@@ -178,8 +202,9 @@ impl PyHighThroughput {
     }
 
     /// DLPack capsules of what `handle` received: `(x, scales or None, topk_idx int32 or None,
-    /// topk_weights float32 or None, src_idx int32)`, `num_recv` rows each (top-k only when the
-    /// dispatch sent them); valid until the next dispatch of this buffer.
+    /// topk_weights float32 or None, src_idx int32)`, `num_recv` rows each (the capacity when
+    /// the dispatch did not wait for the counts; top-k only when the dispatch sent them); valid
+    /// until the next dispatch of this buffer.
     #[allow(clippy::type_complexity)]
     fn recv_views(
         slf: &Bound<'_, Self>,
@@ -188,7 +213,7 @@ impl PyHighThroughput {
         let py = slf.py();
         let me = slf.borrow();
         let (b, h, dev) = (me.buf()?, &handle.h, me.g.device() as i32);
-        let n = h.num_recv().ok_or_else(|| invalid("handle", "its dispatch did not wait for the counts".into()))?;
+        let n = h.num_recv().unwrap_or(b.config().capacity(me.g.world()));
         let (hd, k) = (b.config().hidden, h.layout().k());
         let owner = || slf.clone().into_any().unbind();
         let x = if handle.fp8 {
@@ -207,7 +232,9 @@ impl PyHighThroughput {
     /// Combine: expert outputs `x` (`bf16 [num_recv, hidden]`, in the dispatch's receive order)
     /// back to their homes, summed in rank order into `out` (`bf16 [N, hidden]`); with
     /// `topk_weights` (`float32 [num_recv, k]`), their sums into `out_weights` (`float32 [N, k]`).
-    #[pyo3(signature = (stream, handle, x, out, topk_weights = None, out_weights = None, bias = None))]
+    /// `x` may hold more rows than were received (a dispatch that did not wait for the counts:
+    /// the capacity, or fewer if at least the received count).
+    #[pyo3(signature = (stream, handle, x, out, topk_weights = None, out_weights = None, bias = None, bias1 = None))]
     #[allow(clippy::too_many_arguments)]
     fn combine(
         &self,
@@ -218,24 +245,27 @@ impl PyHighThroughput {
         topk_weights: Option<&Bound<'_, PyAny>>,
         out_weights: Option<&Bound<'_, PyAny>>,
         bias: Option<&Bound<'_, PyAny>>,
+        bias1: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let dev = self.g.device() as i64;
         let h = &handle.h;
         let (n, k, hd) = (h.layout().num_tokens(), h.layout().k(), self.buf()?.config().hidden);
-        let r = h.num_recv().ok_or_else(|| invalid("handle", "its dispatch did not wait for the counts".into()))?;
-        let xi = check("x", x, &["torch.bfloat16"], &[Some(r), Some(hd)], dev)?;
+        let xi = check("x", x, &["torch.bfloat16"], &[h.num_recv(), Some(hd)], dev)?;
+        let r = xi.shape[0];
         let oi = check("out", out, &["torch.bfloat16"], &[Some(n), Some(hd)], dev)?;
         let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(r), Some(k)], dev)).transpose()?;
         let owi = out_weights.map(|w| check("out_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
         let bi = bias.map(|b| check("bias", b, &["torch.bfloat16"], &[Some(n), Some(hd)], dev)).transpose()?;
+        let b1i = bias1.map(|b| check("bias", b, &["torch.bfloat16"], &[Some(n), Some(hd)], dev)).transpose()?;
         let (xr, or) = (Raw::<bf16>::of(&xi), Raw::<bf16>::of(&oi));
         let wr = wi.as_ref().map(Raw::<f32>::of);
         let owr = owi.as_ref().map(Raw::<f32>::of);
         let br = bi.as_ref().map(Raw::<bf16>::of);
+        let b1r = b1i.as_ref().map(Raw::<bf16>::of);
         let args = ht::CombineArgs {
             x: &xr,
             topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
-            bias: [br.as_ref().map(|b| b as &dyn DeviceArg<bf16>), None],
+            bias: [br.as_ref().map(|b| b as &dyn DeviceArg<bf16>), b1r.as_ref().map(|b| b as &dyn DeviceArg<bf16>)],
             out: &or,
             out_weights: owr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
         };

@@ -16,6 +16,7 @@
 mod errors;
 mod group;
 mod ht;
+mod live;
 mod ll;
 mod tensors;
 mod torch_shim;
@@ -31,6 +32,22 @@ use tensors::{_shim_layout_proven, check_tensor_py, tensor_path};
 #[pyfunction]
 fn device_count() -> PyResult<usize> {
     moe_ep::device_count().map_err(py_err)
+}
+
+/// Symmetric-heap bytes per rank of a low-latency buffer (a size hint).
+#[pyfunction]
+fn ll_heap_bytes(world: usize, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<u64> {
+    let cfg = moe_ep::ll::LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank);
+    cfg.validate(world, u32::MAX).map_err(py_err)?;
+    Ok(cfg.heap_bytes(world))
+}
+
+/// Symmetric-heap bytes per rank of a high-throughput buffer (a size hint).
+#[pyfunction]
+fn ht_heap_bytes(world: usize, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<u64> {
+    let cfg = moe_ep::ht::HtConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank, world);
+    cfg.validate(world, u32::MAX).map_err(py_err)?;
+    Ok(cfg.heap_bytes(world))
 }
 
 #[pymodule]
@@ -51,6 +68,8 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHtLayout>()?;
     m.add_class::<PyHtHandle>()?;
     m.add_function(wrap_pyfunction!(device_count, m)?)?;
+    m.add_function(wrap_pyfunction!(ll_heap_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(ht_heap_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_path, m)?)?;
     m.add_function(wrap_pyfunction!(_shim_layout_proven, m)?)?;

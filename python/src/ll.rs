@@ -2,11 +2,14 @@
 
 use crate::errors::*;
 use crate::group::{PyGroup, stream_of};
+use crate::live::{Live, lock};
 use crate::tensors::*;
 use half::bf16;
 use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
 use moe_ep::{DeviceArg, Group, TopkIdx};
 use pyo3::prelude::*;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The handle of one low-latency dispatch.
@@ -30,32 +33,34 @@ impl PyLlHandle {
 }
 
 /// A hook-mode low-latency combine whose receive half has not run.
-#[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep", unsendable)]
+#[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep")]
 pub(crate) struct PyLlCombinePending {
-    pending: Option<moe_ep::ll::CombinePending<'static>>,
+    pending: Mutex<Option<moe_ep::ll::CombinePending<'static>>>,
     /// The tensors the receive half reads and writes (`topk_idx`, `topk_weights`, `out`),
     /// kept alive by this object (see `combine`'s SAFETY comment).
     _tensors: Vec<Py<PyAny>>,
 }
 
-/// The low-latency buffer (decode): dispatch and combine on torch tensors. Used from the thread
-/// that made it (as a rank's serving loop does).
-#[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", unsendable)]
+/// The low-latency buffer (decode): dispatch and combine on torch tensors. Usable from any
+/// thread (calls are serialised by a lock; a hook may run on another thread than its call).
+#[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep")]
 pub(crate) struct PyLowLatency {
     g: Group,
     /// `None` once destroyed.
-    buf: Option<LlBuffer>,
-    /// CPU microseconds the last dispatch or combine spent in the Rust API (the launch), so
-    /// the binding's own share of a call can be measured in the same process.
-    last_api_us: f64,
+    buf: Mutex<Option<LlBuffer>>,
+    /// CPU microseconds (f64 bits) the last dispatch or combine spent in the Rust API (the
+    /// launch), so the binding's own share of a call can be measured in the same process.
+    last_api_us: AtomicU64,
 }
 
 impl PyLowLatency {
-    fn buf(&self) -> PyResult<&LlBuffer> {
-        self.buf.as_ref().ok_or_else(destroyed)
+    /// The buffer, locked (the error of a destroyed one).
+    fn buf(&self) -> PyResult<Live<'_, LlBuffer>> {
+        Live::of(&self.buf)
     }
-    fn buf_mut(&mut self) -> PyResult<&mut LlBuffer> {
-        self.buf.as_mut().ok_or_else(destroyed)
+
+    fn set_api_us(&self, t0: Instant) {
+        self.last_api_us.store((t0.elapsed().as_secs_f64() * 1e6).to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -64,8 +69,8 @@ impl PyLowLatency {
     /// Collective: releases the buffer on every rank (DeepEP's `destroy`); the GIL is released
     /// while it waits. Dropping it instead runs no collective (its memory is kept until every
     /// rank has dropped it).
-    fn destroy(&mut self, py: Python<'_>) -> PyResult<()> {
-        let buf = self.buf.take().ok_or_else(destroyed)?;
+    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
+        let buf = lock(&self.buf).take().ok_or_else(destroyed)?;
         py.allow_threads(|| buf.destroy()).map_err(py_err)
     }
 
@@ -73,16 +78,18 @@ impl PyLowLatency {
     #[new]
     fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<Self> {
         let buf = LlBuffer::new(&group.g, LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank)).map_err(py_err)?;
-        Ok(PyLowLatency { g: group.g.clone(), buf: Some(buf), last_api_us: 0.0 })
+        Ok(PyLowLatency { g: group.g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0) })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
     /// (`float32 [N, k]`) travel with the rows (needed for the pre-reduced combine).
     /// `scale_format`: "f32", "f32_pow2" or "ue8m0" (FP8 only).
-    #[pyo3(signature = (stream, x, topk_idx, topk_weights = None, use_fp8 = true, scale_format = "f32", column_major_scales = false, hook = false))]
+    /// `stats` (`int32 [E_local]`): the received rows per local expert are added to it
+    /// (DeepEP's `cumulative_local_expert_recv_stats`).
+    #[pyo3(signature = (stream, x, topk_idx, topk_weights = None, use_fp8 = true, scale_format = "f32", column_major_scales = false, hook = false, stats = None))]
     #[allow(clippy::too_many_arguments)]
     fn dispatch(
-        &mut self,
+        &self,
         stream: usize,
         x: &Bound<'_, PyAny>,
         topk_idx: &Bound<'_, PyAny>,
@@ -91,6 +98,7 @@ impl PyLowLatency {
         scale_format: &str,
         column_major_scales: bool,
         hook: bool,
+        stats: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyLlHandle> {
         let dev = self.g.device() as i64;
         let hd = self.buf()?.config().hidden;
@@ -105,10 +113,14 @@ impl PyLowLatency {
             "ue8m0" => ScaleFormat::Ue8m0,
             other => return Err(invalid("scale_format", format!("{other:?} is not one of \"f32\", \"f32_pow2\", \"ue8m0\""))),
         };
+        let epr = self.buf()?.config().num_experts / self.g.world();
+        let si = stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], dev)).transpose()?;
         let (xr, tr) = (Raw::<bf16>::of(&xi), Raw::<i64>::of(&ti));
         let wr = wi.as_ref().map(Raw::<f32>::of);
+        let sr = si.as_ref().map(Raw::<i32>::of);
         let args = DispatchArgs {
             topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+            stats: sr.as_ref().map(|st| st as &dyn DeviceArg<i32>),
             payload: if use_fp8 { Payload::Fp8(fmt) } else { Payload::Bf16 },
             scale_layout: if column_major_scales { ScaleLayout::ColumnMajor } else { ScaleLayout::RowMajor },
             hook,
@@ -116,15 +128,28 @@ impl PyLowLatency {
         };
         let s = stream_of(&self.g, stream);
         let t0 = Instant::now();
-        let (h, _) = self.buf_mut()?.dispatch(&s, &args).map_err(py_err)?;
-        self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
+        let (h, _) = self.buf()?.dispatch(&s, &args).map_err(py_err)?;
+        self.set_api_us(t0);
         Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales })
     }
 
-    /// The receive half of a hook-mode dispatch.
-    fn dispatch_recv(&mut self, stream: usize, handle: &mut PyLlHandle) -> PyResult<()> {
+    /// The receive half of a hook-mode dispatch (`stats` as in `dispatch`: the receive half
+    /// counts the rows).
+    #[pyo3(signature = (stream, handle, stats = None))]
+    fn dispatch_recv(&self, stream: usize, handle: &mut PyLlHandle, stats: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let epr = self.buf()?.config().num_experts / self.g.world();
+        let si =
+            stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], self.g.device() as i64)).transpose()?;
+        let sr = si.as_ref().map(Raw::<i32>::of);
         let s = stream_of(&self.g, stream);
-        self.buf_mut()?.dispatch_recv(&s, &mut handle.h, None).map(|_| ()).map_err(py_err)
+        self.buf()?.dispatch_recv(&s, &mut handle.h, sr.as_ref().map(|st| st as &dyn DeviceArg<i32>)).map(|_| ()).map_err(py_err)
+    }
+
+    /// Finishes hook-mode calls whose hooks were dropped without being called (see
+    /// `LlBuffer::recover_pending_hooks`): `(dispatch finished, combine drained)`.
+    fn recover_pending_hooks(&self, stream: usize) -> PyResult<(bool, bool)> {
+        let s = stream_of(&self.g, stream);
+        self.buf()?.recover_pending_hooks(&s).map_err(py_err)
     }
 
     /// DLPack capsules viewing what `handle` received: `(x, scales or None, count, src_info)`.
@@ -175,7 +200,7 @@ impl PyLowLatency {
     #[pyo3(signature = (stream, handle, x, topk_idx, out, topk_weights = None, pre_reduced = false, hook = false))]
     #[allow(clippy::too_many_arguments)]
     fn combine(
-        &mut self,
+        &self,
         stream: usize,
         handle: &PyLlHandle,
         x: Option<&Bound<'_, PyAny>>,
@@ -186,7 +211,7 @@ impl PyLowLatency {
         hook: bool,
     ) -> PyResult<Option<PyLlCombinePending>> {
         let dev = self.g.device() as i64;
-        let cfg = self.buf()?.config();
+        let cfg = *self.buf()?.config();
         let (n, hd) = (handle.num_tokens, cfg.hidden);
         let epr = cfg.num_experts / self.g.world();
         let rows = self.g.world() * cfg.max_tokens_per_rank;
@@ -212,14 +237,14 @@ impl PyLowLatency {
         let s = stream_of(&self.g, stream);
         let t0 = Instant::now();
         let (pending, _) = self.buf()?.combine(&s, &handle.h, &args).map_err(py_err)?;
-        self.last_api_us = t0.elapsed().as_secs_f64() * 1e6;
+        self.set_api_us(t0);
         let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
         // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch tensors,
         // which own their memory), so they stay allocated until `combine_recv` has queued the
         // receive half on `stream` and the pending object is dropped; torch's caching allocator
         // orders their later reuse on that same stream (the package runs the hook on the
         // combine's stream) after the receive half.
-        Ok(pending.map(|p| PyLlCombinePending { pending: Some(unsafe { p.into_unbound() }), _tensors: tensors }))
+        Ok(pending.map(|p| PyLlCombinePending { pending: Mutex::new(Some(unsafe { p.into_unbound() })), _tensors: tensors }))
     }
 
     /// CPU microseconds the last `dispatch` or `combine` spent inside the Rust API (checks of
@@ -227,16 +252,17 @@ impl PyLowLatency {
     /// time is the binding's.
     #[getter]
     fn last_api_us(&self) -> f64 {
-        self.last_api_us
+        f64::from_bits(self.last_api_us.load(Ordering::Relaxed))
     }
 
     /// The receive half of a hook-mode combine (once per pending combine).
-    fn combine_recv(&self, stream: usize, pending: &mut PyLlCombinePending) -> PyResult<()> {
-        let p = pending.pending.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
+    fn combine_recv(&self, stream: usize, pending: &PyLlCombinePending) -> PyResult<()> {
+        let mut slot = lock(&pending.pending);
+        let p = slot.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
         let s = stream_of(&self.g, stream);
         // A refused call leaves the pending half in place, to run on its own buffer.
         self.buf()?.combine_recv(&s, p).map_err(py_err)?;
-        pending.pending = None;
+        *slot = None;
         Ok(())
     }
 
@@ -245,9 +271,9 @@ impl PyLowLatency {
     fn combine_input(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<PyObject> {
         let py = slf.py();
         let me = slf.borrow();
-        let cfg = me.buf()?.config();
+        let cfg = *me.buf()?.config();
         let shape = [cfg.num_experts / me.g.world(), me.g.world() * cfg.max_tokens_per_rank, cfg.hidden];
-        let v = me.buf()?.combine_input(&handle.h).map_err(py_err)?;
-        dlpack(py, v.device_addr(), &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())
+        let addr = me.buf()?.combine_input(&handle.h).map_err(py_err)?.device_addr();
+        dlpack(py, addr, &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())
     }
 }

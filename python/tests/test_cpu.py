@@ -124,7 +124,97 @@ def main():
     assert moe_ep._rendezvous_addr(["a", "b"], 0) == "10.1.2.3"
     os.environ["MOE_EP_MASTER_ADDR"] = "10.9.9.9"
     assert moe_ep._rendezvous_addr(["a", "b"], 4) == "10.9.9.9"
+    check_deep_ep_surface()
     print("moe_ep CPU checks passed")
+
+
+# DeepEP's public API as vLLM and SGLang call it (../shared/ENGINES.md): every name, and the
+# parameters of every call, in DeepEP's order.
+DEEP_EP_SIGNATURES = {
+    "Buffer.__init__": "self group num_nvl_bytes num_rdma_bytes low_latency_mode num_qps_per_rank allow_nvlink_for_low_latency_mode allow_mnnvl explicitly_destroy enable_shrink comm",
+    "Buffer.get_dispatch_layout": "self topk_idx num_experts previous_event async_finish allocate_on_comm_stream",
+    "Buffer.dispatch": "self x handle num_tokens_per_rank num_tokens_per_rdma_rank is_token_in_rank num_tokens_per_expert topk_idx topk_weights expert_alignment num_worst_tokens config previous_event async_finish allocate_on_comm_stream",
+    "Buffer.combine": "self x handle topk_weights bias config previous_event async_finish allocate_on_comm_stream",
+    "Buffer.low_latency_dispatch": "self x topk_idx num_max_dispatch_tokens_per_rank num_experts cumulative_local_expert_recv_stats dispatch_wait_recv_cost_stats use_fp8 round_scale use_ue8m0 async_finish return_recv_hook",
+    "Buffer.low_latency_combine": "self x topk_idx topk_weights handle use_logfmt zero_copy async_finish return_recv_hook out combine_wait_recv_cost_stats",
+    "Buffer.get_next_low_latency_combine_buffer": "self handle",
+    "Buffer.clean_low_latency_buffer": "self num_max_dispatch_tokens_per_rank hidden num_experts",
+    "Buffer.get_low_latency_rdma_size_hint": "num_max_dispatch_tokens_per_rank hidden num_ranks num_experts",
+    "Buffer.get_dispatch_config": "num_ranks",
+    "Buffer.get_combine_config": "num_ranks",
+    "Buffer.set_num_sms": "new_num_sms",
+    "Buffer.capture": "",
+    "Buffer.destroy": "self",
+    "Buffer.get_comm_stream": "self",
+    "Buffer.get_local_buffer_tensor": "self dtype size offset use_rdma_buffer",
+    "Config.__init__": "self num_sms num_max_nvl_chunked_send_tokens num_max_nvl_chunked_recv_tokens num_max_rdma_chunked_send_tokens num_max_rdma_chunked_recv_tokens",
+    "Config.get_nvl_buffer_size_hint": "self hidden_bytes num_ranks",
+    "Config.get_rdma_buffer_size_hint": "self hidden_bytes num_ranks",
+    "EventOverlap.__init__": "self event extra_tensors",
+    "EventOverlap.current_stream_wait": "self",
+}
+
+
+def check_deep_ep_surface():
+    """moe_ep.deep_ep without a GPU (and without torch): names, signatures, what it refuses."""
+    import inspect
+
+    import moe_ep.deep_ep as deep_ep
+
+    for name in ("Buffer", "Config", "EventOverlap", "topk_idx_t", "install"):
+        assert hasattr(deep_ep, name), name
+    for path, params in DEEP_EP_SIGNATURES.items():
+        cls, meth = path.split(".")
+        got = " ".join(inspect.signature(getattr(getattr(deep_ep, cls), meth)).parameters)
+        assert got == params, f"deep_ep.{path}({got}) differs from DeepEP's ({params})"
+    assert deep_ep.Buffer.num_sms == 20 and deep_ep.Buffer.is_sm90_compiled()
+    # `import deep_ep` finds this module after one line.
+    deep_ep.install()
+    import deep_ep as aliased
+
+    assert aliased is deep_ep
+    # Size hints (and their checks) need no GPU.
+    assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) > 0
+    assert deep_ep.Config(24).get_nvl_buffer_size_hint(7168 * 2, 8) > 0 and deep_ep.Config().get_rdma_buffer_size_hint(7168 * 2, 8) == 0
+    cfg = deep_ep.Buffer.get_dispatch_config(8)
+    assert cfg.num_sms == deep_ep.Buffer.num_sms
+    try:
+        deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7000, 8, 256)
+        raise AssertionError("hidden 7000 was accepted")
+    except moe_ep.InvalidArgument as e:
+        assert e.argument == "hidden", e.argument
+    try:
+        deep_ep.Buffer.set_num_sms(1)
+        raise AssertionError("1 SM was accepted")
+    except moe_ep.InvalidArgument as e:
+        assert e.argument == "new_num_sms", e.argument
+    deep_ep.Buffer.set_num_sms(24)
+    assert deep_ep.Buffer.num_sms == 24
+    deep_ep.Buffer.set_num_sms(20)
+    # What cannot be done here is a NotImplementedError naming the argument, never a TypeError.
+    refusals = [
+        (lambda: deep_ep.Buffer(None, enable_shrink=True), "enable_shrink"),
+        (lambda: deep_ep.Buffer(None, comm=object()), "comm"),
+        (lambda: deep_ep.Buffer(None, allow_nvlink_for_low_latency_mode=False), "allow_nvlink_for_low_latency_mode"),
+    ]
+    b = object.__new__(deep_ep.Buffer)
+    refusals += [
+        (lambda: b.low_latency_combine(None, None, None, None, use_logfmt=True), "use_logfmt"),
+        (lambda: b.low_latency_combine(None, None, None, None, combine_wait_recv_cost_stats=object()), "combine_wait_recv_cost_stats"),
+        (lambda: b.low_latency_dispatch(None, None, 128, 256, dispatch_wait_recv_cost_stats=object()), "dispatch_wait_recv_cost_stats"),
+        (lambda: b.dispatch(None, num_tokens_per_rdma_rank=object()), "num_tokens_per_rdma_rank"),
+        (lambda: b.get_local_buffer_tensor(None), "get_local_buffer_tensor"),
+        (lambda: b.low_latency_update_mask_buffer(0), "enable_shrink"),
+        (lambda: b.low_latency_query_mask_buffer(None), "enable_shrink"),
+        (lambda: b.low_latency_clean_mask_buffer(), "enable_shrink"),
+    ]
+    for call, name in refusals:
+        try:
+            call()
+            raise AssertionError(f"{name}: accepted")
+        except NotImplementedError as e:
+            assert f"`{name}`" in str(e), str(e)
+    print(f"moe_ep.deep_ep: {len(DEEP_EP_SIGNATURES)} signatures as DeepEP's, {len(refusals)} refusals named")
 
 
 if __name__ == "__main__":

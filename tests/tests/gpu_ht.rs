@@ -438,11 +438,11 @@ fn gpu2_buffer_drop_and_destroy() -> Result<()> {
     })
 }
 
-/// Corrupt indices in the receive buffers are reported, never followed: after every rank's
-/// dispatch, each rank overwrites its received rows, their source token indices and the
-/// combine staging (keeping the handle), then combines. The token indices read are out of
-/// range; the kernels must report `BadIndex` (here, or passed on by a peer) instead of writing
-/// through them into another rank's memory.
+/// Corrupt indices in received data are reported, never followed: after every rank's
+/// dispatch, each rank overwrites its handle's copy of the received rows' source tokens (as
+/// memory overwritten under it would), then combines. The token indices read are out of range;
+/// the kernels must report `BadIndex` (here, or passed on by a peer) instead of writing through
+/// them into another rank's memory.
 fn gpu2_ht_corrupt_indices_are_reported() -> Result<()> {
     run_both_modes("gpu2_ht_corrupt_indices_are_reported", |g, seed| {
         let (hd, k, t) = (256, 4, 64);
@@ -460,11 +460,48 @@ fn gpu2_ht_corrupt_indices_are_reported() -> Result<()> {
         let (h, _) = buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
         let y = upload(&s, &buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
         g.barrier()?;
-        buf.corrupt_received_for_testing(&s, 0xEE)?;
+        buf.corrupt_handle_for_testing(&s, &h, 0xEE)?;
         g.barrier()?;
         let args = CombineArgs { x: &y, topk_weights: None, bias: [None, None], out: &out, out_weights: None };
         expect_bad_index(buf.combine(&s, &h, &args).and_then(|_| buf.check()), "a combine over corrupt receive metadata")?;
         println!("rank {}: the corrupt metadata was reported: {:?}", g.rank(), g.failure());
+        Ok(())
+    })
+}
+
+/// Two dispatches in flight (two micro-batches): dispatch A, dispatch B (other tokens and
+/// routing), then combine A and combine B. Each handle keeps what its combine needs, so both
+/// combines are exact although B's dispatch overwrote A's received rows in the buffer.
+fn gpu2_ht_two_dispatches_in_flight() -> Result<()> {
+    run_both_modes("gpu2_ht_two_dispatches_in_flight", |g, seed| {
+        let (hd, k, t) = (1024, 8, 256);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let me = g.rank();
+        let s = g.stream().clone();
+        let mut buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
+        let mut batches = Vec::new();
+        for b in 0..2u64 {
+            let mut rng = Rng::new(seed ^ (b + 1).wrapping_mul(0x9e37) ^ me as u64);
+            let n = t - 37 * b as usize;
+            let (idx_h, w_h) = gen_routing(&mut rng, n, k, e, world, Routing::Scores, 0.0);
+            let x_h = gen_bf16(&mut rng, n * hd, 1.0);
+            let x = upload(&s, &x_h.iter().map(|&v| bf16::from_bits(v)).collect::<Vec<_>>())?;
+            let idx = upload(&s, &idx_h)?;
+            let wts = upload(&s, &w_h)?;
+            let layout = buf.layout(&s, TopkIdx::I64(&idx), k)?;
+            let (h, _) = buf.dispatch(&s, &layout, &DispatchArgs::bf16(&x, TopkIdx::I64(&idx), &wts))?;
+            // The expert outputs: the received rows themselves (identity experts), copied out.
+            let y = upload(&s, &buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
+            batches.push((n, x_h, idx_h, h, y));
+        }
+        for (b, (n, x_h, idx_h, h, y)) in batches.iter().enumerate() {
+            let out = poisoned(&s, n * hd, bf16::from_bits(0xFFFF))?;
+            buf.combine(&s, h, &CombineArgs { x: y, topk_weights: None, bias: [None, None], out: &out, out_weights: None })?;
+            let got: Vec<u16> = out.to_vec(&s)?.iter().map(|v| v.to_bits()).collect();
+            compare(&format!("combine of dispatch {b} of 2 in flight"), &got, &identity_combine(x_h, idx_h, k, e, world, hd))?;
+        }
+        buf.check()?;
         Ok(())
     })
 }
@@ -482,6 +519,7 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ht_busy_stream_is_not_a_failure", gpu2_ht_busy_stream_is_not_a_failure),
         ("gpu2_ht_handle_dropped_under_queued_combine", gpu2_ht_handle_dropped_under_queued_combine),
         ("gpu2_buffer_drop_and_destroy", gpu2_buffer_drop_and_destroy),
+        ("gpu2_ht_two_dispatches_in_flight", gpu2_ht_two_dispatches_in_flight),
         ("gpu2_ht_corrupt_indices_are_reported", gpu2_ht_corrupt_indices_are_reported),
     ])
 }

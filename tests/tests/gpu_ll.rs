@@ -248,13 +248,17 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
         expect_refused(b.combine(&s, &h, &cargs), "ForeignHandle", "a combine through another buffer")?;
         let (pending, _) = a.combine(&s, &h, &cargs)?;
         let mut pending = pending.context("hook mode returns the receive half")?;
-        // While the receive half is pending, no other combine starts.
-        expect_refused(a.combine(&s, &h, &cargs), "PendingHook", "a combine while another's receive half is pending")?;
+        // Two combines may be pending (one per half, two micro-batches in flight); a third would
+        // reuse the first one's half.
+        let (second, _) = a.combine(&s, &h, &cargs)?;
+        let mut second = second.context("hook mode returns the receive half")?;
+        expect_refused(a.combine(&s, &h, &cargs), "PendingHook", "a third combine while two receive halves are pending")?;
         // The other buffer refuses the pending half and leaves it whole: the owner then runs it,
         // once.
         expect_refused(b.combine_recv(&s, &mut pending), "ForeignHandle", "a pending combine of another buffer")?;
         a.combine_recv(&s, &mut pending)?;
         expect_refused(a.combine_recv(&s, &mut pending), "StaleHandle", "a receive half run twice")?;
+        a.combine_recv(&s, &mut second)?;
         a.check()?;
         let zero_copy = CombineArgs {
             x: CombineInput::ZeroCopy,
@@ -276,8 +280,12 @@ fn gpu2_ll_misuse_is_refused() -> Result<()> {
         a.recv_src_info(&hh)?;
         a.recv_x_bf16(&hh)?;
         expect_refused(a.combine(&s, &hh, &zero_copy), "PendingHook", "a combine before the dispatch's receive half")?;
-        expect_refused(a.dispatch(&s, &hook_args), "PendingHook", "a dispatch before the previous one's receive half")?;
+        // A second hook-mode dispatch goes to the other half (two micro-batches in flight); a
+        // third would reuse the first one's half.
+        let (mut hh2, _) = a.dispatch(&s, &hook_args)?;
+        expect_refused(a.dispatch(&s, &hook_args), "PendingHook", "a third dispatch while two receive halves are pending")?;
         a.dispatch_recv(&s, &mut hh, None)?;
+        a.dispatch_recv(&s, &mut hh2, None)?;
         a.combine(&s, &hh, &zero_copy)?;
         a.check()?;
         // Grids and configurations that differ across ranks.
@@ -450,11 +458,11 @@ fn gpu2_ll_corrupt_indices_are_reported() -> Result<()> {
     })
 }
 
-/// Hooks dropped without being called do not wedge the buffer: a hook-mode dispatch whose
-/// handle is dropped, then a hook-mode combine whose pending receive is dropped, each leave the
-/// buffer refusing the next call (`PendingHook`) until `recover_pending_hooks` finishes them
-/// (the dispatch received, the combine drained); a kept pending combine is then refused, and
-/// the next dispatch and combine are exact.
+/// Hooks dropped without being called do not wedge the buffer: two hook-mode dispatches whose
+/// handles are dropped, then two hook-mode combines whose pending receives are not run, leave
+/// the buffer refusing the next call (`PendingHook`: it would reuse a pending half) until
+/// `recover_pending_hooks` finishes them (the dispatches received, the combines drained); a
+/// kept pending combine is then refused, and the next dispatch and combine are exact.
 fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
     run_both_modes("gpu2_ll_abandoned_hooks_recover", |g, seed| {
         let (hd, k, t) = (1024, 4, 32);
@@ -470,10 +478,12 @@ fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
         let idx = upload(&s, &idx_h)?;
         let wts = upload(&s, &w_h)?;
         let args = |hook| DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
-        // The hook-mode dispatch's handle is dropped at once, its receive half never run.
+        // Two hook-mode dispatches whose handles are dropped at once, their receive halves never
+        // run: a third dispatch would reuse the first one's half.
         let _ = buf.dispatch(&s, &args(true))?;
-        expect_refused(buf.dispatch(&s, &args(false)), "PendingHook", "a dispatch after a dropped dispatch hook")?;
-        anyhow::ensure!(buf.recover_pending_hooks(&s)? == (true, false), "recovery did not find the pending dispatch");
+        let _ = buf.dispatch(&s, &args(true))?;
+        expect_refused(buf.dispatch(&s, &args(false)), "PendingHook", "a dispatch after two dropped dispatch hooks")?;
+        anyhow::ensure!(buf.recover_pending_hooks(&s)? == (true, false), "recovery did not find the pending dispatches");
         let (h, _) = buf.dispatch(&s, &args(false))?;
         let y = upload(&s, &buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
@@ -487,8 +497,10 @@ fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
         };
         let (pending, _) = buf.combine(&s, &h, &cargs(true))?;
         let mut kept = pending.context("hook mode returns the receive half")?;
-        expect_refused(buf.combine(&s, &h, &cargs(false)), "PendingHook", "a combine after an unfinished combine hook")?;
-        anyhow::ensure!(buf.recover_pending_hooks(&s)? == (false, true), "recovery did not find the pending combine");
+        let (dropped, _) = buf.combine(&s, &h, &cargs(true))?;
+        drop(dropped);
+        expect_refused(buf.combine(&s, &h, &cargs(false)), "PendingHook", "a combine after two unfinished combine hooks")?;
+        anyhow::ensure!(buf.recover_pending_hooks(&s)? == (false, true), "recovery did not find the pending combines");
         expect_refused(buf.combine_recv(&s, &mut kept), "StaleHandle", "a receive half that recovery drained")?;
         drop(kept);
         buf.combine(&s, &h, &cargs(false))?;

@@ -105,6 +105,9 @@ if [ "$what" = mps ]; then
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
             timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/mps$n-python.log" 2>&1; rc=$?
           echo "=== python test_gpu.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "passed|Error|assert" "$out/mps$n-python.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
+          MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+            timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_deep_ep.py" > "$out/mps$n-python-deep-ep.log" 2>&1; rc=$?
+          echo "=== python test_deep_ep.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|passed|Error|assert" "$out/mps$n-python-deep-ep.log" | head -n 16; [ "$rc" -eq 0 ] || status=1
           # A rank killed mid-decode: torchrun itself then exits non-zero, so count the
           # survivors' verdicts (its agent looks at its workers only every 10 s).
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
@@ -151,6 +154,8 @@ if [ "$what" = python ]; then
   for n in 2 "$gpus"; do
     PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
     echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
+    PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_deep_ep.py" > "$out/python-deep-ep-$n.log" 2>&1; rc=$?
+    echo "=== python deep_ep, $n ranks: exit $rc"; grep -E "^rank 0|passed|Error|assert" "$out/python-deep-ep-$n.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   done
   # A rank killed mid-decode at every GPU: count the survivors' verdicts (torchrun itself exits
   # non-zero when a worker is killed).
@@ -225,6 +230,7 @@ pub fn build(root: &Path) -> Result<()> {
         ("examples/overhead.py", "overhead.py"),
         ("tests/test_tensor_paths.py", "test_tensor_paths.py"),
         ("tests/test_kill.py", "test_kill.py"),
+        ("tests/test_deep_ep.py", "test_deep_ep.py"),
     ] {
         std::fs::copy(root.join("python").join(from), dir.join("python").join(to))?;
     }

@@ -144,6 +144,17 @@ pub(crate) unsafe fn memset_d8_async(ptr: u64, v: u8, bytes: usize, stream: &Cud
     unsafe { result::memset_d8_async(ptr, v, bytes, stream.cu_stream()) }
 }
 
+/// `cuMemcpyDtoDAsync`: `bytes` from device address `src` to device address `dst`, in stream
+/// order.
+///
+/// # Safety
+/// Both ranges must be device memory of the stream's context, valid until the copy has run,
+/// and `dst` used by nothing else meanwhile.
+pub(crate) unsafe fn copy_device_async(dst: u64, src: u64, bytes: usize, stream: &CudaStream) -> Result<(), DriverError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+}
+
 /// Stream-ordered copy of `dst.len()` elements from device address `src` to the host, then a
 /// stream synchronisation.
 ///

@@ -130,7 +130,9 @@ pub struct HtCombineParams {
     pub out_weights: u64,
     /// `i32 [N, R]` from the layout (this rank as sender): finds this rank's own rows in `y`.
     pub token_pos: u64,
-    pub recv_src_off: u64,
+    /// `i32 [capacity]`: the source token of each received row, the handle's own copy of what
+    /// the dispatch left in the heap (so a combine of an older dispatch still finds it).
+    pub recv_src: u64,
     pub comb_x_off: u64,
     pub comb_w_off: u64,
     /// Heap offset of the row flags `u32 [R][max_tokens]`: 1 once expert rank `r`'s row for a
