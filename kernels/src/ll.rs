@@ -590,18 +590,33 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     let reduced = p.mode == combine_mode::PRE_REDUCED;
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
+        let me = control(&p.peers, rank);
+        // This combine's number on this half; the last receive block stores it at the end, so
+        // every block reads the same value here.
+        let seq = core::ptr::read_volatile(half_slot(&raw mut (*me).ll_combine_seq, p.half)).wrapping_add(1);
         if p.stages & stage::SEND != 0 {
-            if reduced {
-                combine_send_reduced(&p, &w);
-            } else {
-                combine_send(&p, &w);
+            if ctaid_x() == 0 && tid_x() < w.world {
+                // This rank's receive half of the previous combine on this half has ended (it
+                // is earlier on the stream): peers may write the half again.
+                st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*control(&p.peers, tid_x())).ll_combine_free, p.half, rank), seq);
             }
-            mark(p.trace, trace::SENT);
-            signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_combine_arrive, p.half, rank));
-            mark(p.trace, trace::SIGNALLED);
+            // Before any store, every destination must have started this combine on the half
+            // (its previous receive there has ended). A destination that never does is
+            // reported, and this block sends and signals nothing (the peers time out too).
+            let free = tid_x() >= w.world
+                || w.wait_reached(half_rank_slot(&raw mut (*me).ll_combine_free, p.half, tid_x()), seq, phase::LL_COMBINE_SEND, tid_x());
+            if bar_red_and_pred_0(free) {
+                if reduced {
+                    combine_send_reduced(&p, &w);
+                } else {
+                    combine_send(&p, &w);
+                }
+                mark(p.trace, trace::SENT);
+                signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_combine_arrive, p.half, rank));
+                mark(p.trace, trace::SIGNALLED);
+            }
         }
         if p.stages & stage::RECV != 0 {
-            let me = control(&p.peers, rank);
             let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), p.send_blocks, phase::LL_COMBINE_RECV);
             mark(p.trace, trace::ARRIVED);
             // No output: a drain (`LlBuffer::recover_pending_hooks`) only takes the arrivals.
@@ -618,6 +633,9 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
                 for s in 0..w.world {
                     st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*me).ll_combine_arrive, p.half, s), 0);
                 }
+            }
+            if last {
+                core::ptr::write_volatile(half_slot(&raw mut (*me).ll_combine_seq, p.half), seq);
             }
         }
         mark(p.trace, trace::END);

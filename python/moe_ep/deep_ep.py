@@ -492,24 +492,31 @@ class Buffer:
     # ----- low-latency (decode) -----
 
     def _ll_recv(self, ll, h, tokens):
-        """New tensor objects viewing what ``h`` received (views of one buffer half: valid
-        until the dispatch after next, as DeepEP's)."""
+        """``(recv_x, recv_count, src_info)`` viewing what ``h`` received (one of the buffer's
+        two halves: valid until the dispatch after next, as DeepEP's). The tensor objects are
+        made once per half and format and handed out again while they are intact; one that
+        the caller altered (SGLang's ``x.set_(empty)``, a ``resize_``) is replaced by a new
+        view, so no caller's change reaches a later call. (New objects on every call would cost
+        about 18 us of host time per dispatch: ``python/README.md``.)"""
         key = (id(ll), h.view_key)
-        base = self._ll_views.get(key)
-        if base is None:
-            rx, sc, count, src = ll.recv_views(h)
-            rx = torch.from_dlpack(rx)
-            if h.view_key[1]:
-                rx = rx.view(torch.float8_e4m3fn)
-            rows = self.group_size * tokens
-            sc = None if sc is None else torch.from_dlpack(sc)
-            base = self._ll_views[key] = (rx, sc, torch.from_dlpack(count), torch.from_dlpack(src), rows)
-        rx, sc, count, src, rows = base
-        recv_x = rx.view(rx.shape)
+        views = self._ll_views.get(key)
+        if views is not None:
+            recv_x, count, src, marks = views
+            parts = recv_x if isinstance(recv_x, tuple) else (recv_x,)
+            if all(t.data_ptr() == ptr and t.shape == shape for t, (ptr, shape) in zip(parts, marks)):
+                return recv_x, count, src
+        rx, sc, count, src = ll.recv_views(h)
+        rx = torch.from_dlpack(rx)
+        if h.view_key[1]:
+            rx = rx.view(torch.float8_e4m3fn)
+        recv_x = rx
         if sc is not None:
             # Column-major, as DeepEP's: the [E, groups, rows] storage seen as [E, rows, groups].
-            recv_x = (recv_x, sc.transpose(1, 2)[:, :rows])
-        return recv_x, count.view(count.shape), src.view(src.shape)
+            recv_x = (rx, torch.from_dlpack(sc).transpose(1, 2)[:, : self.group_size * tokens])
+        parts = recv_x if isinstance(recv_x, tuple) else (recv_x,)
+        marks = tuple((t.data_ptr(), t.shape) for t in parts)
+        views = self._ll_views[key] = (recv_x, torch.from_dlpack(count), torch.from_dlpack(src), marks)
+        return views[:3]
 
     def low_latency_dispatch(
         self,

@@ -39,9 +39,10 @@ def gather(t):
     pad = torch.zeros((n, *t.shape[1:]), dtype=t.dtype)
     pad[: t.shape[0]] = t.cpu()
     out = [torch.zeros_like(pad) for _ in range(world)]
-    if t.dtype == torch.bfloat16:
-        view = [o.view(torch.int16) for o in out]
-        dist.all_gather(view, pad.view(torch.int16))
+    if t.dtype in (torch.bfloat16, torch.int16):
+        # (gloo all-gathers neither bfloat16 nor int16: their bytes travel as uint8.)
+        view = [o.view(torch.uint8) for o in out]
+        dist.all_gather(view, pad.view(torch.uint8))
     else:
         dist.all_gather(out, pad)
     return [o[: int(s)].cuda() for o, s in zip(out, sizes)]

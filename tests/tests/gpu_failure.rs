@@ -130,40 +130,26 @@ fn gpu2_abort_stops_every_rank() -> Result<()> {
 
 /// `check` waits for this rank's own kernels only, never for another stream of the context
 /// (torch's, NCCL's: in serving, one stuck behind a dead peer): a stream that is not the
-/// library's is blocked on the GPU (`cuStreamWaitValue32` on a word nobody has written), and
-/// `check` after a barrier must return at once. A context synchronisation would wait until the
-/// word is written, 3 s later.
+/// library's is held for 3 s by a host function (`cuLaunchHostFunc`), and a barrier and `check`
+/// must return within 1 s meanwhile. A context synchronisation would wait the 3 s.
 fn gpu2_check_ignores_other_streams() -> Result<()> {
+    extern "C" fn hold_3s(_: *mut std::ffi::c_void) {
+        std::thread::sleep(Duration::from_secs(3));
+    }
     run_both_modes("gpu2_check_ignores_other_streams", |g, _seed| {
         use cudarc::driver::sys;
-        use moe_ep::DeviceArg;
-        let word = g.stream().alloc_zeros::<u32>(1)?;
-        g.stream().synchronize()?;
         let blocked = g.context().new_stream()?;
-        // SAFETY: `word` is a live u32 of this context until the release below has run.
-        unsafe {
-            sys::cuStreamWaitValue32_v2(blocked.cu_stream(), word.device_addr(), 1, sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_GEQ as u32)
-        }
-        .result()?;
-        let release = {
-            let (ctx, addr) = (g.context().clone(), word.device_addr());
-            std::thread::spawn(move || -> Result<()> {
-                std::thread::sleep(Duration::from_secs(3));
-                let s = ctx.new_stream()?;
-                // SAFETY: as above.
-                unsafe { sys::cuMemsetD32Async(addr, 1, 1, s.cu_stream()) }.result()?;
-                s.synchronize()?;
-                Ok(())
-            })
-        };
+        // SAFETY: a host function that only sleeps (it makes no CUDA call), with no data.
+        unsafe { sys::cuLaunchHostFunc(blocked.cu_stream(), Some(hold_3s), std::ptr::null_mut()) }.result()?;
         let t0 = Instant::now();
         let r = g.barrier();
         let took = t0.elapsed();
-        release.join().map_err(|_| anyhow::anyhow!("the release thread panicked"))??;
         blocked.synchronize()?;
+        let held = t0.elapsed();
         r?;
-        ensure!(took < Duration::from_secs(1), "a barrier and check took {took:?} with another stream of the context blocked");
-        println!("rank {}: barrier + check in {took:?} while another stream of the context was blocked", g.rank());
+        ensure!(held >= Duration::from_millis(2500), "the other stream was held only {held:?}: the test tested nothing");
+        ensure!(took < Duration::from_secs(1), "a barrier and check took {took:?} with another stream of the context held for 3 s");
+        println!("rank {}: barrier + check in {took:?} while another stream of the context was held for 3 s", g.rank());
         Ok(())
     })
 }

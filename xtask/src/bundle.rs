@@ -7,7 +7,7 @@ use std::process::Command;
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
 # usage: run.sh [all|tests|isolated|mps|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
-#        run.sh mps [tests|python|soak|bench]...   (default: all four)
+#        run.sh mps [tests|python|soak|bench|overhead]...   (default: the first four)
 # Logs and the benchmark report go to $OUT (or ./out beside this script).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -52,11 +52,13 @@ if [ "$what" = mps ]; then
   # Not part of `all`: on a one-GPU machine, the whole multi-process stack with every rank a
   # process on GPU 0 under CUDA MPS (a correctness check: no figure from it says anything about
   # NVLink). A private MPS control daemon (own pipe and log directories) runs for the duration
-  # and is stopped at the end, also when a step fails or times out. Parts (default all): tests
+  # and is stopped at the end, also when a step fails or times out. Parts (default: all but
+  # overhead): tests
   # (every multi-rank test binary at each rank count of MPS_RANKS, default "2 3 4 8", one log
   # per binary and rank count), python (the torchrun example and the Python tests at each rank
   # count), soak (SOAK_ITERS iterations, default 3000, at 4 ranks, at most SOAK_SECONDS), bench
-  # (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip). MPS_ROOT
+  # (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip), overhead
+  # (python/overhead.py at 2 ranks: the host time per call of each Python face). MPS_ROOT
   # names the daemon's directory (default: a fresh one under /tmp).
   parts=${*:-tests python soak bench}
   set --
@@ -112,17 +114,24 @@ if [ "$what" = mps ]; then
           # survivors' verdicts (its agent looks at its workers only every 10 s).
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
             timeout 120 python3 -m torch.distributed.run --monitor-interval 10 --nproc-per-node "$n" "$here/python/test_kill.py" > "$out/mps$n-python-kill.log" 2>&1
-          passes=$(grep -c "^PASS" "$out/mps$n-python-kill.log")
+          passes=$(grep -o "PASS rank" "$out/mps$n-python-kill.log" | wc -l)
           echo "=== python kill test, $n ranks sharing GPU 0 (MPS): $passes of $(( n - 1 )) survivors passed"; grep -E "^(PASS|FAIL)|Error" "$out/mps$n-python-kill.log" | head -n 10
           [ "$passes" -eq $(( n - 1 )) ] || status=1
         done ;;
       soak)
         timeout $(( ${SOAK_SECONDS:-120} + 60 )) "$here/bin/moe-ep-soak" --shared-gpu --ranks 4 --iters "${SOAK_ITERS:-3000}" --seconds "${SOAK_SECONDS:-120}" > "$out/mps-soak.log" 2>&1; rc=$?
         echo "=== soak, 4 ranks sharing GPU 0 (MPS): exit $rc"; tail -n 4 "$out/mps-soak.log"; [ "$rc" -eq 0 ] || status=1 ;;
+      overhead)
+        # Host CPU time per low-latency call through each Python face (the GPU figures it also
+        # prints are of ranks sharing one GPU: not NVLink figures).
+        py=/tmp/moe-ep-python; [ -d "$py" ] || python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl
+        MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+          timeout 300 python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$out/mps-python-overhead.log" 2>&1; rc=$?
+        echo "=== python overhead, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|Error" "$out/mps-python-overhead.log" | head -n 20; [ "$rc" -eq 0 ] || status=1 ;;
       bench)
         timeout 300 "$here/bin/moe-ep-bench" p2p ll --quick --shared-gpu --ranks 2 > "$out/mps-bench.log" 2>&1; rc=$?
         echo "=== benchmark smoke run, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "SHARED GPU|round trip" "$out/mps-bench.log" | head -n 6; [ "$rc" -eq 0 ] || status=1 ;;
-      *) echo "run.sh mps: unknown part $part (tests, python, soak, bench)"; status=1 ;;
+      *) echo "run.sh mps: unknown part $part (tests, python, soak, bench, overhead)"; status=1 ;;
     esac
   done
   exit $status
@@ -160,7 +169,7 @@ if [ "$what" = python ]; then
   # A rank killed mid-decode at every GPU: count the survivors' verdicts (torchrun itself exits
   # non-zero when a worker is killed).
   PYTHONPATH="$py" timeout 120 python3 -m torch.distributed.run --monitor-interval 10 --nproc-per-node "$gpus" "$here/python/test_kill.py" > "$out/python-kill.log" 2>&1
-  passes=$(grep -c "^PASS" "$out/python-kill.log")
+  passes=$(grep -o "PASS rank" "$out/python-kill.log" | wc -l)
   echo "=== python kill test, $gpus ranks: $passes of $(( gpus - 1 )) survivors passed"; grep -E "^(PASS|FAIL)|Error" "$out/python-kill.log" | head -n 10
   [ "$passes" -eq $(( gpus - 1 )) ] || status=1
   for shim in 1 0; do

@@ -228,7 +228,10 @@ pub struct Control {
     pub notify_seq: u32,
     /// Low-latency combine: blocks done per half (local, self-cleaning).
     pub ll_combine_done: [u32; 2],
-    pub _pad0: [u32; 4],
+    /// Low-latency combine: how many combines this rank has run on each half (local; the last
+    /// block of a combine's receive half stores it).
+    pub ll_combine_seq: [u32; 2],
+    pub _pad0: [u32; 2],
     /// High-throughput notify: flag per (parity, source) holding the source's call counter.
     pub notify_flags: [[u32; MAX_RANKS]; 2],
     /// High-throughput dispatch: blocks of each source whose rows have landed.
@@ -246,6 +249,12 @@ pub struct Control {
     /// started on each half. Starting dispatch `n` on a half ends rank `s`'s views of dispatch
     /// `n - 1` on it, so a sender may write rank `s`'s half for dispatch `n` once this reaches `n`.
     pub ll_free: [[u32; MAX_RANKS]; 2],
+    /// Low-latency combine: slot `s` holds the number of the combine rank `s` last started on
+    /// each half. A combine reuses its half two combines later; starting combine `n` on a half
+    /// means rank `s`'s receive half of combine `n - 1` on it has ended (stream order and the
+    /// host's pending-hook check), so a sender may write rank `s`'s half for combine `n` once
+    /// this reaches `n` (two combines may be pending, one per half).
+    pub ll_combine_free: [[u32; MAX_RANKS]; 2],
     /// Tests: arrival counters written by peers (cumulative, never reset).
     pub test_flags: [u32; MAX_RANKS],
     /// Flag ping-pong: slot `s` written by rank `s` (the host zeroes it before each run).
