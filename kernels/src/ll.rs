@@ -37,10 +37,12 @@ use crate::ptx::{
     abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base, fma_rn_f32,
     globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32, ld_global_u32,
     ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32,
-    shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32, st_global_u64, st_global_v4_u32,
-    st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+    red_relaxed_sys_global_add_u32, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32,
+    st_global_u64, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
-use crate::sync::{Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, signal_all_ranks, wait_all_sources};
+use crate::sync::{
+    Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, signal_all_ranks, wait_all_sources, wait_all_sources_reached,
+};
 
 /// Vectors in flight per lane in the BF16 row copies and the combine reduction.
 const UNROLL: usize = 4;
@@ -85,7 +87,12 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
             }
         }
         if p.stages & stage::RECV != 0 {
-            let ok = wait_all_sources(&w, |s| half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, s), p.send_blocks, phase::LL_DISPATCH_RECV);
+            // At least this dispatch's blocks of every source: a block of a source's next
+            // dispatch on the half that sends this rank nothing signals without waiting for this
+            // rank's flag, so with two dispatches pending its arrival may already be counted
+            // (a source's arrivals come in dispatch order; the rows stay guarded by the flag).
+            let ok =
+                wait_all_sources_reached(&w, |s| half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, s), p.send_blocks, phase::LL_DISPATCH_RECV);
             mark(p.trace, trace::ARRIVED);
             if ok {
                 dispatch_recv(&p, &w);
@@ -135,7 +142,8 @@ unsafe fn finish_dispatch(p: &LlDispatchParams, w: &Waiter, ok: bool, seq: u32) 
             j += ntid_x();
         }
         if ok && tid_x() < world {
-            st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, tid_x()), 0);
+            // Takes this dispatch's arrivals away, keeping any of the next one's.
+            red_relaxed_sys_global_add_u32(half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, tid_x()), p.send_blocks.wrapping_neg());
         }
         if tid_x() == 0 {
             core::ptr::write_volatile(half_slot(&raw mut (*me).ll_dispatch_seq, h), seq);
@@ -603,7 +611,9 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
             // Before any store, every destination must have started this combine on the half
             // (its previous receive there has ended). A destination that never does is
             // reported, and this block sends and signals nothing (the peers time out too).
+            // (This rank's own half is free by stream order: no wait on block 0's store.)
             let free = tid_x() >= w.world
+                || tid_x() == rank
                 || w.wait_reached(half_rank_slot(&raw mut (*me).ll_combine_free, p.half, tid_x()), seq, phase::LL_COMBINE_SEND, tid_x());
             if bar_red_and_pred_0(free) {
                 if reduced {

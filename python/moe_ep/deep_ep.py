@@ -498,12 +498,11 @@ class Buffer:
         the caller altered (SGLang's ``x.set_(empty)``, a ``resize_``) is replaced by a new
         view, so no caller's change reaches a later call. (New objects on every call would cost
         about 18 us of host time per dispatch: ``python/README.md``.)"""
-        key = (id(ll), h.view_key)
+        key = h.view_key
         views = self._ll_views.get(key)
         if views is not None:
-            recv_x, count, src, marks = views
-            parts = recv_x if isinstance(recv_x, tuple) else (recv_x,)
-            if all(t.data_ptr() == ptr and t.shape == shape for t, (ptr, shape) in zip(parts, marks)):
+            recv_x, count, src, (t0, p0, s0, t1, p1, s1) = views
+            if t0.data_ptr() == p0 and t0.shape == s0 and (t1 is None or (t1.data_ptr() == p1 and t1.shape == s1)):
                 return recv_x, count, src
         rx, sc, count, src = ll.recv_views(h)
         rx = torch.from_dlpack(rx)
@@ -513,8 +512,8 @@ class Buffer:
         if sc is not None:
             # Column-major, as DeepEP's: the [E, groups, rows] storage seen as [E, rows, groups].
             recv_x = (rx, torch.from_dlpack(sc).transpose(1, 2)[:, : self.group_size * tokens])
-        parts = recv_x if isinstance(recv_x, tuple) else (recv_x,)
-        marks = tuple((t.data_ptr(), t.shape) for t in parts)
+        t0, t1 = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
+        marks = (t0, t0.data_ptr(), t0.shape, t1, None if t1 is None else t1.data_ptr(), None if t1 is None else t1.shape)
         views = self._ll_views[key] = (recv_x, torch.from_dlpack(count), torch.from_dlpack(src), marks)
         return views[:3]
 

@@ -105,10 +105,16 @@ def check_ll_received(recv_x, count, handle, want, use_fp8, ue8m0, what):
             assert torch.equal(recv_x[e, :c], ref), f"{what}: expert {e}: received rows differ"
 
 
+_SCALES = {}
+
+
 def expert_outputs(recv_x, count, epr):
     """bf16 ``[E_local, R * T, H]``: received row times the expert's scale (the received BF16
-    rows; rows past the count are whatever the buffer holds)."""
-    scale = torch.tensor([expert_scale(e) for e in range(epr)], device="cuda").view(epr, 1, 1)
+    rows; rows past the count are whatever the buffer holds). The scales are made once, before
+    any graph capture."""
+    scale = _SCALES.get(epr)
+    if scale is None:
+        scale = _SCALES[epr] = torch.tensor([expert_scale(e) for e in range(epr)], device="cuda").view(epr, 1, 1)
     return (recv_x.float() * scale).to(torch.bfloat16)
 
 

@@ -484,6 +484,7 @@ fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
         let _ = buf.dispatch(&s, &args(true))?;
         expect_refused(buf.dispatch(&s, &args(false)), "PendingHook", "a dispatch after two dropped dispatch hooks")?;
         anyhow::ensure!(buf.recover_pending_hooks(&s)? == (true, false), "recovery did not find the pending dispatches");
+        buf.check().context("after recovering the dispatches")?;
         let (h, _) = buf.dispatch(&s, &args(false))?;
         let y = upload(&s, &buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
@@ -499,8 +500,10 @@ fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
         let mut kept = pending.context("hook mode returns the receive half")?;
         let (dropped, _) = buf.combine(&s, &h, &cargs(true))?;
         drop(dropped);
+        buf.check().context("after the two combines' send halves")?;
         expect_refused(buf.combine(&s, &h, &cargs(false)), "PendingHook", "a combine after two unfinished combine hooks")?;
         anyhow::ensure!(buf.recover_pending_hooks(&s)? == (false, true), "recovery did not find the pending combines");
+        buf.check().context("after draining the combines")?;
         expect_refused(buf.combine_recv(&s, &mut kept), "StaleHandle", "a receive half that recovery drained")?;
         drop(kept);
         buf.combine(&s, &h, &cargs(false))?;
