@@ -36,7 +36,7 @@ run_tests() {
   shift
   for t in "${bins[@]}"; do
     name=$(basename "$t")
-    timeout "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/$prefix-${name%%-*}.log" 2>&1
+    timeout -k 10 "${TEST_LIMIT:-600}" "$t" --test-threads=1 --nocapture "$@" > "$out/$prefix-${name%%-*}.log" 2>&1
     rc=$?
     echo "=== $name$label: exit $rc"
     [ "$rc" -eq 0 ] || status=1
