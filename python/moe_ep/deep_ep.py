@@ -449,12 +449,20 @@ class Buffer:
                 base = torch.from_dlpack(h.src_base(self._device))
                 prefix[:, self.rank].copy_(base[1:])
                 recv_x, recv_scales, recv_idx, recv_w, recv_src = outs
+                # Made here, on the communication stream: the caller's stream uses them too.
+                made = []
                 if scales is not None:
                     recv_x = recv_x.view(torch.float8_e4m3fn)
                     if ue8m0:
                         recv_scales = _f32_to_ue8m0(recv_scales)
+                        made.append(recv_scales)
                     recv_x = (recv_x, recv_scales)
-                recv_idx = recv_idx.to(torch.int64) if recv_idx is not None else None
+                if recv_idx is not None:
+                    recv_idx = recv_idx.to(torch.int64)
+                    made.append(recv_idx)
+                if not allocate_on_comm_stream:
+                    for t in made:
+                        t.record_stream(compute)
         counts = list(h.expert_counts) if (h.expert_counts is not None and not num_worst_tokens) else []
         if handle is None:
             handle = _HtHandle((prefix, None, None, recv_src, in_rank_t, None))
