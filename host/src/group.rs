@@ -584,6 +584,11 @@ impl Group {
         self.inner.work.mark(stream)
     }
 
+    /// Orders a buffer's next launch on `stream` after its previous one (see [`crate::work::StreamChain`]).
+    pub(crate) fn follow(&self, chain: &crate::work::StreamChain, stream: &CudaStream) -> Result<()> {
+        chain.follow(&self.inner.work, stream)
+    }
+
     fn check_inner(&self) -> Result<()> {
         self.wait_own_work("check (waiting for its kernels)")?;
         let s = &self.inner.poll_stream;

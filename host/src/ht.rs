@@ -386,7 +386,10 @@ pub struct CombineArgs<'a> {
 }
 
 /// A high-throughput buffer: the symmetric heap holding every rank's receive rows and
-/// combine staging, plus the host-mapped word that tells the host the received count.
+/// combine staging, plus the host-mapped word that tells the host the received count. Its
+/// launches may be made on any streams of the group's GPU: a launch on another stream than the
+/// buffer's previous one first waits for that stream (outside CUDA graph capture), so the
+/// buffer's kernels run in the order of the calls.
 pub struct HtBuffer {
     /// The group (a clone: the buffer owns its share).
     g: Group,
@@ -400,6 +403,8 @@ pub struct HtBuffer {
     /// cannot combine: the fill overwrote the combine's staging flags).
     poisoned_after: u64,
     last: std::cell::Cell<LastOp>,
+    /// The stream of the latest launch: a launch on another stream waits for it.
+    chain: crate::work::StreamChain,
 }
 
 impl HtBuffer {
@@ -411,7 +416,18 @@ impl HtBuffer {
         let hl = cfg.heap_layout(g.world());
         let heap = g.new_heap(hl.total)?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
-        Ok(HtBuffer { g: g.clone(), cfg, hl, heap, host, ticket: 0, generation: 0, poisoned_after: 0, last: std::cell::Cell::new(LastOp::None) })
+        Ok(HtBuffer {
+            g: g.clone(),
+            cfg,
+            hl,
+            heap,
+            host,
+            ticket: 0,
+            generation: 0,
+            poisoned_after: 0,
+            last: std::cell::Cell::new(LastOp::None),
+            chain: Default::default(),
+        })
     }
 
     /// The configuration.
@@ -608,6 +624,7 @@ impl HtBuffer {
             host_ticket: self.ticket,
         };
         let (g, layout) = (self.g.clone(), h.layout.clone());
+        self.g.follow(&self.chain, stream)?;
         g.ordered(stream, &args.streams(&layout), || {
             g.launch(Kernel::HtNotify, 1, 256, 0, stream, &p)?;
             self.launch_dispatch(stream, h, args)
@@ -631,6 +648,7 @@ impl HtBuffer {
         }
         self.check_dispatch_args(h, args)?;
         self.check_layout_unchanged(h)?;
+        self.g.follow(&self.chain, stream)?;
         self.g.launch_barrier_on(stream, &self.heap, 1, 0)?;
         let g = self.g.clone();
         let layout = h.layout.clone();
@@ -881,6 +899,7 @@ impl HtBuffer {
             }
             check_len("out_weights", w.elems(), n * k, || format!("[{n}, {k}] f32"))?;
         }
+        self.g.follow(&self.chain, stream)?;
         if self.last.get() == LastOp::Combine {
             // A second combine of the same dispatch: peers must not write staging rows that
             // this rank may still be reducing.
@@ -951,6 +970,7 @@ impl HtBuffer {
     }
 
     fn fill_received(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        self.g.follow(&self.chain, stream)?;
         let from = self.hl.recv_x;
         let bytes = (self.hl.total - from) as usize;
         // SAFETY: the range lies inside this rank's heap; the caller's stream orders it after

@@ -278,7 +278,9 @@ impl CombinePending<'_> {
     }
 }
 
-/// A low-latency buffer.
+/// A low-latency buffer. Its launches may be made on any streams of the group's GPU: a launch
+/// on another stream than the buffer's previous one first waits for that stream (outside CUDA
+/// graph capture), so the buffer's kernels always run in the order of the calls.
 pub struct LlBuffer {
     /// The group (a clone: the buffer owns its share).
     g: Group,
@@ -304,6 +306,8 @@ pub struct LlBuffer {
     trace: Option<(crate::driver::DeviceAlloc, usize)>,
     /// Testing: whether launches stamp the trace tables.
     tracing: bool,
+    /// The stream of the latest launch: a launch on another stream waits for it.
+    chain: crate::work::StreamChain,
 }
 
 /// Testing: the GPU timestamps (`%globaltimer`, ns) the last traced dispatch and combine
@@ -342,6 +346,7 @@ impl LlBuffer {
             reuse_guard: std::env::var_os("MOE_EP_TESTING_NO_LL_REUSE_GUARD").is_none(),
             trace: None,
             tracing: false,
+            chain: Default::default(),
         })
     }
 
@@ -507,6 +512,7 @@ impl LlBuffer {
             ("stats", args.stats.and_then(|s| s.owning_stream())),
         ];
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
+        self.g.follow(&self.chain, stream)?;
         self.g.ordered(stream, &streams, || self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p))?;
         self.dispatches += 1;
         self.pending_dispatch[half] = args.hook.then_some((self.dispatches, args.payload, args.scale_layout));
@@ -554,6 +560,7 @@ impl LlBuffer {
             p.stats = s.device_addr();
         }
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
+        self.g.follow(&self.chain, stream)?;
         self.g.ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || {
             self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p)
         })?;
@@ -801,6 +808,7 @@ impl LlBuffer {
     }
 
     fn launch_combine(&self, stream: &Arc<CudaStream>, p: &LlCombineParams) -> Result<()> {
+        self.g.follow(&self.chain, stream)?;
         let smem = ll_combine_smem_bytes(self.epr() as u32);
         self.g.launch(Kernel::LlCombine, self.cfg.num_blocks, self.cfg.threads, smem, stream, p)
     }
@@ -844,6 +852,13 @@ impl LlBuffer {
     /// fill. Counters are left alone. Every rank calls it at the same point between calls.
     /// Every handle of an earlier dispatch is stale from then on (its metadata is overwritten).
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        // A pending receive half reads the metadata the fill overwrites, and a poisoned handle
+        // could then never be received or recovered: finish or recover the hooks first.
+        if self.pending_dispatch.iter().any(Option::is_some) || self.pending_combine.get().iter().any(Option::is_some) {
+            return Err(Error::PendingHook {
+                reason: "poison while a hook-mode receive half is pending (call the hook, or LlBuffer::recover_pending_hooks, first)".into(),
+            });
+        }
         self.poisoned_after = self.dispatches;
         self.fill_received(stream, byte)?;
         self.g.launch_barrier_on(stream, &self.heap, 1, 0)
@@ -858,6 +873,7 @@ impl LlBuffer {
     }
 
     fn fill_received(&self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        self.g.follow(&self.chain, stream)?;
         for half in 0..2 {
             let base = self.heap.local_ptr() + self.half_off(half);
             let bytes = (self.hl.slot_counter - self.hl.recv_x) as usize;

@@ -91,3 +91,35 @@ impl OwnWork {
         }
     }
 }
+
+/// The stream of a buffer's latest launch. The kernels' flags and counters assume that a
+/// buffer's launches run in the order they were made; a launch on another stream than the
+/// previous one therefore first waits for the previous stream's mark (the event [`OwnWork`]
+/// re-records after every launch there: one wait, only when the stream changes). Only the raw
+/// handle is kept, never the stream: a caller's stream may be gone by the next call, and then
+/// its mark is either complete (pruned or not, nothing to wait for) or still owned by `OwnWork`.
+/// While the new stream is being captured into a CUDA graph nothing is joined: a graph's
+/// launches are ordered by the stream it replays on.
+#[derive(Default)]
+pub(crate) struct StreamChain {
+    last: Mutex<usize>,
+}
+
+impl StreamChain {
+    /// Orders the next launch on `stream` after every earlier launch of the buffer.
+    pub(crate) fn follow(&self, work: &OwnWork, stream: &CudaStream) -> Result<()> {
+        let key = stream.cu_stream() as usize;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if *last != 0 && *last != key {
+            let capturing = stream.capture_status().during("cuStreamIsCapturing", || "ordering a buffer's launches".into())?;
+            if capturing == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                let marks = work.marks.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, ev)) = marks.iter().find(|(k, _)| *k == *last) {
+                    stream.wait(ev).during("cuStreamWaitEvent", || "ordering a launch after the buffer's previous stream".into())?;
+                }
+            }
+        }
+        *last = key;
+        Ok(())
+    }
+}

@@ -179,6 +179,7 @@ class Buffer:
         self._ll_views = {}
         self._ht = None
         self._ht_key = None
+        self._min_sms = None
         self._device = self._group.device
         self._comm_stream = torch.cuda.Stream(device=self._device)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -310,8 +311,13 @@ class Buffer:
         return part
 
     def _num_sms(self, config):
+        """The high-throughput grid: the config's (or ``Buffer.num_sms``), capped by the
+        smallest SM share of the group (the same on every rank; learnt collectively at the
+        first high-throughput call, which every rank makes)."""
         want = config.num_sms if config is not None else Buffer.num_sms
-        return max(2, min(int(want), self._group.sm_count))
+        if self._min_sms is None:
+            self._min_sms = self._group.min_sm_count()
+        return max(2, min(int(want), self._min_sms))
 
     # ----- streams (high-throughput calls run on the communication stream) -----
 
@@ -338,11 +344,13 @@ class Buffer:
 
     @staticmethod
     def _own(tensors, compute, comm, allocate_on_comm_stream):
-        """Tensors allocated on `compute` but written on `comm`: recorded on `comm` too."""
-        if not allocate_on_comm_stream:
-            for t in tensors:
-                if t is not None:
-                    t.record_stream(comm)
+        """Outputs are used on both streams: those allocated on `compute` (written on `comm`)
+        are recorded on `comm`, those allocated on `comm` (read by the caller on `compute`) on
+        `compute`, as DeepEP does."""
+        other = compute if allocate_on_comm_stream else comm
+        for t in tensors:
+            if t is not None:
+                t.record_stream(other)
 
     # ----- high-throughput (prefill) -----
 
@@ -406,14 +414,16 @@ class Buffer:
         xs, scales = x if isinstance(x, tuple) else (x, None)
         hidden = xs.shape[1]
         ue8m0 = scales is not None and scales.dtype == torch.int32
-        if scales is not None:
-            scales = _ue8m0_to_f32(scales, hidden // 128) if ue8m0 else scales.contiguous()
         with self._lock:
             compute, comm = self._begin(previous_event)
             with torch.cuda.stream(comm):
                 for t in (xs, scales, topk_idx, topk_weights):
                     if t is not None:
                         t.record_stream(comm)
+                # On the communication stream, after `previous_event` (the caller's inputs are
+                # ready from there).
+                if scales is not None:
+                    scales = _ue8m0_to_f32(scales, hidden // 128) if ue8m0 else scales.contiguous()
                 if handle is None:
                     if topk_idx is None:
                         raise _invalid("topk_idx", "a dispatch without a handle needs topk_idx")
@@ -435,19 +445,27 @@ class Buffer:
                     n_tokens, in_rank_t = handle._num_tokens, handle[4]
                 rx, rs, ridx, rw, rsrc = part.recv_views(h)
                 rows = h.num_recv if h.num_recv is not None else num_worst_tokens
-                if num_worst_tokens and rows > num_worst_tokens:
-                    raise _invalid("num_worst_tokens", f"{num_worst_tokens} rows, but this rank received {rows}")
+                if num_worst_tokens and torch.from_dlpack(rx).shape[0] < num_worst_tokens:
+                    raise _invalid(
+                        "num_worst_tokens",
+                        f"{num_worst_tokens} rows, but the high-throughput part receives at most {torch.from_dlpack(rx).shape[0]} (num_nvl_bytes)",
+                    )
                 views = [torch.from_dlpack(c)[:rows] if c is not None else None for c in (rx, rs, ridx, rw, rsrc)]
             with torch.cuda.stream(self._alloc_stream(compute, comm, allocate_on_comm_stream)):
                 outs = [torch.empty_like(v) if v is not None else None for v in views]
-                prefix = torch.full((self.group_size, self.group_size), -1, dtype=torch.int32, device=xs.device)
+                prefix = torch.empty((self.group_size, self.group_size), dtype=torch.int32, device=xs.device)
             self._own(outs + [prefix], compute, comm, allocate_on_comm_stream)
             with torch.cuda.stream(comm):
                 for o, v in zip(outs, views):
                     if o is not None:
                         o.copy_(v)
                 base = torch.from_dlpack(h.src_base(self._device))
+                prefix.fill_(-1)
                 prefix[:, self.rank].copy_(base[1:])
+                if num_worst_tokens and outs[2] is not None:
+                    # Rows past what arrived hold no token: their expert ids are -1, as DeepEP's.
+                    past = torch.arange(rows, device=xs.device) >= base[self.group_size]
+                    outs[2].masked_fill_(past[:, None], -1)
                 recv_x, recv_scales, recv_idx, recv_w, recv_src = outs
                 # Made here, on the communication stream: the caller's stream uses them too.
                 made = []

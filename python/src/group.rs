@@ -135,6 +135,10 @@ impl PyGroup {
     fn sm_count(&self) -> u32 {
         self.g.sm_count()
     }
+    /// Collective: the smallest SM share of every rank (a grid every rank can launch).
+    fn min_sm_count(&self, py: Python<'_>) -> PyResult<u32> {
+        py.allow_threads(|| self.g.min_sm_count()).map_err(py_err)
+    }
     /// Ranks on this rank's GPU (1 unless `MOE_EP_SHARE_GPU=1` let processes share it).
     #[getter]
     fn gpu_sharers(&self) -> usize {

@@ -292,8 +292,13 @@ def main():
     assert torch.equal(recv_w, ref_w), f"rank {rank}: received weights differ"
     ref_counts = [int((ref_idx == e).sum()) for e in range(epr)]
     assert counts == ref_counts, f"rank {rank}: per-expert counts {counts}, expected {ref_counts}"
-    prefix = hhandle[0]
-    assert int(prefix[world - 1, rank]) == ref_rows.shape[0], "the rank prefix matrix's column differs"
+    def ref_prefix():
+        """DeepEP's rank prefix matrix as moe-ep fills it: this rank's column, -1 elsewhere."""
+        m = torch.full((world, world), -1, dtype=torch.int32, device="cuda")
+        m[:, rank] = torch.tensor([int(v.sum()) for v in mine], dtype=torch.int32).cumsum(0).cuda()
+        return m
+
+    assert torch.equal(hhandle[0], ref_prefix()), f"rank {rank}: rank prefix matrix {hhandle[0].tolist()}"
     combined, combined_w, ev = buf.combine(recv_x, hhandle, topk_weights=recv_w, config=deep_ep.Buffer.get_combine_config(world), previous_event=buf.capture(), async_finish=True, allocate_on_comm_stream=True)
     ev.current_stream_wait()
     torch.cuda.synchronize()
@@ -327,13 +332,30 @@ def main():
     packed = packed.view(torch.int32).cuda()
     (rq, rs), _, _, _, _, _ = buf.dispatch((q, packed), is_token_in_rank=in_rank, num_tokens_per_expert=tpe, topk_idx=hidx, topk_weights=hw)
     ps = gather(packed)
-    assert rs.dtype == torch.int32 and torch.equal(rs, torch.cat([ps[s][mine[s]] for s in range(world)])), "UE8M0 scales differ"
+    ref_packed = torch.cat([ps[s][mine[s]] for s in range(world)])
+    assert rs.dtype == torch.int32 and torch.equal(rs, ref_packed), "UE8M0 scales differ"
+    # DeepEP's ordering contract: with `previous_event`, the dispatch waits for that event only.
+    # A long kernel queued on the caller's stream after it must neither delay nor feed the
+    # dispatch: what the layer makes of the inputs (the UE8M0 scales unpacked, the prefix
+    # matrix's -1 fill) belongs on the communication stream.
+    prev = buf.capture()
+    torch.cuda._sleep(200_000_000)
+    (rq, rs), _, _, _, hh3, ev = buf.dispatch(
+        (q, packed), is_token_in_rank=in_rank, num_tokens_per_expert=tpe, topk_idx=hidx, topk_weights=hw,
+        previous_event=prev, async_finish=True, allocate_on_comm_stream=False,
+    )
+    ev.current_stream_wait()
+    torch.cuda.synchronize()
+    assert torch.equal(rs, ref_packed), "UE8M0 scales differ after previous_event with the caller's stream busy"
+    assert torch.equal(hh3[0], ref_prefix()), f"rank {rank}: rank prefix matrix {hh3[0].tolist()} (caller's stream busy)"
     # num_worst_tokens: no host synchronisation; that many rows, no per-expert list.
     worst = world * T_HT
-    rw_x, _, _, wcounts, _, _ = buf.dispatch(hx, is_token_in_rank=in_rank, num_tokens_per_expert=tpe, topk_idx=hidx, topk_weights=hw, num_worst_tokens=worst)
+    rw_x, rw_idx, _, wcounts, _, _ = buf.dispatch(hx, is_token_in_rank=in_rank, num_tokens_per_expert=tpe, topk_idx=hidx, topk_weights=hw, num_worst_tokens=worst)
     torch.cuda.synchronize()
     assert rw_x.shape == (worst, HIDDEN) and wcounts == [], (rw_x.shape, wcounts)
     assert torch.equal(rw_x[: ref_rows.shape[0]], ref_rows), "num_worst_tokens rows differ"
+    assert torch.equal(rw_idx[: ref_rows.shape[0]], ref_idx), "num_worst_tokens top-k ids differ"
+    assert bool((rw_idx[ref_rows.shape[0] :] == -1).all()), "num_worst_tokens: rows past those received must have top-k ids -1"
     print(f"rank {rank}: high-throughput FP8 (strided f32 and UE8M0 scales) and num_worst_tokens match", flush=True)
 
     # SGLang's two-batch overlap: two dispatches in flight, then both combines.

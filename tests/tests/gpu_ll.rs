@@ -514,6 +514,65 @@ fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
     })
 }
 
+/// A buffer's calls on different streams run in call order: a hook-mode dispatch and its
+/// receive half go on stream `a`, held for 500 ms by a host function first, and the combine of
+/// the received rows on stream `b`. The combine must wait for `a`: run at once, it would send
+/// rows that have not arrived yet.
+fn gpu2_ll_calls_on_two_streams_keep_order() -> Result<()> {
+    extern "C" fn hold_500ms(_: *mut std::ffi::c_void) {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    run_both_modes("gpu2_ll_calls_on_two_streams_keep_order", |g, seed| {
+        let (hd, k, t) = (1024, 4, 32);
+        let world = g.world();
+        let e = experts_for(world, 64);
+        let me = g.rank();
+        let s = g.stream().clone();
+        let (a, b) = (g.context().new_stream()?, g.context().new_stream()?);
+        let mut buf = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
+        let mut rng = Rng::new(seed ^ me as u64);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
+        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&x_h))?;
+        let idx = upload(&s, &idx_h)?;
+        let wts = upload(&s, &w_h)?;
+        let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
+        buf.poison(&s, 0xEE)?;
+        buf.check()?;
+        let t0 = std::time::Instant::now();
+        // SAFETY: a host function that only sleeps (it makes no CUDA call), with no data.
+        unsafe { sys::cuLaunchHostFunc(a.cu_stream(), Some(hold_500ms), std::ptr::null_mut()) }.result()?;
+        let args = DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook: true, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+        let (mut h, _) = buf.dispatch(&a, &args)?;
+        buf.dispatch_recv(&a, &mut h, None)?;
+        let cargs = CombineArgs {
+            x: CombineInput::ZeroCopy,
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: Some(&wts),
+            out: &out,
+            mode: CombineMode::PerExpert,
+            hook: false,
+        };
+        buf.combine(&b, &h, &cargs)?;
+        buf.check()?;
+        let held = t0.elapsed();
+        ensure!(held >= std::time::Duration::from_millis(400), "stream a was held only {held:?}: the test tested nothing");
+        let got: Vec<u16> = bytemuck::cast_slice(&out.to_vec(&s)?).to_vec();
+        compare(
+            "a combine on another stream than its dispatch",
+            &got,
+            &identity_combine(e, hd, k, world, me, &x_h, &idx_h, &w_h, CombineMode::PerExpert),
+        )?;
+        // Poisoning is refused while a receive half is pending (a poisoned pending dispatch
+        // could never be received or recovered).
+        let (mut h2, _) = buf.dispatch(&b, &args)?;
+        expect_refused(buf.poison(&s, 0xEE), "PendingHook", "poison while a dispatch's receive half is pending")?;
+        buf.dispatch_recv(&s, &mut h2, None)?;
+        buf.check()?;
+        Ok(())
+    })
+}
+
 /// An input from another GPU's CUDA context is refused before anything is launched, with an
 /// error naming the argument: rank 0 (one thread per GPU) passes tokens allocated on GPU 1.
 /// Needs two GPUs in one process.
@@ -543,6 +602,7 @@ fn main() -> std::process::ExitCode {
     gpu_main(&[
         ("gpu2x_foreign_context_is_refused", gpu2x_foreign_context_is_refused),
         ("gpu2_ll_abandoned_hooks_recover", gpu2_ll_abandoned_hooks_recover),
+        ("gpu2_ll_calls_on_two_streams_keep_order", gpu2_ll_calls_on_two_streams_keep_order),
         ("gpu2_ll_corrupt_indices_are_reported", gpu2_ll_corrupt_indices_are_reported),
         ("gpu2_ll_formats", gpu2_ll_formats),
         ("gpu2_ll_edges", gpu2_ll_edges),
