@@ -20,6 +20,7 @@ What differs, and why:
   received rows' source token indices, ``handle[4]`` ``is_token_in_rank``.
 """
 
+import functools
 import sys
 import threading
 
@@ -183,7 +184,7 @@ class Buffer:
         self._device = self._group.device
         self._comm_stream = torch.cuda.Stream(device=self._device)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        self._raw_stream = (lambda: raw(self._device)) if raw is not None else (lambda: torch.cuda.current_stream().cuda_stream)
+        self._raw_stream = functools.partial(raw, self._device) if raw is not None else (lambda: torch.cuda.current_stream().cuda_stream)
 
     # ----- static and configuration -----
 
@@ -445,12 +446,13 @@ class Buffer:
                     n_tokens, in_rank_t = handle._num_tokens, handle[4]
                 rx, rs, ridx, rw, rsrc = part.recv_views(h)
                 rows = h.num_recv if h.num_recv is not None else num_worst_tokens
-                if num_worst_tokens and torch.from_dlpack(rx).shape[0] < num_worst_tokens:
+                whole = [torch.from_dlpack(c) if c is not None else None for c in (rx, rs, ridx, rw, rsrc)]
+                if num_worst_tokens and whole[0].shape[0] < num_worst_tokens:
                     raise _invalid(
                         "num_worst_tokens",
-                        f"{num_worst_tokens} rows, but the high-throughput part receives at most {torch.from_dlpack(rx).shape[0]} (num_nvl_bytes)",
+                        f"{num_worst_tokens} rows, but the high-throughput part receives at most {whole[0].shape[0]} (num_nvl_bytes)",
                     )
-                views = [torch.from_dlpack(c)[:rows] if c is not None else None for c in (rx, rs, ridx, rw, rsrc)]
+                views = [v[:rows] if v is not None else None for v in whole]
             with torch.cuda.stream(self._alloc_stream(compute, comm, allocate_on_comm_stream)):
                 outs = [torch.empty_like(v) if v is not None else None for v in views]
                 prefix = torch.empty((self.group_size, self.group_size), dtype=torch.int32, device=xs.device)
@@ -564,10 +566,12 @@ class Buffer:
         valid until the dispatch after next."""
         if dispatch_wait_recv_cost_stats is not None:
             raise _unsupported("dispatch_wait_recv_cost_stats", "the wait-cost statistics are not implemented")
-        if topk_idx.dtype != torch.int64:
-            raise _invalid("topk_idx", f"dtype {topk_idx.dtype}, expected deep_ep.topk_idx_t (torch.int64)")
-        with self._lock:
-            ll = self._ll_part(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1])
+        # (The extension checks every tensor's dtype, shape and device, naming the argument.)
+        ll, key = self._ll, self._ll_key
+        hidden, k = x.shape[1], topk_idx.shape[1]
+        if ll is None or key[0] != num_max_dispatch_tokens_per_rank or key[1] != hidden or key[2] != num_experts or k > key[3]:
+            with self._lock:
+                ll = self._ll_part(num_max_dispatch_tokens_per_rank, hidden, num_experts, k)
         fmt = "ue8m0" if use_ue8m0 else ("f32_pow2" if round_scale else "f32")
         stream = self._raw_stream()
         stats = cumulative_local_expert_recv_stats

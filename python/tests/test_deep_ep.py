@@ -18,7 +18,9 @@ built from every rank's inputs (all-gathered):
 - a rank with no tokens.
 """
 
+import faulthandler
 import gc
+import os
 import threading
 
 import torch
@@ -133,6 +135,8 @@ def close(got, ref, what):
 
 
 def main():
+    # A hang prints every thread's stack and ends the process (well inside run.sh's limit).
+    faulthandler.dump_traceback_later(float(os.environ.get("MOE_EP_TEST_HANG_S", "80")), exit=True)
     dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(moe_ep.local_device())
@@ -223,7 +227,9 @@ def main():
         torch.cuda.set_device(moe_ep.local_device())
         for i, (who, op, mb) in enumerate(order):
             with turn:
-                turn.wait_for(lambda: state["step"] == i or state["error"] is not None)
+                # `>=`: the other thread may already have run step i (and more) by the time
+                # this one looks; only the step's owner must wait for exactly its turn.
+                turn.wait_for(lambda: state["step"] >= i or state["error"] is not None)
                 if state["error"] is not None:
                     return
             if who == me:

@@ -545,8 +545,10 @@ fn gpu2_ll_calls_on_two_streams_keep_order() -> Result<()> {
         let args = DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook: true, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
         let (mut h, _) = buf.dispatch(&a, &args)?;
         buf.dispatch_recv(&a, &mut h, None)?;
+        // Identity experts: the combine's input is the received rows themselves.
+        let y = buf.recv_x_bf16(&h)?;
         let cargs = CombineArgs {
-            x: CombineInput::ZeroCopy,
+            x: CombineInput::Tensor(&y),
             topk_idx: TopkIdx::I64(&idx),
             topk_weights: Some(&wts),
             out: &out,

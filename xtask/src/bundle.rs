@@ -8,7 +8,9 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
 # usage: run.sh [all|tests|isolated|mps|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
 #        run.sh mps [tests|python|soak|bench|overhead]...   (default: the first four)
-# Logs and the benchmark report go to $OUT (or ./out beside this script).
+# Logs and the benchmark report go to $OUT (or ./out beside this script). Time limits: TEST_LIMIT
+# seconds per test binary, PY_LIMIT per Python run (default 600 and 300). session.sh wraps a
+# whole device call.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$here/out}
@@ -102,13 +104,13 @@ if [ "$what" = mps ]; then
         python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
         for n in $ranks; do
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
-            timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/torchrun" > "$out/mps$n-example-torchrun.log" 2>&1; rc=$?
+            timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/torchrun" > "$out/mps$n-example-torchrun.log" 2>&1; rc=$?
           echo "=== example torchrun, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank|FAILED|Error" "$out/mps$n-example-torchrun.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
-            timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/mps$n-python.log" 2>&1; rc=$?
+            timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/mps$n-python.log" 2>&1; rc=$?
           echo "=== python test_gpu.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "passed|Error|assert" "$out/mps$n-python.log" | head -n 12; [ "$rc" -eq 0 ] || status=1
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
-            timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_deep_ep.py" > "$out/mps$n-python-deep-ep.log" 2>&1; rc=$?
+            timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_deep_ep.py" > "$out/mps$n-python-deep-ep.log" 2>&1; rc=$?
           echo "=== python test_deep_ep.py, $n ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|passed|Error|assert" "$out/mps$n-python-deep-ep.log" | head -n 16; [ "$rc" -eq 0 ] || status=1
           # A rank killed mid-decode: torchrun itself then exits non-zero, so count the
           # survivors' verdicts (its agent looks at its workers only every 10 s).
@@ -126,7 +128,7 @@ if [ "$what" = mps ]; then
         # prints are of ranks sharing one GPU: not NVLink figures).
         py=/tmp/moe-ep-python; [ -d "$py" ] || python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl
         MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
-          timeout 300 python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$out/mps-python-overhead.log" 2>&1; rc=$?
+          timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$out/mps-python-overhead.log" 2>&1; rc=$?
         echo "=== python overhead, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|Error" "$out/mps-python-overhead.log" | head -n 20; [ "$rc" -eq 0 ] || status=1 ;;
       bench)
         timeout 300 "$here/bin/moe-ep-bench" p2p ll --quick --shared-gpu --ranks 2 > "$out/mps-bench.log" 2>&1; rc=$?
@@ -146,7 +148,7 @@ if [ "$what" = all ] || [ "$what" = examples ]; then
     timeout 300 "$here/examples/$e" > "$out/example-$e.log" 2>&1; rc=$?
     echo "=== example $e: exit $rc"; cat "$out/example-$e.log"; [ "$rc" -eq 0 ] || status=1
   done
-  MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') timeout 300 \
+  MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') timeout -k 10 "${PY_LIMIT:-300}" \
     python3 -m torch.distributed.run --nproc-per-node "$gpus" --no-python "$here/examples/torchrun" > "$out/example-torchrun.log" 2>&1; rc=$?
   echo "=== example torchrun: exit $rc"; grep -E "^rank|FAILED" "$out/example-torchrun.log"; [ "$rc" -eq 0 ] || status=1
 fi
@@ -161,9 +163,9 @@ if [ "$what" = python ]; then
   py=/tmp/moe-ep-python; rm -rf "$py"
   python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
   for n in 2 "$gpus"; do
-    PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
+    PYTHONPATH="$py" timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
     echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
-    PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_deep_ep.py" > "$out/python-deep-ep-$n.log" 2>&1; rc=$?
+    PYTHONPATH="$py" timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_deep_ep.py" > "$out/python-deep-ep-$n.log" 2>&1; rc=$?
     echo "=== python deep_ep, $n ranks: exit $rc"; grep -E "^rank 0|passed|Error|assert" "$out/python-deep-ep-$n.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   done
   # A rank killed mid-decode at every GPU: count the survivors' verdicts (torchrun itself exits
@@ -176,10 +178,10 @@ if [ "$what" = python ]; then
     MOE_EP_TORCH_SHIM=$shim PYTHONPATH="$py" timeout 120 python3 "$here/python/test_tensor_paths.py" > "$out/python-tensor-paths-$shim.log" 2>&1; rc=$?
     echo "=== python tensor paths (MOE_EP_TORCH_SHIM=$shim): exit $rc"; cat "$out/python-tensor-paths-$shim.log" | tail -n 5; [ "$rc" -eq 0 ] || status=1
   done
-  MOE_EP_TORCH_SHIM=0 PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/overhead.py" > "$out/python-overhead-attributes.log" 2>&1; rc=$?
+  MOE_EP_TORCH_SHIM=0 PYTHONPATH="$py" timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/overhead.py" > "$out/python-overhead-attributes.log" 2>&1; rc=$?
   echo "=== python example overhead, tensor attributes, $gpus ranks: exit $rc"; grep -E "^rank|Error" "$out/python-overhead-attributes.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   for ex in moe_layer overhead; do
-    PYTHONPATH="$py" timeout 300 python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/$ex.py" > "$out/python-$ex.log" 2>&1; rc=$?
+    PYTHONPATH="$py" timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$gpus" "$here/python/$ex.py" > "$out/python-$ex.log" 2>&1; rc=$?
     echo "=== python example $ex, $gpus ranks: exit $rc"; grep -E "^rank|Error" "$out/python-$ex.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   done
 fi
@@ -189,6 +191,36 @@ if [ "$what" = soak ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status
+"#;
+
+const SESSION_SH: &str = r#"#!/usr/bin/env bash
+# One device call: session.sh LIMIT_S [run.sh arguments...]. run.sh writes its logs to a folder
+# in /tmp, which is packed into $OUT/logs.tgz every 15 s and at the end, so a call stopped at its
+# limit still returns what ran; $OUT/summary.log is run.sh's own output. run.sh (and every
+# process it started) is killed after LIMIT_S seconds; an MPS daemon it left is then stopped.
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:?session.sh writes to \$OUT}
+limit=${1:?usage: session.sh LIMIT_S [run.sh arguments...]}
+shift
+logs=$(mktemp -d /tmp/moe-ep-logs.XXXXXX)
+export MPS_ROOT=${MPS_ROOT:-$(mktemp -d /tmp/moe-ep-mps.XXXXXX)}
+snap() { tar -czf "$out/logs.tgz.part" -C "$logs" . 2> /dev/null && mv "$out/logs.tgz.part" "$out/logs.tgz"; }
+( while sleep 15; do snap; done ) &
+snapper=$!
+t0=$(date +%s)
+OUT=$logs timeout -s KILL "$limit" "$here/run.sh" "$@" > "$out/summary.log" 2>&1
+rc=$?
+echo "=== session: run.sh $* exit $rc after $(( $(date +%s) - t0 )) s (limit $limit s)" >> "$out/summary.log"
+kill "$snapper" 2> /dev/null
+if pgrep -x nvidia-cuda-mps > /dev/null; then
+  echo quit | CUDA_MPS_PIPE_DIRECTORY=$MPS_ROOT/pipe nvidia-cuda-mps-control > /dev/null 2>&1
+  sleep 3
+  pgrep -x nvidia-cuda-mps | xargs -r kill -9
+  echo "=== session: stopped the MPS daemon run.sh left; MPS processes left: $(pgrep -x nvidia-cuda-mps | wc -l)" >> "$out/summary.log"
+fi
+snap
+exit $rc
 "#;
 
 pub fn build(root: &Path) -> Result<()> {
@@ -243,16 +275,18 @@ pub fn build(root: &Path) -> Result<()> {
     ] {
         std::fs::copy(root.join("python").join(from), dir.join("python").join(to))?;
     }
-    let run = dir.join("run.sh");
-    std::fs::write(&run, RUN_SH)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))?;
+    for (name, text) in [("run.sh", RUN_SH), ("session.sh", SESSION_SH)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     let size: u64 = walk(&dir)?;
     println!(
-        "gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, the Python wheel, run.sh; {:.1} MiB)",
+        "gpu bundle: {} ({n} test binaries, examples, benchmark, soak, PTX, the Python wheel, run.sh, session.sh; {:.1} MiB)",
         dir.display(),
         size as f64 / (1 << 20) as f64
     );
