@@ -1,45 +1,76 @@
-//! The NVSHMEM spike on GPUs (feature `nvshmem`, issue 13): NVSHMEM bootstrapped on a moe-ep
-//! group by unique id, the probe kernels of `cargo xtask build-ptx --nvshmem` (Rust kernels
-//! linked with NVSHMEM's device bitcode) bound to it, then a put-with-signal round trip between
-//! ranks 0 and 1 and the put bandwidth with every rank putting to the next at once.
+//! NVSHMEM on a moe-ep group (feature `nvshmem`): NVSHMEM bootstrapped by unique id over the
+//! group's exchange (or the process's own NVSHMEM reused), the probe kernels of `cargo xtask
+//! build-ptx --nvshmem` (Rust kernels linked with NVSHMEM 3.4.5's device bitcode, loaded as the
+//! sm_90 cubin) bound to it; then, each checked:
+//! - `nvshmem_ptr` to every other PE (direct loads and stores within a node);
+//! - a put-with-signal round trip between ranks 0 and 1, the payload checked at the end;
+//! - every rank putting a buffer to the next at once, the whole received buffer compared.
 //!
 //! ```sh
 //! cargo xtask build-ptx --nvshmem
 //! cargo build --release --features nvshmem --example nvshmem_probe
 //! export MOE_EP_SECRET=$(openssl rand -hex 16) NVSHMEM_HOST_LIB=/path/to/libnvshmem_host.so.3
-//! torchrun --nproc-per-node 2 --no-python target/release/examples/nvshmem_probe target/ptx/moe_ep_nvshmem.ptx
+//! torchrun --nproc-per-node 2 --no-python target/release/examples/nvshmem_probe target/ptx/moe_ep_nvshmem.cubin
 //! ```
-//! (`NVSHMEM_HOST_LIB`: NVSHMEM 3.8.0's host library, the version of the linked bitcode; its
-//! directory must also be on `LD_LIBRARY_PATH` for NVSHMEM's bootstrap plugin.)
+//! (`NVSHMEM_HOST_LIB`: NVSHMEM 3.4.5 or a newer 3.x; its directory must also be on
+//! `LD_LIBRARY_PATH` for NVSHMEM's bootstrap plugin.) `NVSHMEM_PROBE_ITERS` (default 20000)
+//! round trips per trial and `NVSHMEM_PROBE_MIB` (default 256) MiB per put keep it short where
+//! several PEs share one GPU (NVSHMEM's limited multi-process mode: the processes time-slice, so
+//! no figure from such a run says anything about a link).
 
 use cudarc::driver::sys;
 use moe_ep::nvshmem::{Nvshmem, NvshmemPingPongParams, NvshmemPutParams};
 use moe_ep::{Group, GroupConfig};
 
+fn env_or(name: &str, default: usize) -> Result<usize, Box<dyn std::error::Error>> {
+    match std::env::var(name) {
+        Ok(v) => Ok(v.parse().map_err(|_| format!("{name}={v:?} is not a number"))?),
+        Err(_) => Ok(default),
+    }
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let ptx_path = std::env::args().nth(1).ok_or("usage: nvshmem_probe <moe_ep_nvshmem.ptx>")?;
-    let ptx = std::fs::read_to_string(&ptx_path)?;
+    let path = std::env::args().nth(1).ok_or("usage: nvshmem_probe <moe_ep_nvshmem.cubin or .ptx>")?;
+    let image = std::fs::read(&path)?;
+    let iters = env_or("NVSHMEM_PROBE_ITERS", 20000)? as u32;
+    let mib = env_or("NVSHMEM_PROBE_MIB", 256)?;
     let g = Group::from_env(GroupConfig::default())?;
     let (me, world, name) = (g.rank(), g.world(), g.device_name().to_string());
+    let shared = if g.gpu_sharers() > 1 { format!(", {} PEs sharing this GPU: no figure below is a link figure", g.gpu_sharers()) } else { String::new() };
     let t0 = std::time::Instant::now();
-    let nv = Nvshmem::init(&g, &ptx)?;
+    let nv = Nvshmem::init(&g, &image)?;
     let (ma, mi, pa) = nv.version();
     println!(
-        "rank {me} of {world} ({name}): NVSHMEM {ma}.{mi}.{pa} initialised by unique id over the group's exchange, module bound, in {:.0} ms",
-        t0.elapsed().as_secs_f64() * 1e3
+        "rank {me} of {world} ({name}{shared}): NVSHMEM {ma}.{mi}.{pa} host library, {} in {:.0} ms, init status {} ({}), module {path} bound",
+        if nv.owns_init() { "initialised by unique id over the group's exchange" } else { "reused (initialised before)" },
+        t0.elapsed().as_secs_f64() * 1e3,
+        nv.init_status(),
+        match nv.init_status() {
+            3 => "limited multi-process-per-GPU mode",
+            4 => "full multi-process-per-GPU mode",
+            _ => "one process per GPU",
+        }
     );
     let s = g.stream().clone();
 
-    // Round trips between ranks 0 and 1.
     let data = nv.malloc(16)?;
+    let direct: Vec<String> = (0..world)
+        .filter(|&pe| pe != me)
+        .map(|pe| Ok(format!("PE {pe}: {}", if nv.direct_ptr(data.device_addr(), pe)?.is_some() { "direct" } else { "none" })))
+        .collect::<moe_ep::Result<_>>()?;
+    println!("rank {me}: nvshmem_ptr to the other PEs: {}", direct.join(", "));
+
+    // Round trips between ranks 0 and 1; the payload (this rank's first word) must land in the
+    // peer's second.
+    let word = 0x5eed_0000_0000_0000u64 | me as u64;
+    data.write(&s, &[word, 0])?;
     let elapsed = s.alloc_zeros::<u64>(1)?;
-    let iters = 20000u32;
     let mut rtts = Vec::new();
     for _ in 0..3 {
         // Each trial counts its signal from zero: a fresh (zeroed) symmetric word.
         let sig_t = nv.malloc(8)?;
         nv.barrier_all()?;
-        if me < 2 {
+        if me < 2 && world >= 2 {
             let p = NvshmemPingPongParams {
                 data: data.device_addr(),
                 signal: sig_t.device_addr(),
@@ -56,34 +87,46 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             rtts.push(s.clone_dtoh(&elapsed)?[0] as f64 / iters as f64 / 1e3);
         }
     }
+    if me < 2 && world >= 2 {
+        let got: Vec<u64> = data.to_vec(&s)?;
+        let want = 0x5eed_0000_0000_0000u64 | (1 - me) as u64;
+        if got[1] != want {
+            return Err(format!("rank {me}: the round trips' payload is {:#x}, expected {want:#x} from rank {}", got[1], 1 - me).into());
+        }
+    }
     if me == 0 {
         rtts.sort_by(f64::total_cmp);
-        println!(
-            "rank 0 of {world} ({name}): NVSHMEM put-with-signal round trip rank 0 <-> rank 1: {:.2} us (median of 3 trials of {iters})",
-            rtts[1]
-        );
+        println!("rank 0 of {world} ({name}): put-with-signal round trip rank 0 <-> rank 1: {:.2} us (median of 3 trials of {iters}); payload checked", rtts[1]);
     }
 
-    // Put bandwidth, every rank to the next at once.
-    let bytes = 256usize << 20;
+    // Every rank puts `mib` MiB to the next at once; the whole received buffer is compared.
+    let bytes = mib << 20;
     let reps = 10u32;
     let (src, dst) = (nv.malloc(bytes)?, nv.malloc(bytes)?);
+    let pattern = |r: usize| 0x0100_0001u32.wrapping_mul(r as u32 + 1);
+    src.fill_u32(&s, pattern(me))?;
     let ctx = g.context();
+    let prev = (me + world - 1) % world;
     for blocks in [24u32, 132] {
         nv.barrier_all()?;
         let (a, b) = (ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?);
         a.record(&s)?;
-        let p =
-            NvshmemPutParams { src: src.device_addr(), dst: dst.device_addr(), bytes: bytes as u64, peer: ((me + 1) % world) as i32, iters: reps };
+        let p = NvshmemPutParams { src: src.device_addr(), dst: dst.device_addr(), bytes: bytes as u64, peer: ((me + 1) % world) as i32, iters: reps };
         nv.launch_put(&s, blocks, 256, &p)?;
         b.record(&s)?;
         b.synchronize()?;
         let ms = a.elapsed_ms(&b)? as f64;
+        nv.barrier_all()?;
+        let got: Vec<u32> = dst.to_vec(&s)?;
+        let bad = got.iter().filter(|&&v| v != pattern(prev)).count();
+        if bad != 0 {
+            return Err(format!("rank {me}: {bad} of {} words from rank {prev} differ ({blocks} blocks)", got.len()).into());
+        }
         println!(
-            "rank {me} of {world} ({name}): NVSHMEM put to rank {}, every rank at once, {blocks} blocks x 256 threads: {:.1} GB/s ({} MiB x {reps})",
+            "rank {me} of {world} ({name}{shared}): put to rank {}, every rank at once, {blocks} blocks x 256 threads: {:.1} GB/s ({mib} MiB x {reps}); all {} words received from rank {prev} checked",
             (me + 1) % world,
             bytes as f64 * reps as f64 / ms / 1e6,
-            bytes >> 20
+            got.len()
         );
     }
     g.check()?;

@@ -3,8 +3,11 @@
 //! --nvshmem` bound to it.
 //!
 //! - `libnvshmem_host.so.3` is opened at run time (`NVSHMEM_HOST_LIB`, else the loader's search
-//!   path), like libcuda: a missing library or a version other than the device bitcode's is a
-//!   typed [`Error::Nvshmem`], never a crash.
+//!   path), like libcuda: a missing library, or a version older than the device bitcode's or of
+//!   another major version, is a typed [`Error::Nvshmem`], never a crash.
+//! - An NVSHMEM that the process has already initialised (an engine's DeepEP, torch's symmetric
+//!   memory) is reused, never initialised twice: its PEs must be the group's ranks, and it is left
+//!   for its owner to finalise.
 //! - Initialisation by unique id: rank 0 makes it, the group's own exchange carries it, every
 //!   rank calls `nvshmemx_hostlib_init_attr` (the shared library's entry; the headers' inline
 //!   `nvshmemx_init_attr` needs `libnvshmem_device.a`, which a driver-API module does not link).
@@ -22,21 +25,30 @@ pub use moe_ep_kernels::abi::{NvshmemPingPongParams, NvshmemPutParams};
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::Arc;
 
-/// The NVSHMEM version whose device bitcode `build-ptx --nvshmem` links (the host library must
-/// match: `nvshmemx_cumodule_init` refuses a module of another version).
-pub const BITCODE_VERSION: (i32, i32, i32) = (3, 8, 0);
+/// The NVSHMEM version whose device bitcode `build-ptx --nvshmem` links: the oldest host
+/// library accepted. `nvshmemx_cumodule_init` takes a module of the host library's major version
+/// whose minor is not newer than the library's, so any 3.x from this one on loads it.
+pub const BITCODE_VERSION: (i32, i32, i32) = (3, 4, 5);
 
-/// `NVSHMEMX_INIT_ATTR_INITIALIZER` of NVSHMEM 3.8 (`nvshmemx_init_attr_v2`, 144 bytes), as the
-/// wheel's headers lay it out: version words, a null MPI communicator, the v2 argument block
-/// with its unique-id arguments (rank and size -1 until set).
+/// Whether a host library of `version` can bind a module of [`BITCODE_VERSION`]: the same major
+/// version, and not older.
+pub fn host_version_supported(version: (i32, i32, i32)) -> bool {
+    version.0 == BITCODE_VERSION.0 && version >= BITCODE_VERSION
+}
+
+/// `NVSHMEMX_INIT_ATTR_INITIALIZER` of NVSHMEM 3.4 (`nvshmemx_init_attr_v1`, 144 bytes), as
+/// that version's headers lay it out: the attribute's version word `(1 << 16) + 144`, a null
+/// MPI communicator at byte 8, the argument block at byte 16 (version `(1 << 16) + 128`) whose
+/// unique-id arguments start at byte 24 (version `(1 << 16) + 24`, a null id pointer, rank and
+/// size -1 until set). A newer 3.x host library reads this older layout by its version words.
 const ATTR_INIT: [u8; 144] = {
-    let head: [u8; 32] = [144, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 128, 0, 2, 0, 0, 0, 0, 0, 24, 0, 1, 0, 0, 0, 0, 0];
+    let head: [u8; 32] = [144, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 128, 0, 1, 0, 0, 0, 0, 0, 24, 0, 1, 0, 0, 0, 0, 0];
     let mut a = [0u8; 144];
     let mut i = 0;
     while i < 144 {
         a[i] = if i < 32 {
             head[i]
-        } else if i >= 40 && i < 52 {
+        } else if i >= 40 && i < 48 {
             255
         } else {
             0
@@ -45,6 +57,9 @@ const ATTR_INIT: [u8; 144] = {
     }
     a
 };
+/// `nvshmemx_init_status_t`: `NVSHMEM_STATUS_IS_INITIALIZED` and later states mean the process
+/// has an initialised NVSHMEM (3 and 4: the limited and full multi-process-per-GPU modes).
+const STATUS_IS_INITIALIZED: c_int = 2;
 /// `nvshmemx_uniqueid_t`: 128 bytes, its first word the version `(1 << 16) + 128`.
 const UID_BYTES: usize = 128;
 const UID_VERSION: i32 = (1 << 16) + UID_BYTES as i32;
@@ -61,6 +76,11 @@ pub struct Nvshmem {
     lib: libloading::Library,
     module: Option<Module>,
     version: (i32, i32, i32),
+    /// Whether this value initialised the library (and so finalises it); false when the process
+    /// had already initialised it.
+    owns_init: bool,
+    /// `nvshmemx_init_status()` once initialised.
+    status: i32,
 }
 
 fn err(reason: impl Into<String>) -> Error {
@@ -69,43 +89,87 @@ fn err(reason: impl Into<String>) -> Error {
 
 impl Nvshmem {
     /// Collective: opens NVSHMEM's host library, checks its version, initialises it on every
-    /// rank of `g` by unique id (over the group's exchange), loads `ptx` (the module of
-    /// `build-ptx --nvshmem`) and binds NVSHMEM's device state to it.
-    pub fn init(g: &Group, ptx: &str) -> Result<Nvshmem> {
+    /// rank of `g` by unique id (over the group's exchange) unless the process already has,
+    /// loads `image` (the module of `build-ptx --nvshmem`: its sm_90 cubin, or its PTX text) and
+    /// binds NVSHMEM's device state to it. A failure after the initialisation finalises it again.
+    pub fn init(g: &Group, image: &[u8]) -> Result<Nvshmem> {
         let path = std::env::var("NVSHMEM_HOST_LIB").unwrap_or_else(|_| "libnvshmem_host.so.3".into());
         // SAFETY: loading a shared library runs its initialisers; NVSHMEM's only set up its
         // own state.
         let lib = unsafe { libloading::Library::new(&path) }
             .map_err(|e| err(format!("cannot open {path} ({e}); install nvidia-nvshmem-cu13 or set NVSHMEM_HOST_LIB")))?;
-        let mut nv = Nvshmem { group: g.clone(), lib, module: None, version: (0, 0, 0) };
+        let mut nv = Nvshmem { group: g.clone(), lib, module: None, version: (0, 0, 0), owns_init: false, status: 0 };
         let (mut ma, mut mi, mut pa) = (0, 0, 0);
         // SAFETY: `nvshmemx_vendor_get_version_info(int*, int*, int*)` writes three ints.
         unsafe { nv.sym::<unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int)>("nvshmemx_vendor_get_version_info")?(&mut ma, &mut mi, &mut pa) };
         nv.version = (ma, mi, pa);
-        if nv.version != BITCODE_VERSION {
+        if !host_version_supported(nv.version) {
             return Err(err(format!(
-                "{path} is NVSHMEM {ma}.{mi}.{pa}, but the kernels were linked with NVSHMEM {}.{}.{} device bitcode (the versions must match; set NVSHMEM_HOST_LIB to that version's libnvshmem_host.so.3)",
-                BITCODE_VERSION.0, BITCODE_VERSION.1, BITCODE_VERSION.2
+                "{path} is NVSHMEM {ma}.{mi}.{pa}, but the kernels were linked with NVSHMEM {}.{}.{} device bitcode: the host library must be {}.x and at least that version (set NVSHMEM_HOST_LIB to such a libnvshmem_host.so.3)",
+                BITCODE_VERSION.0, BITCODE_VERSION.1, BITCODE_VERSION.2, BITCODE_VERSION.0
             )));
         }
+        let (rank, world) = (g.rank() as c_int, g.world() as c_int);
+        // SAFETY: `nvshmemx_init_status(void) -> int`, callable before initialisation.
+        let before = unsafe { nv.sym::<FnI32>("nvshmemx_init_status")?() };
+        // Every rank must take the same branch: a rank reusing NVSHMEM while another
+        // initialises it would hang the initialisation.
+        let (ex, timeout) = g.exchange();
+        let reuse = before >= STATUS_IS_INITIALIZED;
+        let all = ex.all_gather_as("NVSHMEM initialised before", &[reuse as u8], timeout)?;
+        if all.iter().any(|b| b.first() != Some(&(reuse as u8))) {
+            let had: Vec<usize> = all.iter().enumerate().filter(|(_, b)| b.first() == Some(&1)).map(|(r, _)| r).collect();
+            return Err(err(format!(
+                "NVSHMEM was initialised before in the processes of ranks {had:?} but not in the others': reuse it on every rank or on none"
+            )));
+        }
+        if !reuse {
+            nv.init_by_unique_id(g)?;
+        }
+        // SAFETY: plain queries of the initialised library.
+        nv.status = unsafe { nv.sym::<FnI32>("nvshmemx_init_status")?() };
+        // SAFETY: as above.
+        let (pe, npes) = unsafe { (nv.sym::<FnI32>("nvshmem_my_pe")?(), nv.sym::<FnI32>("nvshmem_n_pes")?()) };
+        if (pe, npes) != (rank, world) {
+            return Err(err(format!(
+                "NVSHMEM {} this rank PE {pe} of {npes}, expected {rank} of {world} (the group's rank order)",
+                if reuse { "(initialised before) has" } else { "made" }
+            )));
+        }
+        let module = if image.starts_with(b"\x7fELF") { Module::load_image(g.context(), image)? } else {
+            let text = std::str::from_utf8(image).map_err(|_| err("the NVSHMEM module is neither a cubin (ELF) nor PTX text"))?;
+            Module::load(g.context(), text)?
+        };
+        // SAFETY: `nvshmemx_cumodule_init(CUmodule)` on a loaded module of this context; the
+        // module outlives the binding (finalised in Drop before it is unloaded).
+        let rc = unsafe { nv.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_init")?(module.raw()) };
+        check(rc, "nvshmemx_cumodule_init (a module of a newer NVSHMEM minor version, or another major one, is refused)")?;
+        nv.module = Some(module);
+        Ok(nv)
+    }
+
+    /// Initialises the host library on every rank of `g` by unique id (made by rank 0, carried
+    /// by the group's exchange). On success `self` owns the initialisation (finalised on drop,
+    /// also when a later step of [`Nvshmem::init`] fails).
+    fn init_by_unique_id(&mut self, g: &Group) -> Result<()> {
         // The unique id: made by rank 0, carried by the group's exchange.
         let mut uid = [0u8; UID_BYTES];
         uid[..4].copy_from_slice(&UID_VERSION.to_le_bytes());
         if g.rank() == 0 {
             // SAFETY: `nvshmemx_get_uniqueid(nvshmemx_uniqueid_t*)` fills the 128-byte id.
-            let rc = unsafe { nv.sym::<unsafe extern "C" fn(*mut c_void) -> c_int>("nvshmemx_get_uniqueid")?(uid.as_mut_ptr() as *mut c_void) };
+            let rc = unsafe { self.sym::<unsafe extern "C" fn(*mut c_void) -> c_int>("nvshmemx_get_uniqueid")?(uid.as_mut_ptr() as *mut c_void) };
             check(rc, "nvshmemx_get_uniqueid")?;
         }
         let (ex, timeout) = g.exchange();
         let all = ex.all_gather_as("NVSHMEM unique id", &uid, timeout)?;
+        let (rank, world) = (g.rank() as c_int, g.world() as c_int);
         let root: [u8; UID_BYTES] = all[0].as_slice().try_into().map_err(|_| err(format!("rank 0 sent a {}-byte unique id", all[0].len())))?;
         let mut attr = ATTR_INIT;
-        let (rank, world) = (g.rank() as c_int, g.world() as c_int);
         // SAFETY: `nvshmemx_set_attr_uniqueid_args(int, int, const nvshmemx_uniqueid_t*,
         // nvshmemx_init_attr_t*)`; `root` and `attr` have the sizes the headers give, and the
         // library keeps a pointer to `root` only until the init below returns.
         let rc = unsafe {
-            nv.sym::<unsafe extern "C" fn(c_int, c_int, *const c_void, *mut c_void) -> c_int>("nvshmemx_set_attr_uniqueid_args")?(
+            self.sym::<unsafe extern "C" fn(c_int, c_int, *const c_void, *mut c_void) -> c_int>("nvshmemx_set_attr_uniqueid_args")?(
                 rank,
                 world,
                 root.as_ptr() as *const c_void,
@@ -117,29 +181,38 @@ impl Nvshmem {
         // SAFETY: `nvshmemx_hostlib_init_attr(unsigned, nvshmemx_init_attr_t*)` with the
         // attributes just filled; collective over the `world` ranks, which all call it here.
         let rc = unsafe {
-            nv.sym::<unsafe extern "C" fn(c_uint, *mut c_void) -> c_int>("nvshmemx_hostlib_init_attr")?(
+            self.sym::<unsafe extern "C" fn(c_uint, *mut c_void) -> c_int>("nvshmemx_hostlib_init_attr")?(
                 INIT_WITH_UNIQUEID,
                 attr.as_mut_ptr() as *mut c_void,
             )
         };
         check(rc, "nvshmemx_hostlib_init_attr")?;
-        // SAFETY: plain queries of the initialised library.
-        let (pe, npes) = unsafe { (nv.sym::<FnI32>("nvshmem_my_pe")?(), nv.sym::<FnI32>("nvshmem_n_pes")?()) };
-        if (pe, npes) != (rank, world) {
-            return Err(err(format!("NVSHMEM made this rank PE {pe} of {npes}, expected {rank} of {world}")));
-        }
-        let module = Module::load(g.context(), ptx)?;
-        // SAFETY: `nvshmemx_cumodule_init(CUmodule)` on a loaded module of this context; the
-        // module outlives the binding (finalised in Drop before it is unloaded).
-        let rc = unsafe { nv.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_init")?(module.raw()) };
-        check(rc, "nvshmemx_cumodule_init (a module of another NVSHMEM version is refused)")?;
-        nv.module = Some(module);
-        Ok(nv)
+        self.owns_init = true;
+        Ok(())
     }
 
     /// The host library's version.
     pub fn version(&self) -> (i32, i32, i32) {
         self.version
+    }
+
+    /// `nvshmemx_init_status()` after initialisation: 2 initialised, 3 initialised in NVSHMEM's
+    /// limited multi-process-per-GPU mode (several PEs on one GPU without MPS), 4 the full one.
+    pub fn init_status(&self) -> i32 {
+        self.status
+    }
+
+    /// Whether this value initialised NVSHMEM (false: the process had, and keeps it).
+    pub fn owns_init(&self) -> bool {
+        self.owns_init
+    }
+
+    /// `nvshmem_ptr(addr, pe)`: the address at which this rank can load and store `pe`'s copy
+    /// of the symmetric address `addr` directly (same node, peer access), or `None`.
+    pub fn direct_ptr(&self, addr: u64, pe: usize) -> Result<Option<u64>> {
+        // SAFETY: `nvshmem_ptr(const void*, int) -> void*`, a host query that reads no memory.
+        let p = unsafe { self.sym::<unsafe extern "C" fn(*const c_void, c_int) -> *mut c_void>("nvshmem_ptr")?(addr as *const c_void, pe as c_int) };
+        Ok((!p.is_null()).then_some(p as u64))
     }
 
     /// A symmetric allocation of `bytes` (`nvshmem_malloc`, collective), zeroed.
@@ -206,7 +279,10 @@ impl Drop for Nvshmem {
                 unsafe { f(m.raw()) };
             }
             drop(m);
-            // SAFETY: collective finalisation; every rank drops its `Nvshmem` in the same place.
+        }
+        if self.owns_init {
+            // SAFETY: collective finalisation of the initialisation this value made; every rank
+            // drops its `Nvshmem` in the same place (or fails `init` at the same step).
             if let Ok(f) = unsafe { self.sym::<FnVoid>("nvshmemx_hostlib_finalize") } {
                 // SAFETY: as above.
                 unsafe { f() };
@@ -231,6 +307,31 @@ impl SymmetricBuffer<'_> {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+
+    /// Copies `v` to the start of this rank's copy, after `stream`'s earlier work (and waits).
+    pub fn write<T: bytemuck::Pod>(&self, stream: &CudaStream, v: &[T]) -> Result<()> {
+        if std::mem::size_of_val(v) > self.bytes {
+            return Err(Error::invalid("v", format!("{} bytes do not fit a symmetric buffer of {}", std::mem::size_of_val(v), self.bytes)));
+        }
+        // SAFETY: the buffer holds `self.bytes` bytes, checked above.
+        unsafe { driver::copy_to_device(v, self.ptr, stream) }.map_err(|e| err(format!("writing a symmetric buffer: {e}")))
+    }
+
+    /// This rank's whole copy as `T`s, after `stream`'s earlier work.
+    pub fn to_vec<T: bytemuck::Pod + Default>(&self, stream: &CudaStream) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); self.bytes / std::mem::size_of::<T>()];
+        // SAFETY: `v` covers at most `self.bytes` bytes of the buffer, any bit pattern is a `T`.
+        unsafe { driver::copy_to_host(self.ptr, &mut v, stream) }.map_err(|e| err(format!("reading a symmetric buffer: {e}")))?;
+        Ok(v)
+    }
+
+    /// Fills this rank's copy with `word`, stream-ordered.
+    pub fn fill_u32(&self, stream: &CudaStream, word: u32) -> Result<()> {
+        // SAFETY: `cuMemsetD32Async` over the buffer's whole words, on `stream`.
+        unsafe { sys::cuMemsetD32Async(self.ptr, word, self.bytes / 4, stream.cu_stream()) }
+            .result()
+            .map_err(|e| err(format!("filling a symmetric buffer: {e}")))
+    }
 }
 
 impl Drop for SymmetricBuffer<'_> {
@@ -246,4 +347,33 @@ impl Drop for SymmetricBuffer<'_> {
 
 fn check(rc: c_int, what: &str) -> Result<()> {
     if rc != 0 { Err(err(format!("{what} returned {rc}"))) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_versions_accepted_from_the_bitcode_on_within_its_major() {
+        for ok in [(3, 4, 5), (3, 4, 6), (3, 8, 0), (3, 10, 0)] {
+            assert!(host_version_supported(ok), "{ok:?} refused");
+        }
+        for refused in [(3, 4, 4), (3, 3, 9), (2, 9, 0), (4, 0, 0), (0, 0, 0)] {
+            assert!(!host_version_supported(refused), "{refused:?} accepted");
+        }
+    }
+
+    /// The attribute block as NVSHMEM 3.4's `nvshmem_types.h` and `nvshmem_uniqueid.h` lay it
+    /// out (`nvshmemx_init_attr_v1`, 144 bytes).
+    #[test]
+    fn init_attr_has_nvshmem_3_4_layout() {
+        let word = |at: usize| i32::from_le_bytes(ATTR_INIT[at..at + 4].try_into().unwrap());
+        assert_eq!(word(0), (1 << 16) + 144, "attribute version");
+        assert_eq!(&ATTR_INIT[8..16], &[0; 8], "mpi_comm");
+        assert_eq!(word(16), (1 << 16) + 128, "argument block version");
+        assert_eq!(word(24), (1 << 16) + 24, "unique-id arguments version");
+        assert_eq!(&ATTR_INIT[32..40], &[0; 8], "unique id pointer");
+        assert_eq!((word(40), word(44)), (-1, -1), "rank and size unset");
+        assert!(ATTR_INIT[48..].iter().all(|&b| b == 0), "padding");
+    }
 }

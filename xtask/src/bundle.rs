@@ -6,7 +6,7 @@ use std::process::Command;
 
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
-# usage: run.sh [all|tests|isolated|mps|examples|bench|soak|python] [arguments for the test binaries, the benchmark or the soak]
+# usage: run.sh [all|tests|isolated|mps|examples|bench|soak|python|nvshmem] [arguments for the test binaries, the benchmark or the soak]
 #        run.sh mps [tests|python|soak|bench|overhead]...   (default: the first four)
 # Logs and the benchmark report go to $OUT (or ./out beside this script). Time limits: TEST_LIMIT
 # seconds per test binary, PY_LIMIT per Python run (default 600 and 300). session.sh wraps a
@@ -185,6 +185,23 @@ if [ "$what" = python ]; then
     echo "=== python example $ex, $gpus ranks: exit $rc"; grep -E "^rank|Error" "$out/python-$ex.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   done
 fi
+if [ "$what" = nvshmem ]; then
+  # Not part of `all`: NVSHMEM bootstrapped on a moe-ep group and the probe kernels (NVSHMEM
+  # 3.4.5 device bitcode, sm_90 cubin) at each PE count of NVSHMEM_PES (default "2 3 4"), every
+  # PE a process on GPU 0 without MPS (NVSHMEM's limited multi-process mode: the processes take
+  # turns on the GPU, so its figures say nothing about a link), against the Python environment's
+  # NVSHMEM host library (or NVSHMEM_HOST_LIB).
+  nv_lib=${NVSHMEM_HOST_LIB:-$(python3 -c 'import nvidia.nvshmem, os; print(os.path.join(list(nvidia.nvshmem.__path__)[0], "lib", "libnvshmem_host.so.3"))' 2>/dev/null)}
+  if [ -z "$nv_lib" ] || [ ! -e "$nv_lib" ]; then echo "nvshmem: no NVSHMEM host library (pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOST_LIB)"; exit 1; fi
+  echo "nvshmem: host library $nv_lib"
+  for n in ${NVSHMEM_PES:-2 3 4}; do
+    NVSHMEM_HOST_LIB=$nv_lib LD_LIBRARY_PATH=$(dirname "$nv_lib"):${LD_LIBRARY_PATH:-} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} \
+      MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
+      NVSHMEM_PROBE_ITERS=${NVSHMEM_PROBE_ITERS:-20} NVSHMEM_PROBE_MIB=${NVSHMEM_PROBE_MIB:-16} \
+      timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/nvshmem_probe" "$here/ptx/moe_ep_nvshmem.cubin" > "$out/nvshmem$n-probe.log" 2>&1; rc=$?
+    echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS): exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$out/nvshmem$n-probe.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
+  done
+fi
 if [ "$what" = soak ]; then
   # Not part of `all`: a long run (moe-ep-soak --iters N).
   "$here/bin/moe-ep-soak" "$@" 2>&1 | tee "$out/soak.log"
@@ -228,6 +245,9 @@ pub fn build(root: &Path) -> Result<()> {
     crate::cargo(root, &["build", "--release", "-p", "moe-ep-bench"])?;
     crate::cargo(root, &["build", "--release", "-p", "moe-ep-tests", "--bin", "moe-ep-soak"])?;
     crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--examples"])?;
+    // The NVSHMEM module (its PTX and sm_90 cubin) and the probe that binds it.
+    crate::nvshmem::build(root)?;
+    crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--features", "nvshmem", "--example", "nvshmem_probe"])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root)
@@ -263,6 +283,10 @@ pub fn build(root: &Path) -> Result<()> {
         std::fs::copy(root.join("target/release/examples").join(e), dir.join("examples").join(e))?;
     }
     std::fs::copy(root.join(crate::ptx::PTX_FILE), dir.join("ptx/moe_ep_kernels.ptx"))?;
+    std::fs::copy(root.join("target/release/examples/nvshmem_probe"), dir.join("examples/nvshmem_probe"))?;
+    for ext in ["ptx", "cubin"] {
+        std::fs::copy(root.join("target/ptx/moe_ep_nvshmem").with_extension(ext), dir.join("ptx/moe_ep_nvshmem").with_extension(ext))?;
+    }
     let wheel = crate::python::build_wheel(root, true)?;
     std::fs::copy(&wheel, dir.join("wheels").join(wheel.file_name().context("wheel name")?))?;
     for (from, to) in [

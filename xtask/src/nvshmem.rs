@@ -3,17 +3,23 @@
 //! the pinned nightly, linked with NVSHMEM's own device bitcode from its PyPI wheel (only what
 //! the kernels reach), internalised to the kernels, optimised, and emitted as one sm_90 PTX
 //! module (PTX ISA 8.5: NVSHMEM's `.mmio` stores need 8.2 or later) by the nightly's
-//! `llvm-tools`; ptxas then validates it. No CUDA C++ is involved. The module is written to
-//! `target/ptx/moe_ep_nvshmem.ptx`; the library's default PTX is unchanged.
+//! `llvm-tools`; ptxas then validates it and writes the sm_90 cubin beside it (loaded in
+//! preference to the PTX, so a driver need not JIT PTX 8.5). No CUDA C++ is involved. The module
+//! is written to `target/ptx/moe_ep_nvshmem.{ptx,cubin}`; the library's default PTX is unchanged.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The NVSHMEM wheel the device bitcode comes from.
-const WHEEL: &str = "nvidia-nvshmem-cu13==3.8.0";
-/// The device library inside the wheel (sm_90).
-const BITCODE: &str = "nvidia/nvshmem/lib/libnvshmem_device_sm_90.bc";
+/// The NVSHMEM wheel the device bitcode comes from: the oldest 3.x the library supports, the
+/// one torch's CUDA 13 wheels bring (NVSHMEM's host library accepts a module of its own major
+/// version and an older or equal minor, so newer 3.x host libraries load it too).
+const WHEEL: &str = "nvidia-nvshmem-cu13==3.4.5";
+/// The device library inside the wheel (3.4 ships one bitcode for every architecture).
+const BITCODE: &str = "nvidia/nvshmem/lib/libnvshmem_device.bc";
+/// Its name in the cache (`target/tools/nvshmem`), versioned so that a change of the pin
+/// fetches it again.
+const CACHED: &str = "libnvshmem_device-3.4.5.bc";
 /// The kernels the module keeps.
 const KERNELS: &[&str] = &["nvshmem_ping_pong", "nvshmem_put_bw"];
 /// NVSHMEM's device globals that `nvshmemx_cumodule_init` finds by name in a module and fills
@@ -58,19 +64,21 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let (ptxas, n) = crate::ptx::assemble(root, "moe_ep_nvshmem", &ptx)?;
     let out = root.join("target/ptx/moe_ep_nvshmem.ptx");
     println!(
-        "NVSHMEM module ok: {} ({} KB of PTX, ISA 8.5, {n} kernels, externs only {DRIVER_EXTERNS:?}; validated by {})",
+        "NVSHMEM module ok: {} ({} KB of PTX, ISA 8.5, {n} kernels, externs only {DRIVER_EXTERNS:?}; NVSHMEM {} device bitcode; sm_90 cubin of {} KB beside it; validated by {})",
         out.display(),
         ptx.len() / 1024,
+        WHEEL.split("==").nth(1).unwrap_or(WHEEL),
+        std::fs::metadata(out.with_extension("cubin")).map(|m| m.len() / 1024).unwrap_or(0),
         ptxas.display()
     );
     Ok(out)
 }
 
-/// NVSHMEM's sm_90 device bitcode, extracted from the pinned wheel into `target/tools/nvshmem`
+/// NVSHMEM's device bitcode, extracted from the pinned wheel into `target/tools/nvshmem`
 /// (downloaded with pip once).
 fn fetch_bitcode(root: &Path) -> Result<PathBuf> {
     let dir = root.join("target/tools/nvshmem");
-    let bc = dir.join("libnvshmem_device_sm_90.bc");
+    let bc = dir.join(CACHED);
     if bc.exists() {
         return Ok(bc);
     }

@@ -136,6 +136,17 @@ impl Module {
         Ok(Module { raw, ctx: ctx.clone() })
     }
 
+    /// Loads a compiled image (a cubin for the context's device): no JIT.
+    #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
+    pub(crate) fn load_image(ctx: &Arc<CudaContext>, image: &[u8]) -> Result<Self> {
+        ctx.bind_to_thread().during("cuCtxSetCurrent", || "loading a module".into())?;
+        // SAFETY: `image` is an ELF cubin (the caller checked its magic) that outlives the call;
+        // the driver copies what it keeps.
+        let raw = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+            .during("cuModuleLoadData", || "loading a cubin (built for sm_90)".into())?;
+        Ok(Module { raw, ctx: ctx.clone() })
+    }
+
     /// The module handle (for libraries that bind their device state to a module, such as
     /// NVSHMEM's `nvshmemx_cumodule_init`); valid while `self` lives.
     #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
