@@ -4,11 +4,15 @@
 //! sm_90 cubin) bound to it; then, each checked:
 //! - `nvshmem_ptr` to every other PE (direct loads and stores within a node);
 //! - a put-with-signal round trip between ranks 0 and 1, the payload checked at the end;
-//! - every rank putting a buffer to the next at once, the whole received buffer compared.
+//! - every rank putting a buffer to the next at once, the whole received buffer compared;
+//! - a low-latency dispatch and combine on a buffer in NVSHMEM's symmetric memory
+//!   (`LlBuffer::with_nvshmem`) and on one in moe-ep's IPC heap, with the same inputs: the
+//!   received rows of both against every rank's inputs, the combined rows of both against the
+//!   CPU reference, bit for bit.
 //!
 //! ```sh
 //! cargo xtask build-ptx --nvshmem
-//! cargo build --release --features nvshmem --example nvshmem_probe
+//! cargo build --release --features nvshmem,testing --example nvshmem_probe
 //! export MOE_EP_SECRET=$(openssl rand -hex 16) NVSHMEM_HOST_LIB=/path/to/libnvshmem_host.so.3
 //! torchrun --nproc-per-node 2 --no-python target/release/examples/nvshmem_probe target/ptx/moe_ep_nvshmem.cubin
 //! ```
@@ -19,8 +23,12 @@
 //! no figure from such a run says anything about a link).
 
 use cudarc::driver::sys;
+use half::bf16;
+use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, LlBuffer, LlConfig, Payload};
 use moe_ep::nvshmem::{Nvshmem, NvshmemPingPongParams, NvshmemPutParams};
-use moe_ep::{Group, GroupConfig};
+use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
+use moe_ep::{Group, GroupConfig, TopkIdx};
+use std::sync::Arc;
 
 fn env_or(name: &str, default: usize) -> Result<usize, Box<dyn std::error::Error>> {
     match std::env::var(name) {
@@ -36,9 +44,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mib = env_or("NVSHMEM_PROBE_MIB", 256)?;
     let g = Group::from_env(GroupConfig::default())?;
     let (me, world, name) = (g.rank(), g.world(), g.device_name().to_string());
-    let shared = if g.gpu_sharers() > 1 { format!(", {} PEs sharing this GPU: no figure below is a link figure", g.gpu_sharers()) } else { String::new() };
+    let shared =
+        if g.gpu_sharers() > 1 { format!(", {} PEs sharing this GPU: no figure below is a link figure", g.gpu_sharers()) } else { String::new() };
     let t0 = std::time::Instant::now();
-    let nv = Nvshmem::init(&g, &image)?;
+    let nv = Arc::new(Nvshmem::init(&g, &image)?);
     let (ma, mi, pa) = nv.version();
     println!(
         "rank {me} of {world} ({name}{shared}): NVSHMEM {ma}.{mi}.{pa} host library, {} in {:.0} ms, init status {} ({}), module {path} bound",
@@ -96,7 +105,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     if me == 0 {
         rtts.sort_by(f64::total_cmp);
-        println!("rank 0 of {world} ({name}): put-with-signal round trip rank 0 <-> rank 1: {:.2} us (median of 3 trials of {iters}); payload checked", rtts[1]);
+        println!(
+            "rank 0 of {world} ({name}): put-with-signal round trip rank 0 <-> rank 1: {:.2} us (median of 3 trials of {iters}); payload checked",
+            rtts[1]
+        );
     }
 
     // Every rank puts `mib` MiB to the next at once; the whole received buffer is compared.
@@ -111,7 +123,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         nv.barrier_all()?;
         let (a, b) = (ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?, ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?);
         a.record(&s)?;
-        let p = NvshmemPutParams { src: src.device_addr(), dst: dst.device_addr(), bytes: bytes as u64, peer: ((me + 1) % world) as i32, iters: reps };
+        let p =
+            NvshmemPutParams { src: src.device_addr(), dst: dst.device_addr(), bytes: bytes as u64, peer: ((me + 1) % world) as i32, iters: reps };
         nv.launch_put(&s, blocks, 256, &p)?;
         b.record(&s)?;
         b.synchronize()?;
@@ -129,10 +142,97 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             got.len()
         );
     }
-    g.check()?;
     drop((src, dst, data));
+    low_latency_on_both_heaps(&g, &nv)?;
+    g.check()?;
     drop(nv);
     println!("rank {me}: NVSHMEM finalised");
+    Ok(())
+}
+
+/// One low-latency dispatch (BF16) and per-expert combine (identity experts: the received rows
+/// are the combine's input) on a buffer in NVSHMEM's memory and on one in the IPC heap, checked.
+fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn std::error::Error>> {
+    let (me, world, name) = (g.rank(), g.world(), g.device_name().to_string());
+    let (hd, k, t, e) = (1024, 4, 32, 8 * world);
+    let epr = e / world;
+    let s = g.stream().clone();
+    // Every rank's inputs, from its own seed: each rank makes them all for the reference.
+    let inputs: Vec<(Vec<u16>, Vec<i64>, Vec<f32>)> = (0..world)
+        .map(|r| {
+            let mut rng = Rng::new(0x5eed ^ ((r as u64) << 8));
+            let (idx, w) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.1);
+            (gen_bf16(&mut rng, t * hd, 1.0), idx, w)
+        })
+        .collect();
+    let (x_h, idx_h, w_h) = &inputs[me];
+    let x = s.clone_htod(bytemuck::cast_slice::<u16, bf16>(x_h))?;
+    let idx = s.clone_htod(idx_h)?;
+    let w = s.clone_htod(w_h)?;
+    // What this rank must receive: per local expert, (source, token) -> row.
+    let mut want: Vec<std::collections::BTreeMap<(usize, usize), &[u16]>> = vec![Default::default(); epr];
+    for (src, (xs, is, _)) in inputs.iter().enumerate() {
+        for tok in 0..t {
+            for &ex in &is[tok * k..(tok + 1) * k] {
+                if ex >= 0 && ex as usize / epr == me {
+                    want[ex as usize % epr].insert((src, tok), &xs[tok * hd..(tok + 1) * hd]);
+                }
+            }
+        }
+    }
+    let mut lw = LlWorld { num_experts: e, hidden: hd, k, x: vec![vec![]; world], topk_idx: vec![vec![]; world], topk_weights: vec![vec![]; world] };
+    lw.x[me] = x_h.clone();
+    lw.topk_idx[me] = idx_h.clone();
+    lw.topk_weights[me] = w_h.clone();
+    let want_out = lw.combine(me, &|tok: usize, _| x_h[tok * hd..(tok + 1) * hd].to_vec());
+    let cfg = LlConfig::new(e, hd, k, t);
+    let mut outs = Vec::new();
+    for (label, mut buf) in [("NVSHMEM", LlBuffer::with_nvshmem(g, nv, cfg)?), ("IPC", LlBuffer::new(g, cfg)?)] {
+        let (h, _) =
+            buf.dispatch(&s, &DispatchArgs { topk_weights: Some(&w), payload: Payload::Bf16, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        let rows = buf.recv_x_bf16(&h)?;
+        let out = s.clone_htod(&vec![bf16::from_bits(0xFFFF); t * hd])?;
+        let cargs = CombineArgs {
+            x: CombineInput::Tensor(&rows),
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: Some(&w),
+            out: &out,
+            mode: CombineMode::PerExpert,
+            hook: false,
+        };
+        buf.combine(&s, &h, &cargs)?;
+        buf.check()?;
+        let count = buf.recv_count(&h)?.to_vec(&s)?;
+        let meta = buf.recv_src_info(&h)?.to_vec(&s)?;
+        let got_rows: Vec<u16> = bytemuck::cast_slice(&rows.to_vec(&s)?).to_vec();
+        let per = got_rows.len() / epr / hd;
+        for ex in 0..epr {
+            let c = count[ex] as usize;
+            if c != want[ex].len() {
+                return Err(format!("rank {me} ({label}): local expert {ex} received {c} rows, expected {}", want[ex].len()).into());
+            }
+            for slot in 0..c {
+                let m = meta[ex * per + slot];
+                let key = ((m >> 24) as usize, (m & 0xffff) as usize);
+                let row = &got_rows[(ex * per + slot) * hd..(ex * per + slot + 1) * hd];
+                if want[ex].get(&key) != Some(&row) {
+                    return Err(format!("rank {me} ({label}): local expert {ex} slot {slot}: row from {key:?} differs or was not routed here").into());
+                }
+            }
+        }
+        let got_out: Vec<u16> = bytemuck::cast_slice(&s.clone_dtoh(&out)?).to_vec();
+        let bad = got_out.iter().zip(&want_out).filter(|(a, b)| a != b).count();
+        if bad != 0 {
+            return Err(format!("rank {me} ({label}): {bad} of {} combined values differ from the CPU reference", want_out.len()).into());
+        }
+        buf.destroy()?;
+        outs.push(got_out);
+    }
+    println!(
+        "rank {me} of {world} ({name}): low-latency dispatch and combine on NVSHMEM's symmetric memory and on the IPC heap: every received row ({} rows) and all {} combined values match the inputs and the CPU reference on both",
+        want.iter().map(|m| m.len()).sum::<usize>(),
+        outs[0].len()
+    );
     Ok(())
 }
 

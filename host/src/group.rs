@@ -756,6 +756,22 @@ impl Group {
     }
 
     /// Collective: a new symmetric heap of `bytes` per rank.
+    /// Collective: a heap in symmetric memory another library allocated (see
+    /// [`crate::heap::ExternalHeap`]).
+    #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
+    pub(crate) fn adopt_heap(&self, external: Box<dyn crate::heap::ExternalHeap>, ptr: u64, bytes: usize, peers: &[u64]) -> Result<SymmetricHeap> {
+        self.ensure_healthy()?;
+        SymmetricHeap::adopt(
+            &self.inner.exchange,
+            &self.inner.quarantine,
+            &self.inner.work,
+            external,
+            (ptr, bytes),
+            peers,
+            self.inner.cfg.rendezvous_timeout,
+        )
+    }
+
     pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
         self.ensure_healthy()?;
         SymmetricHeap::new(

@@ -14,6 +14,11 @@
 //! the group's [`Quarantine`]. Quarantined memory is freed at the group's next collective heap
 //! creation once every rank has dropped that heap and closed its mappings; what is still there
 //! when the group goes is kept until the process ends (never freed under a peer).
+//!
+//! A heap may also live in memory another library allocated symmetrically and maps itself
+//! (NVSHMEM's `nvshmem_malloc`, feature `nvshmem`): [`ExternalHeap`]. Its peers' bases come from
+//! that library, `destroy` frees it with the library's collective call after the same meeting,
+//! and a drop frees nothing (the library releases its heap when it is finalised).
 
 use crate::driver::{DeviceAlloc, IpcMapping, ipc};
 use crate::error::{DriverContext, Error, Result};
@@ -116,9 +121,22 @@ pub struct SymmetricHeap {
     peers: Peers,
     /// Peer allocations mapped over IPC.
     opened: Vec<IpcMapping>,
+    /// Memory owned by another library instead of `local` (see [`ExternalHeap`]).
+    external: Option<Box<dyn ExternalHeap>>,
     exchange: Arc<dyn Exchange>,
     quarantine: Arc<Quarantine>,
     work: Arc<OwnWork>,
+}
+
+/// Heap identities, unique in the process.
+static NEXT_HEAP_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Symmetric memory that another library allocated and maps (NVSHMEM's): released by that
+/// library's collective free, which [`SymmetricHeap::destroy`] calls once no rank uses the heap.
+/// Dropping it without `free` must free nothing (a peer may still write into it).
+pub(crate) trait ExternalHeap: Send + Sync {
+    /// Collective: every rank calls it at the same point of `destroy`.
+    fn free(self: Box<Self>) -> Result<()>;
 }
 
 impl SymmetricHeap {
@@ -153,8 +171,7 @@ impl SymmetricHeap {
             }
         }
         let local = DeviceAlloc::zeroed(ctx, bytes as usize)?;
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = NEXT_HEAP_ID.fetch_add(1, Ordering::Relaxed);
         let seq = quarantine.created.fetch_add(1, Ordering::Relaxed);
         let mut heap = SymmetricHeap {
             id,
@@ -164,6 +181,7 @@ impl SymmetricHeap {
             local: Some(local),
             peers: Peers::default(),
             opened: Vec::new(),
+            external: None,
             exchange: exchange.clone(),
             quarantine: quarantine.clone(),
             work: work.clone(),
@@ -198,6 +216,41 @@ impl SymmetricHeap {
                 }
             }
         }
+        exchange.barrier(timeout)?;
+        Ok(heap)
+    }
+
+    /// Collective: a heap in memory that `external` allocated symmetrically (`(ptr, bytes)`
+    /// on this rank, zeroed on every rank before the call), rank `r`'s copy at `peers[r]`.
+    pub(crate) fn adopt(
+        exchange: &Arc<dyn Exchange>,
+        quarantine: &Arc<Quarantine>,
+        work: &Arc<OwnWork>,
+        external: Box<dyn ExternalHeap>,
+        (ptr, bytes): (u64, usize),
+        peers: &[u64],
+        timeout: Duration,
+    ) -> Result<Self> {
+        if peers.len() > MAX_RANKS {
+            return Err(Error::invalid("world", format!("{} ranks exceed the {MAX_RANKS} a heap maps", peers.len())));
+        }
+        let mut p = Peers::default();
+        p.base[..peers.len()].copy_from_slice(peers);
+        let id = NEXT_HEAP_ID.fetch_add(1, Ordering::Relaxed);
+        let seq = quarantine.created.fetch_add(1, Ordering::Relaxed);
+        let heap = SymmetricHeap {
+            id,
+            seq,
+            local: None,
+            ptr,
+            bytes,
+            peers: p,
+            opened: Vec::new(),
+            external: Some(external),
+            exchange: exchange.clone(),
+            quarantine: quarantine.clone(),
+            work: work.clone(),
+        };
         exchange.barrier(timeout)?;
         Ok(heap)
     }
@@ -264,7 +317,10 @@ impl SymmetricHeap {
         self.exchange.barrier(timeout).map_err(|e| Error::Rendezvous { rank, world, reason: format!("destroying a buffer: {e}") })?;
         // No rank maps this rank's memory any more.
         self.local = None;
-        Ok(())
+        match self.external.take() {
+            Some(e) => e.free(),
+            None => Ok(()),
+        }
     }
 }
 

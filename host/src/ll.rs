@@ -328,11 +328,26 @@ impl LlBuffer {
     /// grid (`num_blocks: 0`) is the smallest SM count of the group's GPUs, the same on every
     /// rank.
     pub fn new(g: &Group, cfg: LlConfig) -> Result<Self> {
+        Self::with_heap(g, cfg, |bytes| g.new_heap(bytes))
+    }
+
+    /// Collective, as [`LlBuffer::new`], with the buffer's memory from NVSHMEM's symmetric heap
+    /// (`nvshmem_malloc`) instead of moe-ep's own IPC heap: the same kernels and layout, each
+    /// peer reached at the address `nvshmem_ptr` gives (every PE must be reachable so: one
+    /// node; the put path for PEs of other nodes is not implemented yet). `destroy` frees the
+    /// memory with `nvshmem_free`; a buffer dropped without it keeps its memory until NVSHMEM is
+    /// finalised (the buffer holds `nv` until then).
+    #[cfg(feature = "nvshmem")]
+    pub fn with_nvshmem(g: &Group, nv: &Arc<crate::nvshmem::Nvshmem>, cfg: LlConfig) -> Result<Self> {
+        Self::with_heap(g, cfg, |bytes| nv.new_heap(g, bytes))
+    }
+
+    fn with_heap(g: &Group, cfg: LlConfig, heap: impl FnOnce(u64) -> Result<SymmetricHeap>) -> Result<Self> {
         cfg.validate(g.world(), g.sm_count())?;
         let cfg = LlConfig { num_blocks: if cfg.num_blocks == 0 { g.min_sm_count()?.max(1) } else { cfg.num_blocks }, ..cfg };
         g.agree("low-latency buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.half_layout(g.world());
-        let heap = g.new_heap(hl.heap_bytes())?;
+        let heap = heap(hl.heap_bytes())?;
         Ok(LlBuffer {
             g: g.clone(),
             cfg,

@@ -136,7 +136,9 @@ impl Nvshmem {
                 if reuse { "(initialised before) has" } else { "made" }
             )));
         }
-        let module = if image.starts_with(b"\x7fELF") { Module::load_image(g.context(), image)? } else {
+        let module = if image.starts_with(b"\x7fELF") {
+            Module::load_image(g.context(), image)?
+        } else {
             let text = std::str::from_utf8(image).map_err(|_| err("the NVSHMEM module is neither a cubin (ELF) nor PTX text"))?;
             Module::load(g.context(), text)?
         };
@@ -215,6 +217,48 @@ impl Nvshmem {
         Ok((!p.is_null()).then_some(p as u64))
     }
 
+    /// Collective: a moe-ep symmetric heap of `bytes` per rank in NVSHMEM's symmetric memory
+    /// (`nvshmem_malloc`), zeroed on every rank, each peer's copy at its `nvshmem_ptr`. Every
+    /// PE must be directly reachable (one node); otherwise every rank gets the error naming the
+    /// PEs that are not. The heap holds this `Nvshmem` until it is freed.
+    pub(crate) fn new_heap(self: &Arc<Self>, g: &Group, bytes: u64) -> Result<crate::heap::SymmetricHeap> {
+        let bytes = usize::try_from(bytes).map_err(|_| err(format!("a heap of {bytes} bytes")))?;
+        // SAFETY: `nvshmem_malloc(size_t) -> void*`, collective; every rank calls it here.
+        let p = unsafe { self.sym::<unsafe extern "C" fn(usize) -> *mut c_void>("nvshmem_malloc")?(bytes) } as u64;
+        let mem = (p != 0).then(|| NvshmemMemory { nv: self.clone(), ptr: p });
+        let mut local = if p == 0 {
+            Err(err(format!("nvshmem_malloc({bytes}) failed on rank {} (the symmetric heap is NVSHMEM_SYMMETRIC_SIZE)", g.rank())))
+        } else {
+            let s = g.stream();
+            // SAFETY: `p` is a fresh symmetric allocation of `bytes` bytes that no kernel uses yet.
+            unsafe { driver::memset_d8_async(p, 0, bytes, s) }
+                .and_then(|_| s.synchronize())
+                .map_err(|e| err(format!("zeroing the heap: {e}")))
+                .and_then(|_| (0..g.world()).map(|pe| Ok((pe, self.direct_ptr(p, pe)?))).collect::<Result<Vec<_>>>())
+        };
+        if let Ok(bases) = &local {
+            let far: Vec<usize> = bases.iter().filter(|(_, b)| b.is_none()).map(|(pe, _)| *pe).collect();
+            if !far.is_empty() {
+                local = Err(err(format!(
+                    "rank {} reaches PEs {far:?} only through NVSHMEM's network transport; the low-latency kernels' put path for other nodes is not implemented yet",
+                    g.rank()
+                )));
+            }
+        }
+        // Every rank learns whether every rank succeeded (so none waits for a failed one).
+        let (ex, timeout) = g.exchange();
+        let flags = ex.all_gather_as("NVSHMEM heap", &[local.is_ok() as u8], timeout)?;
+        let failed: Vec<usize> = flags.iter().enumerate().filter(|(_, f)| f.first() != Some(&1)).map(|(r, _)| r).collect();
+        let bases = match (local, failed.is_empty()) {
+            (Ok(b), true) => b,
+            (Err(e), _) => return Err(e),
+            (Ok(_), false) => return Err(err(format!("ranks {failed:?} could not make their part of the NVSHMEM heap"))),
+        };
+        let peers: Vec<u64> = bases.iter().map(|(_, b)| b.unwrap_or(0)).collect();
+        let mem = mem.ok_or_else(|| err("nvshmem_malloc returned null"))?;
+        g.adopt_heap(Box::new(mem), p, bytes, &peers)
+    }
+
     /// A symmetric allocation of `bytes` (`nvshmem_malloc`, collective), zeroed.
     pub fn malloc(&self, bytes: usize) -> Result<SymmetricBuffer<'_>> {
         // SAFETY: `nvshmem_malloc(size_t) -> void*`, collective; every rank calls it here.
@@ -288,6 +332,25 @@ impl Drop for Nvshmem {
                 unsafe { f() };
             }
         }
+    }
+}
+
+/// A moe-ep heap's memory in NVSHMEM's symmetric heap: `nvshmem_free`d (collective) by the
+/// heap's `destroy`; dropped otherwise, it stays allocated until NVSHMEM is finalised, which
+/// waits for the last holder of `nv`.
+struct NvshmemMemory {
+    nv: Arc<Nvshmem>,
+    ptr: u64,
+}
+
+impl crate::heap::ExternalHeap for NvshmemMemory {
+    fn free(self: Box<Self>) -> Result<()> {
+        // SAFETY: `ptr` came from `nvshmem_malloc` and is freed once, collectively (every rank's
+        // `destroy` reaches this after meeting the others; no kernel of any rank uses it).
+        let f = unsafe { self.nv.sym::<unsafe extern "C" fn(*mut c_void)>("nvshmem_free")? };
+        // SAFETY: as above.
+        unsafe { f(self.ptr as *mut c_void) };
+        Ok(())
     }
 }
 

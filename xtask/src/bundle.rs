@@ -247,7 +247,7 @@ pub fn build(root: &Path) -> Result<()> {
     crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--examples"])?;
     // The NVSHMEM module (its PTX and sm_90 cubin) and the probe that binds it.
     crate::nvshmem::build(root)?;
-    crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--features", "nvshmem", "--example", "nvshmem_probe"])?;
+    crate::cargo(root, &["build", "--release", "-p", "moe-ep", "--features", "nvshmem,testing", "--example", "nvshmem_probe"])?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(root)
