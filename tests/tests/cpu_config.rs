@@ -67,3 +67,61 @@ fn cpu_ll_config_limits() {
     assert!(LlConfig::new(256, 7168, 8, 256).heap_bytes(4) > ok.heap_bytes(4));
     assert!(HtConfig::new(256, 7168, 8, 8192, 4).heap_bytes(4) > HtConfig::new(256, 7168, 8, 4096, 4).heap_bytes(4));
 }
+
+/// The low-latency layout's arithmetic for 1 to 128 ranks (what NVSHMEM across nodes will need;
+/// the kernels still map at most `MAX_RANKS` ranks): every region of a half in order, 16-byte
+/// aligned and inside the half, at DeepSeek-V3's shapes (hidden 7168, 256 experts, top-8, 128
+/// tokens per rank) and at the largest the configuration allows, with no overflow. Prints the
+/// memory per rank at EP16, EP64 and EP128.
+#[test]
+fn cpu_ll_layout_up_to_128_ranks() {
+    for (e, hd, k, t) in [(256, 7168, 8, 128), (1024, 16384, 16, 1024), (128, 128, 1, 1)] {
+        let cfg = LlConfig::new(e, hd, k, t);
+        for world in (1..=128usize).filter(|w| e % w == 0) {
+            let l = cfg.half_layout(world);
+            let regions = [
+                ("recv_x", l.recv_x),
+                ("recv_scales", l.recv_scales),
+                ("recv_meta", l.recv_meta),
+                ("slot_counter", l.slot_counter),
+                ("recv_count", l.recv_count),
+                ("tok_x", l.tok_x),
+                ("tok_scales", l.tok_scales),
+                ("tok_route", l.tok_route),
+                ("tok_w", l.tok_w),
+                ("tok_pos", l.tok_pos),
+                ("src_ntok", l.src_ntok),
+                ("comb_x", l.comb_x),
+                ("comb_in", l.comb_in),
+                ("end", l.bytes),
+            ];
+            for w in regions.windows(2) {
+                assert!(w[0].1 <= w[1].1, "{world} ranks, {cfg:?}: {} at {} after {} at {}", w[0].0, w[0].1, w[1].0, w[1].1);
+            }
+            for (name, off) in regions {
+                assert_eq!(off % 16, 0, "{world} ranks, {cfg:?}: {name} at {off} is not 16-byte aligned");
+            }
+            let (r, el, tt, h, kk) = (world as u64, (e / world) as u64, t as u64, hd as u64, k as u64);
+            // The regions' own sizes, from their documentation.
+            let need = [
+                ("recv_x", l.recv_scales - l.recv_x, el * r * tt * 2 * h),
+                ("recv_meta", l.slot_counter - l.recv_meta, el * r * tt * 4),
+                ("tok_x", l.tok_scales - l.tok_x, r * tt * 2 * h),
+                ("tok_route", l.tok_w - l.tok_route, r * tt * kk * 2),
+                ("comb_x", l.comb_in - l.comb_x, tt * kk.max(r) * h * 2),
+                ("comb_in", l.bytes - l.comb_in, el * r * tt * h * 2),
+            ];
+            for (name, room, want) in need {
+                assert!(room >= want, "{world} ranks, {cfg:?}: {name} has {room} bytes, needs {want}");
+            }
+            assert!(cfg.heap_bytes(world) >= 2 * l.bytes, "{world} ranks: the heap holds both halves");
+        }
+    }
+    let ds = LlConfig::new(256, 7168, 8, 128);
+    for world in [8, 16, 64, 128] {
+        println!(
+            "low-latency buffer, hidden 7168, 256 experts, top-8, 128 tokens per rank, EP{world}: {:.2} GiB per rank",
+            ds.heap_bytes(world) as f64 / (1u64 << 30) as f64
+        );
+    }
+}
