@@ -47,7 +47,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let shared =
         if g.gpu_sharers() > 1 { format!(", {} PEs sharing this GPU: no figure below is a link figure", g.gpu_sharers()) } else { String::new() };
     let t0 = std::time::Instant::now();
-    let nv = Arc::new(Nvshmem::init(&g, &image)?);
+    let nv = Arc::new(Nvshmem::init(&g, Some(&image))?);
     let (ma, mi, pa) = nv.version();
     println!(
         "rank {me} of {world} ({name}{shared}): NVSHMEM {ma}.{mi}.{pa} host library, {} in {:.0} ms, init status {} ({}), module {path} bound",

@@ -92,7 +92,9 @@ impl Nvshmem {
     /// rank of `g` by unique id (over the group's exchange) unless the process already has,
     /// loads `image` (the module of `build-ptx --nvshmem`: its sm_90 cubin, or its PTX text) and
     /// binds NVSHMEM's device state to it. A failure after the initialisation finalises it again.
-    pub fn init(g: &Group, image: &[u8]) -> Result<Nvshmem> {
+    /// Without an image only the host library is set up (enough for buffers in NVSHMEM's
+    /// memory, [`crate::ll::LlBuffer::with_nvshmem`], whose kernels store directly).
+    pub fn init(g: &Group, image: Option<&[u8]>) -> Result<Nvshmem> {
         let path = std::env::var("NVSHMEM_HOST_LIB").unwrap_or_else(|_| "libnvshmem_host.so.3".into());
         // SAFETY: loading a shared library runs its initialisers; NVSHMEM's only set up its
         // own state.
@@ -136,6 +138,7 @@ impl Nvshmem {
                 if reuse { "(initialised before) has" } else { "made" }
             )));
         }
+        let Some(image) = image else { return Ok(nv) };
         let module = if image.starts_with(b"\x7fELF") {
             Module::load_image(g.context(), image)?
         } else {
@@ -223,6 +226,15 @@ impl Nvshmem {
     /// PEs that are not. The heap holds this `Nvshmem` until it is freed.
     pub(crate) fn new_heap(self: &Arc<Self>, g: &Group, bytes: u64) -> Result<crate::heap::SymmetricHeap> {
         let bytes = usize::try_from(bytes).map_err(|_| err(format!("a heap of {bytes} bytes")))?;
+        if (g.rank(), g.world()) != (self.group.rank(), self.group.world()) {
+            return Err(err(format!(
+                "NVSHMEM was set up on a group of {} ranks (this rank {}), not on this one of {} (rank {}): PE numbers would not be ranks",
+                self.group.world(),
+                self.group.rank(),
+                g.world(),
+                g.rank()
+            )));
+        }
         // SAFETY: `nvshmem_malloc(size_t) -> void*`, collective; every rank calls it here.
         let p = unsafe { self.sym::<unsafe extern "C" fn(usize) -> *mut c_void>("nvshmem_malloc")?(bytes) } as u64;
         let mem = (p != 0).then(|| NvshmemMemory { nv: self.clone(), ptr: p });

@@ -11,6 +11,8 @@ dispatch after next. The rendezvous runs over ``torch.distributed`` (``all_gathe
 caller's process group), so under torchrun it needs no port of its own.
 """
 
+import os
+
 from ._moe_ep import (  # noqa: F401
     GroupFailed,
     InvalidArgument,
@@ -21,6 +23,7 @@ from ._moe_ep import (  # noqa: F401
     __version__,
     check_tensor,
     device_count,
+    nvshmem_status,
     tensor_path,
 )
 from . import _moe_ep
@@ -39,6 +42,7 @@ __all__ = [
     "device_count",
     "dist_backend",
     "group_from_torch",
+    "ll_transport",
     "local_device",
     "shares_gpu",
 ]
@@ -104,6 +108,29 @@ def _rendezvous_addr(hosts, global_rank):
     if addr.startswith("127."):
         raise _invalid("MOE_EP_MASTER_ADDR", f"the ranks span {len(set(hosts))} hosts and this host's name resolves to {addr}; set MOE_EP_MASTER_ADDR to an address of rank 0's host the others can reach")
     return addr
+
+
+def _ll_transport(requested=None):
+    """The low-latency buffers' transport: ``requested``, else ``MOE_EP_LL_TRANSPORT``, else
+    ``"ipc"`` (moe-ep's own heap: the default inside a node). For ``"nvshmem"`` (the buffer in
+    NVSHMEM's symmetric memory) the NVSHMEM host library and its unique-id bootstrap plugin are
+    taken from the ``nvidia-nvshmem-cu13`` wheel (which torch's CUDA 13 wheels bring) unless
+    ``NVSHMEM_HOST_LIB`` and ``NVSHMEM_BOOTSTRAP_UID_PLUGIN`` name them."""
+    t = requested or os.environ.get("MOE_EP_LL_TRANSPORT") or "ipc"
+    if t == "nvshmem":
+        try:
+            import nvidia.nvshmem as _nv
+
+            lib = os.path.join(list(_nv.__path__)[0], "lib")
+        except ImportError:
+            lib = None
+        if lib is not None:
+            os.environ.setdefault("NVSHMEM_HOST_LIB", os.path.join(lib, "libnvshmem_host.so.3"))
+            os.environ.setdefault("NVSHMEM_BOOTSTRAP_UID_PLUGIN", os.path.join(lib, "nvshmem_bootstrap_uid.so.3"))
+    return t
+
+
+ll_transport = _ll_transport
 
 
 def shares_gpu():
@@ -182,13 +209,23 @@ class Buffer:
     """``deep_ep.Buffer``'s role on moe-ep.
 
     ``Buffer(group, hidden, num_experts, num_topk, num_max_dispatch_tokens_per_rank=128,
-    num_max_tokens_per_rank=0, num_sms=None)``: ``group`` is a moe-ep ``Group`` or a torch
-    process group (``None``: the world). A low-latency buffer is built when
-    ``num_max_dispatch_tokens_per_rank > 0``, a high-throughput one when
-    ``num_max_tokens_per_rank > 0``. Collective.
+    num_max_tokens_per_rank=0, num_sms=None, ll_transport=None)``: ``group`` is a moe-ep
+    ``Group`` or a torch process group (``None``: the world). A low-latency buffer is built when
+    ``num_max_dispatch_tokens_per_rank > 0`` (on ``ll_transport``, see ``ll_transport()``), a
+    high-throughput one when ``num_max_tokens_per_rank > 0``. Collective.
     """
 
-    def __init__(self, group=None, hidden=7168, num_experts=256, num_topk=8, num_max_dispatch_tokens_per_rank=128, num_max_tokens_per_rank=0, num_sms=None):
+    def __init__(
+        self,
+        group=None,
+        hidden=7168,
+        num_experts=256,
+        num_topk=8,
+        num_max_dispatch_tokens_per_rank=128,
+        num_max_tokens_per_rank=0,
+        num_sms=None,
+        ll_transport=None,
+    ):
         if not isinstance(group, Group):
             group = group_from_torch(group)
         self.group = group
@@ -200,7 +237,7 @@ class Buffer:
         self._layout = None
         self._ll_cache = {}
         if num_max_dispatch_tokens_per_rank > 0:
-            self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank)
+            self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank, _ll_transport(ll_transport))
         if num_max_tokens_per_rank > 0:
             self._ht = _moe_ep.HighThroughputBuffer(group, num_experts, hidden, num_topk, num_max_tokens_per_rank, num_sms)
 

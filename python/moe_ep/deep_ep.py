@@ -12,7 +12,8 @@ What differs, and why:
   makes the same calls). Engines run warm-up passes before capturing CUDA graphs; building a part
   while the current stream is being captured raises ``MoeEpError``.
 - One node only: ``num_rdma_bytes`` budgets the low-latency part, ``num_qps_per_rank`` and
-  ``allow_mnnvl`` are accepted and unused. Not implemented (``NotImplementedError`` naming the
+  ``allow_mnnvl`` are accepted and unused. ``MOE_EP_LL_TRANSPORT=nvshmem`` puts the
+  low-latency part in NVSHMEM's symmetric memory (every rank still reached directly). Not implemented (``NotImplementedError`` naming the
   argument): shrink masks, LogFMT, the wait-cost statistics, ``comm`` (mpi4py), RDMA ranks.
 - High-throughput handles are tuples of six like DeepEP's intranode ones:
   ``handle[0]`` is ``int32 [R, R]`` holding this rank's column of DeepEP's rank prefix matrix
@@ -278,7 +279,9 @@ class Buffer:
         if self._ll is not None:
             self._ll.destroy()
             self._ll, self._ll_views = None, {}
-        self._ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens)
+        from . import ll_transport
+
+        self._ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport())
         self._ll_key = (tokens, hidden, num_experts, k)
         return self._ll
 

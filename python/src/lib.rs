@@ -18,6 +18,7 @@ mod group;
 mod ht;
 mod live;
 mod ll;
+mod nvshmem;
 mod tensors;
 mod torch_shim;
 
@@ -50,6 +51,14 @@ fn ht_heap_bytes(world: usize, num_experts: usize, hidden: usize, max_topk: usiz
     Ok(cfg.heap_bytes(world))
 }
 
+/// `(major, minor, patch, init status)` of the NVSHMEM the process set up for a low-latency
+/// buffer with `transport="nvshmem"` (status 2: initialised, 3: NVSHMEM's limited
+/// multi-process-per-GPU mode, 4: the full one), or `None` before.
+#[pyfunction]
+fn nvshmem_status() -> Option<(i32, i32, i32, i32)> {
+    nvshmem::status()
+}
+
 #[pymodule]
 fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -69,6 +78,7 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyHtHandle>()?;
     m.add_function(wrap_pyfunction!(device_count, m)?)?;
     m.add_function(wrap_pyfunction!(ll_heap_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(nvshmem_status, m)?)?;
     m.add_function(wrap_pyfunction!(ht_heap_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_path, m)?)?;

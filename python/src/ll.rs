@@ -74,11 +74,31 @@ impl PyLowLatency {
         py.allow_threads(|| buf.destroy()).map_err(py_err)
     }
 
-    /// `LowLatencyBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank)`: collective.
+    /// `LowLatencyBuffer(group, num_experts, hidden, max_topk, max_tokens_per_rank,
+    /// transport="ipc")`: collective (the GIL is released while the ranks meet). `transport`:
+    /// "ipc" (moe-ep's own heap, the default inside a node) or "nvshmem" (the buffer in NVSHMEM's
+    /// symmetric memory, NVSHMEM set up on this group the first time; every rank must be
+    /// reachable directly for now).
     #[new]
-    fn new(group: &PyGroup, num_experts: usize, hidden: usize, max_topk: usize, max_tokens_per_rank: usize) -> PyResult<Self> {
-        let buf = LlBuffer::new(&group.g, LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank)).map_err(py_err)?;
-        Ok(PyLowLatency { g: group.g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0) })
+    #[pyo3(signature = (group, num_experts, hidden, max_topk, max_tokens_per_rank, transport = "ipc"))]
+    fn new(
+        py: Python<'_>,
+        group: &PyGroup,
+        num_experts: usize,
+        hidden: usize,
+        max_topk: usize,
+        max_tokens_per_rank: usize,
+        transport: &str,
+    ) -> PyResult<Self> {
+        let cfg = LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank);
+        let g = &group.g;
+        let buf = match transport {
+            "ipc" => py.allow_threads(|| LlBuffer::new(g, cfg)),
+            "nvshmem" => py.allow_threads(|| crate::nvshmem::for_group(g).and_then(|nv| LlBuffer::with_nvshmem(g, &nv, cfg))),
+            other => return Err(invalid("transport", format!("{other:?} is not \"ipc\" or \"nvshmem\""))),
+        }
+        .map_err(py_err)?;
+        Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0) })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`

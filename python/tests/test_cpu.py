@@ -125,6 +125,17 @@ def main():
     os.environ["MOE_EP_MASTER_ADDR"] = "10.9.9.9"
     assert moe_ep._rendezvous_addr(["a", "b"], 4) == "10.9.9.9"
     check_deep_ep_surface()
+    # The low-latency transport: the default, the environment's, an explicit one.
+    import os
+
+    saved = os.environ.pop("MOE_EP_LL_TRANSPORT", None)
+    assert moe_ep.ll_transport() == "ipc", moe_ep.ll_transport()
+    os.environ["MOE_EP_LL_TRANSPORT"] = "nvshmem"
+    assert moe_ep.ll_transport() == "nvshmem" and moe_ep.ll_transport("ipc") == "ipc"
+    del os.environ["MOE_EP_LL_TRANSPORT"]
+    if saved is not None:
+        os.environ["MOE_EP_LL_TRANSPORT"] = saved
+    assert moe_ep.nvshmem_status() is None
     print("moe_ep CPU checks passed")
 
 

@@ -1,5 +1,6 @@
 """GPU check of the moe_ep package under torchrun (one process per GPU, or with
-``MOE_EP_SHARE_GPU=1`` every rank on GPU 0 under CUDA MPS):
+``MOE_EP_SHARE_GPU=1`` every rank on GPU 0 under CUDA MPS; with ``MOE_EP_LL_TRANSPORT=nvshmem``
+the low-latency buffer lives in NVSHMEM's symmetric memory):
 
     torchrun --nproc-per-node N python/tests/test_gpu.py
 
@@ -55,7 +56,11 @@ def main():
     xs, idxs = all_gather(x), all_gather(topk_idx)
 
     buf = moe_ep.Buffer(None, num_max_dispatch_tokens_per_rank=TOKENS, hidden=HIDDEN, num_experts=experts, num_topk=TOPK)
-    print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}")
+    transport = moe_ep.ll_transport()
+    nv = moe_ep.nvshmem_status()
+    assert (nv is not None) == (transport == "nvshmem"), (transport, nv)
+    where = f", low-latency buffer in NVSHMEM {nv[0]}.{nv[1]}.{nv[2]}'s memory (init status {nv[3]})" if nv else ""
+    print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}{where}")
 
     def check_received(recv_x, count, handle, use_fp8, what, inputs=None):
         """Every local expert's received rows (as sets by source rank, token, slot; BF16 bit
@@ -203,7 +208,15 @@ def main():
     except moe_ep.MoeEpError as e:
         assert "destroyed" in str(e), str(e)
     assert group.quarantined_bytes() == 0, group.quarantined_bytes()
-    dropped = moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16)
+    if transport == "nvshmem":
+        # A dropped buffer in NVSHMEM's memory is not quarantined: NVSHMEM keeps its memory
+        # until it is finalised.
+        kept = moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16)
+        del kept
+        gc.collect()
+        assert group.quarantined_bytes() == 0, group.quarantined_bytes()
+    # moe-ep's own heap: kept until every rank has dropped it.
+    dropped = moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16, ll_transport="ipc")
     del dropped
     gc.collect()
     assert group.quarantined_bytes() > 0, "a dropped buffer's memory was freed at once"

@@ -201,6 +201,14 @@ if [ "$what" = nvshmem ]; then
       timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/nvshmem_probe" "$here/ptx/moe_ep_nvshmem.cubin" > "$out/nvshmem$n-probe.log" 2>&1; rc=$?
     echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS): exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$out/nvshmem$n-probe.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
   done
+  # The Python package's test with its low-latency buffer in NVSHMEM's memory.
+  py=/tmp/moe-ep-python; rm -rf "$py"
+  python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+  for n in ${NVSHMEM_PY_PES:-2 4}; do
+    MOE_EP_LL_TRANSPORT=nvshmem NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+      timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/nvshmem$n-python.log" 2>&1; rc=$?
+    echo "=== python test_gpu.py, low-latency buffer on NVSHMEM, $n ranks sharing GPU 0 (no MPS): exit $rc"; grep -E "^rank|Error|assert" "$out/nvshmem$n-python.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
+  done
 fi
 if [ "$what" = soak ]; then
   # Not part of `all`: a long run (moe-ep-soak --iters N).
