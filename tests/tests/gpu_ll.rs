@@ -6,10 +6,10 @@
 use anyhow::{Context, Result, bail, ensure};
 use cudarc::driver::sys;
 use half::bf16;
-use moe_ep::TopkIdx;
 use moe_ep::ht::{self, HtBuffer, HtConfig};
 use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
 use moe_ep::reference::{LlWorld, Rng, Routing, gen_bf16, gen_routing};
+use moe_ep::{DeviceArg, TopkIdx};
 use moe_ep_kernels::fp::{bf16_to_f32, f32_to_bf16};
 use moe_ep_tests::ll_case::{Case, run_case};
 use moe_ep_tests::*;
@@ -78,6 +78,11 @@ fn gpu2_ll_shapes_hook_zero_copy() -> Result<()> {
     )
 }
 
+/// A per-expert combine of `y` (in the buffer's receive order) into `out`, not in hook mode.
+fn per_expert<'a>(y: &'a dyn DeviceArg<bf16>, idx: &'a DevBuf<i64>, wts: &'a DevBuf<f32>, out: &'a DevBuf<bf16>) -> CombineArgs<'a> {
+    CombineArgs { x: CombineInput::Tensor(y), topk_idx: TopkIdx::I64(idx), topk_weights: Some(wts), out, mode: CombineMode::PerExpert, hook: false }
+}
+
 /// What `me` gets from combining its own tokens when every expert returns the received row
 /// unchanged (identity experts), in `mode`.
 #[allow(clippy::too_many_arguments)]
@@ -90,6 +95,29 @@ fn identity_combine(e: usize, hd: usize, k: usize, world: usize, me: usize, x: &
     match mode {
         CombineMode::PerExpert => lw.combine(me, &y),
         CombineMode::PreReduced => lw.combine_pre_reduced(me, &y),
+    }
+}
+
+/// One rank's BF16 tokens, routing (by scores, none dropped) and weights: on the host for the
+/// reference, and uploaded.
+struct Inputs {
+    x_h: Vec<u16>,
+    idx_h: Vec<i64>,
+    w_h: Vec<f32>,
+    x: DevBuf<bf16>,
+    idx: DevBuf<i64>,
+    wts: DevBuf<f32>,
+}
+
+impl Inputs {
+    fn new(s: &std::sync::Arc<cudarc::driver::CudaStream>, seed: u64, world: usize, (e, hd, k, t): (usize, usize, usize, usize)) -> Result<Self> {
+        let mut rng = Rng::new(seed);
+        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
+        let x = upload(s, bytemuck::cast_slice::<u16, bf16>(&x_h))?;
+        let idx = upload(s, &idx_h)?;
+        let wts = upload(s, &w_h)?;
+        Ok(Inputs { x_h, idx_h, w_h, x, idx, wts })
     }
 }
 
@@ -312,12 +340,7 @@ fn gpu2_ll_alternating_with_ht_1000() -> Result<()> {
         let s = g.stream().clone();
         let mut ll = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
         let mut ht = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
-        let mut rng = Rng::new(seed ^ me as u64);
-        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
-        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
-        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&x_h))?;
-        let idx = upload(&s, &idx_h)?;
-        let wts = upload(&s, &w_h)?;
+        let Inputs { x_h, idx_h, w_h, x, idx, wts } = Inputs::new(&s, seed ^ me as u64, world, (e, hd, k, t))?;
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         let out_ht = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         let layout = ht.layout(&s, TopkIdx::I64(&idx), k)?;
@@ -444,14 +467,7 @@ fn gpu2_ll_corrupt_indices_are_reported() -> Result<()> {
         g.barrier()?;
         a.corrupt_received_for_testing(&s, 0xEE)?;
         g.barrier()?;
-        let args = CombineArgs {
-            x: CombineInput::Tensor(&y),
-            topk_idx: TopkIdx::I64(&idx),
-            topk_weights: Some(&wts),
-            out: &out,
-            mode: CombineMode::PerExpert,
-            hook: false,
-        };
+        let args = per_expert(&y, &idx, &wts, &out);
         expect_bad_index(a.combine(&s, &h, &args).and_then(|_| a.check()), "a combine over corrupt receive metadata")?;
         println!("rank {}: the corrupt metadata was reported: {:?}", g.rank(), g.failure());
         Ok(())
@@ -471,12 +487,7 @@ fn gpu2_ll_abandoned_hooks_recover() -> Result<()> {
         let me = g.rank();
         let s = g.stream().clone();
         let mut buf = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
-        let mut rng = Rng::new(seed ^ me as u64);
-        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
-        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
-        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&x_h))?;
-        let idx = upload(&s, &idx_h)?;
-        let wts = upload(&s, &w_h)?;
+        let Inputs { x_h, idx_h, w_h, x, idx, wts } = Inputs::new(&s, seed ^ me as u64, world, (e, hd, k, t))?;
         let args = |hook| DispatchArgs { topk_weights: Some(&wts), payload: Payload::Bf16, hook, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
         // Two hook-mode dispatches whose handles are dropped at once, their receive halves never
         // run: a third dispatch would reuse the first one's half.
@@ -530,12 +541,7 @@ fn gpu2_ll_calls_on_two_streams_keep_order() -> Result<()> {
         let s = g.stream().clone();
         let (a, b) = (g.context().new_stream()?, g.context().new_stream()?);
         let mut buf = LlBuffer::new(g, LlConfig::new(e, hd, k, t))?;
-        let mut rng = Rng::new(seed ^ me as u64);
-        let (idx_h, w_h) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
-        let x_h = gen_bf16(&mut rng, t * hd, 1.0);
-        let x = upload(&s, bytemuck::cast_slice::<u16, bf16>(&x_h))?;
-        let idx = upload(&s, &idx_h)?;
-        let wts = upload(&s, &w_h)?;
+        let Inputs { x_h, idx_h, w_h, x, idx, wts } = Inputs::new(&s, seed ^ me as u64, world, (e, hd, k, t))?;
         let out = poisoned(&s, t * hd, bf16::from_bits(0xFFFF))?;
         buf.poison(&s, 0xEE)?;
         buf.check()?;
@@ -547,14 +553,7 @@ fn gpu2_ll_calls_on_two_streams_keep_order() -> Result<()> {
         buf.dispatch_recv(&a, &mut h, None)?;
         // Identity experts: the combine's input is the received rows themselves.
         let y = buf.recv_x_bf16(&h)?;
-        let cargs = CombineArgs {
-            x: CombineInput::Tensor(&y),
-            topk_idx: TopkIdx::I64(&idx),
-            topk_weights: Some(&wts),
-            out: &out,
-            mode: CombineMode::PerExpert,
-            hook: false,
-        };
+        let cargs = per_expert(&y, &idx, &wts, &out);
         buf.combine(&b, &h, &cargs)?;
         buf.check()?;
         let held = t0.elapsed();
