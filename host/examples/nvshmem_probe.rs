@@ -145,7 +145,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     drop((src, dst, data));
     low_latency_on_both_heaps(&g, &nv)?;
     g.check()?;
-    drop(nv);
+    nv.finalize()?;
     println!("rank {me}: NVSHMEM finalised");
     Ok(())
 }

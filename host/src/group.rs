@@ -497,7 +497,7 @@ impl Group {
     /// Collective: checks that every rank passed the same `value` (a configuration's canonical
     /// text); a mismatch is an [`Error::CollectiveMismatch`] naming this rank's and the first
     /// differing rank's values, on every rank.
-    pub(crate) fn agree(&self, what: &'static str, value: &str) -> Result<()> {
+    pub fn agree(&self, what: &'static str, value: &str) -> Result<()> {
         let all = self.inner.exchange.all_gather_as(what, value.as_bytes(), self.inner.cfg.rendezvous_timeout)?;
         match all.iter().position(|v| v.as_slice() != value.as_bytes()) {
             None => Ok(()),

@@ -335,8 +335,8 @@ impl LlBuffer {
     /// (`nvshmem_malloc`) instead of moe-ep's own IPC heap: the same kernels and layout, each
     /// peer reached at the address `nvshmem_ptr` gives (every PE must be reachable so: one
     /// node; the put path for PEs of other nodes is not implemented yet). `destroy` frees the
-    /// memory with `nvshmem_free`; a buffer dropped without it keeps its memory until NVSHMEM is
-    /// finalised (the buffer holds `nv` until then).
+    /// memory with `nvshmem_free`; a buffer dropped without it leaves its memory in NVSHMEM's
+    /// heap until NVSHMEM is finalised. The buffer holds `nv` until it is destroyed or dropped.
     #[cfg(feature = "nvshmem")]
     pub fn with_nvshmem(g: &Group, nv: &Arc<crate::nvshmem::Nvshmem>, cfg: LlConfig) -> Result<Self> {
         Self::with_heap(g, cfg, |bytes| nv.new_heap(g, bytes))

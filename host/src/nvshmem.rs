@@ -12,7 +12,8 @@
 //!   rank calls `nvshmemx_hostlib_init_attr` (the shared library's entry; the headers' inline
 //!   `nvshmemx_init_attr` needs `libnvshmem_device.a`, which a driver-API module does not link).
 //! - The module is loaded with the driver API and bound with `nvshmemx_cumodule_init`.
-//! - Drop finalises the module and the library.
+//! - `Nvshmem::finalize` (collective) releases the module and the library; a drop runs no
+//!   collective and leaves NVSHMEM set up until the process ends.
 //!
 //! Every raw call of this module is here; the public API is safe.
 
@@ -91,10 +92,51 @@ impl Nvshmem {
     /// Collective: opens NVSHMEM's host library, checks its version, initialises it on every
     /// rank of `g` by unique id (over the group's exchange) unless the process already has,
     /// loads `image` (the module of `build-ptx --nvshmem`: its sm_90 cubin, or its PTX text) and
-    /// binds NVSHMEM's device state to it. A failure after the initialisation finalises it again.
-    /// Without an image only the host library is set up (enough for buffers in NVSHMEM's
-    /// memory, [`crate::ll::LlBuffer::with_nvshmem`], whose kernels store directly).
+    /// binds NVSHMEM's device state to it. Without an image only the host library is set up
+    /// (enough for buffers in NVSHMEM's memory, [`crate::ll::LlBuffer::with_nvshmem`], whose
+    /// kernels store directly).
+    ///
+    /// All or nothing: after each step whose failure is local (opening the library, its
+    /// version, the unique id, loading and binding the module) the ranks agree on success, so a
+    /// failure anywhere is an error on every rank, naming the ranks that failed, and no rank is
+    /// left in a collective call the others never make. An initialisation made here and then
+    /// refused is finalised again, by every rank.
     pub fn init(g: &Group, image: Option<&[u8]>) -> Result<Nvshmem> {
+        let opened = Self::open(g);
+        // Every rank learns every rank's state: 0 failed, 1 to initialise, 2 initialised before.
+        let code = match &opened {
+            Err(_) => 0u8,
+            Ok(nv) => 1 + (nv.status >= STATUS_IS_INITIALIZED) as u8,
+        };
+        let codes = agree(g, "NVSHMEM opened", code)?;
+        let mut nv = match (opened, ranks_where(&codes, |c| c == 0)) {
+            (Err(e), _) => return Err(e),
+            (Ok(_), failed) if !failed.is_empty() => return Err(err(format!("ranks {failed:?} could not open a usable NVSHMEM host library"))),
+            (Ok(nv), _) => nv,
+        };
+        let reuse = code == 2;
+        if codes.iter().any(|&c| c != code) {
+            return Err(err(format!(
+                "NVSHMEM was initialised before in the processes of ranks {:?} but not in the others': reuse it on every rank or on none",
+                ranks_where(&codes, |c| c == 2)
+            )));
+        }
+        if !reuse {
+            nv.init_by_unique_id(g)?;
+        }
+        // From here on a refusal finalises (collectively) what this call initialised.
+        let bound = nv.check_pes(g).and_then(|_| nv.bind(g, image));
+        let oks = agree(g, "NVSHMEM set up", bound.is_ok() as u8)?;
+        let failed = ranks_where(&oks, |c| c == 0);
+        if bound.is_err() || !failed.is_empty() {
+            nv.finalize_owned();
+            return Err(bound.err().unwrap_or_else(|| err(format!("ranks {failed:?} could not set NVSHMEM up (see their errors)"))));
+        }
+        Ok(nv)
+    }
+
+    /// Opens the host library and checks its version (this rank only).
+    fn open(g: &Group) -> Result<Nvshmem> {
         let path = std::env::var("NVSHMEM_HOST_LIB").unwrap_or_else(|_| "libnvshmem_host.so.3".into());
         // SAFETY: loading a shared library runs its initialisers; NVSHMEM's only set up its
         // own state.
@@ -111,34 +153,31 @@ impl Nvshmem {
                 BITCODE_VERSION.0, BITCODE_VERSION.1, BITCODE_VERSION.2, BITCODE_VERSION.0
             )));
         }
-        let (rank, world) = (g.rank() as c_int, g.world() as c_int);
         // SAFETY: `nvshmemx_init_status(void) -> int`, callable before initialisation.
-        let before = unsafe { nv.sym::<FnI32>("nvshmemx_init_status")?() };
-        // Every rank must take the same branch: a rank reusing NVSHMEM while another
-        // initialises it would hang the initialisation.
-        let (ex, timeout) = g.exchange();
-        let reuse = before >= STATUS_IS_INITIALIZED;
-        let all = ex.all_gather_as("NVSHMEM initialised before", &[reuse as u8], timeout)?;
-        if all.iter().any(|b| b.first() != Some(&(reuse as u8))) {
-            let had: Vec<usize> = all.iter().enumerate().filter(|(_, b)| b.first() == Some(&1)).map(|(r, _)| r).collect();
-            return Err(err(format!(
-                "NVSHMEM was initialised before in the processes of ranks {had:?} but not in the others': reuse it on every rank or on none"
-            )));
-        }
-        if !reuse {
-            nv.init_by_unique_id(g)?;
-        }
-        // SAFETY: plain queries of the initialised library.
         nv.status = unsafe { nv.sym::<FnI32>("nvshmemx_init_status")?() };
+        Ok(nv)
+    }
+
+    /// This rank's PE must be its rank in `g` (this rank only).
+    fn check_pes(&mut self, g: &Group) -> Result<()> {
+        // SAFETY: plain queries of the initialised library.
+        self.status = unsafe { self.sym::<FnI32>("nvshmemx_init_status")?() };
         // SAFETY: as above.
-        let (pe, npes) = unsafe { (nv.sym::<FnI32>("nvshmem_my_pe")?(), nv.sym::<FnI32>("nvshmem_n_pes")?()) };
-        if (pe, npes) != (rank, world) {
+        let (pe, npes) = unsafe { (self.sym::<FnI32>("nvshmem_my_pe")?(), self.sym::<FnI32>("nvshmem_n_pes")?()) };
+        if (pe as usize, npes as usize) != (g.rank(), g.world()) {
             return Err(err(format!(
-                "NVSHMEM {} this rank PE {pe} of {npes}, expected {rank} of {world} (the group's rank order)",
-                if reuse { "(initialised before) has" } else { "made" }
+                "NVSHMEM {} this rank PE {pe} of {npes}, expected {} of {} (the group's rank order)",
+                if self.owns_init { "made" } else { "(initialised before) has" },
+                g.rank(),
+                g.world()
             )));
         }
-        let Some(image) = image else { return Ok(nv) };
+        Ok(())
+    }
+
+    /// Loads `image` and binds NVSHMEM's device state to it (this rank only).
+    fn bind(&mut self, g: &Group, image: Option<&[u8]>) -> Result<()> {
+        let Some(image) = image else { return Ok(()) };
         let module = if image.starts_with(b"\x7fELF") {
             Module::load_image(g.context(), image)?
         } else {
@@ -146,43 +185,52 @@ impl Nvshmem {
             Module::load(g.context(), text)?
         };
         // SAFETY: `nvshmemx_cumodule_init(CUmodule)` on a loaded module of this context; the
-        // module outlives the binding (finalised in Drop before it is unloaded).
-        let rc = unsafe { nv.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_init")?(module.raw()) };
+        // module outlives the binding (finalised before it is unloaded).
+        let rc = unsafe { self.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_init")?(module.raw()) };
         check(rc, "nvshmemx_cumodule_init (a module of a newer NVSHMEM minor version, or another major one, is refused)")?;
-        nv.module = Some(module);
-        Ok(nv)
+        self.module = Some(module);
+        Ok(())
     }
 
     /// Initialises the host library on every rank of `g` by unique id (made by rank 0, carried
-    /// by the group's exchange). On success `self` owns the initialisation (finalised on drop,
-    /// also when a later step of [`Nvshmem::init`] fails).
+    /// by the group's exchange; a rank 0 that cannot make one sends none, and every rank fails).
     fn init_by_unique_id(&mut self, g: &Group) -> Result<()> {
-        // The unique id: made by rank 0, carried by the group's exchange.
         let mut uid = [0u8; UID_BYTES];
         uid[..4].copy_from_slice(&UID_VERSION.to_le_bytes());
+        let mut made = Ok(());
         if g.rank() == 0 {
-            // SAFETY: `nvshmemx_get_uniqueid(nvshmemx_uniqueid_t*)` fills the 128-byte id.
-            let rc = unsafe { self.sym::<unsafe extern "C" fn(*mut c_void) -> c_int>("nvshmemx_get_uniqueid")?(uid.as_mut_ptr() as *mut c_void) };
-            check(rc, "nvshmemx_get_uniqueid")?;
+            // SAFETY: the C signature of `nvshmemx_get_uniqueid`.
+            let f = unsafe { self.sym::<unsafe extern "C" fn(*mut c_void) -> c_int>("nvshmemx_get_uniqueid") };
+            made = f.and_then(|f| {
+                // SAFETY: `nvshmemx_get_uniqueid(nvshmemx_uniqueid_t*)` fills the 128-byte id.
+                check(unsafe { f(uid.as_mut_ptr() as *mut c_void) }, "nvshmemx_get_uniqueid")
+            });
         }
         let (ex, timeout) = g.exchange();
-        let all = ex.all_gather_as("NVSHMEM unique id", &uid, timeout)?;
+        let mine: &[u8] = if made.is_ok() { &uid } else { &[] };
+        let all = ex.all_gather_as("NVSHMEM unique id", mine, timeout)?;
+        made?;
         let (rank, world) = (g.rank() as c_int, g.world() as c_int);
-        let root: [u8; UID_BYTES] = all[0].as_slice().try_into().map_err(|_| err(format!("rank 0 sent a {}-byte unique id", all[0].len())))?;
+        let root: [u8; UID_BYTES] =
+            all[0].as_slice().try_into().map_err(|_| err(format!("rank 0 could not make an NVSHMEM unique id ({} bytes came)", all[0].len())))?;
         let mut attr = ATTR_INIT;
-        // SAFETY: `nvshmemx_set_attr_uniqueid_args(int, int, const nvshmemx_uniqueid_t*,
-        // nvshmemx_init_attr_t*)`; `root` and `attr` have the sizes the headers give, and the
-        // library keeps a pointer to `root` only until the init below returns.
-        let rc = unsafe {
-            self.sym::<unsafe extern "C" fn(c_int, c_int, *const c_void, *mut c_void) -> c_int>("nvshmemx_set_attr_uniqueid_args")?(
-                rank,
-                world,
-                root.as_ptr() as *const c_void,
-                attr.as_mut_ptr() as *mut c_void,
-            )
-        };
-        check(rc, "nvshmemx_set_attr_uniqueid_args")?;
-        g.context().bind_to_thread().map_err(|e| err(format!("binding the group's context: {e}")))?;
+        // SAFETY: the C signature of `nvshmemx_set_attr_uniqueid_args`.
+        let f = unsafe { self.sym::<unsafe extern "C" fn(c_int, c_int, *const c_void, *mut c_void) -> c_int>("nvshmemx_set_attr_uniqueid_args") };
+        let set = f
+            .and_then(|f| {
+                // SAFETY: `(int, int, const nvshmemx_uniqueid_t*, nvshmemx_init_attr_t*)`;
+                // `root` and `attr` have the sizes the headers give, and the library keeps a
+                // pointer to `root` only until the init below returns.
+                check(unsafe { f(rank, world, root.as_ptr() as *const c_void, attr.as_mut_ptr() as *mut c_void) }, "nvshmemx_set_attr_uniqueid_args")
+            })
+            .and_then(|_| g.context().bind_to_thread().map_err(|e| err(format!("binding the group's context: {e}"))));
+        // Nobody enters the collective initialisation unless everybody can.
+        let oks = agree(g, "NVSHMEM attributes", set.is_ok() as u8)?;
+        set?;
+        let failed = ranks_where(&oks, |c| c == 0);
+        if !failed.is_empty() {
+            return Err(err(format!("ranks {failed:?} could not prepare NVSHMEM's initialisation")));
+        }
         // SAFETY: `nvshmemx_hostlib_init_attr(unsigned, nvshmemx_init_attr_t*)` with the
         // attributes just filled; collective over the `world` ranks, which all call it here.
         let rc = unsafe {
@@ -194,6 +242,44 @@ impl Nvshmem {
         check(rc, "nvshmemx_hostlib_init_attr")?;
         self.owns_init = true;
         Ok(())
+    }
+
+    /// Collective: releases the module and, where this value initialised NVSHMEM, finalises
+    /// it. Every rank calls it at the same point, once no buffer uses NVSHMEM's memory (an
+    /// `Arc` still held by a buffer is an error naming that, and nothing is released). Dropping
+    /// an `Nvshmem` instead finalises nothing (finalising is collective): NVSHMEM then stays set
+    /// up until the process ends.
+    pub fn finalize(self: Arc<Self>) -> Result<()> {
+        let mut nv = Arc::try_unwrap(self).map_err(|a| {
+            err(format!("finalize: {} more holders of this NVSHMEM (buffers in its memory: destroy them first)", Arc::strong_count(&a) - 1))
+        })?;
+        nv.finalize_owned();
+        Ok(())
+    }
+
+    /// The module's binding and, where owned, the library: released once.
+    fn finalize_owned(&mut self) {
+        let _ = self.group.stream().synchronize();
+        self.release_module();
+        if std::mem::take(&mut self.owns_init) {
+            // SAFETY: collective finalisation of the initialisation this value made; every rank
+            // reaches it at the same point (`finalize`, or `init` after agreeing on a failure).
+            if let Ok(f) = unsafe { self.sym::<FnVoid>("nvshmemx_hostlib_finalize") } {
+                // SAFETY: as above.
+                unsafe { f() };
+            }
+        }
+    }
+
+    fn release_module(&mut self) {
+        if let Some(m) = self.module.take() {
+            // SAFETY: the module was bound by `nvshmemx_cumodule_init`; nothing runs on it (the
+            // caller synchronised this rank's stream).
+            if let Ok(f) = unsafe { self.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_finalize") } {
+                // SAFETY: as above.
+                unsafe { f(m.raw()) };
+            }
+        }
     }
 
     /// The host library's version.
@@ -226,13 +312,17 @@ impl Nvshmem {
     /// PEs that are not. The heap holds this `Nvshmem` until it is freed.
     pub(crate) fn new_heap(self: &Arc<Self>, g: &Group, bytes: u64) -> Result<crate::heap::SymmetricHeap> {
         let bytes = usize::try_from(bytes).map_err(|_| err(format!("a heap of {bytes} bytes")))?;
-        if (g.rank(), g.world()) != (self.group.rank(), self.group.world()) {
+        // PE numbers must be this group's ranks on every rank before the collective malloc (a
+        // rank that refused alone would leave the others in it).
+        let same = (g.rank(), g.world()) == (self.group.rank(), self.group.world());
+        let differ = ranks_where(&agree(g, "NVSHMEM heap group", same as u8)?, |c| c == 0);
+        if !differ.is_empty() {
             return Err(err(format!(
-                "NVSHMEM was set up on a group of {} ranks (this rank {}), not on this one of {} (rank {}): PE numbers would not be ranks",
-                self.group.world(),
+                "NVSHMEM was set up on another group than this one on ranks {differ:?} (PE numbers would not be ranks; this rank: PE {} of {}, rank {} of {})",
                 self.group.rank(),
-                g.world(),
-                g.rank()
+                self.group.world(),
+                g.rank(),
+                g.world()
             )));
         }
         // SAFETY: `nvshmem_malloc(size_t) -> void*`, collective; every rank calls it here.
@@ -326,30 +416,29 @@ impl Nvshmem {
 
 impl Drop for Nvshmem {
     fn drop(&mut self) {
-        // Errors cannot be returned from Drop; each step is attempted once.
-        let _ = self.group.stream().synchronize();
+        // No collective here: NVSHMEM stays initialised (see `finalize`). The module stays
+        // loaded and bound too: a kernel of it may still be queued.
         if let Some(m) = self.module.take() {
-            // SAFETY: the module was bound by `nvshmemx_cumodule_init`; nothing runs on it.
-            if let Ok(f) = unsafe { self.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_finalize") } {
-                // SAFETY: as above.
-                unsafe { f(m.raw()) };
-            }
-            drop(m);
-        }
-        if self.owns_init {
-            // SAFETY: collective finalisation of the initialisation this value made; every rank
-            // drops its `Nvshmem` in the same place (or fails `init` at the same step).
-            if let Ok(f) = unsafe { self.sym::<FnVoid>("nvshmemx_hostlib_finalize") } {
-                // SAFETY: as above.
-                unsafe { f() };
-            }
+            std::mem::forget(m);
         }
     }
 }
 
+/// All-gathers one byte per rank over `g`'s exchange.
+fn agree(g: &Group, what: &'static str, mine: u8) -> Result<Vec<u8>> {
+    let (ex, timeout) = g.exchange();
+    let all = ex.all_gather_as(what, &[mine], timeout)?;
+    Ok(all.iter().map(|b| b.first().copied().unwrap_or(0)).collect())
+}
+
+/// The ranks whose byte satisfies `f`.
+fn ranks_where(all: &[u8], f: impl Fn(u8) -> bool) -> Vec<usize> {
+    all.iter().enumerate().filter(|(_, b)| f(**b)).map(|(r, _)| r).collect()
+}
+
 /// A moe-ep heap's memory in NVSHMEM's symmetric heap: `nvshmem_free`d (collective) by the
-/// heap's `destroy`; dropped otherwise, it stays allocated until NVSHMEM is finalised, which
-/// waits for the last holder of `nv`.
+/// heap's `destroy`; dropped otherwise, it stays allocated until NVSHMEM is finalised
+/// ([`Nvshmem::finalize`] refuses while a heap still holds `nv`).
 struct NvshmemMemory {
     nv: Arc<Nvshmem>,
     ptr: u64,
@@ -366,7 +455,8 @@ impl crate::heap::ExternalHeap for NvshmemMemory {
     }
 }
 
-/// A symmetric allocation (`nvshmem_malloc`), freed (`nvshmem_free`, collective) on drop.
+/// A symmetric allocation (`nvshmem_malloc`) for probes, freed (`nvshmem_free`, collective) on
+/// drop: every rank must drop it at the same point.
 pub struct SymmetricBuffer<'a> {
     nv: &'a Nvshmem,
     ptr: u64,

@@ -98,28 +98,38 @@ impl OwnWork {
 /// re-records after every launch there: one wait, only when the stream changes). Only the raw
 /// handle is kept, never the stream: a caller's stream may be gone by the next call, and then
 /// its mark is either complete (pruned or not, nothing to wait for) or still owned by `OwnWork`.
-/// While the new stream is being captured into a CUDA graph nothing is joined: a graph's
-/// launches are ordered by the stream it replays on.
+/// A stream being captured into a CUDA graph is neither joined nor remembered: a graph's
+/// launches are ordered by the stream it replays on, and the next eager launch still follows
+/// the last eager one. Once a launch on a new stream has waited, that stream's mark is recorded
+/// at once, so the chain holds even when the launch itself is then refused.
 #[derive(Default)]
 pub(crate) struct StreamChain {
-    last: Mutex<usize>,
+    /// The raw handle of the stream of the buffer's latest eager launch (`None` before the
+    /// first; 0 is a real stream, the legacy default one).
+    last: Mutex<Option<usize>>,
 }
 
 impl StreamChain {
-    /// Orders the next launch on `stream` after every earlier launch of the buffer.
+    /// Orders the next launch on `stream` after every earlier eager launch of the buffer.
     pub(crate) fn follow(&self, work: &OwnWork, stream: &CudaStream) -> Result<()> {
         let key = stream.cu_stream() as usize;
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if *last != 0 && *last != key {
-            let capturing = stream.capture_status().during("cuStreamIsCapturing", || "ordering a buffer's launches".into())?;
-            if capturing == sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
-                let marks = work.marks.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some((_, ev)) = marks.iter().find(|(k, _)| *k == *last) {
-                    stream.wait(ev).during("cuStreamWaitEvent", || "ordering a launch after the buffer's previous stream".into())?;
-                }
+        if *last == Some(key) {
+            return Ok(());
+        }
+        let capturing = stream.capture_status().during("cuStreamIsCapturing", || "ordering a buffer's launches".into())?;
+        if capturing != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            return Ok(());
+        }
+        if let Some(prev) = *last {
+            let marks = work.marks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, ev)) = marks.iter().find(|(k, _)| *k == prev) {
+                stream.wait(ev).during("cuStreamWaitEvent", || "ordering a launch after the buffer's previous stream".into())?;
             }
         }
-        *last = key;
+        // (The marks' lock is released: `mark` takes it.)
+        work.mark(stream)?;
+        *last = Some(key);
         Ok(())
     }
 }

@@ -181,7 +181,11 @@ class Buffer:
         self._ll_views = {}
         self._ht = None
         self._ht_key = None
-        self._min_sms = None
+        # The smallest SM share of the group (collective, as the constructor is): the
+        # high-throughput grid every rank can launch.
+        self._min_sms = self._group.min_sm_count()
+        # (buffer, key) of the low-latency part, read together by the lock-free fast path.
+        self._ll_state = (None, None)
         self._device = self._group.device
         self._comm_stream = torch.cuda.Stream(device=self._device)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -248,6 +252,7 @@ class Buffer:
                     part.destroy()
             self._ll = self._ht = None
             self._ll_key = self._ht_key = None
+            self._ll_state = (None, None)
             self._ll_views = {}
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
@@ -279,10 +284,12 @@ class Buffer:
         if self._ll is not None:
             self._ll.destroy()
             self._ll, self._ll_views = None, {}
+            self._ll_state = (None, None)
         from . import ll_transport
 
         self._ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport())
         self._ll_key = (tokens, hidden, num_experts, k)
+        self._ll_state = (self._ll, self._ll_key)
         return self._ll
 
     def _ht_part(self, hidden, num_experts, k, tokens, num_sms):
@@ -316,11 +323,8 @@ class Buffer:
 
     def _num_sms(self, config):
         """The high-throughput grid: the config's (or ``Buffer.num_sms``), capped by the
-        smallest SM share of the group (the same on every rank; learnt collectively at the
-        first high-throughput call, which every rank makes)."""
+        smallest SM share of the group (the same on every rank)."""
         want = config.num_sms if config is not None else Buffer.num_sms
-        if self._min_sms is None:
-            self._min_sms = self._group.min_sm_count()
         return max(2, min(int(want), self._min_sms))
 
     # ----- streams (high-throughput calls run on the communication stream) -----
@@ -483,9 +487,9 @@ class Buffer:
                 if recv_idx is not None:
                     recv_idx = recv_idx.to(torch.int64)
                     made.append(recv_idx)
-                if not allocate_on_comm_stream:
-                    for t in made:
-                        t.record_stream(compute)
+                # Always allocated here, on the communication stream, and read by the caller's.
+                for t in made:
+                    t.record_stream(compute)
         counts = list(h.expert_counts) if (h.expert_counts is not None and not num_worst_tokens) else []
         if handle is None:
             handle = _HtHandle((prefix, None, None, recv_src, in_rank_t, None))
@@ -513,7 +517,7 @@ class Buffer:
             self._own((out, out_w), compute, comm, allocate_on_comm_stream)
             with torch.cuda.stream(comm):
                 xc = x.contiguous()
-                for t in (xc, topk_weights, b0, b1):
+                for t in (x, xc, topk_weights, b0, b1):
                     if t is not None:
                         t.record_stream(comm)
                 part.combine(self._raw_stream(), h, xc, out, topk_weights, out_w, b0, b1)
@@ -570,7 +574,7 @@ class Buffer:
         if dispatch_wait_recv_cost_stats is not None:
             raise _unsupported("dispatch_wait_recv_cost_stats", "the wait-cost statistics are not implemented")
         # (The extension checks every tensor's dtype, shape and device, naming the argument.)
-        ll, key = self._ll, self._ll_key
+        ll, key = self._ll_state
         hidden, k = x.shape[1], topk_idx.shape[1]
         if ll is None or key[0] != num_max_dispatch_tokens_per_rank or key[1] != hidden or key[2] != num_experts or k > key[3]:
             with self._lock:

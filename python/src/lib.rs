@@ -55,8 +55,10 @@ fn ht_heap_bytes(world: usize, num_experts: usize, hidden: usize, max_topk: usiz
 /// buffer with `transport="nvshmem"` (status 2: initialised, 3: NVSHMEM's limited
 /// multi-process-per-GPU mode, 4: the full one), or `None` before.
 #[pyfunction]
-fn nvshmem_status() -> Option<(i32, i32, i32, i32)> {
-    nvshmem::status()
+fn nvshmem_status(py: Python<'_>) -> Option<(i32, i32, i32, i32)> {
+    // Without the GIL: another thread may hold NVSHMEM's slot while it sets NVSHMEM up over a
+    // group whose exchange calls back into Python.
+    py.allow_threads(nvshmem::status)
 }
 
 #[pymodule]

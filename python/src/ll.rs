@@ -92,12 +92,19 @@ impl PyLowLatency {
     ) -> PyResult<Self> {
         let cfg = LlConfig::new(num_experts, hidden, max_topk, max_tokens_per_rank);
         let g = &group.g;
-        let buf = match transport {
-            "ipc" => py.allow_threads(|| LlBuffer::new(g, cfg)),
-            "nvshmem" => py.allow_threads(|| crate::nvshmem::for_group(g).and_then(|nv| LlBuffer::with_nvshmem(g, &nv, cfg))),
-            other => return Err(invalid("transport", format!("{other:?} is not \"ipc\" or \"nvshmem\""))),
+        if !matches!(transport, "ipc" | "nvshmem") {
+            return Err(invalid("transport", format!("{transport:?} is not \"ipc\" or \"nvshmem\"")));
         }
-        .map_err(py_err)?;
+        let buf = py
+            .allow_threads(|| {
+                // Every rank must build on the same transport (a mismatch is an error everywhere).
+                g.agree("low-latency transport", transport)?;
+                match transport {
+                    "nvshmem" => crate::nvshmem::for_group(g).and_then(|nv| LlBuffer::with_nvshmem(g, &nv, cfg)),
+                    _ => LlBuffer::new(g, cfg),
+                }
+            })
+            .map_err(py_err)?;
         Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0) })
     }
 
