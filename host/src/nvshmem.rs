@@ -121,11 +121,11 @@ impl Nvshmem {
                 ranks_where(&codes, |c| c == 2)
             )));
         }
-        if !reuse {
-            nv.init_by_unique_id(g)?;
-        }
-        // From here on a refusal finalises (collectively) what this call initialised.
-        let bound = nv.check_pes(g).and_then(|_| nv.bind(g, image));
+        // Every rank reaches the agreement below whatever failed before it (the initialisation's
+        // own steps fail on every rank together, its collective call on any), and from there a
+        // refusal finalises (collectively) what this call initialised.
+        let inited = if reuse { Ok(()) } else { nv.init_by_unique_id(g) };
+        let bound = inited.and_then(|_| nv.check_pes(g)).and_then(|_| nv.bind(g, image));
         let oks = agree(g, "NVSHMEM set up", bound.is_ok() as u8)?;
         let failed = ranks_where(&oks, |c| c == 0);
         if bound.is_err() || !failed.is_empty() {
