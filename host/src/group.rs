@@ -755,7 +755,6 @@ impl Group {
         inner.heap.destroy(work_timeout, timeout)
     }
 
-    /// Collective: a new symmetric heap of `bytes` per rank.
     /// Collective: a heap in symmetric memory another library allocated (see
     /// [`crate::heap::ExternalHeap`]).
     #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
@@ -772,6 +771,7 @@ impl Group {
         )
     }
 
+    /// Collective: a new symmetric heap of `bytes` per rank.
     pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
         self.ensure_healthy()?;
         SymmetricHeap::new(

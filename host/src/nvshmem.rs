@@ -126,13 +126,13 @@ impl Nvshmem {
         // refusal finalises (collectively) what this call initialised.
         let inited = if reuse { Ok(()) } else { nv.init_by_unique_id(g) };
         let bound = inited.and_then(|_| nv.check_pes(g)).and_then(|_| nv.bind(g, image));
-        let oks = agree(g, "NVSHMEM set up", bound.is_ok() as u8)?;
-        let failed = ranks_where(&oks, |c| c == 0);
-        if bound.is_err() || !failed.is_empty() {
-            nv.finalize_owned();
-            return Err(bound.err().unwrap_or_else(|| err(format!("ranks {failed:?} could not set NVSHMEM up (see their errors)"))));
+        match all_ok(g, "setting NVSHMEM up", bound) {
+            Ok(()) => Ok(nv),
+            Err(e) => {
+                nv.finalize_owned();
+                Err(e)
+            }
         }
-        Ok(nv)
     }
 
     /// Opens the host library and checks its version (this rank only).
@@ -225,12 +225,7 @@ impl Nvshmem {
             })
             .and_then(|_| g.context().bind_to_thread().map_err(|e| err(format!("binding the group's context: {e}"))));
         // Nobody enters the collective initialisation unless everybody can.
-        let oks = agree(g, "NVSHMEM attributes", set.is_ok() as u8)?;
-        set?;
-        let failed = ranks_where(&oks, |c| c == 0);
-        if !failed.is_empty() {
-            return Err(err(format!("ranks {failed:?} could not prepare NVSHMEM's initialisation")));
-        }
+        all_ok(g, "preparing NVSHMEM's initialisation", set)?;
         // SAFETY: `nvshmemx_hostlib_init_attr(unsigned, nvshmemx_init_attr_t*)` with the
         // attributes just filled; collective over the `world` ranks, which all call it here.
         let rc = unsafe {
@@ -314,21 +309,21 @@ impl Nvshmem {
         let bytes = usize::try_from(bytes).map_err(|_| err(format!("a heap of {bytes} bytes")))?;
         // PE numbers must be this group's ranks on every rank before the collective malloc (a
         // rank that refused alone would leave the others in it).
-        let same = (g.rank(), g.world()) == (self.group.rank(), self.group.world());
-        let differ = ranks_where(&agree(g, "NVSHMEM heap group", same as u8)?, |c| c == 0);
-        if !differ.is_empty() {
-            return Err(err(format!(
-                "NVSHMEM was set up on another group than this one on ranks {differ:?} (PE numbers would not be ranks; this rank: PE {} of {}, rank {} of {})",
+        let same = if (g.rank(), g.world()) == (self.group.rank(), self.group.world()) {
+            Ok(())
+        } else {
+            Err(err(format!(
+                "NVSHMEM was set up on another group than this one (PE numbers would not be ranks: this rank is PE {} of {}, rank {} of {})",
                 self.group.rank(),
                 self.group.world(),
                 g.rank(),
                 g.world()
-            )));
-        }
+            )))
+        };
+        all_ok(g, "checking NVSHMEM's group", same)?;
         // SAFETY: `nvshmem_malloc(size_t) -> void*`, collective; every rank calls it here.
         let p = unsafe { self.sym::<unsafe extern "C" fn(usize) -> *mut c_void>("nvshmem_malloc")?(bytes) } as u64;
-        let mem = (p != 0).then(|| NvshmemMemory { nv: self.clone(), ptr: p });
-        let mut local = if p == 0 {
+        let local = if p == 0 {
             Err(err(format!("nvshmem_malloc({bytes}) failed on rank {} (the symmetric heap is NVSHMEM_SYMMETRIC_SIZE)", g.rank())))
         } else {
             let s = g.stream();
@@ -336,29 +331,23 @@ impl Nvshmem {
             unsafe { driver::memset_d8_async(p, 0, bytes, s) }
                 .and_then(|_| s.synchronize())
                 .map_err(|e| err(format!("zeroing the heap: {e}")))
-                .and_then(|_| (0..g.world()).map(|pe| Ok((pe, self.direct_ptr(p, pe)?))).collect::<Result<Vec<_>>>())
+                .and_then(|_| (0..g.world()).map(|pe| self.direct_ptr(p, pe)).collect::<Result<Vec<_>>>())
+                .and_then(|bases| {
+                    let far: Vec<usize> = (0..bases.len()).filter(|&pe| bases[pe].is_none()).collect();
+                    if far.is_empty() {
+                        Ok(bases.into_iter().flatten().collect::<Vec<u64>>())
+                    } else {
+                        Err(err(format!(
+                            "rank {} reaches PEs {far:?} only through NVSHMEM's network transport; the low-latency kernels' put path for other nodes is not implemented yet",
+                            g.rank()
+                        )))
+                    }
+                })
         };
-        if let Ok(bases) = &local {
-            let far: Vec<usize> = bases.iter().filter(|(_, b)| b.is_none()).map(|(pe, _)| *pe).collect();
-            if !far.is_empty() {
-                local = Err(err(format!(
-                    "rank {} reaches PEs {far:?} only through NVSHMEM's network transport; the low-latency kernels' put path for other nodes is not implemented yet",
-                    g.rank()
-                )));
-            }
-        }
-        // Every rank learns whether every rank succeeded (so none waits for a failed one).
-        let (ex, timeout) = g.exchange();
-        let flags = ex.all_gather_as("NVSHMEM heap", &[local.is_ok() as u8], timeout)?;
-        let failed: Vec<usize> = flags.iter().enumerate().filter(|(_, f)| f.first() != Some(&1)).map(|(r, _)| r).collect();
-        let bases = match (local, failed.is_empty()) {
-            (Ok(b), true) => b,
-            (Err(e), _) => return Err(e),
-            (Ok(_), false) => return Err(err(format!("ranks {failed:?} could not make their part of the NVSHMEM heap"))),
-        };
-        let peers: Vec<u64> = bases.iter().map(|(_, b)| b.unwrap_or(0)).collect();
-        let mem = mem.ok_or_else(|| err("nvshmem_malloc returned null"))?;
-        g.adopt_heap(Box::new(mem), p, bytes, &peers)
+        // Every rank learns whether every rank succeeded (so none waits for a failed one). A
+        // refused allocation stays in NVSHMEM's heap until it is finalised.
+        let peers = all_ok(g, "making its part of the NVSHMEM heap", local)?;
+        g.adopt_heap(Box::new(NvshmemMemory { nv: self.clone(), ptr: p }), p, bytes, &peers)
     }
 
     /// A symmetric allocation of `bytes` (`nvshmem_malloc`, collective), zeroed.
@@ -422,6 +411,14 @@ impl Drop for Nvshmem {
             std::mem::forget(m);
         }
     }
+}
+
+/// Collective: every rank's outcome of one step, agreed: this rank's own error, else an error
+/// naming the ranks that failed at `what`, else the value.
+fn all_ok<T>(g: &Group, what: &'static str, local: Result<T>) -> Result<T> {
+    let failed = ranks_where(&agree(g, what, local.is_ok() as u8)?, |c| c == 0);
+    let v = local?;
+    if failed.is_empty() { Ok(v) } else { Err(err(format!("ranks {failed:?} failed at {what} (see their errors)"))) }
 }
 
 /// All-gathers one byte per rank over `g`'s exchange.

@@ -176,20 +176,28 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.runtime = None
         self._lock = threading.RLock()
-        self._ll = None
-        self._ll_key = None
         self._ll_views = {}
         self._ht = None
         self._ht_key = None
         # The smallest SM share of the group (collective, as the constructor is): the
         # high-throughput grid every rank can launch.
         self._min_sms = self._group.min_sm_count()
-        # (buffer, key) of the low-latency part, read together by the lock-free fast path.
+        # (buffer, key) of the low-latency part, one attribute so that the lock-free fast path
+        # reads the two together.
         self._ll_state = (None, None)
         self._device = self._group.device
         self._comm_stream = torch.cuda.Stream(device=self._device)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         self._raw_stream = functools.partial(raw, self._device) if raw is not None else (lambda: torch.cuda.current_stream().cuda_stream)
+
+    @property
+    def _ll(self):
+        """The low-latency part, or None."""
+        return self._ll_state[0]
+
+    @property
+    def _ll_key(self):
+        return self._ll_state[1]
 
     # ----- static and configuration -----
 
@@ -250,8 +258,7 @@ class Buffer:
             for part in (self._ll, self._ht):
                 if part is not None:
                     part.destroy()
-            self._ll = self._ht = None
-            self._ll_key = self._ht_key = None
+            self._ht = self._ht_key = None
             self._ll_state = (None, None)
             self._ll_views = {}
 
@@ -283,14 +290,12 @@ class Buffer:
             )
         if self._ll is not None:
             self._ll.destroy()
-            self._ll, self._ll_views = None, {}
-            self._ll_state = (None, None)
+            self._ll_state, self._ll_views = (None, None), {}
         from . import ll_transport
 
-        self._ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport())
-        self._ll_key = (tokens, hidden, num_experts, k)
-        self._ll_state = (self._ll, self._ll_key)
-        return self._ll
+        ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport())
+        self._ll_state = (ll, (tokens, hidden, num_experts, k))
+        return ll
 
     def _ht_part(self, hidden, num_experts, k, tokens, num_sms):
         if self._ht is not None and self._ht_key[:2] == (hidden, num_experts) and k <= self._ht_key[2] and tokens <= self._ht_key[3]:

@@ -28,6 +28,12 @@ if [ -n "$nccl" ] && [ -d "$nccl" ]; then
 fi
 nvidia-smi -L | tee "$out/devices.txt"
 status=0
+# The Python package from the bundle's wheel, freshly installed into $py (on PYTHONPATH).
+py=/tmp/moe-ep-python
+install_wheel() {
+  rm -rf "$py"
+  python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+}
 # run_tests PREFIX LABEL BINARIES... -- ARGS: each test binary with its own log
 # ($out/PREFIX-NAME.log) and a time limit (TEST_LIMIT seconds, default 600), in the caller's
 # environment.
@@ -100,8 +106,7 @@ if [ "$what" = mps ]; then
           MOE_EP_TEST_MPS=1 MOE_EP_TEST_RANKS=$n run_tests "mps$n" ", $n ranks sharing GPU 0 (MPS)" "$here"/tests/gpu_* --
         done ;;
       python)
-        py=/tmp/moe-ep-python; rm -rf "$py"
-        python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+        install_wheel
         for n in $ranks; do
           MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
             timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/torchrun" > "$out/mps$n-example-torchrun.log" 2>&1; rc=$?
@@ -126,7 +131,7 @@ if [ "$what" = mps ]; then
       overhead)
         # Host CPU time per low-latency call through each Python face (the GPU figures it also
         # prints are of ranks sharing one GPU: not NVLink figures).
-        py=/tmp/moe-ep-python; [ -d "$py" ] || python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl
+        [ -d "$py" ] || install_wheel
         MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
           timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$out/mps-python-overhead.log" 2>&1; rc=$?
         echo "=== python overhead, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|Error" "$out/mps-python-overhead.log" | head -n 20; [ "$rc" -eq 0 ] || status=1 ;;
@@ -160,8 +165,7 @@ fi
 if [ "$what" = python ]; then
   # Not part of `all`: the moe_ep wheel under torchrun at 2 ranks and at every GPU.
   gpus=$(nvidia-smi -L | wc -l)
-  py=/tmp/moe-ep-python; rm -rf "$py"
-  python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+  install_wheel
   for n in 2 "$gpus"; do
     PYTHONPATH="$py" timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/python-$n.log" 2>&1; rc=$?
     echo "=== python, $n ranks: exit $rc"; grep -E "^rank|Error|assert" "$out/python-$n.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
@@ -202,8 +206,7 @@ if [ "$what" = nvshmem ]; then
     echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS): exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$out/nvshmem$n-probe.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
   done
   # The Python package's test with its low-latency buffer in NVSHMEM's memory.
-  py=/tmp/moe-ep-python; rm -rf "$py"
-  python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+  install_wheel
   for n in ${NVSHMEM_PY_PES:-2 4}; do
     MOE_EP_LL_TRANSPORT=nvshmem NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
       timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/nvshmem$n-python.log" 2>&1; rc=$?
