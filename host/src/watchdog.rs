@@ -11,7 +11,8 @@
 //! - [`Group::abort`](crate::Group::abort) on any rank (announced to every peer);
 //! - a failure of this rank that the host learned (announced to every peer), or one its
 //!   kernels reported without the host looking yet: the watchdog thread reads the `REPORTED`
-//!   word the device mirrors its first error into, and announces it.
+//!   word and the copy of the error record the device mirrors its first error into, and
+//!   announces it with its details.
 //!
 //! From then on the group is failed ([`Error::GroupFailed`]), on this rank too: every launch
 //! first looks at the failure and at the `REPORTED` word (a read of host memory), so a rank
@@ -22,7 +23,7 @@ use crate::driver::MappedHost;
 use crate::error::{Error, Result};
 use crate::rendezvous::Exchange;
 use cudarc::driver::CudaContext;
-use moe_ep_kernels::abi::{abort_reason, host_flag, status};
+use moe_ep_kernels::abi::{ErrorRecord, abort_reason, host_flag, status};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -149,15 +150,26 @@ impl Health {
                 self.from_report.store(true, Ordering::SeqCst);
                 *f = Some(match code {
                     status::ABORTED => self.abort_cause().unwrap_or_else(|| format!("rank {}'s kernels stopped on an abort", self.rank)),
-                    c => format!(
-                        "rank {} failed: its kernels reported {} (Group::check or Group::poll_error gives the details)",
-                        self.rank,
-                        status_name(c)
-                    ),
+                    c => self.reported_error(c),
                 });
             }
         }
         f.clone()
+    }
+
+    /// This rank's first device error (status `code`, read from `REPORTED`), from the copy of
+    /// its record the device wrote to the host-mapped flags before publishing `code`.
+    fn reported_error(&self, code: u32) -> String {
+        let mut words = [0u32; host_flag::WORDS - host_flag::RECORD];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = self.flags.read(host_flag::RECORD + i);
+        }
+        let mut rec: ErrorRecord = bytemuck::cast(words);
+        rec.status = code;
+        match Error::from_record(&rec) {
+            Some(e) => e.to_string(),
+            None => format!("rank {} failed: its kernels reported {}", self.rank, status_name(code)),
+        }
     }
 
     /// Stops every wait of this rank, now and later, naming `f` (the first cause is kept).
@@ -216,11 +228,7 @@ impl Watchdog {
                     if code != status::OK && code != status::ABORTED {
                         // This rank's own group is failed too: its later launches are refused.
                         let _ = health.failure();
-                        health.announce(
-                            &*exchange,
-                            FailureKind::Error,
-                            format!("its kernels reported {} (the error record on rank {} has the details)", status_name(code), health.rank),
-                        );
+                        health.announce(&*exchange, FailureKind::Error, health.reported_error(code));
                     }
                     std::thread::sleep(POLL);
                 }

@@ -279,6 +279,46 @@ fn gpu2_ht_device_error_fails_the_group() -> Result<()> {
     })
 }
 
+/// A device error reaches the peers with its details, though no one reads the record: only the
+/// last rank's routing holds a bad expert id, and no rank calls `check`; within 2 s every rank's
+/// `Group::failure` names the culprit, the token and the value (the watchdog passes on the copy
+/// of the record the device writes to host-mapped memory, not just the error's kind).
+fn gpu2_ht_device_error_reaches_peers_with_details() -> Result<()> {
+    run_both_modes("gpu2_ht_device_error_reaches_peers_with_details", |g, seed| {
+        let (hd, k, t) = (256, 4, 64);
+        let (world, culprit) = (g.world(), g.world() - 1);
+        let e = experts_for(world, 64);
+        let s = g.stream().clone();
+        let buf = HtBuffer::new(g, HtConfig::new(e, hd, k, t, world).fit_sms(g.sm_count()))?;
+        let mut rng = Rng::new(seed ^ g.rank() as u64);
+        let (mut idx_h, _) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.0);
+        if g.rank() == culprit {
+            idx_h[3 * k + 1] = (e + 7) as i64;
+        }
+        let idx = upload(&s, &idx_h)?;
+        g.barrier()?;
+        // The peers' layouts wait for the culprit's counts and stop on its failure; either a
+        // refusal or a launch is fine here: what matters is what `failure` says.
+        let _ = buf.layout(&s, TopkIdx::I64(&idx), k);
+        let t0 = std::time::Instant::now();
+        let cause = loop {
+            if let Some(c) = g.failure() {
+                break c;
+            }
+            anyhow::ensure!(t0.elapsed() < std::time::Duration::from_secs(2), "rank {}: no failure 2 s after the bad layout", g.rank());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        let want = format!("token 3 holds {}", e + 7);
+        anyhow::ensure!(
+            cause.contains(&want) && cause.contains(&format!("rank {culprit}")),
+            "rank {}: the failure is {cause:?}; expected it to name rank {culprit} and {want:?}",
+            g.rank()
+        );
+        println!("rank {}: {cause}", g.rank());
+        expect_refused(g.barrier(), "GroupFailed", "a group barrier after the error")
+    })
+}
+
 /// A busy stream is not a failure: with a 1 s GPU wait deadline, 2.5 s of GPU work queued
 /// ahead of a dispatch that waits for its counts keeps the count exchange from running until
 /// the host's wait (deadline + 1 s) has passed; the dispatch must then find the counts once the
@@ -516,6 +556,7 @@ fn main() -> std::process::ExitCode {
         ("gpu2_ht_async_streams", gpu2_ht_async_streams),
         ("gpu2_ht_misuse_is_refused", gpu2_ht_misuse_is_refused),
         ("gpu2_ht_device_error_fails_the_group", gpu2_ht_device_error_fails_the_group),
+        ("gpu2_ht_device_error_reaches_peers_with_details", gpu2_ht_device_error_reaches_peers_with_details),
         ("gpu2_ht_busy_stream_is_not_a_failure", gpu2_ht_busy_stream_is_not_a_failure),
         ("gpu2_ht_handle_dropped_under_queued_combine", gpu2_ht_handle_dropped_under_queued_combine),
         ("gpu2_buffer_drop_and_destroy", gpu2_buffer_drop_and_destroy),

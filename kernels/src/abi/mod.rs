@@ -99,7 +99,8 @@ pub mod bad_index {
 
 /// Words of a rank's host-mapped flags (pinned host memory the device can read): the host's
 /// watchdog raises `ABORT` when a peer fails, and every spin-wait polls it; `REPORTED` mirrors
-/// the status of this rank's first device error, for the watchdog to pass on to the peers.
+/// the status of this rank's first device error, and `RECORD` that error's fields, for the
+/// watchdog to pass on to the peers without a copy from the device.
 pub mod host_flag {
     /// Host to device: 0, or the reason ([`super::abort_reason`]) every wait must stop for.
     pub const ABORT: usize = 0;
@@ -107,8 +108,12 @@ pub mod host_flag {
     pub const CULPRIT: usize = 1;
     /// Device to host: the status code of this rank's first reported error, or 0.
     pub const REPORTED: usize = 2;
+    /// Device to host: the first 56 bytes of this rank's first reported [`super::ErrorRecord`]
+    /// (fourteen words, from `claim` to `waited_ns`; a u64 field's offset stays 8-aligned),
+    /// written before `REPORTED` is published.
+    pub const RECORD: usize = 4;
     /// Words in the allocation.
-    pub const WORDS: usize = 4;
+    pub const WORDS: usize = RECORD + 16;
 }
 
 /// Why the host aborted a rank's waits (the `seen` field of a [`status::ABORTED`] record).

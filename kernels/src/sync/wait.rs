@@ -59,20 +59,35 @@ impl Waiter {
             if atom_relaxed_sys_global_cas_b32(&raw mut (*e).claim, 0, 1) != 0 {
                 return;
             }
-            st_relaxed_sys_global_u32(&raw mut (*e).phase, phase);
-            st_relaxed_sys_global_u32(&raw mut (*e).rank, self.rank);
-            st_relaxed_sys_global_u32(&raw mut (*e).peer, peer);
-            st_relaxed_sys_global_u32(&raw mut (*e).block, ctaid_x());
-            st_relaxed_sys_global_u32(&raw mut (*e).thread, tid_x());
-            st_relaxed_sys_global_u64(&raw mut (*e).expected, expected);
-            st_relaxed_sys_global_u64(&raw mut (*e).seen, seen);
-            st_relaxed_sys_global_u64(&raw mut (*e).waited_ns, waited_ns);
+            self.fill(e, phase, peer, expected, seen, waited_ns);
             st_release_sys_global_u32(&raw mut (*e).status, code);
             let host = self.host_flags();
             if !host.is_null() {
-                // The host's watchdog passes this on to the peers.
-                st_relaxed_sys_global_u32(host.add(host_flag::REPORTED), code);
+                // The host's watchdog passes this on to the peers: a copy of the fields in the
+                // record's layout first, then the status, with a release.
+                self.fill(host.add(host_flag::RECORD) as *mut ErrorRecord, phase, peer, expected, seen, waited_ns);
+                st_release_sys_global_u32(host.add(host_flag::REPORTED), code);
             }
+        }
+    }
+
+    /// Writes an error's fields (all but `claim`, `status` and `host`) into the record at `r`.
+    ///
+    /// # Safety
+    /// `r` must be a valid, 8-aligned record (device memory or the host-mapped copy) that only
+    /// this thread writes.
+    #[inline(always)]
+    unsafe fn fill(&self, r: *mut ErrorRecord, phase: u32, peer: u32, expected: u64, seen: u64, waited_ns: u64) {
+        // SAFETY: the caller guarantees `r`.
+        unsafe {
+            st_relaxed_sys_global_u32(&raw mut (*r).phase, phase);
+            st_relaxed_sys_global_u32(&raw mut (*r).rank, self.rank);
+            st_relaxed_sys_global_u32(&raw mut (*r).peer, peer);
+            st_relaxed_sys_global_u32(&raw mut (*r).block, ctaid_x());
+            st_relaxed_sys_global_u32(&raw mut (*r).thread, tid_x());
+            st_relaxed_sys_global_u64(&raw mut (*r).expected, expected);
+            st_relaxed_sys_global_u64(&raw mut (*r).seen, seen);
+            st_relaxed_sys_global_u64(&raw mut (*r).waited_ns, waited_ns);
         }
     }
 
