@@ -677,7 +677,13 @@ impl Group {
     /// (a stream synchronisation or an event), `None` means none of its kernels met an error or a
     /// failed peer, so its outputs can be used; `Some` means they must not be.
     pub fn failure(&self) -> Option<String> {
-        self.inner.health.failure()
+        let f = self.inner.health.failure();
+        if f.is_some() {
+            // This rank's own device error, seen here first: the peers hear of it now, not at
+            // the watchdog's next look (nor as a bare goodbye if the group is dropped before).
+            self.inner.health.announce_reported(&*self.inner.exchange);
+        }
+        f
     }
 
     /// `Err(GroupFailed)` once a device error or timeout has failed the group.

@@ -194,6 +194,17 @@ impl Health {
         self.abort_cause.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Tells the peers (once) of an error this rank's kernels reported, if they did (an abort
+    /// the host raised is the peers' news, not this rank's). This rank's own group is failed
+    /// too: its later launches are refused.
+    pub(crate) fn announce_reported(&self, exchange: &dyn Exchange) {
+        let code = self.flags.read(host_flag::REPORTED);
+        if code != status::OK && code != status::ABORTED && !self.announced.load(Ordering::SeqCst) {
+            let _ = self.failure();
+            self.announce(exchange, FailureKind::Error, self.reported_error(code));
+        }
+    }
+
     /// Tells the peers (once) that this rank failed.
     pub(crate) fn announce(&self, exchange: &dyn Exchange, kind: FailureKind, detail: String) {
         if !self.announced.swap(true, Ordering::SeqCst) {
@@ -209,32 +220,29 @@ pub(crate) fn sink(health: &Arc<Health>) -> FailureSink {
 }
 
 /// The watchdog thread of one group: passes on an error this rank's kernels reported before
-/// the host looked. Stops (and is joined) on drop.
+/// the host looked. Stops (and is joined) on drop, after a last look: an error reported just
+/// before the group is dropped still reaches the peers, ahead of the exchange's goodbye.
 pub(crate) struct Watchdog {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    health: Arc<Health>,
+    exchange: Arc<dyn Exchange>,
 }
 
 impl Watchdog {
     pub(crate) fn start(health: Arc<Health>, exchange: Arc<dyn Exchange>) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
+        let (s, h, x) = (stop.clone(), health.clone(), exchange.clone());
         let thread = std::thread::Builder::new()
             .name(format!("moe-ep watchdog {}", health.rank))
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
-                    let code = health.flags.read(host_flag::REPORTED);
-                    // An abort the host raised is the peers' news, not this rank's.
-                    if code != status::OK && code != status::ABORTED {
-                        // This rank's own group is failed too: its later launches are refused.
-                        let _ = health.failure();
-                        health.announce(&*exchange, FailureKind::Error, health.reported_error(code));
-                    }
+                    h.announce_reported(&*x);
                     std::thread::sleep(POLL);
                 }
             })
             .map_err(|e| Error::Internal { reason: format!("cannot start the watchdog thread: {e}") })?;
-        Ok(Watchdog { stop, thread: Some(thread) })
+        Ok(Watchdog { stop, thread: Some(thread), health, exchange })
     }
 }
 
@@ -244,6 +252,7 @@ impl Drop for Watchdog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        self.health.announce_reported(&*self.exchange);
     }
 }
 

@@ -63,7 +63,7 @@ if [ "$what" = mps ]; then
   # and is stopped at the end, also when a step fails or times out. Parts (default: all but
   # overhead): tests
   # (every multi-rank test binary at each rank count of MPS_RANKS, default "2 3 4 8", one log
-  # per binary and rank count), python (the torchrun example and the Python tests at each rank
+  # per binary and rank count; MPS_TESTS picks binaries by name, e.g. "gpu_ht gpu_ll"), python (the torchrun example and the Python tests at each rank
   # count), soak (SOAK_ITERS iterations, default 3000, at 4 ranks, at most SOAK_SECONDS), bench
   # (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip), overhead
   # (python/overhead.py at 2 ranks: the host time per call of each Python face). MPS_ROOT
@@ -103,7 +103,9 @@ if [ "$what" = mps ]; then
     case $part in
       tests)
         for n in $ranks; do
-          MOE_EP_TEST_MPS=1 MOE_EP_TEST_RANKS=$n run_tests "mps$n" ", $n ranks sharing GPU 0 (MPS)" "$here"/tests/gpu_* --
+          bins=()
+          for b in ${MPS_TESTS:-gpu_}; do bins+=("$here"/tests/"$b"*); done
+          MOE_EP_TEST_MPS=1 MOE_EP_TEST_RANKS=$n run_tests "mps$n" ", $n ranks sharing GPU 0 (MPS)" "${bins[@]}" --
         done ;;
       python)
         install_wheel
