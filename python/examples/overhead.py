@@ -9,7 +9,10 @@ prints, as medians over 200 calls:
 
 - ``host``: the CPU time of the whole Python call (tensor checks, views, the launch);
 - ``extension``: the CPU time of the Rust extension's call alone (argument conversion, checks,
-  the Rust API's launch), so ``host - extension`` is what the Python layer adds;
+  the Rust API's launch; for DeepEP's dispatch, ``deep_ep_dispatch``, which also hands out the
+  received views and the handle), so ``host - extension`` is what the Python layer adds, and
+  ``LowLatencyBuffer.last_ext_us`` splits the extension's share into its function's own time
+  and the rest (the Python-C boundary, the stream lookup);
 - ``Rust API``: the part of the call spent inside the Rust API (``LowLatencyBuffer.last_api_us``:
   size checks, parameter block, launch, completion event), so ``host - Rust API`` is what the
   binding adds to a call of the Rust crate;
@@ -51,7 +54,8 @@ def main():
     # DeepEP's face (moe_ep.deep_ep), per-expert combine as DeepEP's, on a buffer of its own.
     dbuf = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, world, experts), low_latency_mode=True)
     dbuf.low_latency_dispatch(x, idx, TOKENS, experts)
-    dll = dbuf._ll
+    dll, _, dviews = dbuf._ll_state
+    make_views = deep_ep._make_ll_views
 
     def calls(which):
         """(dispatch, combine, the extension buffer) as the package's methods, DeepEP's methods
@@ -70,7 +74,7 @@ def main():
             )
         if which == "deep_ep extension":
             return (
-                lambda: dll.dispatch(dbuf._raw_stream(), x, idx, None, True, "f32", True, False, None),
+                lambda: dll.deep_ep_dispatch(dbuf._raw_stream(), x, idx, TOKENS, experts, True, "f32", False, None, dviews, make_views)[2],
                 lambda h: dll.combine(dbuf._raw_stream(), h, y, idx, out, w, False, False),
                 dll,
             )
@@ -86,6 +90,7 @@ def main():
         host = {"dispatch": [], "combine": []}
         gpu = {"dispatch": [], "combine": []}
         api = {"dispatch": [], "combine": []}
+        inside = {"dispatch": [], "combine": []}
         for it in range(ITERS + WARMUP):
             h = None
             for op in ("dispatch", "combine"):
@@ -103,8 +108,11 @@ def main():
                 if it >= WARMUP:
                     host[op].append((t1 - t0) * 1e6)
                     api[op].append(part.last_api_us)
+                    inside[op].append(part.last_ext_us)
                     gpu[op].append(a.elapsed_time(b) * 1e3)
-        samples[which] = {op: (statistics.median(host[op]), statistics.median(gpu[op]), statistics.median(api[op])) for op in host}
+        samples[which] = {
+            op: (statistics.median(host[op]), statistics.median(gpu[op]), statistics.median(api[op]), statistics.median(inside[op])) for op in host
+        }
     group.check()
     name = torch.cuda.get_device_name()
     if rank == 0:
@@ -132,11 +140,12 @@ def main():
             print(f"rank 0 ({name}): {label}: {(time.perf_counter() - t0) / n * 1e6:.3f} us", flush=True)
     for face, ext in (("python", "extension"), ("deep_ep", "deep_ep extension")):
         for op in ("dispatch", "combine"):
-            (ph, pg, pa), (eh, eg, _) = samples[face][op], samples[ext][op]
+            (ph, pg, pa, pi), (eh, eg, _, _) = samples[face][op], samples[ext][op]
             label = "moe_ep.Buffer" if face == "python" else "moe_ep.deep_ep.Buffer"
             print(
                 f"rank {rank} of {world} ({name}): {label}.low_latency_{op}: host {ph:.1f} us per call, of which Rust API {pa:.1f} us, "
-                f"so the binding adds {ph - pa:.1f} us (Python layer {ph - eh:.1f} us, extension {eh - pa:.1f} us); "
+                f"so the binding adds {ph - pa:.1f} us (Python layer {ph - eh:.1f} us, extension {eh - pa:.1f} us: "
+                f"{pi - pa:.1f} us inside its function, {eh - pi:.1f} us at the Python-C boundary and the stream lookup); "
                 f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
                 flush=True,
             )

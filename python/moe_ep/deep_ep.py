@@ -110,11 +110,6 @@ class Config:
         return 0
 
 
-class _LlHandle(tuple):
-    """DeepEP's low-latency handle ``(src_info, layout_range, num_max_dispatch_tokens_per_rank,
-    hidden, num_experts)``, carrying moe-ep's own handle."""
-
-
 class _HtHandle(tuple):
     """DeepEP's intranode handle ``(rank_prefix_matrix, channel_prefix_matrix,
     recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head)`` (the channel
@@ -135,6 +130,24 @@ def _f32_to_ue8m0(scales):
     packed = torch.zeros((n, words * 4), dtype=torch.uint8, device=scales.device)
     packed[:, :g] = e
     return packed.view(torch.int32)
+
+
+def _make_ll_views(ll, h):
+    """``(recv_x, recv_count, src_info)`` viewing what ``h`` received (one of the buffer's
+    two halves: valid until the dispatch after next, as DeepEP's). The extension keeps them
+    per half and format and hands the same tensor objects out again while they are intact;
+    one that the caller altered (SGLang's ``x.set_(empty)``, a ``resize_``) is replaced by a
+    view made here, so no caller's change reaches a later call. (New objects on every call
+    would cost about 18 us of host time per dispatch: ``python/README.md``.)"""
+    rx, sc, count, src = ll.recv_views(h)
+    rx = torch.from_dlpack(rx)
+    if h.view_key[1]:
+        rx = rx.view(torch.float8_e4m3fn)
+    recv_x = rx
+    if sc is not None:
+        # Column-major, as DeepEP's: the [E, groups, rows] storage seen as [E, rows, groups].
+        recv_x = (rx, torch.from_dlpack(sc).transpose(1, 2)[:, : ll.world * h[2]])
+    return recv_x, torch.from_dlpack(count), torch.from_dlpack(src)
 
 
 class Buffer:
@@ -176,15 +189,14 @@ class Buffer:
         self.enable_shrink = enable_shrink
         self.runtime = None
         self._lock = threading.RLock()
-        self._ll_views = {}
         self._ht = None
         self._ht_key = None
         # The smallest SM share of the group (collective, as the constructor is): the
         # high-throughput grid every rank can launch.
         self._min_sms = self._group.min_sm_count()
-        # (buffer, key) of the low-latency part, one attribute so that the lock-free fast path
-        # reads the two together.
-        self._ll_state = (None, None)
+        # (buffer, key, received views) of the low-latency part, one attribute so that the
+        # lock-free fast path reads them together.
+        self._ll_state = (None, None, None)
         self._device = self._group.device
         self._comm_stream = torch.cuda.Stream(device=self._device)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -259,8 +271,7 @@ class Buffer:
                 if part is not None:
                     part.destroy()
             self._ht = self._ht_key = None
-            self._ll_state = (None, None)
-            self._ll_views = {}
+            self._ll_state = (None, None, None)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """Nothing to clean: moe-ep's low-latency part leaves its counters reset after every
@@ -290,11 +301,11 @@ class Buffer:
             )
         if self._ll is not None:
             self._ll.destroy()
-            self._ll_state, self._ll_views = (None, None), {}
+            self._ll_state = (None, None, None)
         from . import ll_transport
 
         ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport())
-        self._ll_state = (ll, (tokens, hidden, num_experts, k))
+        self._ll_state = (ll, (tokens, hidden, num_experts, k), _moe_ep.LowLatencyViews())
         return ll
 
     def _ht_part(self, hidden, num_experts, k, tokens, num_sms):
@@ -531,32 +542,6 @@ class Buffer:
 
     # ----- low-latency (decode) -----
 
-    def _ll_recv(self, ll, h, tokens):
-        """``(recv_x, recv_count, src_info)`` viewing what ``h`` received (one of the buffer's
-        two halves: valid until the dispatch after next, as DeepEP's). The tensor objects are
-        made once per half and format and handed out again while they are intact; one that
-        the caller altered (SGLang's ``x.set_(empty)``, a ``resize_``) is replaced by a new
-        view, so no caller's change reaches a later call. (New objects on every call would cost
-        about 18 us of host time per dispatch: ``python/README.md``.)"""
-        key = h.view_key
-        views = self._ll_views.get(key)
-        if views is not None:
-            recv_x, count, src, (t0, p0, s0, t1, p1, s1) = views
-            if t0.data_ptr() == p0 and t0.shape == s0 and (t1 is None or (t1.data_ptr() == p1 and t1.shape == s1)):
-                return recv_x, count, src
-        rx, sc, count, src = ll.recv_views(h)
-        rx = torch.from_dlpack(rx)
-        if h.view_key[1]:
-            rx = rx.view(torch.float8_e4m3fn)
-        recv_x = rx
-        if sc is not None:
-            # Column-major, as DeepEP's: the [E, groups, rows] storage seen as [E, rows, groups].
-            recv_x = (rx, torch.from_dlpack(sc).transpose(1, 2)[:, : self.group_size * tokens])
-        t0, t1 = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
-        marks = (t0, t0.data_ptr(), t0.shape, t1, None if t1 is None else t1.data_ptr(), None if t1 is None else t1.shape)
-        views = self._ll_views[key] = (recv_x, torch.from_dlpack(count), torch.from_dlpack(src), marks)
-        return views[:3]
-
     def low_latency_dispatch(
         self,
         x,
@@ -574,32 +559,37 @@ class Buffer:
         """DeepEP's low-latency dispatch: ``(recv_x, recv_count, handle, event, hook)``.
         ``recv_x`` is bf16 ``[E_local, R * T, H]``, or with ``use_fp8`` a pair of FP8 rows and
         column-major scales (float32 ``[E_local, R * T, H / 128]``, int32-packed UE8M0 with
-        ``use_ue8m0``). New tensor objects each call, viewing one of the buffer's two halves:
-        valid until the dispatch after next."""
+        ``use_ue8m0``). Views of one of the buffer's two halves, valid until the dispatch after
+        next (as DeepEP's): the same tensor objects every other call while the caller leaves
+        them as they are, new ones after it altered them."""
         if dispatch_wait_recv_cost_stats is not None:
             raise _unsupported("dispatch_wait_recv_cost_stats", "the wait-cost statistics are not implemented")
-        # (The extension checks every tensor's dtype, shape and device, naming the argument.)
-        ll, key = self._ll_state
-        hidden, k = x.shape[1], topk_idx.shape[1]
-        if ll is None or key[0] != num_max_dispatch_tokens_per_rank or key[1] != hidden or key[2] != num_experts or k > key[3]:
-            with self._lock:
-                ll = self._ll_part(num_max_dispatch_tokens_per_rank, hidden, num_experts, k)
+        # One call into the extension: it checks every tensor (naming the argument), launches,
+        # and returns the cached views and DeepEP's handle; None when the low-latency part was
+        # built for another shape.
         fmt = "ue8m0" if use_ue8m0 else ("f32_pow2" if round_scale else "f32")
         stream = self._raw_stream()
         stats = cumulative_local_expert_recv_stats
-        h = ll.dispatch(stream, x, topk_idx, None, use_fp8, fmt, True, return_recv_hook, None if return_recv_hook else stats)
+        ll, _, views = self._ll_state
+        args = (stream, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, fmt, return_recv_hook, stats)
+        r = None if ll is None else ll.deep_ep_dispatch(*args, views, _make_ll_views)
+        if r is None:
+            with self._lock:
+                ll = self._ll_part(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1])
+                views = self._ll_state[2]
+            r = ll.deep_ep_dispatch(*args, views, _make_ll_views)
+        recv_x, count, handle = r
         hook = None
         if return_recv_hook:
 
             def hook():
-                ll.dispatch_recv(stream, h, stats)
+                ll.dispatch_recv(stream, handle, stats)
 
-        recv_x, count, src = self._ll_recv(ll, h, num_max_dispatch_tokens_per_rank)
-        handle = _LlHandle((src, None, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts))
-        handle._h, handle._ll = h, ll
-        event = self.capture() if async_finish else EventOverlap()
         if async_finish:
+            event = self.capture()
             event.extra_tensors = (x, topk_idx, stats)
+        else:
+            event = EventOverlap()
         return recv_x, count, handle, event, hook
 
     def low_latency_combine(
@@ -622,11 +612,11 @@ class Buffer:
             raise _unsupported("use_logfmt", "LogFMT is not implemented (bf16 combine)")
         if combine_wait_recv_cost_stats is not None:
             raise _unsupported("combine_wait_recv_cost_stats", "the wait-cost statistics are not implemented")
-        ll, h = handle._ll, handle._h
+        ll = handle._ll
         if out is None:
             out = torch.empty((topk_idx.shape[0], handle[3]), dtype=torch.bfloat16, device=topk_idx.device)
         stream = self._raw_stream()
-        pending = ll.combine(stream, h, None if zero_copy else x, topk_idx, out, topk_weights, False, return_recv_hook)
+        pending = ll.combine(stream, handle, None if zero_copy else x, topk_idx, out, topk_weights, False, return_recv_hook)
         hook = None
         if pending is not None:
 
@@ -640,4 +630,4 @@ class Buffer:
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The zero-copy combine input of ``handle``'s combine (bf16 ``[E_local, R * T, H]``)."""
-        return torch.from_dlpack(handle._ll.combine_input(handle._h))
+        return torch.from_dlpack(handle._ll.combine_input(handle))

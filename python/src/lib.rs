@@ -25,7 +25,7 @@ mod torch_shim;
 use errors::*;
 use group::{_share_gpu_env, PyGroup};
 use ht::{PyHighThroughput, PyHtHandle, PyHtLayout};
-use ll::{PyLlCombinePending, PyLlHandle, PyLowLatency};
+use ll::{PyLlCombinePending, PyLlHandle, PyLlViews, PyLowLatency};
 use pyo3::prelude::*;
 use tensors::{_shim_layout_proven, check_tensor_py, tensor_path};
 
@@ -74,6 +74,7 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGroup>()?;
     m.add_class::<PyLowLatency>()?;
     m.add_class::<PyLlHandle>()?;
+    m.add_class::<PyLlViews>()?;
     m.add_class::<PyLlCombinePending>()?;
     m.add_class::<PyHighThroughput>()?;
     m.add_class::<PyHtLayout>()?;

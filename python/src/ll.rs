@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// The handle of one low-latency dispatch.
+/// The handle of one low-latency dispatch. Through `deep_ep_dispatch` it is also DeepEP's
+/// handle, the sequence `(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+/// num_experts)` (`layout_range` is None), carrying its buffer.
 #[pyclass(name = "LowLatencyHandle", module = "moe_ep._moe_ep")]
 pub(crate) struct PyLlHandle {
     h: Handle,
@@ -20,6 +22,17 @@ pub(crate) struct PyLlHandle {
     fp8: bool,
     ue8m0: bool,
     column_major: bool,
+    /// DeepEP's view: the buffer (`_ll`), `src_info`, and the buffer's shape.
+    deep_ep: Option<DeepEpView>,
+}
+
+/// What a DeepEP handle holds besides moe-ep's.
+struct DeepEpView {
+    ll: Py<PyLowLatency>,
+    src_info: PyObject,
+    max_tokens: usize,
+    hidden: usize,
+    num_experts: usize,
 }
 
 #[pymethods]
@@ -27,8 +40,53 @@ impl PyLlHandle {
     /// What the received views depend on: `(half, fp8, ue8m0, column_major)`. Views of equal
     /// keys are the same memory, so the package makes them once per key.
     #[getter]
-    fn view_key(&self) -> (usize, bool, bool, bool) {
+    fn view_key(&self) -> ViewKey {
         (self.h.half(), self.fp8, self.ue8m0, self.column_major)
+    }
+
+    /// The buffer of a DeepEP handle (None for moe-ep's own).
+    #[getter]
+    fn _ll(&self, py: Python<'_>) -> Option<Py<PyLowLatency>> {
+        self.deep_ep.as_ref().map(|d| d.ll.clone_ref(py))
+    }
+
+    /// A handle is always true (moe-ep's own has no items).
+    fn __bool__(&self) -> bool {
+        true
+    }
+
+    fn __len__(&self) -> usize {
+        if self.deep_ep.is_some() { 5 } else { 0 }
+    }
+
+    /// DeepEP's tuple items (negative indices count from the end).
+    fn __getitem__(&self, py: Python<'_>, i: isize) -> PyResult<PyObject> {
+        let d = self.deep_ep.as_ref().ok_or_else(|| pyo3::exceptions::PyTypeError::new_err("a moe_ep low-latency handle is not a sequence"))?;
+        let i = if i < 0 { i + 5 } else { i };
+        Ok(match i {
+            0 => d.src_info.clone_ref(py),
+            1 => py.None(),
+            2 => d.max_tokens.into_pyobject(py)?.into_any().unbind(),
+            3 => d.hidden.into_pyobject(py)?.into_any().unbind(),
+            4 => d.num_experts.into_pyobject(py)?.into_any().unbind(),
+            _ => return Err(pyo3::exceptions::PyIndexError::new_err("handle index out of range")),
+        })
+    }
+}
+
+/// The torch views of one buffer half and format, made once by the package and handed out again
+/// while the caller has not altered them (SGLang's `x.set_(empty)`, a `resize_`): `marks` holds
+/// each tensor of `recv_x` with the data pointer and shape it had when made.
+struct Views {
+    recv_x: PyObject,
+    count: PyObject,
+    src_info: PyObject,
+    marks: Vec<(PyObject, u64, Vec<usize>)>,
+}
+
+impl Views {
+    fn intact(&self, py: Python<'_>) -> bool {
+        self.marks.iter().all(|(t, ptr, shape)| tensor_info("recv_x", t.bind(py)).is_ok_and(|m| m.ptr == *ptr && m.shape == *shape))
     }
 }
 
@@ -43,7 +101,7 @@ pub(crate) struct PyLlCombinePending {
 
 /// The low-latency buffer (decode): dispatch and combine on torch tensors. Usable from any
 /// thread (calls are serialised by a lock; a hook may run on another thread than its call).
-#[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep")]
+#[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", frozen)]
 pub(crate) struct PyLowLatency {
     g: Group,
     /// `None` once destroyed.
@@ -51,6 +109,60 @@ pub(crate) struct PyLowLatency {
     /// CPU microseconds (f64 bits) the last dispatch or combine spent in the Rust API (the
     /// launch), so the binding's own share of a call can be measured in the same process.
     last_api_us: AtomicU64,
+    /// The same for the whole of the extension's function (from its first line to its last).
+    last_ext_us: AtomicU64,
+}
+
+/// The received views of one low-latency buffer, per `view_key` (`deep_ep_dispatch`). Held by
+/// the package beside the buffer, not by the buffer: the views own a reference to the buffer
+/// (their memory), which the buffer holding them would make a cycle.
+#[pyclass(name = "LowLatencyViews", module = "moe_ep._moe_ep", frozen)]
+pub(crate) struct PyLlViews {
+    views: Mutex<Vec<(ViewKey, Views)>>,
+}
+
+/// `PyLlHandle::view_key`: `(half, fp8, ue8m0, column_major)`.
+type ViewKey = (usize, bool, bool, bool);
+
+#[pymethods]
+impl PyLlViews {
+    #[new]
+    fn new() -> Self {
+        PyLlViews { views: Mutex::new(Vec::new()) }
+    }
+}
+
+impl PyLlViews {
+    /// `(recv_x, count, src_info)` of `handle`: the views made before for its half and format
+    /// while intact, else `make(buffer, handle)`'s (kept for the next time). `recv_x` is a
+    /// tensor or a pair of tensors.
+    fn get(&self, ll: &Bound<'_, PyLowLatency>, handle: &Bound<'_, PyLlHandle>, make: &Bound<'_, PyAny>) -> PyResult<(PyObject, PyObject, PyObject)> {
+        let py = ll.py();
+        let key = handle.borrow().view_key();
+        {
+            let views = lock(&self.views);
+            if let Some((_, v)) = views.iter().find(|(k, _)| *k == key)
+                && v.intact(py)
+            {
+                return Ok((v.recv_x.clone_ref(py), v.count.clone_ref(py), v.src_info.clone_ref(py)));
+            }
+        }
+        // Python runs without the lock (it may switch threads).
+        let (recv_x, count, src_info): (PyObject, PyObject, PyObject) = make.call1((ll, handle))?.extract()?;
+        let parts: Vec<PyObject> = match recv_x.bind(py).downcast::<pyo3::types::PyTuple>() {
+            Ok(t) => t.iter().map(|t| t.unbind()).collect(),
+            Err(_) => vec![recv_x.clone_ref(py)],
+        };
+        let marks = parts
+            .into_iter()
+            .map(|t| tensor_info("recv_x", t.bind(py)).map(|m| (t, m.ptr, m.shape)))
+            .collect::<PyResult<Vec<_>>>()?;
+        let v = Views { recv_x: recv_x.clone_ref(py), count: count.clone_ref(py), src_info: src_info.clone_ref(py), marks };
+        let mut views = lock(&self.views);
+        views.retain(|(k, _)| *k != key);
+        views.push((key, v));
+        Ok((recv_x, count, src_info))
+    }
 }
 
 impl PyLowLatency {
@@ -61,6 +173,54 @@ impl PyLowLatency {
 
     fn set_api_us(&self, t0: Instant) {
         self.last_api_us.store((t0.elapsed().as_secs_f64() * 1e6).to_bits(), Ordering::Relaxed);
+    }
+
+    fn set_ext_us(&self, t0: Instant) {
+        self.last_ext_us.store((t0.elapsed().as_secs_f64() * 1e6).to_bits(), Ordering::Relaxed);
+    }
+
+    /// The dispatch of checked tensors (`xi`, `ti`: `x` and `topk_idx`).
+    #[allow(clippy::too_many_arguments)]
+    fn launch_dispatch(
+        &self,
+        stream: usize,
+        xi: &TensorInfo,
+        ti: &TensorInfo,
+        topk_weights: Option<&Bound<'_, PyAny>>,
+        use_fp8: bool,
+        scale_format: &str,
+        column_major_scales: bool,
+        hook: bool,
+        stats: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyLlHandle> {
+        let dev = self.g.device() as i64;
+        let (n, k) = (xi.shape[0], ti.shape[1]);
+        let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
+        let fmt = match scale_format {
+            "f32" => ScaleFormat::F32,
+            "f32_pow2" => ScaleFormat::F32Pow2,
+            "ue8m0" => ScaleFormat::Ue8m0,
+            other => return Err(invalid("scale_format", format!("{other:?} is not one of \"f32\", \"f32_pow2\", \"ue8m0\""))),
+        };
+        let mut buf = self.buf()?;
+        let epr = buf.config().num_experts / self.g.world();
+        let si = stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], dev)).transpose()?;
+        let (xr, tr) = (Raw::<bf16>::of(xi), Raw::<i64>::of(ti));
+        let wr = wi.as_ref().map(Raw::<f32>::of);
+        let sr = si.as_ref().map(Raw::<i32>::of);
+        let args = DispatchArgs {
+            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
+            stats: sr.as_ref().map(|st| st as &dyn DeviceArg<i32>),
+            payload: if use_fp8 { Payload::Fp8(fmt) } else { Payload::Bf16 },
+            scale_layout: if column_major_scales { ScaleLayout::ColumnMajor } else { ScaleLayout::RowMajor },
+            hook,
+            ..DispatchArgs::fp8(&xr, TopkIdx::I64(&tr))
+        };
+        let s = stream_of(&self.g, stream);
+        let t0 = Instant::now();
+        let (h, _) = buf.dispatch(&s, &args).map_err(py_err)?;
+        self.set_api_us(t0);
+        Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales, deep_ep: None })
     }
 }
 
@@ -105,7 +265,7 @@ impl PyLowLatency {
                 }
             })
             .map_err(py_err)?;
-        Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0) })
+        Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0), last_ext_us: AtomicU64::new(0) })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
@@ -127,37 +287,57 @@ impl PyLowLatency {
         hook: bool,
         stats: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyLlHandle> {
+        let t_in = Instant::now();
         let dev = self.g.device() as i64;
         let hd = self.buf()?.config().hidden;
         let xi = check("x", x, &["torch.bfloat16"], &[None, Some(hd)], dev)?;
-        let n = xi.shape[0];
-        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(n), None], dev)?;
-        let k = ti.shape[1];
-        let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
-        let fmt = match scale_format {
-            "f32" => ScaleFormat::F32,
-            "f32_pow2" => ScaleFormat::F32Pow2,
-            "ue8m0" => ScaleFormat::Ue8m0,
-            other => return Err(invalid("scale_format", format!("{other:?} is not one of \"f32\", \"f32_pow2\", \"ue8m0\""))),
-        };
-        let epr = self.buf()?.config().num_experts / self.g.world();
-        let si = stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], dev)).transpose()?;
-        let (xr, tr) = (Raw::<bf16>::of(&xi), Raw::<i64>::of(&ti));
-        let wr = wi.as_ref().map(Raw::<f32>::of);
-        let sr = si.as_ref().map(Raw::<i32>::of);
-        let args = DispatchArgs {
-            topk_weights: wr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
-            stats: sr.as_ref().map(|st| st as &dyn DeviceArg<i32>),
-            payload: if use_fp8 { Payload::Fp8(fmt) } else { Payload::Bf16 },
-            scale_layout: if column_major_scales { ScaleLayout::ColumnMajor } else { ScaleLayout::RowMajor },
-            hook,
-            ..DispatchArgs::fp8(&xr, TopkIdx::I64(&tr))
-        };
-        let s = stream_of(&self.g, stream);
-        let t0 = Instant::now();
-        let (h, _) = self.buf()?.dispatch(&s, &args).map_err(py_err)?;
-        self.set_api_us(t0);
-        Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales })
+        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(xi.shape[0]), None], dev)?;
+        let h = self.launch_dispatch(stream, &xi, &ti, topk_weights, use_fp8, scale_format, column_major_scales, hook, stats)?;
+        self.set_ext_us(t_in);
+        Ok(h)
+    }
+
+    /// DeepEP's low-latency dispatch in one call (`moe_ep.deep_ep`): `None` when this buffer was
+    /// built for another shape (`tokens` per rank, `num_experts`, `x`'s hidden size, or fewer
+    /// top-k slots than `topk_idx` has: the caller builds one that fits), else `(recv_x, count,
+    /// handle)` with the handle DeepEP's sequence. The views come from `make_views(buffer,
+    /// handle) -> (recv_x, count, src_info)` the first time for each half and format (and
+    /// whenever the caller altered them), then from `views`.
+    #[pyo3(signature = (stream, x, topk_idx, tokens, num_experts, use_fp8, scale_format, hook, stats, views, make_views))]
+    #[allow(clippy::too_many_arguments)]
+    fn deep_ep_dispatch(
+        slf: &Bound<'_, Self>,
+        stream: usize,
+        x: &Bound<'_, PyAny>,
+        topk_idx: &Bound<'_, PyAny>,
+        tokens: usize,
+        num_experts: usize,
+        use_fp8: bool,
+        scale_format: &str,
+        hook: bool,
+        stats: Option<&Bound<'_, PyAny>>,
+        views: &PyLlViews,
+        make_views: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<(PyObject, PyObject, Py<PyLlHandle>)>> {
+        let t_in = Instant::now();
+        let me = slf.get();
+        let dev = me.g.device() as i64;
+        let cfg = *me.buf()?.config();
+        let xi = check("x", x, &["torch.bfloat16"], &[None, None], dev)?;
+        let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(xi.shape[0]), None], dev)?;
+        if cfg.max_tokens_per_rank != tokens || cfg.num_experts != num_experts || cfg.hidden != xi.shape[1] || cfg.max_topk < ti.shape[1] {
+            return Ok(None);
+        }
+        let mut h = me.launch_dispatch(stream, &xi, &ti, None, use_fp8, scale_format, true, hook, if hook { None } else { stats })?;
+        let py = slf.py();
+        h.deep_ep = Some(DeepEpView { ll: slf.clone().unbind(), src_info: py.None(), max_tokens: tokens, hidden: cfg.hidden, num_experts });
+        let handle = Bound::new(py, h)?;
+        let (recv_x, count, src_info) = views.get(slf, &handle, make_views)?;
+        if let Some(d) = handle.borrow_mut().deep_ep.as_mut() {
+            d.src_info = src_info;
+        }
+        me.set_ext_us(t_in);
+        Ok(Some((recv_x, count, handle.unbind())))
     }
 
     /// The receive half of a hook-mode dispatch (`stats` as in `dispatch`: the receive half
@@ -237,6 +417,7 @@ impl PyLowLatency {
         pre_reduced: bool,
         hook: bool,
     ) -> PyResult<Option<PyLlCombinePending>> {
+        let t_in = Instant::now();
         let dev = self.g.device() as i64;
         let cfg = *self.buf()?.config();
         let (n, hd) = (handle.num_tokens, cfg.hidden);
@@ -271,7 +452,9 @@ impl PyLowLatency {
         // receive half on `stream` and the pending object is dropped; torch's caching allocator
         // orders their later reuse on that same stream (the package runs the hook on the
         // combine's stream) after the receive half.
-        Ok(pending.map(|p| PyLlCombinePending { pending: Mutex::new(Some(unsafe { p.into_unbound() })), _tensors: tensors }))
+        let pending = pending.map(|p| PyLlCombinePending { pending: Mutex::new(Some(unsafe { p.into_unbound() })), _tensors: tensors });
+        self.set_ext_us(t_in);
+        Ok(pending)
     }
 
     /// CPU microseconds the last `dispatch` or `combine` spent inside the Rust API (checks of
@@ -280,6 +463,20 @@ impl PyLowLatency {
     #[getter]
     fn last_api_us(&self) -> f64 {
         f64::from_bits(self.last_api_us.load(Ordering::Relaxed))
+    }
+
+    /// The group's rank count.
+    #[getter]
+    fn world(&self) -> usize {
+        self.g.world()
+    }
+
+    /// CPU microseconds the last `dispatch`, `deep_ep_dispatch` or `combine` spent in the
+    /// extension's function, from its first line to its last (the rest of the extension's share
+    /// is the Python-C boundary: argument parsing, the result object).
+    #[getter]
+    fn last_ext_us(&self) -> f64 {
+        f64::from_bits(self.last_ext_us.load(Ordering::Relaxed))
     }
 
     /// The receive half of a hook-mode combine (once per pending combine).
