@@ -7,7 +7,7 @@ use std::process::Command;
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # moe-ep GPU bundle: runs every test binary, then the benchmark, on a machine with no Rust.
 # usage: run.sh [all|tests|isolated|mps|examples|bench|soak|python|nvshmem] [arguments for the test binaries, the benchmark or the soak]
-#        run.sh mps [tests|python|soak|bench|overhead]...   (default: the first four)
+#        run.sh mps [tests|python|exit|soak|bench|overhead]...   (default: tests python soak bench)
 # Logs and the benchmark report go to $OUT (or ./out beside this script). Time limits: TEST_LIMIT
 # seconds per test binary, PY_LIMIT per Python run (default 600 and 300). session.sh wraps a
 # whole device call.
@@ -60,14 +60,15 @@ if [ "$what" = mps ]; then
   # Not part of `all`: on a one-GPU machine, the whole multi-process stack with every rank a
   # process on GPU 0 under CUDA MPS (a correctness check: no figure from it says anything about
   # NVLink). A private MPS control daemon (own pipe and log directories) runs for the duration
-  # and is stopped at the end, also when a step fails or times out. Parts (default: all but
-  # overhead): tests
-  # (every multi-rank test binary at each rank count of MPS_RANKS, default "2 3 4 8", one log
-  # per binary and rank count; MPS_TESTS picks binaries by name, e.g. "gpu_ht gpu_ll"), python (the torchrun example and the Python tests at each rank
-  # count), soak (SOAK_ITERS iterations, default 3000, at 4 ranks, at most SOAK_SECONDS), bench
-  # (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip), overhead
-  # (python/overhead.py at 2 ranks: the host time per call of each Python face). MPS_ROOT
-  # names the daemon's directory (default: a fresh one under /tmp).
+  # and is stopped at the end, also when a step fails or times out. Parts (default: tests
+  # python soak bench): tests (every multi-rank test binary at each rank count of MPS_RANKS,
+  # default "2 3 4 8", one log per binary and rank count; MPS_TESTS picks binaries by name, e.g.
+  # "gpu_ht gpu_ll"), python (the torchrun example and the Python tests at each rank count, the
+  # exit test among them), exit (the exit test alone: ranks that end without destroying
+  # anything), soak (SOAK_ITERS iterations, default 3000, at 4 ranks, at most SOAK_SECONDS),
+  # bench (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip),
+  # overhead (python/overhead.py at 2 ranks: the host time per call of each Python face).
+  # MPS_ROOT names the daemon's directory (default: a fresh one under /tmp).
   parts=${*:-tests python soak bench}
   set --
   mps_root=${MPS_ROOT:-$(mktemp -d /tmp/moe-ep-mps.XXXXXX)}
@@ -99,6 +100,12 @@ if [ "$what" = mps ]; then
   if [ ! -e "$CUDA_MPS_PIPE_DIRECTORY/control" ]; then echo "MPS: no control pipe in $CUDA_MPS_PIPE_DIRECTORY after 5 s"; exit 1; fi
   echo "MPS: control daemon up (pipe $CUDA_MPS_PIPE_DIRECTORY)"
   ranks=${MPS_RANKS:-2 3 4 8}
+  # Ranks that end without destroying anything, seconds apart: every process must exit 0.
+  run_exit_test() {
+    MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+      timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$1" "$here/python/test_exit.py" > "$out/mps$1-python-exit.log" 2>&1; rc=$?
+    echo "=== python exit test, $1 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank|exitcode|Fatal|Segmentation|File" "$out/mps$1-python-exit.log" | head -n 30; [ "$rc" -eq 0 ] || status=1
+  }
   for part in $parts; do
     case $part in
       tests)
@@ -126,7 +133,11 @@ if [ "$what" = mps ]; then
           passes=$(grep -o "PASS rank" "$out/mps$n-python-kill.log" | wc -l)
           echo "=== python kill test, $n ranks sharing GPU 0 (MPS): $passes of $(( n - 1 )) survivors passed"; grep -E "^(PASS|FAIL)|Error" "$out/mps$n-python-kill.log" | head -n 10
           [ "$passes" -eq $(( n - 1 )) ] || status=1
+          run_exit_test "$n"
         done ;;
+      exit)
+        [ -d "$py" ] || install_wheel
+        for n in $ranks; do run_exit_test "$n"; done ;;
       soak)
         timeout $(( ${SOAK_SECONDS:-120} + 60 )) "$here/bin/moe-ep-soak" --shared-gpu --ranks 4 --iters "${SOAK_ITERS:-3000}" --seconds "${SOAK_SECONDS:-120}" > "$out/mps-soak.log" 2>&1; rc=$?
         echo "=== soak, 4 ranks sharing GPU 0 (MPS): exit $rc"; tail -n 4 "$out/mps-soak.log"; [ "$rc" -eq 0 ] || status=1 ;;
@@ -140,7 +151,7 @@ if [ "$what" = mps ]; then
       bench)
         timeout 300 "$here/bin/moe-ep-bench" p2p ll --quick --shared-gpu --ranks 2 > "$out/mps-bench.log" 2>&1; rc=$?
         echo "=== benchmark smoke run, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "SHARED GPU|round trip" "$out/mps-bench.log" | head -n 6; [ "$rc" -eq 0 ] || status=1 ;;
-      *) echo "run.sh mps: unknown part $part (tests, python, soak, bench, overhead)"; status=1 ;;
+      *) echo "run.sh mps: unknown part $part (tests, python, exit, soak, bench, overhead)"; status=1 ;;
     esac
   done
   exit $status
@@ -308,6 +319,7 @@ pub fn build(root: &Path) -> Result<()> {
         ("examples/overhead.py", "overhead.py"),
         ("tests/test_tensor_paths.py", "test_tensor_paths.py"),
         ("tests/test_kill.py", "test_kill.py"),
+        ("tests/test_exit.py", "test_exit.py"),
         ("tests/test_deep_ep.py", "test_deep_ep.py"),
     ] {
         std::fs::copy(root.join("python").join(from), dir.join("python").join(to))?;
