@@ -26,6 +26,8 @@ the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
 The Rust benchmark (``moe-ep-bench ll``) prints the Rust API's host time per call too.
 """
 
+import gc
+import os
 import statistics
 import time
 
@@ -150,6 +152,31 @@ def main():
                 flush=True,
             )
     dist.destroy_process_group()
+    # The objects go one at a time, each named first (with PYTHONFAULTHANDLER=1 a crash in one's
+    # teardown then names its line).
+    def gone(what):
+        if os.environ.get("MOE_EP_TEARDOWN_TRACE") == "1":
+            print(f"rank {rank}: dropped {what}", flush=True)
+
+    del h
+    gone("the last handle")
+    del dispatch, combine, part
+    gone("the last calls")
+    dbuf._ll_state = (None, None, None)
+    del dviews
+    gone("deep_ep's view cache (its tensors)")
+    del dll
+    gone("the deep_ep low-latency buffer")
+    del dbuf
+    gone("the deep_ep Buffer")
+    del ll
+    gone("the moe_ep low-latency buffer (local)")
+    del buf
+    gone("the moe_ep Buffer")
+    del group
+    gone("the group")
+    gc.collect()
+    gone("everything (gc)")
 
 
 if __name__ == "__main__":
