@@ -153,10 +153,7 @@ impl PyLlViews {
             Ok(t) => t.iter().map(|t| t.unbind()).collect(),
             Err(_) => vec![recv_x.clone_ref(py)],
         };
-        let marks = parts
-            .into_iter()
-            .map(|t| tensor_info("recv_x", t.bind(py)).map(|m| (t, m.ptr, m.shape)))
-            .collect::<PyResult<Vec<_>>>()?;
+        let marks = parts.into_iter().map(|t| tensor_info("recv_x", t.bind(py)).map(|m| (t, m.ptr, m.shape))).collect::<PyResult<Vec<_>>>()?;
         let v = Views { recv_x: recv_x.clone_ref(py), count: count.clone_ref(py), src_info: src_info.clone_ref(py), marks };
         let mut views = lock(&self.views);
         views.retain(|(k, _)| *k != key);
@@ -220,7 +217,14 @@ impl PyLowLatency {
         let t0 = Instant::now();
         let (h, _) = buf.dispatch(&s, &args).map_err(py_err)?;
         self.set_api_us(t0);
-        Ok(PyLlHandle { h, num_tokens: n, fp8: use_fp8, ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0, column_major: column_major_scales, deep_ep: None })
+        Ok(PyLlHandle {
+            h,
+            num_tokens: n,
+            fp8: use_fp8,
+            ue8m0: use_fp8 && fmt == ScaleFormat::Ue8m0,
+            column_major: column_major_scales,
+            deep_ep: None,
+        })
     }
 }
 
