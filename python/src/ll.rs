@@ -8,8 +8,8 @@ use half::bf16;
 use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
 use moe_ep::{DeviceArg, Group, TopkIdx};
 use pyo3::prelude::*;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The handle of one low-latency dispatch. Through `deep_ep_dispatch` it is also DeepEP's
@@ -118,7 +118,7 @@ pub(crate) struct PyLowLatency {
 /// (their memory), which the buffer holding them would make a cycle.
 #[pyclass(name = "LowLatencyViews", module = "moe_ep._moe_ep", frozen)]
 pub(crate) struct PyLlViews {
-    views: Mutex<Vec<(ViewKey, Views)>>,
+    views: Mutex<Vec<(ViewKey, Arc<Views>)>>,
 }
 
 /// `PyLlHandle::view_key`: `(half, fp8, ue8m0, column_major)`.
@@ -139,25 +139,26 @@ impl PyLlViews {
     fn get(&self, ll: &Bound<'_, PyLowLatency>, handle: &Bound<'_, PyLlHandle>, make: &Bound<'_, PyAny>) -> PyResult<(PyObject, PyObject, PyObject)> {
         let py = ll.py();
         let key = handle.borrow().view_key();
-        {
-            let views = lock(&self.views);
-            if let Some((_, v)) = views.iter().find(|(k, _)| *k == key)
-                && v.intact(py)
-            {
-                return Ok((v.recv_x.clone_ref(py), v.count.clone_ref(py), v.src_info.clone_ref(py)));
-            }
+        // Nothing that may run Python (the intact check's attribute path, a tensor's release)
+        // runs under the lock: it may switch threads.
+        let cached = lock(&self.views).iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
+        if let Some(v) = cached.filter(|v| v.intact(py)) {
+            return Ok((v.recv_x.clone_ref(py), v.count.clone_ref(py), v.src_info.clone_ref(py)));
         }
-        // Python runs without the lock (it may switch threads).
         let (recv_x, count, src_info): (PyObject, PyObject, PyObject) = make.call1((ll, handle))?.extract()?;
         let parts: Vec<PyObject> = match recv_x.bind(py).downcast::<pyo3::types::PyTuple>() {
             Ok(t) => t.iter().map(|t| t.unbind()).collect(),
             Err(_) => vec![recv_x.clone_ref(py)],
         };
         let marks = parts.into_iter().map(|t| tensor_info("recv_x", t.bind(py)).map(|m| (t, m.ptr, m.shape))).collect::<PyResult<Vec<_>>>()?;
-        let v = Views { recv_x: recv_x.clone_ref(py), count: count.clone_ref(py), src_info: src_info.clone_ref(py), marks };
-        let mut views = lock(&self.views);
-        views.retain(|(k, _)| *k != key);
-        views.push((key, v));
+        let v = Arc::new(Views { recv_x: recv_x.clone_ref(py), count: count.clone_ref(py), src_info: src_info.clone_ref(py), marks });
+        // The replaced views are released after the lock.
+        let _old = {
+            let mut views = lock(&self.views);
+            let old = views.iter().position(|(k, _)| *k == key).map(|i| views.swap_remove(i));
+            views.push((key, v));
+            old
+        };
         Ok((recv_x, count, src_info))
     }
 }

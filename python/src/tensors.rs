@@ -160,19 +160,32 @@ pub(crate) const DT_F32: DlDataType = DlDataType { code: 2, bits: 32, lanes: 1 }
 pub(crate) const DT_BF16: DlDataType = DlDataType { code: 4, bits: 16, lanes: 1 };
 pub(crate) const DLTENSOR: &std::ffi::CStr = c"dltensor";
 
-/// What a view keeps alive: its shape array and the buffer object that owns the memory.
+/// What a view keeps alive: its shape array and the buffer object that owns the memory (a
+/// strong reference, released by the deleter).
 pub(crate) struct ViewCtx {
     shape: Vec<i64>,
-    _owner: Py<PyAny>,
+    owner: *mut pyo3::ffi::PyObject,
 }
 
+/// DLPack's deleter of a view: releases the owner under the GIL, taken through the
+/// interpreter's own thread state. Not `Python::with_gil`: torch frees a tensor's storage with
+/// the GIL released (`THPVariable_clear`), also when the tensor dies inside one of this
+/// extension's calls or deallocations, where pyo3's count of GIL holds says held; a reference
+/// dropped there would run (and free the buffer object) without the GIL. At interpreter exit
+/// the reference is left.
 pub(crate) unsafe extern "C" fn dl_deleter(m: *mut DlManagedTensor) {
     // SAFETY: `m` and its context were made by `dlpack` with `Box::into_raw`, and DLPack calls
-    // the deleter once.
+    // the deleter once; `owner` is the strong reference `dlpack` took, released once here with
+    // the GIL held (`PyGILState_Ensure` takes it whatever this thread's state, and is
+    // reentrant where it is already held).
     unsafe {
         let m = Box::from_raw(m);
         let ctx = Box::from_raw(m.manager_ctx as *mut ViewCtx);
-        Python::with_gil(|_| drop(ctx));
+        if pyo3::ffi::Py_IsInitialized() != 0 {
+            let gil = pyo3::ffi::PyGILState_Ensure();
+            pyo3::ffi::Py_DecRef(ctx.owner);
+            pyo3::ffi::PyGILState_Release(gil);
+        }
     }
 }
 
@@ -192,7 +205,7 @@ pub(crate) unsafe extern "C" fn capsule_destructor(cap: *mut pyo3::ffi::PyObject
 /// A DLPack capsule viewing `shape` elements of `dtype` at device address `ptr` of GPU `device`,
 /// keeping `owner` alive while the view lives.
 pub(crate) fn dlpack(py: Python<'_>, ptr: u64, shape: &[usize], dtype: DlDataType, device: i32, owner: Py<PyAny>) -> PyResult<PyObject> {
-    let mut ctx = Box::new(ViewCtx { shape: shape.iter().map(|&d| d as i64).collect(), _owner: owner });
+    let mut ctx = Box::new(ViewCtx { shape: shape.iter().map(|&d| d as i64).collect(), owner: owner.into_ptr() });
     let m = Box::new(DlManagedTensor {
         dl_tensor: DlTensor {
             data: ptr as *mut c_void,
