@@ -675,7 +675,9 @@ impl Group {
     /// memory the device writes: no copy and no synchronisation, so it is cheap to call between
     /// CUDA-graph replays, which cannot consult the host). After the work of a step has finished
     /// (a stream synchronisation or an event), `None` means none of its kernels met an error or a
-    /// failed peer, so its outputs can be used; `Some` means they must not be.
+    /// failed peer, so its outputs can be used; `Some` means they must not be. The first call
+    /// that finds an error of this rank's own kernels also tells the peers (once; the watchdog
+    /// thread would within 5 ms).
     pub fn failure(&self) -> Option<String> {
         let f = self.inner.health.failure();
         if f.is_some() {

@@ -104,7 +104,8 @@ pub(crate) struct Health {
     abort_cause: Mutex<Option<String>>,
     /// This rank's own failure was announced to the peers.
     announced: AtomicBool,
-    /// `failure` was taken from the `REPORTED` word alone.
+    /// `failure` was taken from the `REPORTED` word and its record copy, before the host read
+    /// the device's own record.
     from_report: AtomicBool,
 }
 
@@ -126,8 +127,8 @@ impl Health {
     }
 
     /// Records the first failure; true when this was it. A cause taken from the `REPORTED`
-    /// word alone (which says only what kind of error) gives way to this rank's own error once
-    /// the host has read it (`own`), never to a peer's news.
+    /// word's record copy gives way to this rank's own error once the host has read it (`own`,
+    /// the same error as the host reports it, peer names explained), never to a peer's news.
     pub(crate) fn fail(&self, cause: String, own: bool) -> bool {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() || (own && self.from_report.swap(false, Ordering::SeqCst)) {

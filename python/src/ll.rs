@@ -59,18 +59,23 @@ impl PyLlHandle {
         if self.deep_ep.is_some() { 5 } else { 0 }
     }
 
-    /// DeepEP's tuple items (negative indices count from the end).
-    fn __getitem__(&self, py: Python<'_>, i: isize) -> PyResult<PyObject> {
+    /// DeepEP's tuple items, by index or slice (as a tuple's).
+    fn __getitem__(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        self.items(py)?.bind(py).as_any().get_item(key).map(|v| v.unbind())
+    }
+
+    /// DeepEP's tuple items, in order (unpacking).
+    fn __iter__(&self, py: Python<'_>) -> PyResult<PyObject> {
+        Ok(self.items(py)?.bind(py).as_any().try_iter()?.into_any().unbind())
+    }
+}
+
+impl PyLlHandle {
+    /// DeepEP's tuple: `(src_info, None, tokens per rank, hidden, experts)`.
+    fn items(&self, py: Python<'_>) -> PyResult<Py<pyo3::types::PyTuple>> {
         let d = self.deep_ep.as_ref().ok_or_else(|| pyo3::exceptions::PyTypeError::new_err("a moe_ep low-latency handle is not a sequence"))?;
-        let i = if i < 0 { i + 5 } else { i };
-        Ok(match i {
-            0 => d.src_info.clone_ref(py),
-            1 => py.None(),
-            2 => d.max_tokens.into_pyobject(py)?.into_any().unbind(),
-            3 => d.hidden.into_pyobject(py)?.into_any().unbind(),
-            4 => d.num_experts.into_pyobject(py)?.into_any().unbind(),
-            _ => return Err(pyo3::exceptions::PyIndexError::new_err("handle index out of range")),
-        })
+        let items = (d.src_info.clone_ref(py), py.None(), d.max_tokens, d.hidden, d.num_experts);
+        Ok(items.into_pyobject(py)?.unbind())
     }
 }
 
@@ -200,9 +205,11 @@ impl PyLowLatency {
             "ue8m0" => ScaleFormat::Ue8m0,
             other => return Err(invalid("scale_format", format!("{other:?} is not one of \"f32\", \"f32_pow2\", \"ue8m0\""))),
         };
-        let mut buf = self.buf()?;
-        let epr = buf.config().num_experts / self.g.world();
+        // Checks run before the buffer is locked (a tensor's attributes may run Python, which
+        // may switch to a thread that calls this buffer).
+        let epr = self.buf()?.config().num_experts / self.g.world();
         let si = stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], dev)).transpose()?;
+        let mut buf = self.buf()?;
         let (xr, tr) = (Raw::<bf16>::of(xi), Raw::<i64>::of(ti));
         let wr = wi.as_ref().map(Raw::<f32>::of);
         let sr = si.as_ref().map(Raw::<i32>::of);

@@ -78,6 +78,11 @@ def ll_reference_rows(xs, idxs, rank, epr):
     return want
 
 
+def recv_x_hidden(recv_x):
+    """The hidden size of low-latency received rows (a tensor, or FP8 rows and scales)."""
+    return (recv_x[0] if isinstance(recv_x, tuple) else recv_x).shape[-1]
+
+
 def dequant(q, scales, ue8m0):
     """FP8 rows ``[n, H]`` and their scales ``[n, H / 128]`` (float32, or UE8M0 bytes) to f32."""
     if ue8m0:
@@ -87,6 +92,10 @@ def dequant(q, scales, ue8m0):
 
 def check_ll_received(recv_x, count, handle, want, use_fp8, ue8m0, what):
     src = handle[0]
+    # DeepEP's handle is a tuple of five: indexing, unpacking and slicing as on one.
+    src2, layout_range, tokens, hidden, experts = handle
+    assert len(handle) == 5 and src2 is src and layout_range is None and handle[-1] == experts, f"{what}: handle {tuple(handle)[1:]}"
+    assert handle[2:4] == (tokens, hidden) and hidden == recv_x_hidden(recv_x), f"{what}: handle {tuple(handle)[1:]}"
     for e in range(len(want)):
         c = int(count[e])
         assert c == len(want[e]), f"{what}: expert {e} received {c} rows, expected {len(want[e])}"

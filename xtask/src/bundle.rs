@@ -30,9 +30,11 @@ nvidia-smi -L | tee "$out/devices.txt"
 status=0
 # The Python package from the bundle's wheel, freshly installed into $py (on PYTHONPATH).
 py=/tmp/moe-ep-python
+installed=0
 install_wheel() {
   rm -rf "$py"
   python3 -m pip install --quiet --no-deps --no-index --target "$py" "$here"/wheels/*.whl || status=1
+  installed=1
 }
 # run_tests PREFIX LABEL BINARIES... -- ARGS: each test binary with its own log
 # ($out/PREFIX-NAME.log) and a time limit (TEST_LIMIT seconds, default 600), in the caller's
@@ -111,7 +113,11 @@ if [ "$what" = mps ]; then
       tests)
         for n in $ranks; do
           bins=()
-          for b in ${MPS_TESTS:-gpu_}; do bins+=("$here"/tests/"$b"*); done
+          for b in ${MPS_TESTS:-gpu_}; do
+            found=("$here"/tests/"$b"*)
+            if [ -e "${found[0]}" ]; then bins+=("${found[@]}"); else echo "MPS_TESTS: no test binary named $b*"; status=1; fi
+          done
+          [ "${#bins[@]}" -gt 0 ] || continue
           MOE_EP_TEST_MPS=1 MOE_EP_TEST_RANKS=$n run_tests "mps$n" ", $n ranks sharing GPU 0 (MPS)" "${bins[@]}" --
         done ;;
       python)
@@ -136,7 +142,7 @@ if [ "$what" = mps ]; then
           run_exit_test "$n"
         done ;;
       exit)
-        [ -d "$py" ] || install_wheel
+        [ "$installed" = 1 ] || install_wheel
         for n in $ranks; do run_exit_test "$n"; done ;;
       soak)
         timeout $(( ${SOAK_SECONDS:-120} + 60 )) "$here/bin/moe-ep-soak" --shared-gpu --ranks 4 --iters "${SOAK_ITERS:-3000}" --seconds "${SOAK_SECONDS:-120}" > "$out/mps-soak.log" 2>&1; rc=$?
@@ -144,7 +150,7 @@ if [ "$what" = mps ]; then
       overhead)
         # Host CPU time per low-latency call through each Python face (the GPU figures it also
         # prints are of ranks sharing one GPU: not NVLink figures).
-        [ -d "$py" ] || install_wheel
+        [ "$installed" = 1 ] || install_wheel
         MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
           timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$out/mps-python-overhead.log" 2>&1; rc=$?
         echo "=== python overhead, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|Error" "$out/mps-python-overhead.log" | head -n 20; [ "$rc" -eq 0 ] || status=1 ;;

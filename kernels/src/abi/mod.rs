@@ -108,9 +108,10 @@ pub mod host_flag {
     pub const CULPRIT: usize = 1;
     /// Device to host: the status code of this rank's first reported error, or 0.
     pub const REPORTED: usize = 2;
-    /// Device to host: the first 56 bytes of this rank's first reported [`super::ErrorRecord`]
-    /// (fourteen words, from `claim` to `waited_ns`; a u64 field's offset stays 8-aligned),
-    /// written before `REPORTED` is published.
+    /// Device to host: a copy of this rank's first reported [`super::ErrorRecord`], in its
+    /// layout (16 words; a u64 field's offset stays 8-aligned): the reporting thread writes its
+    /// fields from `phase` to `waited_ns` before it publishes `REPORTED` (`claim`, `status` and
+    /// `host` stay 0; the host takes the status from `REPORTED`).
     pub const RECORD: usize = 4;
     /// Words in the allocation.
     pub const WORDS: usize = RECORD + 16;

@@ -11,6 +11,7 @@
 //! | barrier slot `s` | rank `s` | `fence.acq_rel.sys` + `st.release.sys` | owner | `ld.acquire.sys` |
 //! | arrival counter | every block of every sender | `fence.acq_rel.sys` once + `red.relaxed.sys.add` per rank | receiver | `ld.acquire.sys` |
 //! | error record | first failing thread | `atom.cas.sys` claim, `st.release.sys` status | host, other waiters | memcpy after sync, `ld.relaxed.sys` |
+//! | host flags' record copy, then `REPORTED` | first failing thread | `st.relaxed.sys` fields, then `st.release.sys` | host watchdog | volatile read of `REPORTED`, acquire fence, then the fields |
 
 mod barrier;
 mod wait;
