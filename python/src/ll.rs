@@ -118,6 +118,16 @@ pub(crate) struct PyLowLatency {
     last_ext_us: AtomicU64,
 }
 
+/// A dispatch's arguments besides its stream and tensors (see `PyLowLatency::dispatch`).
+struct DispatchOptions<'a, 'py> {
+    topk_weights: Option<&'a Bound<'py, PyAny>>,
+    use_fp8: bool,
+    scale_format: &'a str,
+    column_major_scales: bool,
+    hook: bool,
+    stats: Option<&'a Bound<'py, PyAny>>,
+}
+
 /// The received views of one low-latency buffer, per `view_key` (`deep_ep_dispatch`). Held by
 /// the package beside the buffer, not by the buffer: the views own a reference to the buffer
 /// (their memory), which the buffer holding them would make a cycle.
@@ -183,19 +193,8 @@ impl PyLowLatency {
     }
 
     /// The dispatch of checked tensors (`xi`, `ti`: `x` and `topk_idx`).
-    #[allow(clippy::too_many_arguments)]
-    fn launch_dispatch(
-        &self,
-        stream: usize,
-        xi: &TensorInfo,
-        ti: &TensorInfo,
-        topk_weights: Option<&Bound<'_, PyAny>>,
-        use_fp8: bool,
-        scale_format: &str,
-        column_major_scales: bool,
-        hook: bool,
-        stats: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<PyLlHandle> {
+    fn launch_dispatch(&self, stream: usize, xi: &TensorInfo, ti: &TensorInfo, o: DispatchOptions<'_, '_>) -> PyResult<PyLlHandle> {
+        let DispatchOptions { topk_weights, use_fp8, scale_format, column_major_scales, hook, stats } = o;
         let dev = self.g.device() as i64;
         let (n, k) = (xi.shape[0], ti.shape[1]);
         let wi = topk_weights.map(|w| check("topk_weights", w, &["torch.float32"], &[Some(n), Some(k)], dev)).transpose()?;
@@ -304,7 +303,8 @@ impl PyLowLatency {
         let hd = self.buf()?.config().hidden;
         let xi = check("x", x, &["torch.bfloat16"], &[None, Some(hd)], dev)?;
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(xi.shape[0]), None], dev)?;
-        let h = self.launch_dispatch(stream, &xi, &ti, topk_weights, use_fp8, scale_format, column_major_scales, hook, stats)?;
+        let o = DispatchOptions { topk_weights, use_fp8, scale_format, column_major_scales, hook, stats };
+        let h = self.launch_dispatch(stream, &xi, &ti, o)?;
         self.set_ext_us(t_in);
         Ok(h)
     }
@@ -340,7 +340,10 @@ impl PyLowLatency {
         if cfg.max_tokens_per_rank != tokens || cfg.num_experts != num_experts || cfg.hidden != xi.shape[1] || cfg.max_topk < ti.shape[1] {
             return Ok(None);
         }
-        let mut h = me.launch_dispatch(stream, &xi, &ti, None, use_fp8, scale_format, true, hook, if hook { None } else { stats })?;
+        // DeepEP's scales are column-major; in hook mode its receive hook counts the rows.
+        let o =
+            DispatchOptions { topk_weights: None, use_fp8, scale_format, column_major_scales: true, hook, stats: if hook { None } else { stats } };
+        let mut h = me.launch_dispatch(stream, &xi, &ti, o)?;
         let py = slf.py();
         h.deep_ep = Some(DeepEpView { ll: slf.clone().unbind(), src_info: py.None(), max_tokens: tokens, hidden: cfg.hidden, num_experts });
         let handle = Bound::new(py, h)?;
