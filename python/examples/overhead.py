@@ -7,10 +7,11 @@ combine: pre-reduced through ``moe_ep.Buffer``, per expert through DeepEP's face
 ``moe_ep.deep_ep.Buffer``). For ``low_latency_dispatch`` and ``low_latency_combine`` of each it
 prints, as medians over 200 calls:
 
-- ``host``: the CPU time of the whole Python call (tensor checks, views, the launch);
+- ``host``: the CPU time of the whole call (tensor checks, views, the launch): the package's
+  Python for ``moe_ep.Buffer``, the extension's base class for ``moe_ep.deep_ep.Buffer``;
 - ``extension``: the CPU time of the Rust extension's call alone (argument conversion, checks,
   the Rust API's launch; for DeepEP's dispatch, ``deep_ep_dispatch``, which also hands out the
-  received views and the handle), so ``host - extension`` is what the Python layer adds, and
+  received views and the handle), so ``host - extension`` is what the method adds over it, and
   ``LowLatencyBuffer.last_ext_us`` splits the extension's share into its function's own time
   and the rest (the Python-C boundary, the stream lookup);
 - ``Rust API``: the part of the call spent inside the Rust API (``LowLatencyBuffer.last_api_us``:
@@ -146,7 +147,7 @@ def main():
             label = "moe_ep.Buffer" if face == "python" else "moe_ep.deep_ep.Buffer"
             print(
                 f"rank {rank} of {world} ({name}): {label}.low_latency_{op}: host {ph:.1f} us per call, of which Rust API {pa:.1f} us, "
-                f"so the binding adds {ph - pa:.1f} us (Python layer {ph - eh:.1f} us, extension {eh - pa:.1f} us: "
+                f"so the binding adds {ph - pa:.1f} us (the method over the extension's call {ph - eh:.1f} us, extension {eh - pa:.1f} us: "
                 f"{pi - pa:.1f} us inside its function, {eh - pi:.1f} us at the Python-C boundary and the stream lookup); "
                 f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
                 flush=True,

@@ -60,25 +60,11 @@ def _unsupported(argument, why):
     return NotImplementedError(f"moe_ep.deep_ep: `{argument}` is not supported: {why}")
 
 
-class EventOverlap:
-    """A CUDA event after an operation (``event`` is None when the caller's stream already
-    waits for it), and the tensors to keep alive until it is waited for."""
-
-    def __init__(self, event=None, extra_tensors=None):
-        self.event = event
-        self.extra_tensors = extra_tensors
-
-    def current_stream_wait(self):
-        """Makes the current stream wait for the operation."""
-        if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.current_stream_wait()
-        return False
+#: DeepEP's ``EventOverlap(event=None, extra_tensors=None)``: a CUDA event after an operation
+#: (``event`` is None when the caller's stream already waits for it), and the tensors to keep
+#: alive until it is waited for; ``current_stream_wait()``, and a context manager that waits on
+#: exit. In the extension, so that a low-latency call makes one without running Python.
+EventOverlap = _moe_ep.EventOverlap
 
 
 class Config:
@@ -150,9 +136,11 @@ def _make_ll_views(ll, h):
     return recv_x, torch.from_dlpack(count), torch.from_dlpack(src)
 
 
-class Buffer:
+class Buffer(_moe_ep.DeepEpBufferBase):
     """``deep_ep.Buffer`` on moe-ep (one node). Collective construction; every object is usable
-    from any Python thread."""
+    from any Python thread. ``low_latency_dispatch`` and ``low_latency_combine`` are the
+    extension's (its base class): one call each, no Python of this package on the way, so a
+    decode step pays the extension's cost alone (``python/examples/overhead.py``)."""
 
     #: SMs (blocks) of the high-throughput kernels (``set_num_sms``).
     num_sms = 20
@@ -200,7 +188,11 @@ class Buffer:
         self._device = self._group.device
         self._comm_stream = torch.cuda.Stream(device=self._device)
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        self._raw_stream = functools.partial(raw, self._device) if raw is not None else (lambda: torch.cuda.current_stream().cuda_stream)
+        if raw is None:
+            raw = lambda _device: torch.cuda.current_stream().cuda_stream  # noqa: E731
+        self._raw_stream = functools.partial(raw, self._device)
+        # What the extension's low-latency calls read: the stream source, the device, the views.
+        self._init_fast(raw, self._device, _make_ll_views)
 
     @property
     def _ll(self):
@@ -286,6 +278,15 @@ class Buffer:
                 f"moe_ep.deep_ep: the {what} part for these shapes would be built during CUDA graph capture; "
                 "run a warm-up call with the same shapes before capturing"
             )
+
+    def _ll_for(self, tokens, hidden, num_experts, k):
+        """``(buffer, views)`` of the low-latency part for these shapes, built when missing or
+        too small (collective): the extension's ``low_latency_dispatch`` calls it the first
+        time, from the shapes it checked."""
+        with self._lock:
+            self._ll_part(tokens, hidden, num_experts, k)
+            ll, _, views = self._ll_state
+            return ll, views
 
     def _ll_part(self, tokens, hidden, num_experts, k):
         key = (tokens, hidden, num_experts)
@@ -541,92 +542,7 @@ class Buffer:
         return out, out_w, event
 
     # ----- low-latency (decode) -----
-
-    def low_latency_dispatch(
-        self,
-        x,
-        topk_idx,
-        num_max_dispatch_tokens_per_rank,
-        num_experts,
-        cumulative_local_expert_recv_stats=None,
-        dispatch_wait_recv_cost_stats=None,
-        use_fp8=True,
-        round_scale=False,
-        use_ue8m0=False,
-        async_finish=False,
-        return_recv_hook=False,
-    ):
-        """DeepEP's low-latency dispatch: ``(recv_x, recv_count, handle, event, hook)``.
-        ``recv_x`` is bf16 ``[E_local, R * T, H]``, or with ``use_fp8`` a pair of FP8 rows and
-        column-major scales (float32 ``[E_local, R * T, H / 128]``, int32-packed UE8M0 with
-        ``use_ue8m0``). Views of one of the buffer's two halves, valid until the dispatch after
-        next (as DeepEP's): the same tensor objects every other call while the caller leaves
-        them as they are, new ones after it altered them."""
-        if dispatch_wait_recv_cost_stats is not None:
-            raise _unsupported("dispatch_wait_recv_cost_stats", "the wait-cost statistics are not implemented")
-        # One call into the extension: it checks every tensor (naming the argument), launches,
-        # and returns the cached views and DeepEP's handle; None when the low-latency part was
-        # built for another shape.
-        fmt = "ue8m0" if use_ue8m0 else ("f32_pow2" if round_scale else "f32")
-        stream = self._raw_stream()
-        stats = cumulative_local_expert_recv_stats
-        ll, _, views = self._ll_state
-        args = (stream, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, fmt, return_recv_hook, stats)
-        r = None if ll is None else ll.deep_ep_dispatch(*args, views, _make_ll_views)
-        if r is None:
-            with self._lock:
-                ll = self._ll_part(num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx.shape[1])
-                views = self._ll_state[2]
-            r = ll.deep_ep_dispatch(*args, views, _make_ll_views)
-        recv_x, count, handle = r
-        hook = None
-        if return_recv_hook:
-
-            def hook():
-                ll.dispatch_recv(stream, handle, stats)
-
-        if async_finish:
-            event = self.capture()
-            event.extra_tensors = (x, topk_idx, stats)
-        else:
-            event = EventOverlap()
-        return recv_x, count, handle, event, hook
-
-    def low_latency_combine(
-        self,
-        x,
-        topk_idx,
-        topk_weights,
-        handle,
-        use_logfmt=False,
-        zero_copy=False,
-        async_finish=False,
-        return_recv_hook=False,
-        out=None,
-        combine_wait_recv_cost_stats=None,
-    ):
-        """DeepEP's low-latency combine (per expert, exact): ``(combined_x, event, hook)``;
-        ``combined_x`` is ``out`` or a new bf16 ``[N, H]`` tensor (written by the hook in hook
-        mode)."""
-        if use_logfmt:
-            raise _unsupported("use_logfmt", "LogFMT is not implemented (bf16 combine)")
-        if combine_wait_recv_cost_stats is not None:
-            raise _unsupported("combine_wait_recv_cost_stats", "the wait-cost statistics are not implemented")
-        ll = handle._ll
-        if out is None:
-            out = torch.empty((topk_idx.shape[0], handle[3]), dtype=torch.bfloat16, device=topk_idx.device)
-        stream = self._raw_stream()
-        pending = ll.combine(stream, handle, None if zero_copy else x, topk_idx, out, topk_weights, False, return_recv_hook)
-        hook = None
-        if pending is not None:
-
-            def hook():
-                ll.combine_recv(stream, pending)
-
-        event = self.capture() if async_finish else EventOverlap()
-        if async_finish:
-            event.extra_tensors = (x, topk_idx, topk_weights, out)
-        return out, event, hook
+    # low_latency_dispatch and low_latency_combine: the base class's (python/src/deep_ep.rs).
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The zero-copy combine input of ``handle``'s combine (bf16 ``[E_local, R * T, H]``)."""

@@ -10,9 +10,12 @@
 //! - `ht.rs`: [`PyHighThroughput`], the high-throughput buffer (layout, dispatch, cached dispatch,
 //!   combine), likewise; received rows come back as DLPack views, exact in size (the host waits
 //!   for the counts).
+//! - `deep_ep.rs`: [`PyDeepEpBase`], the base of `moe_ep.deep_ep.Buffer`: DeepEP's two
+//!   low-latency calls with its signatures, one extension call each; DeepEP's `EventOverlap`.
 //! - `errors.rs`: errors become exceptions of one hierarchy ([`MoeEpError`]) carrying `kind`, `argument`,
 //!   `rank`, `phase` and `peer` where the library's error has them.
 
+mod deep_ep;
 mod errors;
 mod group;
 mod ht;
@@ -22,6 +25,7 @@ mod nvshmem;
 mod tensors;
 mod torch_shim;
 
+use deep_ep::{PyDeepEpBase, PyEventOverlap, PyLlHook};
 use errors::*;
 use group::{_share_gpu_env, PyGroup};
 use ht::{PyHighThroughput, PyHtHandle, PyHtLayout};
@@ -76,6 +80,9 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLlHandle>()?;
     m.add_class::<PyLlViews>()?;
     m.add_class::<PyLlCombinePending>()?;
+    m.add_class::<PyDeepEpBase>()?;
+    m.add_class::<PyEventOverlap>()?;
+    m.add_class::<PyLlHook>()?;
     m.add_class::<PyHighThroughput>()?;
     m.add_class::<PyHtLayout>()?;
     m.add_class::<PyHtHandle>()?;

@@ -71,6 +71,11 @@ impl PyLlHandle {
 }
 
 impl PyLlHandle {
+    /// The buffer and hidden size of a DeepEP handle (None for moe-ep's own).
+    pub(crate) fn deep_ep_buffer(&self, py: Python<'_>) -> Option<(Py<PyLowLatency>, usize)> {
+        self.deep_ep.as_ref().map(|d| (d.ll.clone_ref(py), d.hidden))
+    }
+
     /// DeepEP's tuple: `(src_info, None, tokens per rank, hidden, experts)`.
     fn items(&self, py: Python<'_>) -> PyResult<Py<pyo3::types::PyTuple>> {
         let d = self.deep_ep.as_ref().ok_or_else(|| pyo3::exceptions::PyTypeError::new_err("a moe_ep low-latency handle is not a sequence"))?;
@@ -96,7 +101,7 @@ impl Views {
 }
 
 /// A hook-mode low-latency combine whose receive half has not run.
-#[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep")]
+#[pyclass(name = "LowLatencyCombinePending", module = "moe_ep._moe_ep", frozen)]
 pub(crate) struct PyLlCombinePending {
     pending: Mutex<Option<moe_ep::ll::CombinePending<'static>>>,
     /// The tensors the receive half reads and writes (`topk_idx`, `topk_weights`, `out`),
@@ -317,7 +322,7 @@ impl PyLowLatency {
     /// whenever the caller altered them), then from `views`.
     #[pyo3(signature = (stream, x, topk_idx, tokens, num_experts, use_fp8, scale_format, hook, stats, views, make_views))]
     #[allow(clippy::too_many_arguments)]
-    fn deep_ep_dispatch(
+    pub(crate) fn deep_ep_dispatch(
         slf: &Bound<'_, Self>,
         stream: usize,
         x: &Bound<'_, PyAny>,
@@ -358,7 +363,7 @@ impl PyLowLatency {
     /// The receive half of a hook-mode dispatch (`stats` as in `dispatch`: the receive half
     /// counts the rows).
     #[pyo3(signature = (stream, handle, stats = None))]
-    fn dispatch_recv(&self, stream: usize, handle: &mut PyLlHandle, stats: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    pub(crate) fn dispatch_recv(&self, stream: usize, handle: &mut PyLlHandle, stats: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
         let epr = self.buf()?.config().num_experts / self.g.world();
         let si =
             stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], self.g.device() as i64)).transpose()?;
@@ -421,7 +426,7 @@ impl PyLowLatency {
     /// then (the package's hook closure holds them).
     #[pyo3(signature = (stream, handle, x, topk_idx, out, topk_weights = None, pre_reduced = false, hook = false))]
     #[allow(clippy::too_many_arguments)]
-    fn combine(
+    pub(crate) fn combine(
         &self,
         stream: usize,
         handle: &PyLlHandle,
@@ -495,7 +500,7 @@ impl PyLowLatency {
     }
 
     /// The receive half of a hook-mode combine (once per pending combine).
-    fn combine_recv(&self, stream: usize, pending: &PyLlCombinePending) -> PyResult<()> {
+    pub(crate) fn combine_recv(&self, stream: usize, pending: &PyLlCombinePending) -> PyResult<()> {
         let mut slot = lock(&pending.pending);
         let p = slot.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
         let s = stream_of(&self.g, stream);
