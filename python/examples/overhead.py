@@ -21,6 +21,11 @@ prints, as medians over 200 calls:
   barrier of the group (a barrier that does not hold, so part of the launch is inside: compare
   with ``moe-ep-bench ll --hold-us 0``).
 
+A last pass repeats DeepEP's face with the extension's stage marks on (``_moe_ep._profile``):
+the median CPU time of each stage of the method's body (stream lookup, tensor checks, launch
+arguments, the Rust API, the handle, the views, hook and event), and what lies outside the body
+(the call itself, argument parsing, the result).
+
 It names the path that reads tensors' metadata (``moe_ep.tensor_path()``: torch's C shim, or
 the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
 
@@ -88,8 +93,13 @@ def main():
         )
 
     samples = {}
-    for which in ("python", "extension", "deep_ep", "deep_ep extension"):
-        dispatch, combine, part = calls(which)
+    # The last pass: DeepEP's face again, with the extension's stage marks on (its figures are
+    # kept apart from the others).
+    stages = {"dispatch": {}, "combine": {}}
+    for which in ("python", "extension", "deep_ep", "deep_ep extension", "deep_ep marked"):
+        profiled = which == "deep_ep marked"
+        moe_ep._moe_ep._profile(profiled)
+        dispatch, combine, part = calls("deep_ep" if profiled else which)
         host = {"dispatch": [], "combine": []}
         gpu = {"dispatch": [], "combine": []}
         api = {"dispatch": [], "combine": []}
@@ -108,6 +118,9 @@ def main():
                 t1 = time.perf_counter()
                 b.record()
                 b.synchronize()
+                if it >= WARMUP and profiled:
+                    for stage, us in moe_ep._moe_ep._stages():
+                        stages[op].setdefault(stage, []).append(us)
                 if it >= WARMUP:
                     host[op].append((t1 - t0) * 1e6)
                     api[op].append(part.last_api_us)
@@ -116,6 +129,7 @@ def main():
         samples[which] = {
             op: (statistics.median(host[op]), statistics.median(gpu[op]), statistics.median(api[op]), statistics.median(inside[op])) for op in host
         }
+    moe_ep._moe_ep._profile(False)
     group.check()
     name = torch.cuda.get_device_name()
     if rank == 0:
@@ -134,6 +148,7 @@ def main():
             "Buffer._stream()": lambda: buf._stream(),
             "torch.cuda.current_stream().cuda_stream": lambda: torch.cuda.current_stream().cuda_stream,
             "empty Python call": lambda: None,
+            "time.perf_counter() (a clock read)": time.perf_counter,
         }
         for label, f in items.items():
             n = 20000
@@ -152,6 +167,15 @@ def main():
                 f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
                 flush=True,
             )
+    for op in ("dispatch", "combine"):
+        ph = samples["deep_ep marked"][op][0]
+        parts = [(stage, statistics.median(v)) for stage, v in stages[op].items()]
+        listed = ", ".join(f"{stage} {us:.2f}" for stage, us in parts)
+        print(
+            f"rank {rank} of {world} ({name}): moe_ep.deep_ep.Buffer.low_latency_{op} with stage marks on: host {ph:.1f} us = {listed}, "
+            f"and {ph - sum(us for _, us in parts):.2f} us outside the method's body (the call, its arguments, the result), medians of {ITERS}",
+            flush=True,
+        )
     dist.destroy_process_group()
     # The objects go one at a time, each named first (with PYTHONFAULTHANDLER=1 a crash in one's
     # teardown then names its line).

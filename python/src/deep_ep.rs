@@ -9,6 +9,7 @@
 use crate::errors::*;
 use crate::live::lock;
 use crate::ll::{PyLlCombinePending, PyLlHandle, PyLlViews, PyLowLatency};
+use crate::profile;
 use crate::tensors::check;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -132,13 +133,13 @@ impl PyDeepEpBase {
 
     /// DeepEP's `EventOverlap` of a call: with `async_finish`, an event recorded on the current
     /// stream (the subclass's `capture`) holding `keep`; else an empty one.
-    fn event(slf: &Bound<'_, Self>, async_finish: bool, keep: Bound<'_, PyTuple>) -> PyResult<PyObject> {
+    fn event<'py>(slf: &Bound<'py, Self>, async_finish: bool, keep: impl FnOnce() -> PyResult<Bound<'py, PyTuple>>) -> PyResult<PyObject> {
         let py = slf.py();
         if !async_finish {
             return Ok(Py::new(py, PyEventOverlap::new(py, None, None))?.into_any());
         }
         let e = slf.call_method0("capture")?;
-        e.setattr("extra_tensors", keep)?;
+        e.setattr("extra_tensors", keep()?)?;
         Ok(e.unbind())
     }
 }
@@ -255,8 +256,9 @@ impl PyDeepEpBase {
         } else {
             py.None()
         };
-        let keep = PyTuple::new(py, [x.clone(), topk_idx.clone(), stats.cloned().unwrap_or_else(|| py.None().into_bound(py))])?;
+        let keep = || PyTuple::new(py, [x.clone(), topk_idx.clone(), stats.cloned().unwrap_or_else(|| py.None().into_bound(py))]);
         let event = Self::event(slf, async_finish, keep)?;
+        profile::mark("hook, event");
         Ok((recv_x, count, handle, event, hook))
     }
 
@@ -286,6 +288,7 @@ impl PyDeepEpBase {
         if combine_wait_recv_cost_stats.is_some() {
             return Err(unsupported("combine_wait_recv_cost_stats", "the wait-cost statistics are not implemented"));
         }
+        profile::begin();
         let py = slf.py();
         let fast = slf.get().fast()?;
         let not_ours = || invalid("handle", "not a handle of a moe_ep.deep_ep low_latency_dispatch".into());
@@ -303,6 +306,7 @@ impl PyDeepEpBase {
             }
         };
         let stream: usize = fast.raw_stream.bind(py).call1((fast.device.bind(py),))?.extract()?;
+        profile::mark("handle, out, stream lookup");
         let pending =
             ll.get().combine(stream, &h.borrow(), if zero_copy { None } else { Some(x) }, topk_idx, &out, topk_weights, false, return_recv_hook)?;
         let hook = match pending {
@@ -310,8 +314,9 @@ impl PyDeepEpBase {
             None => py.None(),
         };
         let none = || py.None().into_bound(py);
-        let keep = PyTuple::new(py, [x.clone(), topk_idx.clone(), topk_weights.cloned().unwrap_or_else(none), out.clone()])?;
+        let keep = || PyTuple::new(py, [x.clone(), topk_idx.clone(), topk_weights.cloned().unwrap_or_else(none), out.clone()]);
         let event = Self::event(slf, async_finish, keep)?;
+        profile::mark("hook, event");
         Ok((out.unbind(), event, hook))
     }
 }

@@ -12,6 +12,7 @@
 //!   for the counts).
 //! - `deep_ep.rs`: [`PyDeepEpBase`], the base of `moe_ep.deep_ep.Buffer`: DeepEP's two
 //!   low-latency calls with its signatures, one extension call each; DeepEP's `EventOverlap`.
+//! - `profile.rs`: named stage marks of a low-latency call, off unless switched on (overhead.py).
 //! - `errors.rs`: errors become exceptions of one hierarchy ([`MoeEpError`]) carrying `kind`, `argument`,
 //!   `rank`, `phase` and `peer` where the library's error has them.
 
@@ -22,6 +23,7 @@ mod ht;
 mod live;
 mod ll;
 mod nvshmem;
+mod profile;
 mod tensors;
 mod torch_shim;
 
@@ -94,5 +96,7 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tensor_path, m)?)?;
     m.add_function(wrap_pyfunction!(_shim_layout_proven, m)?)?;
     m.add_function(wrap_pyfunction!(_share_gpu_env, m)?)?;
+    m.add_function(wrap_pyfunction!(profile::_profile, m)?)?;
+    m.add_function(wrap_pyfunction!(profile::_stages, m)?)?;
     Ok(())
 }

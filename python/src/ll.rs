@@ -3,6 +3,7 @@
 use crate::errors::*;
 use crate::group::{PyGroup, stream_of};
 use crate::live::{Live, lock};
+use crate::profile;
 use crate::tensors::*;
 use half::bf16;
 use moe_ep::ll::{CombineArgs, CombineInput, CombineMode, DispatchArgs, Handle, LlBuffer, LlConfig, Payload, ScaleFormat, ScaleLayout};
@@ -226,9 +227,11 @@ impl PyLowLatency {
             ..DispatchArgs::fp8(&xr, TopkIdx::I64(&tr))
         };
         let s = stream_of(&self.g, stream);
+        profile::mark("launch arguments");
         let t0 = Instant::now();
         let (h, _) = buf.dispatch(&s, &args).map_err(py_err)?;
         self.set_api_us(t0);
+        profile::mark("Rust API");
         Ok(PyLlHandle {
             h,
             num_tokens: n,
@@ -345,6 +348,7 @@ impl PyLowLatency {
         if cfg.max_tokens_per_rank != tokens || cfg.num_experts != num_experts || cfg.hidden != xi.shape[1] || cfg.max_topk < ti.shape[1] {
             return Ok(None);
         }
+        profile::mark("tensor checks");
         // DeepEP's scales are column-major; in hook mode its receive hook counts the rows.
         let o =
             DispatchOptions { topk_weights: None, use_fp8, scale_format, column_major_scales: true, hook, stats: if hook { None } else { stats } };
@@ -352,7 +356,9 @@ impl PyLowLatency {
         let py = slf.py();
         h.deep_ep = Some(DeepEpView { ll: slf.clone().unbind(), src_info: py.None(), max_tokens: tokens, hidden: cfg.hidden, num_experts });
         let handle = Bound::new(py, h)?;
+        profile::mark("handle");
         let (recv_x, count, src_info) = views.get(slf, &handle, make_views)?;
+        profile::mark("views");
         if let Some(d) = handle.borrow_mut().deep_ep.as_mut() {
             d.src_info = src_info;
         }
@@ -463,9 +469,11 @@ impl PyLowLatency {
             hook,
         };
         let s = stream_of(&self.g, stream);
+        profile::mark("tensor checks, launch arguments");
         let t0 = Instant::now();
         let (pending, _) = self.buf()?.combine(&s, &handle.h, &args).map_err(py_err)?;
         self.set_api_us(t0);
+        profile::mark("Rust API");
         let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
         // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch tensors,
         // which own their memory), so they stay allocated until `combine_recv` has queued the
