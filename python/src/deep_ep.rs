@@ -32,6 +32,9 @@ struct Fast {
     device_index: i64,
     /// `f(buffer, handle) -> (recv_x, count, src_info)`: the received views (`PyLlViews::get`).
     make_views: PyObject,
+    /// The `EventOverlap` of every call without `async_finish` (no event, nothing kept): one
+    /// object, not one per call (making one costs about 0.25 us).
+    no_event: Py<PyEventOverlap>,
 }
 
 /// The base of `moe_ep.deep_ep.Buffer`: DeepEP's two low-latency calls, in Rust.
@@ -120,6 +123,13 @@ fn internal(msg: &str) -> PyErr {
     with_fields(MoeEpError::new_err(msg.to_string()), "Internal", None, None, None, None)
 }
 
+impl Fast {
+    /// torch's current raw stream of the buffer's device (torch's C shim, else `raw_stream`).
+    fn stream(&self, py: Python<'_>) -> PyResult<usize> {
+        crate::torch_shim::current_stream(py, self.device_index as i32, || self.raw_stream.bind(py).call1((self.device.bind(py),))?.extract())
+    }
+}
+
 impl PyDeepEpBase {
     fn fast(&self) -> PyResult<&Fast> {
         self.fast.get().ok_or_else(|| internal("moe_ep.deep_ep: Buffer.__init__ did not run"))
@@ -132,11 +142,11 @@ impl PyDeepEpBase {
     }
 
     /// DeepEP's `EventOverlap` of a call: with `async_finish`, an event recorded on the current
-    /// stream (the subclass's `capture`) holding `keep`; else an empty one.
+    /// stream (the subclass's `capture`) holding `keep`; else the buffer's one empty object.
     fn event<'py>(slf: &Bound<'py, Self>, async_finish: bool, keep: impl FnOnce() -> PyResult<Bound<'py, PyTuple>>) -> PyResult<PyObject> {
         let py = slf.py();
         if !async_finish {
-            return Ok(Py::new(py, PyEventOverlap::new(py, None, None))?.into_any());
+            return Ok(slf.get().fast()?.no_event.clone_ref(py).into_any());
         }
         let e = slf.call_method0("capture")?;
         e.setattr("extra_tensors", keep()?)?;
@@ -157,7 +167,9 @@ impl PyDeepEpBase {
     /// stream), the device, and `make_views(buffer, handle)` (the received views).
     fn _init_fast(&self, raw_stream: PyObject, device: &Bound<'_, PyAny>, make_views: PyObject) -> PyResult<()> {
         let device_index = device.extract::<i64>()?;
-        let f = Fast { raw_stream, device: device.clone().unbind(), device_index, make_views };
+        let py = device.py();
+        let no_event = Py::new(py, PyEventOverlap::new(py, None, None))?;
+        let f = Fast { raw_stream, device: device.clone().unbind(), device_index, make_views, no_event };
         self.fast.set(f).map_err(|_| internal("moe_ep.deep_ep: Buffer._init_fast runs once"))
     }
 
@@ -215,7 +227,7 @@ impl PyDeepEpBase {
         } else {
             "f32"
         };
-        let stream: usize = fast.raw_stream.bind(py).call1((fast.device.bind(py),))?.extract()?;
+        let stream = fast.stream(py)?;
         profile::mark("stream lookup");
         let stats = cumulative_local_expert_recv_stats;
         let tokens = num_max_dispatch_tokens_per_rank;
@@ -307,7 +319,7 @@ impl PyDeepEpBase {
                 torch.call_method("empty", ((n, hidden),), Some(&kw))?
             }
         };
-        let stream: usize = fast.raw_stream.bind(py).call1((fast.device.bind(py),))?.extract()?;
+        let stream = fast.stream(py)?;
         profile::mark("handle, out, stream lookup");
         let pending =
             ll.get().combine(stream, &h.borrow(), if zero_copy { None } else { Some(x) }, topk_idx, &out, topk_weights, false, return_recv_hook)?;

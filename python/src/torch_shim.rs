@@ -300,6 +300,64 @@ fn init(py: Python<'_>) -> Result<Shim, String> {
     Ok(s)
 }
 
+/// `aoti_torch_get_current_cuda_stream`, from torch's CUDA library.
+type GetStream = unsafe extern "C" fn(i32, *mut *mut c_void) -> i32;
+
+/// torch's current-stream getter of its CUDA library's C shim, where torch has one.
+struct StreamShim {
+    _lib: Library,
+    get: GetStream,
+}
+
+static STREAM: GILOnceCell<Option<StreamShim>> = GILOnceCell::new();
+/// Whether the getter has answered as torch's Python does once (`CHECKED`), or differed (`WRONG`:
+/// Python's answer is used from then on).
+static STREAM_CHECKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static STREAM_WRONG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stream_shim(py: Python<'_>) -> Option<&StreamShim> {
+    STREAM
+        .get_or_init(py, || {
+            if std::env::var("MOE_EP_TORCH_SHIM").is_ok_and(|v| v == "0") || !torch_imported(py) {
+                return None;
+            }
+            let file: String = py.import("torch").and_then(|t| t.getattr("__file__")).and_then(|f| f.extract()).ok()?;
+            let path = std::path::Path::new(&file).with_file_name("lib").join("libtorch_cuda.so");
+            // SAFETY: torch's own CUDA library, loaded and initialised by `import torch` where
+            // it exists: this opens the loaded copy and runs no initialiser again.
+            let lib = unsafe { Library::new(&path) }.ok()?;
+            // SAFETY: the declaration in torch/csrc/inductor/aoti_torch/c/shim.h (USE_CUDA):
+            // `AOTITorchError aoti_torch_get_current_cuda_stream(int32_t, void**)`; the pointer is
+            // used only while `lib` lives (it lives in the StreamShim).
+            let get = *unsafe { lib.get::<GetStream>(b"aoti_torch_get_current_cuda_stream\0") }.ok()?;
+            Some(StreamShim { _lib: lib, get })
+        })
+        .as_ref()
+}
+
+/// torch's current raw CUDA stream of `device` (what `torch.cuda.current_stream(device).cuda_stream`
+/// gives on this thread, a capture's stream included): through torch's C shim where it has the
+/// getter, one C call, else `python()` (torch's own Python answer). The shim's first answer is
+/// checked against `python()`; a difference keeps Python's from then on.
+pub fn current_stream(py: Python<'_>, device: i32, python: impl FnOnce() -> PyResult<usize>) -> PyResult<usize> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(s) = stream_shim(py).filter(|_| !STREAM_WRONG.load(Relaxed)) else { return python() };
+    let mut p = std::ptr::null_mut();
+    // SAFETY: the shim's getter writes one pointer and reports errors as a non-zero result.
+    if unsafe { (s.get)(device, &mut p) } != 0 {
+        return python();
+    }
+    if !STREAM_CHECKED.load(Relaxed) {
+        let want = python()?;
+        if want != p as usize {
+            STREAM_WRONG.store(true, Relaxed);
+            return Ok(want);
+        }
+        STREAM_CHECKED.store(true, Relaxed);
+    }
+    Ok(p as usize)
+}
+
 /// True for the torch versions whose `THPVariable` layout the fast path is proven on: 2.11 and
 /// later (a version that does not parse is not).
 pub fn layout_proven(version: &str) -> bool {
