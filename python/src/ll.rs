@@ -97,7 +97,11 @@ struct Views {
 
 impl Views {
     fn intact(&self, py: Python<'_>) -> bool {
-        self.marks.iter().all(|(t, ptr, shape)| tensor_info("recv_x", t.bind(py)).is_ok_and(|m| m.ptr == *ptr && m.shape == *shape))
+        self.marks.iter().all(|(t, ptr, shape)| {
+            let t = t.bind(py);
+            crate::torch_shim::same_place(t, *ptr, shape)
+                .unwrap_or_else(|| tensor_info("recv_x", t).is_ok_and(|m| m.ptr == *ptr && m.shape == *shape))
+        })
     }
 }
 

@@ -64,12 +64,14 @@ struct Shim {
 static SHIM: GILOnceCell<Result<Shim, String>> = GILOnceCell::new();
 /// Set when a later check finds the fast path wrong: the reason, and the path stays off.
 static OFF: Mutex<Option<String>> = Mutex::new(None);
+/// Whether `OFF` holds a reason (read on every tensor without taking the lock).
+static IS_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Whether a CUDA tensor has been read both ways and agreed.
 static CUDA_CHECKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn shim(py: Python<'_>) -> Result<&Shim, String> {
-    if let Some(why) = OFF.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return Err(why.clone());
+    if IS_OFF.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(OFF.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default());
     }
     if SHIM.get(py).is_none() && !torch_imported(py) {
         // Not cached: the first tensor check after `import torch` sets the shim up.
@@ -104,11 +106,39 @@ pub fn read(t: &Bound<'_, PyAny>, slow: impl FnOnce() -> PyResult<Meta>) -> PyRe
         let want = slow()?;
         if want != m {
             *OFF.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("the shim read a CUDA tensor as {m:?}, its attributes say {want:?}"));
+            IS_OFF.store(true, std::sync::atomic::Ordering::Relaxed);
             return Ok(Some(want));
         }
         CUDA_CHECKED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(Some(m))
+}
+
+/// Whether `t` still has the data pointer and shape it had (`Some`), read through the shim
+/// (three C calls, nothing allocated); None where the fast read does not apply.
+pub fn same_place(t: &Bound<'_, PyAny>, ptr: u64, shape: &[usize]) -> Option<bool> {
+    let s = shim(t.py()).ok()?;
+    let ty = t.get_type_ptr() as *mut ffi::PyObject;
+    if !s.types.iter().any(|p| p.as_ptr() == ty) {
+        return None;
+    }
+    // SAFETY: as in `Shim::read`: a live torch.Tensor or Parameter object holding its
+    // `at::Tensor` at `offset`; the getters only read it.
+    unsafe {
+        let h = t.as_ptr().cast::<u8>().add(s.offset).cast::<c_void>();
+        let (mut nd, mut sz, mut p) = (0i64, std::ptr::null(), std::ptr::null_mut());
+        if (s.dim)(h, &mut nd) != 0 || (s.sizes)(h, &mut sz) != 0 || (s.data_ptr)(h, &mut p) != 0 {
+            return None;
+        }
+        if nd as usize != shape.len() {
+            return Some(false);
+        }
+        if nd > 0 && sz.is_null() {
+            return None;
+        }
+        let sizes: &[i64] = if nd == 0 { &[] } else { std::slice::from_raw_parts(sz, shape.len()) };
+        Some(p as u64 == ptr && sizes.iter().zip(shape).all(|(&a, &b)| a as usize == b))
+    }
 }
 
 impl Shim {
