@@ -29,6 +29,11 @@ arguments, the Rust API, the handle, the views, hook and event), and what lies o
 It names the path that reads tensors' metadata (``moe_ep.tensor_path()``: torch's C shim, or
 the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
 
+With ``MOE_EP_PIN_CORES=1`` each rank's process (and every thread it starts later) runs on
+one physical core of its own (its hardware threads, from ``/sys``), chosen by local rank and
+skipping core 0: the ranks' processes and their helper threads then do not share a core. Each
+rank prints where it runs.
+
 The Rust benchmark (``moe-ep-bench ll``) prints the Rust API's host time per call too.
 """
 
@@ -46,9 +51,42 @@ import moe_ep.deep_ep as deep_ep
 HIDDEN, EXPERTS, TOPK, TOKENS, ITERS, WARMUP = 7168, 256, 8, 128, 200, 20
 
 
+def physical_cores():
+    """The machine's physical cores, each as the set of its hardware threads (from /sys), in
+    order of their first thread; None where /sys does not say."""
+    cores = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        siblings = set()
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            siblings.update(range(int(lo), int(hi or lo) + 1))
+        cores.setdefault(min(siblings), siblings & os.sched_getaffinity(0))
+    return [cores[k] for k in sorted(cores)]
+
+
+def pin_to_core(local_rank):
+    """With MOE_EP_PIN_CORES=1: this process on physical core `local_rank + 1` alone (what it
+    says where it runs), else nothing."""
+    if os.environ.get("MOE_EP_PIN_CORES") != "1":
+        return "not pinned (MOE_EP_PIN_CORES=1 pins each rank to a core of its own)"
+    cores = physical_cores()
+    if not cores or len(cores) < local_rank + 2:
+        return f"not pinned: {len(cores or [])} physical cores known, rank {local_rank} needs {local_rank + 2}"
+    os.sched_setaffinity(0, cores[local_rank + 1])
+    return f"pinned to CPUs {sorted(os.sched_getaffinity(0))} (physical core {local_rank + 1} of {len(cores)})"
+
+
 def main():
+    pinned = pin_to_core(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
+    print(f"rank {rank}: {pinned}", flush=True)
     torch.cuda.set_device(moe_ep.local_device())
     experts = (EXPERTS + world - 1) // world * world
     buf = moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=TOKENS)
