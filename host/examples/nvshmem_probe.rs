@@ -5,10 +5,12 @@
 //! - `nvshmem_ptr` to every other PE (direct loads and stores within a node);
 //! - a put-with-signal round trip between ranks 0 and 1, the payload checked at the end;
 //! - every rank putting a buffer to the next at once, the whole received buffer compared;
-//! - a low-latency dispatch and combine on a buffer in NVSHMEM's symmetric memory
-//!   (`LlBuffer::with_nvshmem`) and on one in moe-ep's IPC heap, with the same inputs: the
-//!   received rows of both against every rank's inputs, the combined rows of both against the
-//!   CPU reference, bit for bit.
+//! - low-latency calls on a buffer in NVSHMEM's symmetric memory (`LlBuffer::with_nvshmem`)
+//!   and on one in moe-ep's IPC heap, with the same inputs: BF16 and FP8 dispatch, per-expert
+//!   and pre-reduced combine of rows in and outside the heap, hook mode; received rows and
+//!   combined rows against the inputs and the CPU reference, and the two buffers against each
+//!   other, byte for byte. With `MOE_EP_NVSHMEM_PUT=all` the NVSHMEM buffer reaches every other
+//!   PE through NVSHMEM calls (the put path a PE on another node takes), not by direct stores.
 //!
 //! ```sh
 //! cargo xtask build-ptx --nvshmem
@@ -143,15 +145,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     drop((src, dst, data));
-    low_latency_on_both_heaps(&g, &nv)?;
+    // Said at once: an error dropped with NVSHMEM still initialised may end the process in
+    // NVSHMEM's teardown before `main` prints it.
+    low_latency_on_both_heaps(&g, &nv).inspect_err(|e| eprintln!("nvshmem_probe: rank {me}: {e}"))?;
     g.check()?;
     nv.finalize()?;
     println!("rank {me}: NVSHMEM finalised");
     Ok(())
 }
 
-/// One low-latency dispatch (BF16) and per-expert combine (identity experts: the received rows
-/// are the combine's input) on a buffer in NVSHMEM's memory and on one in the IPC heap, checked.
+/// Low-latency calls on a buffer in NVSHMEM's memory and on one in the IPC heap, with the same
+/// inputs, each checked: on the NVSHMEM buffer every send path of the kernels runs (with
+/// `MOE_EP_NVSHMEM_PUT=all`, the put path: NVSHMEM calls to every other PE).
+/// 1. BF16 dispatch: every received row against the inputs; per-expert combine of the received
+///    rows where they lie (in the heap: sent from there) against the CPU reference;
+/// 2. BF16 dispatch, per-expert combine of a copy outside the heap (staged before it is sent);
+/// 3. BF16 dispatch, pre-reduced combine of that copy (staged sums);
+/// 4. FP8 dispatch (rows and scales);
+/// 5. both in hook mode (the receive halves launched apart).
+///
+/// Identity experts: the combine's input is the received rows. The two buffers' received rows
+/// (with their scales, each expert's rows ordered by source and token: the receive half places
+/// them in arrival order), counts and combined rows must be equal byte for byte.
 fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn std::error::Error>> {
     let (me, world, name) = (g.rank(), g.world(), g.device_name().to_string());
     let (hd, k, t, e) = (1024, 4, 32, 8 * world);
@@ -184,14 +199,29 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
     lw.x[me] = x_h.clone();
     lw.topk_idx[me] = idx_h.clone();
     lw.topk_weights[me] = w_h.clone();
-    let want_out = lw.combine(me, &|tok: usize, _| x_h[tok * hd..(tok + 1) * hd].to_vec());
+    let identity = |tok: usize, _| x_h[tok * hd..(tok + 1) * hd].to_vec();
+    let want_out = lw.combine(me, &identity);
+    let want_reduced = lw.combine_pre_reduced(me, &identity);
     let cfg = LlConfig::new(e, hd, k, t);
-    let mut outs = Vec::new();
+    let poisoned = || s.clone_htod(&vec![bf16::from_bits(0xFFFF); t * hd]);
+    let bf16_args = |hook| DispatchArgs { topk_weights: Some(&w), payload: Payload::Bf16, hook, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+    let check_out = |label: &str, step: &str, out: &cudarc::driver::CudaSlice<bf16>, want: &[u16]| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let got: Vec<u16> = bytemuck::cast_slice(&s.clone_dtoh(out)?).to_vec();
+        let bad = got.iter().zip(want).filter(|(a, b)| a != b).count();
+        if bad != 0 {
+            return Err(format!("rank {me} ({label}, {step}): {bad} of {} combined values differ from the CPU reference", want.len()).into());
+        }
+        Ok(bytemuck::cast_slice(&got).to_vec())
+    };
+    let mut evidence: Vec<Vec<(&str, Vec<u8>)>> = Vec::new();
+    let mut put_masks = Vec::new();
     for (label, mut buf) in [("NVSHMEM", LlBuffer::with_nvshmem(g, nv, cfg)?), ("IPC", LlBuffer::new(g, cfg)?)] {
-        let (h, _) =
-            buf.dispatch(&s, &DispatchArgs { topk_weights: Some(&w), payload: Payload::Bf16, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        put_masks.push(buf.put_mask());
+        let mut ev: Vec<(&str, Vec<u8>)> = Vec::new();
+        // 1. received rows checked, combined from where they lie.
+        let (h, _) = buf.dispatch(&s, &bf16_args(false))?;
         let rows = buf.recv_x_bf16(&h)?;
-        let out = s.clone_htod(&vec![bf16::from_bits(0xFFFF); t * hd])?;
+        let out = poisoned()?;
         let cargs = CombineArgs {
             x: CombineInput::Tensor(&rows),
             topk_idx: TopkIdx::I64(&idx),
@@ -220,20 +250,97 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
                 }
             }
         }
-        let got_out: Vec<u16> = bytemuck::cast_slice(&s.clone_dtoh(&out)?).to_vec();
-        let bad = got_out.iter().zip(&want_out).filter(|(a, b)| a != b).count();
-        if bad != 0 {
-            return Err(format!("rank {me} ({label}): {bad} of {} combined values differ from the CPU reference", want_out.len()).into());
+        ev.push(("BF16 counts", bytemuck::cast_slice(&count).to_vec()));
+        let bf16_rows = by_source(&count, &meta, per, bytemuck::cast_slice(&got_rows), 2 * hd, &[], 0);
+        ev.push(("BF16 rows by source", bf16_rows.clone()));
+        ev.push(("per-expert combine of the received rows", check_out(label, "per-expert combine of the received rows", &out, &want_out)?));
+        // 2. and 3. combines of rows outside the heap: each dispatch's received rows copied out
+        // (rows land in arrival order, so every dispatch's copy is its own).
+        for mode in [CombineMode::PerExpert, CombineMode::PreReduced] {
+            let (step, want) = match mode {
+                CombineMode::PerExpert => ("per-expert combine of a copy outside the heap", &want_out),
+                CombineMode::PreReduced => ("pre-reduced combine of a copy outside the heap", &want_reduced),
+            };
+            let (h, _) = buf.dispatch(&s, &bf16_args(false))?;
+            let y = s.clone_htod(&buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
+            let out = poisoned()?;
+            // A pre-reduced combine takes the weights its dispatch carried.
+            let weights: Option<&dyn moe_ep::DeviceArg<f32>> = match mode {
+                CombineMode::PerExpert => Some(&w),
+                CombineMode::PreReduced => None,
+            };
+            let a = CombineArgs { x: CombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: weights, out: &out, mode, hook: false };
+            buf.combine(&s, &h, &a)?;
+            buf.check()?;
+            ev.push((step, check_out(label, step, &out, want)?));
         }
+        // 4. FP8 rows and scales (compared with the other buffer's below).
+        let (h, _) = buf.dispatch(&s, &DispatchArgs { topk_weights: Some(&w), ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        buf.check()?;
+        let (c8, m8) = (buf.recv_count(&h)?.to_vec(&s)?, buf.recv_src_info(&h)?.to_vec(&s)?);
+        let (r8, s8) = (buf.recv_x_fp8(&h)?.to_vec(&s)?, buf.recv_scales(&h)?.to_vec(&s)?);
+        ev.push(("FP8 counts", bytemuck::cast_slice(&c8).to_vec()));
+        ev.push(("FP8 rows and scales by source", by_source(&c8, &m8, per, &r8, hd, bytemuck::cast_slice(&s8), 4 * (hd / 128))));
+        // 5. hook mode: the send halves, then the receive halves.
+        let (mut h, _) = buf.dispatch(&s, &bf16_args(true))?;
+        buf.dispatch_recv(&s, &mut h, None)?;
+        let (ch, mh) = (buf.recv_count(&h)?.to_vec(&s)?, buf.recv_src_info(&h)?.to_vec(&s)?);
+        let hook_rows_bf16 = buf.recv_x_bf16(&h)?.to_vec(&s)?;
+        let hook_rows: Vec<u8> = bytemuck::cast_slice(&hook_rows_bf16).to_vec();
+        if ch != count || by_source(&ch, &mh, per, &hook_rows, 2 * hd, &[], 0) != bf16_rows {
+            return Err(format!("rank {me} ({label}): the hook-mode dispatch received other rows than the plain one").into());
+        }
+        let y = s.clone_htod(&hook_rows_bf16)?;
+        let out = poisoned()?;
+        let a = CombineArgs {
+            x: CombineInput::Tensor(&y),
+            topk_idx: TopkIdx::I64(&idx),
+            topk_weights: Some(&w),
+            out: &out,
+            mode: CombineMode::PerExpert,
+            hook: true,
+        };
+        let (pending, _) = buf.combine(&s, &h, &a)?;
+        let mut pending = pending.ok_or("a hook-mode combine returned no pending receive half")?;
+        buf.combine_recv(&s, &mut pending)?;
+        buf.check()?;
+        ev.push(("hook-mode per-expert combine", check_out(label, "hook-mode per-expert combine", &out, &want_out)?));
         buf.destroy()?;
-        outs.push(got_out);
+        evidence.push(ev);
+    }
+    for ((what, a), (_, b)) in evidence[0].iter().zip(&evidence[1]) {
+        if a != b {
+            let at = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+            return Err(format!("rank {me}: {what} differ between the NVSHMEM and the IPC buffer (first at byte {at} of {})", a.len()).into());
+        }
     }
     println!(
-        "rank {me} of {world} ({name}): low-latency dispatch and combine on NVSHMEM's symmetric memory and on the IPC heap: every received row ({} rows) and all {} combined values match the inputs and the CPU reference on both",
+        "rank {me} of {world} ({name}): low-latency calls on NVSHMEM's symmetric memory (put mask {:#x}: {}) and on the IPC heap: every received row ({} rows), both combines of rows in and outside the heap, FP8 rows and scales and hook mode match the inputs and the CPU reference, and each other byte for byte ({})",
+        put_masks[0],
+        if put_masks[0] == 0 { "every PE by direct stores" } else { "NVSHMEM calls to the PEs of the mask" },
         want.iter().map(|m| m.len()).sum::<usize>(),
-        outs[0].len()
+        evidence[0].iter().map(|(w, b)| format!("{w}: {} B", b.len())).collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// Each local expert's received rows (`row` bytes each, and `scale` bytes of scales each, from
+/// row-major `scales`), ordered by (source, token) from the source info `meta`: the receive
+/// half places rows in arrival order, so two runs compare equal only in this form.
+fn by_source(count: &[i32], meta: &[u32], per: usize, rows: &[u8], row: usize, scales: &[u8], scale: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (ex, &c) in count.iter().enumerate() {
+        let mut keyed: Vec<(u32, usize)> = (0..c as usize).map(|slot| (meta[ex * per + slot], ex * per + slot)).collect();
+        keyed.sort_unstable();
+        for (key, at) in keyed {
+            out.extend_from_slice(&key.to_le_bytes());
+            out.extend_from_slice(&rows[at * row..(at + 1) * row]);
+            if scale != 0 {
+                out.extend_from_slice(&scales[at * scale..(at + 1) * scale]);
+            }
+        }
+    }
+    out
 }
 
 fn main() {

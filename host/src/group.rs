@@ -766,7 +766,14 @@ impl Group {
     /// Collective: a heap in symmetric memory another library allocated (see
     /// [`crate::heap::ExternalHeap`]).
     #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
-    pub(crate) fn adopt_heap(&self, external: Box<dyn crate::heap::ExternalHeap>, ptr: u64, bytes: usize, peers: &[u64]) -> Result<SymmetricHeap> {
+    pub(crate) fn adopt_heap(
+        &self,
+        external: Box<dyn crate::heap::ExternalHeap>,
+        ptr: u64,
+        bytes: usize,
+        peers: &[u64],
+        put_mask: u32,
+    ) -> Result<SymmetricHeap> {
         self.ensure_healthy()?;
         SymmetricHeap::adopt(
             &self.inner.exchange,
@@ -774,7 +781,7 @@ impl Group {
             &self.inner.work,
             external,
             (ptr, bytes),
-            peers,
+            (peers, put_mask),
             self.inner.cfg.rendezvous_timeout,
         )
     }
@@ -849,6 +856,23 @@ impl Group {
     /// Launches `k` with its parameter block; the block size is clamped to what the compiled
     /// kernel allows (a multiple of 32).
     pub(crate) fn launch<P: KernelParams>(&self, k: Kernel, grid: u32, block: u32, smem: u32, stream: &CudaStream, params: &P) -> Result<()> {
+        let f = &self.inner.kernels.functions[&k];
+        self.launch_function(k, (f.raw, f.max_threads), grid, block, smem, stream, params)
+    }
+
+    /// [`Group::launch`] of `k` as compiled into another module of this context (the NVSHMEM
+    /// module's low-latency kernels): `f` and its thread limit.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_function<P: KernelParams>(
+        &self,
+        k: Kernel,
+        (raw, max_threads): (sys::CUfunction, u32),
+        grid: u32,
+        block: u32,
+        smem: u32,
+        stream: &CudaStream,
+        params: &P,
+    ) -> Result<()> {
         // A failed group runs nothing more: its buffers' GPU state is undefined.
         self.ensure_healthy()?;
         if !P::ENTRIES.contains(&k.name()) {
@@ -856,14 +880,13 @@ impl Group {
                 reason: format!("{} was launched with a parameter block for {:?} ({} bytes)", k.name(), P::ENTRIES, std::mem::size_of::<P>()),
             });
         }
-        let f = &self.inner.kernels.functions[&k];
-        let block = self.launch_threads(k, block);
+        let block = (block.min(max_threads) / 32 * 32).max(32);
         self.inner.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
         // SAFETY: `P` is the kernel's parameter block (its `KernelParams` impl names this kernel,
         // checked above; the PTX test compares its size with the PTX's declaration); every
         // address in it belongs to allocations the caller keeps alive until the stream has run
         // the kernel.
-        unsafe { driver::launch(f.raw, grid.max(1), block, smem, stream, params) }
+        unsafe { driver::launch(raw, grid.max(1), block, smem, stream, params) }
             .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.inner.rank, k.name()))?;
         self.inner.work.mark(stream)
     }

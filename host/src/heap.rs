@@ -119,6 +119,9 @@ pub struct SymmetricHeap {
     ptr: u64,
     bytes: usize,
     peers: Peers,
+    /// Ranks reached through NVSHMEM calls instead of `peers` (bit `r`: rank `r`, whose
+    /// `peers` entry is then this rank's own base); 0 on moe-ep's own heap.
+    put_mask: u32,
     /// Peer allocations mapped over IPC.
     opened: Vec<IpcMapping>,
     /// Memory owned by another library instead of `local` (see [`ExternalHeap`]).
@@ -137,6 +140,9 @@ static NEXT_HEAP_ID: AtomicU64 = AtomicU64::new(1);
 pub(crate) trait ExternalHeap: Send + Sync {
     /// Collective: every rank calls it at the same point of `destroy`.
     fn free(self: Box<Self>) -> Result<()>;
+    /// Kernel `k` as compiled into the module the library bound (the NVSHMEM module, whose
+    /// kernels reach the heap's put ranks), with its thread limit.
+    fn kernel(&self, k: crate::group::Kernel) -> Result<(cudarc::driver::sys::CUfunction, u32)>;
 }
 
 impl SymmetricHeap {
@@ -180,6 +186,7 @@ impl SymmetricHeap {
             bytes: local.bytes(),
             local: Some(local),
             peers: Peers::default(),
+            put_mask: 0,
             opened: Vec::new(),
             external: None,
             exchange: exchange.clone(),
@@ -228,7 +235,7 @@ impl SymmetricHeap {
         work: &Arc<OwnWork>,
         external: Box<dyn ExternalHeap>,
         (ptr, bytes): (u64, usize),
-        peers: &[u64],
+        (peers, put_mask): (&[u64], u32),
         timeout: Duration,
     ) -> Result<Self> {
         if peers.len() > MAX_RANKS {
@@ -245,6 +252,7 @@ impl SymmetricHeap {
             ptr,
             bytes,
             peers: p,
+            put_mask,
             opened: Vec::new(),
             external: Some(external),
             exchange: exchange.clone(),
@@ -263,6 +271,19 @@ impl SymmetricHeap {
     /// Heap base of every rank, as mapped in this process.
     pub fn peers(&self) -> Peers {
         self.peers
+    }
+
+    /// Ranks the kernels reach through NVSHMEM calls (see the field).
+    pub fn put_mask(&self) -> u32 {
+        self.put_mask
+    }
+
+    /// Kernel `k` of the module that reaches this heap's put ranks (see [`ExternalHeap::kernel`]).
+    pub(crate) fn kernel(&self, k: crate::group::Kernel) -> Result<(cudarc::driver::sys::CUfunction, u32)> {
+        match &self.external {
+            Some(e) => e.kernel(k),
+            None => Err(Error::Internal { reason: format!("{} was asked for on moe-ep's own heap, which has no put ranks", k.name()) }),
+        }
     }
 
     /// Device address of this rank's heap.

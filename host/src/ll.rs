@@ -488,6 +488,8 @@ impl LlBuffer {
             half: half as u32,
             stages,
             send_blocks: self.cfg.num_blocks,
+            put_mask: self.heap.put_mask(),
+            _pad: 0,
             trace: self.trace_addr(0),
         }
     }
@@ -528,7 +530,7 @@ impl LlBuffer {
         ];
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
         self.g.follow(&self.chain, stream)?;
-        self.g.ordered(stream, &streams, || self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p))?;
+        self.g.ordered(stream, &streams, || self.launch(Kernel::LlDispatch, smem, stream, &p, p.put_mask))?;
         self.dispatches += 1;
         self.pending_dispatch[half] = args.hook.then_some((self.dispatches, args.payload, args.scale_layout));
         let h = Handle {
@@ -576,12 +578,18 @@ impl LlBuffer {
         }
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
         self.g.follow(&self.chain, stream)?;
-        self.g.ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || {
-            self.g.launch(Kernel::LlDispatch, self.cfg.num_blocks, self.cfg.threads, smem, stream, &p)
-        })?;
+        self.g
+            .ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || self.launch(Kernel::LlDispatch, smem, stream, &p, p.put_mask))?;
         h.received = true;
         self.pending_dispatch[h.half] = None;
         self.event(stream)
+    }
+
+    /// Ranks this buffer's kernels reach through NVSHMEM calls (bit `r`: rank `r`): those
+    /// NVSHMEM does not map (another node), or every other rank with `MOE_EP_NVSHMEM_PUT=all`;
+    /// 0 on moe-ep's own heap.
+    pub fn put_mask(&self) -> u32 {
+        self.heap.put_mask()
     }
 
     fn check_own(&self, buffer: u64) -> Result<()> {
@@ -745,6 +753,8 @@ impl LlBuffer {
             }
             CombineInput::ZeroCopy => self.heap.local_ptr() + self.half_off(h.half) + self.hl.comb_in,
         };
+        let heap = self.heap.local_ptr()..self.heap.local_ptr() + self.heap.bytes() as u64;
+        let y_in_heap = heap.contains(&y) && heap.contains(&(y + (self.epr() * self.rows_per_expert() * hd * 2) as u64 - 1));
         let p = LlCombineParams {
             wait: self.g.wait_ctx(),
             peers: self.heap.peers(),
@@ -769,6 +779,8 @@ impl LlBuffer {
                 CombineMode::PerExpert => combine_mode::PER_EXPERT,
                 CombineMode::PreReduced => combine_mode::PRE_REDUCED,
             },
+            put_mask: self.heap.put_mask(),
+            y_in_heap: y_in_heap as u32,
             _pad: 0,
             trace: self.trace_addr(1),
         };
@@ -825,7 +837,18 @@ impl LlBuffer {
     fn launch_combine(&self, stream: &Arc<CudaStream>, p: &LlCombineParams) -> Result<()> {
         self.g.follow(&self.chain, stream)?;
         let smem = ll_combine_smem_bytes(self.epr() as u32);
-        self.g.launch(Kernel::LlCombine, self.cfg.num_blocks, self.cfg.threads, smem, stream, p)
+        self.launch(Kernel::LlCombine, smem, stream, p, p.put_mask)
+    }
+
+    /// Launches `k` from the group's module, or, when some rank is reached through NVSHMEM
+    /// calls (`put_mask`), from the NVSHMEM module the heap's memory belongs to.
+    fn launch<P: KernelParams>(&self, k: Kernel, smem: u32, stream: &CudaStream, p: &P, put_mask: u32) -> Result<()> {
+        let (blocks, threads) = (self.cfg.num_blocks, self.cfg.threads);
+        if put_mask == 0 {
+            self.g.launch(k, blocks, threads, smem, stream, p)
+        } else {
+            self.g.launch_function(k, self.heap.kernel(k)?, blocks, threads, smem, stream, p)
+        }
     }
 
     /// Finishes hook-mode calls whose receive hooks were dropped without being called, which

@@ -19,7 +19,7 @@
 
 use crate::driver::{self, Module};
 use crate::error::{Error, Result};
-use crate::group::Group;
+use crate::group::{Group, Kernel};
 use cudarc::driver::{CudaStream, sys};
 /// The probe kernels' parameter blocks (shared with `kernels/src/nvshmem.rs`).
 pub use moe_ep_kernels::abi::{NvshmemPingPongParams, NvshmemPutParams};
@@ -293,6 +293,24 @@ impl Nvshmem {
         self.owns_init
     }
 
+    /// Kernel `k` of the bound module (the low-latency kernels with their put path) and its
+    /// thread limit (the NVSHMEM module's kernels take more registers than the default ones).
+    pub(crate) fn kernel(&self, k: Kernel) -> Result<(sys::CUfunction, u32)> {
+        let m = self
+            .module
+            .as_ref()
+            .ok_or_else(|| err(format!("{} needs the NVSHMEM module (Nvshmem::init with the image of build-ptx --nvshmem)", k.name())))?;
+        let f = m.function(k.name())?;
+        let threads = driver::function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
+            .map_err(|e| err(format!("reading {}'s thread limit: {e}", k.name())))?;
+        Ok((f, threads as u32))
+    }
+
+    /// Whether the bound module has the low-latency kernels (their put path).
+    fn has_ll_kernels(&self) -> bool {
+        self.module.as_ref().is_some_and(|m| m.function(Kernel::LlDispatch.name()).is_ok() && m.function(Kernel::LlCombine.name()).is_ok())
+    }
+
     /// `nvshmem_ptr(addr, pe)`: the address at which this rank can load and store `pe`'s copy
     /// of the symmetric address `addr` directly (same node, peer access), or `None`.
     pub fn direct_ptr(&self, addr: u64, pe: usize) -> Result<Option<u64>> {
@@ -302,9 +320,12 @@ impl Nvshmem {
     }
 
     /// Collective: a moe-ep symmetric heap of `bytes` per rank in NVSHMEM's symmetric memory
-    /// (`nvshmem_malloc`), zeroed on every rank, each peer's copy at its `nvshmem_ptr`. Every
-    /// PE must be directly reachable (one node); otherwise every rank gets the error naming the
-    /// PEs that are not. The heap holds this `Nvshmem` until it is freed.
+    /// (`nvshmem_malloc`), zeroed on every rank. Each peer's copy is reached at its
+    /// `nvshmem_ptr` where NVSHMEM maps it (same node); a PE it does not map (another node),
+    /// or every other PE with `MOE_EP_NVSHMEM_PUT=all`, is reached through NVSHMEM calls by
+    /// the bound module's kernels (the heap's put mask; that PE's peer-table entry is this
+    /// rank's own address). Without such a module a PE that is not mapped is an error on every
+    /// rank, naming it. The heap holds this `Nvshmem` until it is freed.
     pub(crate) fn new_heap(self: &Arc<Self>, g: &Group, bytes: u64) -> Result<crate::heap::SymmetricHeap> {
         let bytes = usize::try_from(bytes).map_err(|_| err(format!("a heap of {bytes} bytes")))?;
         // PE numbers must be this group's ranks on every rank before the collective malloc (a
@@ -332,22 +353,19 @@ impl Nvshmem {
                 .and_then(|_| s.synchronize())
                 .map_err(|e| err(format!("zeroing the heap: {e}")))
                 .and_then(|_| (0..g.world()).map(|pe| self.direct_ptr(p, pe)).collect::<Result<Vec<_>>>())
-                .and_then(|bases| {
-                    let far: Vec<usize> = (0..bases.len()).filter(|&pe| bases[pe].is_none()).collect();
-                    if far.is_empty() {
-                        Ok(bases.into_iter().flatten().collect::<Vec<u64>>())
-                    } else {
-                        Err(err(format!(
-                            "rank {} reaches PEs {far:?} only through NVSHMEM's network transport; the low-latency kernels' put path for other nodes is not implemented yet",
-                            g.rank()
-                        )))
-                    }
-                })
+                .and_then(|bases| self.put_ranks(g.rank(), p, &bases))
         };
         // Every rank learns whether every rank succeeded (so none waits for a failed one). A
         // refused allocation stays in NVSHMEM's heap until it is finalised.
-        let peers = all_ok(g, "making its part of the NVSHMEM heap", local)?;
-        g.adopt_heap(Box::new(NvshmemMemory { nv: self.clone(), ptr: p }), p, bytes, &peers)
+        let (peers, put_mask) = all_ok(g, "making its part of the NVSHMEM heap", local)?;
+        g.adopt_heap(Box::new(NvshmemMemory { nv: self.clone(), ptr: p }), p, bytes, &peers, put_mask)
+    }
+
+    /// The peer table and put mask of a heap at `own` given each PE's `nvshmem_ptr` (see
+    /// [`put_table`]).
+    fn put_ranks(&self, rank: usize, own: u64, bases: &[Option<u64>]) -> Result<(Vec<u64>, u32)> {
+        let forced = std::env::var("MOE_EP_NVSHMEM_PUT").is_ok_and(|v| v == "all");
+        put_table(rank, own, bases, forced, || self.has_ll_kernels())
     }
 
     /// A symmetric allocation of `bytes` (`nvshmem_malloc`, collective), zeroed.
@@ -413,6 +431,27 @@ impl Drop for Nvshmem {
     }
 }
 
+/// The peer table and put mask of rank `rank`'s heap at `own`, from each PE's `nvshmem_ptr`
+/// (`bases`): a PE that is not mapped (another node), or with `forced` every other PE, is a put
+/// rank (its entry is `own`, the kernels reach it through NVSHMEM calls); the others keep their
+/// mapped address. Put ranks need the NVSHMEM module's low-latency kernels (`has_module`); at
+/// most 32 ranks (the mask's bits).
+fn put_table(rank: usize, own: u64, bases: &[Option<u64>], forced: bool, has_module: impl FnOnce() -> bool) -> Result<(Vec<u64>, u32)> {
+    let far: Vec<usize> = (0..bases.len()).filter(|&pe| bases[pe].is_none() && pe != rank).collect();
+    let put: Vec<usize> = (0..bases.len()).filter(|&pe| pe != rank && (forced || bases[pe].is_none())).collect();
+    if bases.len() > 32 && !put.is_empty() {
+        return Err(err(format!("{} PEs: a put mask holds 32", bases.len())));
+    }
+    if !put.is_empty() && !has_module() {
+        let why = if far.is_empty() { "MOE_EP_NVSHMEM_PUT=all".to_string() } else { format!("PEs {far:?} are not mapped: another node") };
+        return Err(err(format!(
+            "rank {rank} reaches PEs {put:?} only through NVSHMEM calls ({why}); that needs the NVSHMEM module's low-latency kernels (Nvshmem::init with the image of build-ptx --nvshmem)"
+        )));
+    }
+    let table = (0..bases.len()).map(|pe| if put.contains(&pe) { own } else { bases[pe].unwrap_or(own) }).collect();
+    Ok((table, put.iter().fold(0u32, |m, &pe| m | 1 << pe)))
+}
+
 /// Collective: every rank's outcome of one step, agreed: this rank's own error, else an error
 /// naming the ranks that failed at `what`, else the value.
 fn all_ok<T>(g: &Group, what: &'static str, local: Result<T>) -> Result<T> {
@@ -442,6 +481,10 @@ struct NvshmemMemory {
 }
 
 impl crate::heap::ExternalHeap for NvshmemMemory {
+    fn kernel(&self, k: Kernel) -> Result<(sys::CUfunction, u32)> {
+        self.nv.kernel(k)
+    }
+
     fn free(self: Box<Self>) -> Result<()> {
         // SAFETY: `ptr` came from `nvshmem_malloc` and is freed once, collectively (every rank's
         // `destroy` reaches this after meeting the others; no kernel of any rank uses it).
@@ -514,6 +557,28 @@ fn check(rc: c_int, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn put_ranks_are_the_unmapped_pes_or_every_other_one_when_forced() {
+        let own = 0x1000;
+        let bases = [Some(own), Some(0x2000), None, Some(0x4000), None];
+        let (table, mask) = put_table(0, own, &bases, false, || true).unwrap();
+        assert_eq!(table, vec![own, 0x2000, own, 0x4000, own]);
+        assert_eq!(mask, 0b10100);
+        let (table, mask) = put_table(0, own, &bases, true, || true).unwrap();
+        assert_eq!(table, vec![own; 5]);
+        assert_eq!(mask, 0b11110, "every PE but this rank's own");
+        // All mapped, not forced: no put rank, and no module needed.
+        let mapped = [Some(own), Some(0x2000)];
+        assert_eq!(put_table(0, own, &mapped, false, || panic!("the module was looked for")).unwrap(), (vec![own, 0x2000], 0));
+        // A put rank without the module: an error naming the PEs and the reason.
+        let e = put_table(3, 0x4000, &bases, false, || false).unwrap_err().to_string();
+        assert!(e.contains("rank 3 reaches PEs [2, 4]") && e.contains("another node") && e.contains("build-ptx --nvshmem"), "{e}");
+        let e = put_table(1, 0x2000, &mapped, true, || false).unwrap_err().to_string();
+        assert!(e.contains("PEs [0]") && e.contains("MOE_EP_NVSHMEM_PUT=all"), "{e}");
+        let many = vec![None; 33];
+        assert!(put_table(0, own, &many, false, || true).unwrap_err().to_string().contains("33 PEs"));
+    }
 
     #[test]
     fn host_versions_accepted_from_the_bitcode_on_within_its_major() {

@@ -30,6 +30,8 @@ pub mod nvshmem;
 #[cfg(target_arch = "nvptx64")]
 pub mod ptx;
 #[cfg(target_arch = "nvptx64")]
+pub mod remote;
+#[cfg(target_arch = "nvptx64")]
 pub mod selftest;
 #[cfg(target_arch = "nvptx64")]
 pub mod sync;

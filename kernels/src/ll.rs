@@ -34,15 +34,15 @@ use crate::dev::{
 };
 use crate::fp::fp8_scale;
 use crate::ptx::{
-    abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base, fma_rn_f32,
-    globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32, ld_global_u32,
-    ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32,
-    red_relaxed_sys_global_add_u32, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32,
-    st_global_u64, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+    abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base,
+    fence_acq_rel_sys, fma_rn_f32, globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32,
+    ld_global_u32, ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x,
+    red_relaxed_gpu_global_add_s32, red_relaxed_sys_global_add_u32, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32,
+    st_global_u8, st_global_u32, st_global_u64, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred,
+    vote_sync_ballot_b32,
 };
-use crate::sync::{
-    Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, signal_all_ranks, wait_all_sources, wait_all_sources_reached,
-};
+use crate::remote::Remote;
+use crate::sync::{Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, wait_all_sources, wait_all_sources_reached};
 
 /// Vectors in flight per lane in the BF16 row copies and the combine reduction.
 const UNROLL: usize = 4;
@@ -64,6 +64,7 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
     unsafe { mark(p.trace, trace::START) };
     let (world, rank) = (w.world, w.rank);
     let h = p.half;
+    let remote = Remote::new(p.put_mask);
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
         let me = control(&p.peers, rank);
@@ -74,7 +75,7 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
             if ctaid_x() == 0 && tid_x() < world {
                 // This rank's views of the half's previous dispatch are dead (that kernel and
                 // every earlier one on the stream have ended): peers may write the half.
-                st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*control(&p.peers, tid_x())).ll_free, h, rank), seq);
+                remote.st_relaxed_sys_u32(tid_x(), half_rank_slot(&raw mut (*control(&p.peers, tid_x())).ll_free, h, rank), seq);
             }
             // Each sending lane waits for its destination's flag right before its first store
             // there (overlapping the wait with the loads). A peer that never frees its half is
@@ -82,7 +83,7 @@ pub unsafe extern "ptx-kernel" fn ll_dispatch(p: LlDispatchParams) {
             // instead of reading stale rows.
             if dispatch_send(&p, &w, seq) {
                 mark(p.trace, trace::SENT);
-                signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_dispatch_arrive, h, rank));
+                remote.signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_dispatch_arrive, h, rank));
                 mark(p.trace, trace::SIGNALLED);
             }
         }
@@ -170,6 +171,7 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
     let t0 = core::cmp::min(ctaid_x() * per_block, p.num_tokens);
     let t1 = core::cmp::min(t0 + per_block, p.num_tokens);
     let guard = p.stages & stage::NO_REUSE_GUARD == 0;
+    let remote = Remote::new(p.put_mask);
     // SAFETY: as in `ll_dispatch`; shared memory holds one mask per warp.
     unsafe {
         let mut ok = true;
@@ -179,7 +181,7 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
                 !guard || w.wait_reached(half_rank_slot(&raw mut (*control(&p.peers, rank)).ll_free, p.half, tid), seq, phase::LL_DISPATCH_SEND, tid);
             if ok {
                 let hb = peer_base(&p.peers, tid) + p.half_off;
-                st_global_u32((hb + p.layout.src_ntok + 4 * rank as u64) as *mut u32, p.num_tokens);
+                remote.st_u32(tid, (hb + p.layout.src_ntok + 4 * rank as u64) as *mut u32, p.num_tokens);
             }
         }
         if !bar_red_and_pred_0(ok) {
@@ -190,7 +192,7 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
             let t = base + warp;
             let mut ok = true;
             if t < t1 {
-                let (dmask, routed) = route_token(p, w, t, first + t as u64, num_experts, epr, is64, k, seq, guard);
+                let (dmask, routed) = route_token(p, w, &remote, t, first + t as u64, num_experts, epr, is64, k, seq, guard);
                 ok = routed;
                 if lane == 0 {
                     st_shared_cta_u32(masks + 4 * warp, dmask);
@@ -203,10 +205,17 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
             let count = core::cmp::min(warps, t1 - base);
             let mut i = 0;
             while i < count {
-                stream_tokens(p, base + i, core::cmp::min(SEND_BATCH, count - i), first, masks + 4 * i);
+                stream_tokens(p, &remote, base + i, core::cmp::min(SEND_BATCH, count - i), first, masks + 4 * i);
                 i += SEND_BATCH;
             }
+            if remote.mask() != 0 {
+                // The rows staged in this rank's own slots are complete for the NIC too.
+                fence_acq_rel_sys();
+            }
             bar_sync_0();
+            if remote.mask() != 0 && warp < count {
+                put_token(p, &remote, first + (base + warp) as u64, ld_shared_cta_u32(masks + 4 * warp));
+            }
             base += warps;
         }
         true
@@ -222,6 +231,7 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, seq: u32) -> bool {
 unsafe fn route_token(
     p: &LlDispatchParams,
     w: &Waiter,
+    remote: &Remote,
     t: u32,
     slot: u64,
     num_experts: i64,
@@ -287,14 +297,14 @@ unsafe fn route_token(
         if lane < w.world && ok {
             let hb = peer_base(&p.peers, lane) + p.half_off;
             let r = (hb + p.layout.tok_route + slot * 2 * MAX_TOPK as u64) as *mut [u32; 4];
-            st_global_v4_u32(r, [route[0], route[1], route[2], route[3]]);
-            st_global_v4_u32(r.add(1), [route[4], route[5], route[6], route[7]]);
+            remote.st_v4_u32(lane, r, [route[0], route[1], route[2], route[3]]);
+            remote.st_v4_u32(lane, r.add(1), [route[4], route[5], route[6], route[7]]);
             if hit && p.topk_weights != 0 {
                 let wr = (hb + p.layout.tok_w + slot * 4 * MAX_TOPK as u64) as *mut [u32; 4];
-                st_global_v4_u32(wr, wts(0));
-                st_global_v4_u32(wr.add(1), wts(1));
-                st_global_v4_u32(wr.add(2), wts(2));
-                st_global_v4_u32(wr.add(3), wts(3));
+                remote.st_v4_u32(lane, wr, wts(0));
+                remote.st_v4_u32(lane, wr.add(1), wts(1));
+                remote.st_v4_u32(lane, wr.add(2), wts(2));
+                remote.st_v4_u32(lane, wr.add(3), wts(3));
             }
         }
         (vote_sync_ballot_b32(FULL, hit), !vote_sync_any_pred(FULL, !ok))
@@ -305,7 +315,7 @@ unsafe fn route_token(
 /// token first, then casts and stores them to every rank in the token's mask (`masks`: one u32
 /// per token in shared memory).
 #[inline(always)]
-unsafe fn stream_tokens(p: &LlDispatchParams, t: u32, n: u32, first: u64, masks: u32) {
+unsafe fn stream_tokens(p: &LlDispatchParams, remote: &Remote, t: u32, n: u32, first: u64, masks: u32) {
     let (tid, nt) = (tid_x(), ntid_x());
     let fp8 = p.fp8 != 0;
     let hidden = p.hidden as u64;
@@ -327,6 +337,9 @@ unsafe fn stream_tokens(p: &LlDispatchParams, t: u32, n: u32, first: u64, masks:
             };
             let store = |u: u32, v: [[u32; 4]; 2]| {
                 let mask = if u < n { ld_shared_cta_u32(masks + 4 * u) } else { 0 };
+                // A token for put ranks is stored once, into this rank's own slot (their
+                // peer-table entry is this rank's base), and sent from there by `put_token`.
+                let mask = if mask & remote.mask() != 0 { (mask & !remote.mask()) | 1 << p.wait.rank } else { mask };
                 let slot = first + (t + u) as u64;
                 if fp8 {
                     // Every lane quantizes (the group maximum is a warp shuffle), even with no
@@ -363,6 +376,35 @@ unsafe fn stream_tokens(p: &LlDispatchParams, t: u32, n: u32, first: u64, masks:
             store(0, v0);
             store(1, v1);
             c += nt;
+        }
+    }
+}
+
+/// After a block's tokens are stored (and a barrier): the warp sends token `slot`'s row, and its
+/// FP8 scales, from this rank's own slot to every put rank in `dmask` (the token's ranks).
+///
+/// # Safety
+/// As in `ll_dispatch`; every lane of the warp calls it with the same arguments.
+#[inline(always)]
+unsafe fn put_token(p: &LlDispatchParams, remote: &Remote, slot: u64, dmask: u32) {
+    let hidden = p.hidden as u64;
+    let own = peer_base(&p.peers, p.wait.rank) + p.half_off;
+    let row = own + p.layout.tok_x + slot * 2 * hidden;
+    let groups = hidden / FP8_GROUP as u64;
+    let scales = own + p.layout.tok_scales + slot * groups * 4;
+    let mut m = dmask & remote.mask();
+    while m != 0 {
+        let d = m.trailing_zeros();
+        m &= m - 1;
+        // SAFETY: the row (and scales) lie in this rank's half; the block stored them before
+        // its barrier, with `fence.acq_rel.sys`.
+        unsafe {
+            if p.fp8 != 0 {
+                remote.put_warp(d, row, row, hidden);
+                remote.put_warp(d, scales, scales, groups * 4);
+            } else {
+                remote.put_warp(d, row, row, 2 * hidden);
+            }
         }
     }
 }
@@ -596,6 +638,7 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
     unsafe { mark(p.trace, trace::START) };
     let rank = w.rank;
     let reduced = p.mode == combine_mode::PRE_REDUCED;
+    let remote = Remote::new(p.put_mask);
     // SAFETY: shapes validated by the host; heap offsets from the buffer's layout.
     unsafe {
         let me = control(&p.peers, rank);
@@ -606,7 +649,7 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
             if ctaid_x() == 0 && tid_x() < w.world {
                 // This rank's receive half of the previous combine on this half has ended (it
                 // is earlier on the stream): peers may write the half again.
-                st_relaxed_sys_global_u32(half_rank_slot(&raw mut (*control(&p.peers, tid_x())).ll_combine_free, p.half, rank), seq);
+                remote.st_relaxed_sys_u32(tid_x(), half_rank_slot(&raw mut (*control(&p.peers, tid_x())).ll_combine_free, p.half, rank), seq);
             }
             // Before any store, every destination must have started this combine on the half
             // (its previous receive there has ended). A destination that never does is
@@ -617,12 +660,12 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
                 || w.wait_reached(half_rank_slot(&raw mut (*me).ll_combine_free, p.half, tid_x()), seq, phase::LL_COMBINE_SEND, tid_x());
             if bar_red_and_pred_0(free) {
                 if reduced {
-                    combine_send_reduced(&p, &w);
+                    combine_send_reduced(&p, &w, &remote);
                 } else {
-                    combine_send(&p, &w);
+                    combine_send(&p, &w, &remote);
                 }
                 mark(p.trace, trace::SENT);
-                signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_combine_arrive, p.half, rank));
+                remote.signal_all_ranks(&w, |r| half_rank_slot(&raw mut (*control(&p.peers, r)).ll_combine_arrive, p.half, rank));
                 mark(p.trace, trace::SIGNALLED);
             }
         }
@@ -654,7 +697,7 @@ pub unsafe extern "ptx-kernel" fn ll_combine(p: LlCombineParams) {
 
 /// Per-expert send: every packed row goes to slot `[token][k]` of its home, one warp per
 /// (row, chunk of `CHUNK` vectors).
-unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
+unsafe fn combine_send(p: &LlCombineParams, w: &Waiter, remote: &Remote) {
     let (world, rank) = (w.world, w.rank);
     let (tid, nt) = (tid_x(), ntid_x());
     let warps = nt / 32;
@@ -716,7 +759,21 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
             let off = c as u64 * CHUNK as u64 * 16;
             let n = core::cmp::min(CHUNK, p.hidden / 8 - c * CHUNK);
             let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t * p.slot_k as u64 + kk) * row_bytes + off;
-            warp_copy_to_lane_dests::<UNROLL>(p.y + row * row_bytes + off, n, dst, 1);
+            let src = p.y + row * row_bytes + off;
+            if !remote.put(s) {
+                warp_copy_to_lane_dests::<UNROLL>(src, n, dst, 1);
+            } else if p.y_in_heap != 0 {
+                // The zero-copy input is symmetric memory: sent from where it is (`dst` is this
+                // rank's symmetric address of the slot: rank `s`'s table entry is this rank's).
+                remote.put_warp(s, dst, src, n as u64 * 16);
+            } else {
+                // Staged in this half's zero-copy input at the row's own place, then sent.
+                let staged = peer_base(&p.peers, rank) + p.combine_half_off + p.layout.comb_in + row * row_bytes + off;
+                warp_copy_to_lane_dests::<UNROLL>(src, n, staged, 1);
+                fence_acq_rel_sys();
+                bar_warp_sync(FULL);
+                remote.put_warp(s, dst, staged, n as u64 * 16);
+            }
             unit += total_warps;
         }
     }
@@ -725,7 +782,7 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter) {
 /// Pre-reduced send: for every token this rank received, one warp per (token, chunk) sums
 /// `w_k * y_k` over the token's slots here (f32, slot order, fused multiply-add), rounds to
 /// bf16 and stores the chunk into slot `[token][this rank]` of the home.
-unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
+unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter, remote: &Remote) {
     let (world, rank) = (w.world, w.rank);
     let lane = laneid();
     let warps = ntid_x() / 32;
@@ -758,6 +815,9 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
             if kmask != 0 {
                 let end = core::cmp::min(nvec, (c + 1) * CHUNK);
                 let dst = peer_base(&p.peers, s) + p.combine_half_off + p.layout.comb_x + (t as u64 * p.slot_k as u64 + rank as u64) * row_bytes;
+                // For a put rank the sum is staged in the dispatch half's slot of the token
+                // (`tok_x`, consumed by the dispatch's receive half), then sent.
+                let out = if remote.put(s) { dh + p.layout.tok_x + slot * row_bytes } else { dst };
                 weighted_sum_rows(
                     kmask,
                     wt,
@@ -765,8 +825,14 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter) {
                     ld_global_nc_v4_u32,
                     c * CHUNK,
                     end,
-                    dst,
+                    out,
                 );
+                if remote.put(s) {
+                    fence_acq_rel_sys();
+                    bar_warp_sync(FULL);
+                    let from = 16 * (c * CHUNK) as u64;
+                    remote.put_warp(s, dst + from, out + from, 16 * (end - c * CHUNK) as u64);
+                }
             }
             unit += total_warps;
         }

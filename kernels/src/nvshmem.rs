@@ -12,12 +12,21 @@ const SIGNAL_SET: i32 = 9;
 /// `NVSHMEM_CMP_GE` (`nvshmem_cmp_type`).
 const CMP_GE: i32 = 5;
 
-// NVSHMEM's device API (C symbols of libnvshmem_device_sm_90.bc, NVSHMEM 3.8).
+// NVSHMEM's device API (C symbols of NVSHMEM's device bitcode, `libnvshmem_device.bc` of 3.4.5).
+// The low-latency kernels' put path (`crate::remote`) uses the `pub(crate)` ones.
 unsafe extern "C" {
     fn nvshmemx_putmem_signal_nbi_warp(dest: *mut c_void, src: *const c_void, bytes: usize, sig: *mut u64, signal: u64, sig_op: i32, pe: i32);
     fn nvshmem_signal_wait_until(sig: *mut u64, cmp: i32, value: u64) -> u64;
     fn nvshmemx_putmem_nbi_block(dest: *mut c_void, src: *const c_void, bytes: usize, pe: i32);
-    fn nvshmem_quiet();
+    /// Completes every put and AMO this PE issued before it (the data is in the target's memory).
+    pub(crate) fn nvshmem_quiet();
+    /// Warp-collective non-blocking put of `bytes` from this PE's `src` to `pe`'s copy of `dest`.
+    pub(crate) fn nvshmemx_putmem_nbi_warp(dest: *mut c_void, src: *const c_void, bytes: usize, pe: i32);
+    /// Stores one value into `pe`'s copy of `dest`.
+    pub(crate) fn nvshmem_uint32_p(dest: *mut u32, value: u32, pe: i32);
+    pub(crate) fn nvshmem_uint64_p(dest: *mut u64, value: u64, pe: i32);
+    /// Atomic add on `pe`'s copy of `dest` (no value fetched).
+    pub(crate) fn nvshmem_uint32_atomic_add(dest: *mut u32, value: u32, pe: i32);
 }
 
 /// Round trips of a put with signal: the initiator puts its word and raises the peer's signal

@@ -149,11 +149,16 @@ if [ "$what" = mps ]; then
         echo "=== soak, 4 ranks sharing GPU 0 (MPS): exit $rc"; tail -n 4 "$out/mps-soak.log"; [ "$rc" -eq 0 ] || status=1 ;;
       overhead)
         # Host CPU time per low-latency call through each Python face (the GPU figures it also
-        # prints are of ranks sharing one GPU: not NVLink figures).
+        # prints are of ranks sharing one GPU: not NVLink figures), with each rank's process on
+        # whichever cores the OS picks, then on a physical core of its own (MOE_EP_PIN_CORES=1).
         [ "$installed" = 1 ] || install_wheel
-        MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
-          timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$out/mps-python-overhead.log" 2>&1; rc=$?
-        echo "=== python overhead, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "^rank 0|Error" "$out/mps-python-overhead.log" | head -n 20; [ "$rc" -eq 0 ] || status=1 ;;
+        for pin in 0 1; do
+          log="$out/mps-python-overhead$([ $pin = 1 ] && echo -pinned).log"
+          MOE_EP_PIN_CORES=$pin MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+            timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$log" 2>&1; rc=$?
+          echo "=== python overhead, 2 ranks sharing GPU 0 (MPS), MOE_EP_PIN_CORES=$pin: exit $rc"
+          grep -E "^rank [0-9]|Error" "$log" | grep -v "dropped\|freed" | head -n 40; [ "$rc" -eq 0 ] || status=1
+        done ;;
       bench)
         timeout 300 "$here/bin/moe-ep-bench" p2p ll --quick --shared-gpu --ranks 2 > "$out/mps-bench.log" 2>&1; rc=$?
         echo "=== benchmark smoke run, 2 ranks sharing GPU 0 (MPS): exit $rc"; grep -E "SHARED GPU|round trip" "$out/mps-bench.log" | head -n 6; [ "$rc" -eq 0 ] || status=1 ;;
@@ -217,19 +222,30 @@ if [ "$what" = nvshmem ]; then
   nv_lib=${NVSHMEM_HOST_LIB:-$(python3 -c 'import nvidia.nvshmem, os; print(os.path.join(list(nvidia.nvshmem.__path__)[0], "lib", "libnvshmem_host.so.3"))' 2>/dev/null)}
   if [ -z "$nv_lib" ] || [ ! -e "$nv_lib" ]; then echo "nvshmem: no NVSHMEM host library (pip install nvidia-nvshmem-cu13, or set NVSHMEM_HOST_LIB)"; exit 1; fi
   echo "nvshmem: host library $nv_lib"
+  # Each PE count twice: the low-latency buffer's peers by direct stores (nvshmem_ptr), then
+  # through NVSHMEM calls (MOE_EP_NVSHMEM_PUT=all: the put path a PE on another node takes).
   for n in ${NVSHMEM_PES:-2 3 4}; do
-    NVSHMEM_HOST_LIB=$nv_lib LD_LIBRARY_PATH=$(dirname "$nv_lib"):${LD_LIBRARY_PATH:-} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} \
-      MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') \
-      NVSHMEM_PROBE_ITERS=${NVSHMEM_PROBE_ITERS:-20} NVSHMEM_PROBE_MIB=${NVSHMEM_PROBE_MIB:-16} \
-      timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/nvshmem_probe" "$here/ptx/moe_ep_nvshmem.cubin" > "$out/nvshmem$n-probe.log" 2>&1; rc=$?
-    echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS): exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$out/nvshmem$n-probe.log" | head -n 40; [ "$rc" -eq 0 ] || status=1
+    for put in direct all; do
+      log="$out/nvshmem$n-probe$([ $put = all ] && echo -put).log"
+      NVSHMEM_HOST_LIB=$nv_lib LD_LIBRARY_PATH=$(dirname "$nv_lib"):${LD_LIBRARY_PATH:-} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} \
+        MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') MOE_EP_NVSHMEM_PUT=$put \
+        NVSHMEM_PROBE_ITERS=${NVSHMEM_PROBE_ITERS:-20} NVSHMEM_PROBE_MIB=${NVSHMEM_PROBE_MIB:-16} \
+        timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/nvshmem_probe" "$here/ptx/moe_ep_nvshmem.cubin" > "$log" 2>&1; rc=$?
+      echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS), MOE_EP_NVSHMEM_PUT=$put: exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$log" | head -n 40; [ "$rc" -eq 0 ] || status=1
+    done
   done
-  # The Python package's test with its low-latency buffer in NVSHMEM's memory.
+  # The Python package's test with its low-latency buffer in NVSHMEM's memory (NVSHMEM_PY_PES=""
+  # skips it).
   install_wheel
-  for n in ${NVSHMEM_PY_PES:-2 4}; do
-    MOE_EP_LL_TRANSPORT=nvshmem NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
-      timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$out/nvshmem$n-python.log" 2>&1; rc=$?
-    echo "=== python test_gpu.py, low-latency buffer on NVSHMEM, $n ranks sharing GPU 0 (no MPS): exit $rc"; grep -E "^rank|Error|assert" "$out/nvshmem$n-python.log" | head -n 20; [ "$rc" -eq 0 ] || status=1
+  # Again each rank count twice: direct stores, then NVSHMEM calls through the bound module.
+  for n in ${NVSHMEM_PY_PES-2 4}; do
+    for put in direct all; do
+      log="$out/nvshmem$n-python$([ $put = all ] && echo -put).log"
+      MOE_EP_LL_TRANSPORT=nvshmem MOE_EP_NVSHMEM_MODULE="$here/ptx/moe_ep_nvshmem.cubin" MOE_EP_NVSHMEM_PUT=$put \
+        NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+        timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$log" 2>&1; rc=$?
+      echo "=== python test_gpu.py, low-latency buffer on NVSHMEM, $n ranks sharing GPU 0 (no MPS), MOE_EP_NVSHMEM_PUT=$put: exit $rc"; grep -E "^rank|Error|assert" "$log" | head -n 20; [ "$rc" -eq 0 ] || status=1
+    done
   done
 fi
 if [ "$what" = soak ]; then

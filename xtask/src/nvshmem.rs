@@ -21,7 +21,7 @@ const BITCODE: &str = "nvidia/nvshmem/lib/libnvshmem_device.bc";
 /// fetches it again.
 const CACHED: &str = "libnvshmem_device-3.4.5.bc";
 /// The kernels the module keeps.
-const KERNELS: &[&str] = &["nvshmem_ping_pong", "nvshmem_put_bw"];
+const KERNELS: &[&str] = &["nvshmem_ping_pong", "nvshmem_put_bw", "ll_dispatch", "ll_combine"];
 /// NVSHMEM's device globals that `nvshmemx_cumodule_init` finds by name in a module and fills
 /// (or, for the version, checks against the host library): kept visible.
 const STATE_GLOBALS: &[&str] =

@@ -170,6 +170,10 @@ pub struct LlDispatchParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
+    /// Ranks reached through NVSHMEM calls (bit `d`: rank `d`; its peer-table entry is this
+    /// rank's own base). Only the NVSHMEM module reads it; 0 for the default module.
+    pub put_mask: u32,
+    pub _pad: u32,
     /// Testing: `u64 [blocks][trace::MARKS]` GPU timestamps ([`trace`]), or 0.
     pub trace: u64,
 }
@@ -222,6 +226,11 @@ pub struct LlCombineParams {
     pub slot_k: u32,
     /// One of [`combine_mode`].
     pub mode: u32,
+    /// Ranks reached through NVSHMEM calls, as [`LlDispatchParams::put_mask`].
+    pub put_mask: u32,
+    /// 1 when `y` lies in this rank's symmetric heap (the zero-copy input): rows for put ranks
+    /// are sent from there. 0: they are staged in this half's `comb_in` first.
+    pub y_in_heap: u32,
     pub _pad: u32,
     /// Testing: `u64 [blocks][trace::MARKS]` GPU timestamps ([`trace`]), or 0.
     pub trace: u64,

@@ -1,0 +1,167 @@
+//! Writes into another rank's memory: the one seam between the low-latency kernels and their
+//! transport.
+//!
+//! A rank is reached directly (its heap base in the peer table; plain stores over NVLink, or on
+//! one GPU) unless its bit is set in the launch's put mask. Then, in the NVSHMEM module
+//! (feature `nvshmem`), each write is an NVSHMEM call at this rank's own symmetric address with
+//! that rank as the PE: the host sets such a rank's peer-table entry to this rank's own heap
+//! base, so the kernels' address arithmetic yields the symmetric address unchanged.
+//!
+//! Rows travel by staging: the kernel stores a row into this rank's own copy of its
+//! destination's place (or another staging place of its own heap), then [`Remote::put_warp`]
+//! sends it from there (NVSHMEM reads a put's source from symmetric memory, which a NIC can
+//! reach). Small values (flags, routing rows) go as single-value puts; arrival counters as
+//! NVSHMEM atomics, after [`Remote::signal_all_ranks`] has completed the block's puts.
+//!
+//! In the default module the mask is always 0 (`Remote::new` ignores it there, and the host
+//! refuses a put mask for that module), so every branch below folds to the direct store.
+
+#[cfg(feature = "nvshmem")]
+use crate::nvshmem as nv;
+use crate::ptx::{bar_sync_0, fence_acq_rel_sys, red_relaxed_sys_global_add_u32, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, tid_x};
+use crate::sync::Waiter;
+
+/// Which ranks a launch reaches through NVSHMEM calls (bit `d` = rank `d`).
+#[derive(Clone, Copy)]
+pub struct Remote {
+    mask: u32,
+}
+
+// Outside the NVSHMEM module the rank arguments only select the put branch, which is compiled out.
+#[cfg_attr(not(feature = "nvshmem"), allow(unused_variables))]
+impl Remote {
+    /// The put mask of a launch (always empty outside the NVSHMEM module).
+    #[inline(always)]
+    pub fn new(put_mask: u32) -> Self {
+        Remote { mask: if cfg!(feature = "nvshmem") { put_mask } else { 0 } }
+    }
+
+    /// Whether rank `d` is reached by NVSHMEM calls.
+    #[inline(always)]
+    pub fn put(&self, d: u32) -> bool {
+        d < 32 && (self.mask >> d) & 1 != 0
+    }
+
+    /// The ranks reached by NVSHMEM calls.
+    #[inline(always)]
+    pub fn mask(&self) -> u32 {
+        self.mask
+    }
+
+    /// A flag: `st.relaxed.sys` into rank `d`'s memory, or a single-value put.
+    ///
+    /// # Safety
+    /// `a` must be a `u32` of rank `d`'s heap as the peer table maps it (this rank's own
+    /// symmetric address of it for a put rank).
+    #[inline(always)]
+    pub unsafe fn st_relaxed_sys_u32(&self, d: u32, a: *mut u32, v: u32) {
+        #[cfg(feature = "nvshmem")]
+        if self.put(d) {
+            // SAFETY: `a` is a symmetric address of this rank (the caller's contract).
+            unsafe { nv::nvshmem_uint32_p(a, v, d as i32) };
+            return;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { st_relaxed_sys_global_u32(a, v) }
+    }
+
+    /// A word of payload: `st.global` into rank `d`'s memory, or a single-value put.
+    ///
+    /// # Safety
+    /// As [`Remote::st_relaxed_sys_u32`].
+    #[inline(always)]
+    pub unsafe fn st_u32(&self, d: u32, a: *mut u32, v: u32) {
+        #[cfg(feature = "nvshmem")]
+        if self.put(d) {
+            // SAFETY: as above.
+            unsafe { nv::nvshmem_uint32_p(a, v, d as i32) };
+            return;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { st_global_u32(a, v) }
+    }
+
+    /// 16 bytes of payload: `st.global.v4.u32` into rank `d`'s memory, or two 8-byte puts.
+    ///
+    /// # Safety
+    /// As [`Remote::st_relaxed_sys_u32`], for 16 bytes aligned to 16.
+    #[inline(always)]
+    pub unsafe fn st_v4_u32(&self, d: u32, a: *mut [u32; 4], v: [u32; 4]) {
+        #[cfg(feature = "nvshmem")]
+        if self.put(d) {
+            let w = a.cast::<u64>();
+            // SAFETY: as above; both words lie in the 16 bytes at `a`.
+            unsafe {
+                nv::nvshmem_uint64_p(w, v[0] as u64 | (v[1] as u64) << 32, d as i32);
+                nv::nvshmem_uint64_p(w.add(1), v[2] as u64 | (v[3] as u64) << 32, d as i32);
+            }
+            return;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { st_global_v4_u32(a, v) }
+    }
+
+    /// A signal: `red.relaxed.sys.add` on rank `d`'s counter, or an NVSHMEM atomic add.
+    ///
+    /// # Safety
+    /// As [`Remote::st_relaxed_sys_u32`].
+    #[inline(always)]
+    pub unsafe fn red_add_u32(&self, d: u32, a: *mut u32, v: u32) {
+        #[cfg(feature = "nvshmem")]
+        if self.put(d) {
+            // SAFETY: as above.
+            unsafe { nv::nvshmem_uint32_atomic_add(a, v, d as i32) };
+            return;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { red_relaxed_sys_global_add_u32(a, v) }
+    }
+
+    /// Warp-collective (every lane, same arguments): sends `bytes` at this rank's symmetric
+    /// address `src`, already written (by this warp, or by the block before a barrier), to
+    /// `dst` (this rank's symmetric address of the destination) on rank `d`. Nothing for a
+    /// rank reached directly.
+    ///
+    /// # Safety
+    /// `src..src + bytes` and `dst..dst + bytes` must lie in this rank's symmetric heap; the
+    /// writes of the data must be ordered before the call (this warp's own, or the block's with
+    /// a barrier, and `fence.acq_rel.sys`, since a NIC reads the source).
+    #[inline(always)]
+    pub unsafe fn put_warp(&self, d: u32, dst: u64, src: u64, bytes: u64) {
+        #[cfg(feature = "nvshmem")]
+        if self.put(d) {
+            // SAFETY: the caller's contract; NVSHMEM reads `bytes` at `src` here and writes
+            // them at `dst` on PE `d`.
+            unsafe { nv::nvshmemx_putmem_nbi_warp(dst as *mut core::ffi::c_void, src as *const core::ffi::c_void, bytes as usize, d as i32) };
+        }
+    }
+
+    /// Every thread of the block: completes the block's NVSHMEM writes (`nvshmem_quiet`, per
+    /// thread), then, as [`crate::sync::signal_all_ranks`], thread 0 fences and adds 1 to
+    /// `counter(r)` on every rank, with an NVSHMEM atomic for a put rank. With no put rank it is
+    /// `signal_all_ranks` itself.
+    ///
+    /// # Safety
+    /// `counter(r)` must give a valid u32 of rank `r`'s heap as the peer table maps it; all
+    /// threads of the block must call it.
+    #[inline(always)]
+    pub unsafe fn signal_all_ranks(&self, w: &Waiter, counter: impl Fn(u32) -> *mut u32) {
+        if self.mask == 0 {
+            // SAFETY: the caller's contract.
+            return unsafe { crate::sync::signal_all_ranks(w, counter) };
+        }
+        #[cfg(feature = "nvshmem")]
+        // SAFETY: completes this thread's puts; no memory is named.
+        unsafe {
+            nv::nvshmem_quiet()
+        };
+        bar_sync_0();
+        if tid_x() == 0 {
+            fence_acq_rel_sys();
+            for r in 0..w.world {
+                // SAFETY: the caller's contract.
+                unsafe { self.red_add_u32(r, counter(r), 1) };
+            }
+        }
+    }
+}
