@@ -503,6 +503,14 @@ impl PyLowLatency {
         self.g.world()
     }
 
+    /// Ranks this buffer's kernels reach through NVSHMEM calls (bit `r`: rank `r`): those
+    /// NVSHMEM does not map, or every other rank with `MOE_EP_NVSHMEM_PUT=all`; 0 on moe-ep's own
+    /// heap, or where every rank is reached by direct stores.
+    #[getter]
+    fn put_mask(&self) -> PyResult<u32> {
+        Ok(self.buf()?.put_mask())
+    }
+
     /// CPU microseconds the last `dispatch`, `deep_ep_dispatch` or `combine` spent in the
     /// extension's function, from its first line to its last (the rest of the extension's share
     /// is the Python-C boundary: argument parsing, the result object).

@@ -15,6 +15,7 @@ Against a torch reference built from every rank's inputs (all-gathered):
 """
 
 import gc
+import os
 import torch
 import torch.distributed as dist
 
@@ -60,6 +61,14 @@ def main():
     nv = moe_ep.nvshmem_status()
     assert (nv is not None) == (transport == "nvshmem"), (transport, nv)
     where = f", low-latency buffer in NVSHMEM {nv[0]}.{nv[1]}.{nv[2]}'s memory (init status {nv[3]})" if nv else ""
+    put_mask = buf._ll.put_mask
+    if os.environ.get("MOE_EP_NVSHMEM_PUT") == "all" and transport == "nvshmem":
+        # Every other rank through NVSHMEM calls (the put path of the NVSHMEM module).
+        assert put_mask == ((1 << world) - 1) & ~(1 << rank), (put_mask, rank, world)
+    else:
+        assert put_mask == 0, put_mask
+    if nv:
+        where += f", other ranks reached {'through NVSHMEM calls (put mask ' + hex(put_mask) + ')' if put_mask else 'by direct stores'}"
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}{where}")
 
     def check_received(recv_x, count, handle, use_fp8, what, inputs=None):
