@@ -34,6 +34,10 @@ one physical core of its own (its hardware threads, from ``/sys``), chosen by lo
 skipping core 0: the ranks' processes and their helper threads then do not share a core. Each
 rank prints where it runs.
 
+With ``MOE_EP_OVERHEAD_STAGGER_US=N`` rank ``r`` waits ``r * N`` microseconds (spinning)
+before each step's barrier, so the ranks' timed calls do not reach the CUDA driver (and, under
+MPS, its server) at the same moment.
+
 The Rust benchmark (``moe-ep-bench ll``) prints the Rust API's host time per call too.
 """
 
@@ -130,6 +134,9 @@ def main():
             ll,
         )
 
+    stagger = float(os.environ.get("MOE_EP_OVERHEAD_STAGGER_US", "0")) * rank / 1e6
+    if rank == 0 and float(os.environ.get("MOE_EP_OVERHEAD_STAGGER_US", "0")) > 0:
+        print(f"rank 0: every rank r waits r * {os.environ['MOE_EP_OVERHEAD_STAGGER_US']} us before each step's barrier", flush=True)
     samples = {}
     # The last pass: DeepEP's face again, with the extension's stage marks on (its figures are
     # kept apart from the others).
@@ -146,6 +153,10 @@ def main():
             h = None
             for op in ("dispatch", "combine"):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if stagger:
+                    until = time.perf_counter() + stagger
+                    while time.perf_counter() < until:
+                        pass
                 group.launch_barrier(torch.cuda.current_stream().cuda_stream)
                 a.record()
                 t0 = time.perf_counter()
