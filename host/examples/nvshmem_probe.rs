@@ -156,7 +156,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Low-latency calls on a buffer in NVSHMEM's memory and on one in the IPC heap, with the same
 /// inputs, each checked: on the NVSHMEM buffer every send path of the kernels runs (with
-/// `MOE_EP_NVSHMEM_PUT=all`, the put path: NVSHMEM calls to every other PE).
+/// `MOE_EP_NVSHMEM_PUT=all`, the put path: NVSHMEM calls to every other PE, which the put mask
+/// must then show).
 /// 1. BF16 dispatch: every received row against the inputs; per-expert combine of the received
 ///    rows where they lie (in the heap: sent from there) against the CPU reference;
 /// 2. BF16 dispatch, per-expert combine of a copy outside the heap (staged before it is sent);
@@ -164,47 +165,21 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// 4. FP8 dispatch (rows and scales);
 /// 5. both in hook mode (the receive halves launched apart).
 ///
-/// Identity experts: the combine's input is the received rows. The two buffers' received rows
-/// (with their scales, each expert's rows ordered by source and token: the receive half places
-/// them in arrival order), counts and combined rows must be equal byte for byte.
+/// Each step has inputs of its own (so a write that never lands cannot pass on the previous
+/// step's rows). Identity experts: the combine's input is the received rows. The two buffers'
+/// received rows (with their scales, each expert's rows ordered by source and token: the receive
+/// half places them in arrival order), counts and combined rows must be equal byte for byte.
 fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn std::error::Error>> {
     let (me, world, name) = (g.rank(), g.world(), g.device_name().to_string());
     let (hd, k, t, e) = (1024, 4, 32, 8 * world);
     let epr = e / world;
     let s = g.stream().clone();
-    // Every rank's inputs, from its own seed: each rank makes them all for the reference.
-    let inputs: Vec<(Vec<u16>, Vec<i64>, Vec<f32>)> = (0..world)
-        .map(|r| {
-            let mut rng = Rng::new(0x5eed ^ ((r as u64) << 8));
-            let (idx, w) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.1);
-            (gen_bf16(&mut rng, t * hd, 1.0), idx, w)
-        })
-        .collect();
-    let (x_h, idx_h, w_h) = &inputs[me];
-    let x = s.clone_htod(bytemuck::cast_slice::<u16, bf16>(x_h))?;
-    let idx = s.clone_htod(idx_h)?;
-    let w = s.clone_htod(w_h)?;
-    // What this rank must receive: per local expert, (source, token) -> row.
-    let mut want: Vec<std::collections::BTreeMap<(usize, usize), &[u16]>> = vec![Default::default(); epr];
-    for (src, (xs, is, _)) in inputs.iter().enumerate() {
-        for tok in 0..t {
-            for &ex in &is[tok * k..(tok + 1) * k] {
-                if ex >= 0 && ex as usize / epr == me {
-                    want[ex as usize % epr].insert((src, tok), &xs[tok * hd..(tok + 1) * hd]);
-                }
-            }
-        }
-    }
-    let mut lw = LlWorld { num_experts: e, hidden: hd, k, x: vec![vec![]; world], topk_idx: vec![vec![]; world], topk_weights: vec![vec![]; world] };
-    lw.x[me] = x_h.clone();
-    lw.topk_idx[me] = idx_h.clone();
-    lw.topk_weights[me] = w_h.clone();
-    let identity = |tok: usize, _| x_h[tok * hd..(tok + 1) * hd].to_vec();
-    let want_out = lw.combine(me, &identity);
-    let want_reduced = lw.combine_pre_reduced(me, &identity);
+    let cases = (1..=5).map(|step| Case::new(&s, me, world, (hd, k, t, e), step)).collect::<Result<Vec<_>, _>>()?;
     let cfg = LlConfig::new(e, hd, k, t);
     let poisoned = || s.clone_htod(&vec![bf16::from_bits(0xFFFF); t * hd]);
-    let bf16_args = |hook| DispatchArgs { topk_weights: Some(&w), payload: Payload::Bf16, hook, ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) };
+    fn bf16_args(c: &Case, hook: bool) -> DispatchArgs<'_> {
+        DispatchArgs { topk_weights: Some(&c.w), payload: Payload::Bf16, hook, ..DispatchArgs::fp8(&c.x, TopkIdx::I64(&c.idx)) }
+    }
     let check_out = |label: &str, step: &str, out: &cudarc::driver::CudaSlice<bf16>, want: &[u16]| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
         let got: Vec<u16> = bytemuck::cast_slice(&s.clone_dtoh(out)?).to_vec();
         let bad = got.iter().zip(want).filter(|(a, b)| a != b).count();
@@ -213,19 +188,48 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
         }
         Ok(bytemuck::cast_slice(&got).to_vec())
     };
+    // Every local expert's received BF16 rows (sets by source and token) and counts against
+    // the case's inputs; returns the rows by source.
+    let check_rows = |label: &str, step: &str, c: &Case, count: &[i32], meta: &[u32], rows: &[u16]| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let per = rows.len() / epr / hd;
+        for ex in 0..epr {
+            let n = count[ex] as usize;
+            if n != c.want[ex].len() {
+                return Err(format!("rank {me} ({label}, {step}): local expert {ex} received {n} rows, expected {}", c.want[ex].len()).into());
+            }
+            for slot in 0..n {
+                let m = meta[ex * per + slot];
+                let key = ((m >> 24) as usize, (m & 0xffff) as usize);
+                let row = &rows[(ex * per + slot) * hd..(ex * per + slot + 1) * hd];
+                if c.want[ex].get(&key).map(Vec::as_slice) != Some(row) {
+                    return Err(format!(
+                        "rank {me} ({label}, {step}): local expert {ex} slot {slot}: row from {key:?} differs or was not routed here"
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(by_source(count, meta, per, bytemuck::cast_slice(rows), 2 * hd, &[], 0))
+    };
+    let forced = std::env::var("MOE_EP_NVSHMEM_PUT").is_ok_and(|v| v == "all");
     let mut evidence: Vec<Vec<(&str, Vec<u8>)>> = Vec::new();
     let mut put_masks = Vec::new();
     for (label, mut buf) in [("NVSHMEM", LlBuffer::with_nvshmem(g, nv, cfg)?), ("IPC", LlBuffer::new(g, cfg)?)] {
+        let want_mask = if forced && label == "NVSHMEM" { ((1u32 << world) - 1) & !(1 << me) } else { 0 };
+        if buf.put_mask() != want_mask {
+            return Err(format!("rank {me} ({label}): put mask {:#x}, expected {want_mask:#x}", buf.put_mask()).into());
+        }
         put_masks.push(buf.put_mask());
         let mut ev: Vec<(&str, Vec<u8>)> = Vec::new();
         // 1. received rows checked, combined from where they lie.
-        let (h, _) = buf.dispatch(&s, &bf16_args(false))?;
+        let c = &cases[0];
+        let (h, _) = buf.dispatch(&s, &bf16_args(c, false))?;
         let rows = buf.recv_x_bf16(&h)?;
         let out = poisoned()?;
         let cargs = CombineArgs {
             x: CombineInput::Tensor(&rows),
-            topk_idx: TopkIdx::I64(&idx),
-            topk_weights: Some(&w),
+            topk_idx: TopkIdx::I64(&c.idx),
+            topk_weights: Some(&c.w),
             out: &out,
             mode: CombineMode::PerExpert,
             hook: false,
@@ -235,67 +239,51 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
         let count = buf.recv_count(&h)?.to_vec(&s)?;
         let meta = buf.recv_src_info(&h)?.to_vec(&s)?;
         let got_rows: Vec<u16> = bytemuck::cast_slice(&rows.to_vec(&s)?).to_vec();
-        let per = got_rows.len() / epr / hd;
-        for ex in 0..epr {
-            let c = count[ex] as usize;
-            if c != want[ex].len() {
-                return Err(format!("rank {me} ({label}): local expert {ex} received {c} rows, expected {}", want[ex].len()).into());
-            }
-            for slot in 0..c {
-                let m = meta[ex * per + slot];
-                let key = ((m >> 24) as usize, (m & 0xffff) as usize);
-                let row = &got_rows[(ex * per + slot) * hd..(ex * per + slot + 1) * hd];
-                if want[ex].get(&key) != Some(&row) {
-                    return Err(format!("rank {me} ({label}): local expert {ex} slot {slot}: row from {key:?} differs or was not routed here").into());
-                }
-            }
-        }
         ev.push(("BF16 counts", bytemuck::cast_slice(&count).to_vec()));
-        let bf16_rows = by_source(&count, &meta, per, bytemuck::cast_slice(&got_rows), 2 * hd, &[], 0);
-        ev.push(("BF16 rows by source", bf16_rows.clone()));
-        ev.push(("per-expert combine of the received rows", check_out(label, "per-expert combine of the received rows", &out, &want_out)?));
+        ev.push(("BF16 rows by source", check_rows(label, "BF16 dispatch", c, &count, &meta, &got_rows)?));
+        ev.push(("per-expert combine of the received rows", check_out(label, "per-expert combine of the received rows", &out, &c.want_out)?));
         // 2. and 3. combines of rows outside the heap: each dispatch's received rows copied out
         // (rows land in arrival order, so every dispatch's copy is its own).
-        for mode in [CombineMode::PerExpert, CombineMode::PreReduced] {
+        for (c, mode) in [(&cases[1], CombineMode::PerExpert), (&cases[2], CombineMode::PreReduced)] {
             let (step, want) = match mode {
-                CombineMode::PerExpert => ("per-expert combine of a copy outside the heap", &want_out),
-                CombineMode::PreReduced => ("pre-reduced combine of a copy outside the heap", &want_reduced),
+                CombineMode::PerExpert => ("per-expert combine of a copy outside the heap", &c.want_out),
+                CombineMode::PreReduced => ("pre-reduced combine of a copy outside the heap", &c.want_reduced),
             };
-            let (h, _) = buf.dispatch(&s, &bf16_args(false))?;
+            let (h, _) = buf.dispatch(&s, &bf16_args(c, false))?;
             let y = s.clone_htod(&buf.recv_x_bf16(&h)?.to_vec(&s)?)?;
             let out = poisoned()?;
             // A pre-reduced combine takes the weights its dispatch carried.
             let weights: Option<&dyn moe_ep::DeviceArg<f32>> = match mode {
-                CombineMode::PerExpert => Some(&w),
+                CombineMode::PerExpert => Some(&c.w),
                 CombineMode::PreReduced => None,
             };
-            let a = CombineArgs { x: CombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&idx), topk_weights: weights, out: &out, mode, hook: false };
+            let a = CombineArgs { x: CombineInput::Tensor(&y), topk_idx: TopkIdx::I64(&c.idx), topk_weights: weights, out: &out, mode, hook: false };
             buf.combine(&s, &h, &a)?;
             buf.check()?;
             ev.push((step, check_out(label, step, &out, want)?));
         }
         // 4. FP8 rows and scales (compared with the other buffer's below).
-        let (h, _) = buf.dispatch(&s, &DispatchArgs { topk_weights: Some(&w), ..DispatchArgs::fp8(&x, TopkIdx::I64(&idx)) })?;
+        let c = &cases[3];
+        let (h, _) = buf.dispatch(&s, &DispatchArgs { topk_weights: Some(&c.w), ..DispatchArgs::fp8(&c.x, TopkIdx::I64(&c.idx)) })?;
         buf.check()?;
         let (c8, m8) = (buf.recv_count(&h)?.to_vec(&s)?, buf.recv_src_info(&h)?.to_vec(&s)?);
         let (r8, s8) = (buf.recv_x_fp8(&h)?.to_vec(&s)?, buf.recv_scales(&h)?.to_vec(&s)?);
+        let per = r8.len() / epr / hd;
         ev.push(("FP8 counts", bytemuck::cast_slice(&c8).to_vec()));
         ev.push(("FP8 rows and scales by source", by_source(&c8, &m8, per, &r8, hd, bytemuck::cast_slice(&s8), 4 * (hd / 128))));
         // 5. hook mode: the send halves, then the receive halves.
-        let (mut h, _) = buf.dispatch(&s, &bf16_args(true))?;
+        let c = &cases[4];
+        let (mut h, _) = buf.dispatch(&s, &bf16_args(c, true))?;
         buf.dispatch_recv(&s, &mut h, None)?;
         let (ch, mh) = (buf.recv_count(&h)?.to_vec(&s)?, buf.recv_src_info(&h)?.to_vec(&s)?);
-        let hook_rows_bf16 = buf.recv_x_bf16(&h)?.to_vec(&s)?;
-        let hook_rows: Vec<u8> = bytemuck::cast_slice(&hook_rows_bf16).to_vec();
-        if ch != count || by_source(&ch, &mh, per, &hook_rows, 2 * hd, &[], 0) != bf16_rows {
-            return Err(format!("rank {me} ({label}): the hook-mode dispatch received other rows than the plain one").into());
-        }
-        let y = s.clone_htod(&hook_rows_bf16)?;
+        let hook_rows = buf.recv_x_bf16(&h)?.to_vec(&s)?;
+        ev.push(("hook-mode rows by source", check_rows(label, "hook-mode dispatch", c, &ch, &mh, bytemuck::cast_slice(&hook_rows))?));
+        let y = s.clone_htod(&hook_rows)?;
         let out = poisoned()?;
         let a = CombineArgs {
             x: CombineInput::Tensor(&y),
-            topk_idx: TopkIdx::I64(&idx),
-            topk_weights: Some(&w),
+            topk_idx: TopkIdx::I64(&c.idx),
+            topk_weights: Some(&c.w),
             out: &out,
             mode: CombineMode::PerExpert,
             hook: true,
@@ -304,7 +292,7 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
         let mut pending = pending.ok_or("a hook-mode combine returned no pending receive half")?;
         buf.combine_recv(&s, &mut pending)?;
         buf.check()?;
-        ev.push(("hook-mode per-expert combine", check_out(label, "hook-mode per-expert combine", &out, &want_out)?));
+        ev.push(("hook-mode per-expert combine", check_out(label, "hook-mode per-expert combine", &out, &c.want_out)?));
         buf.destroy()?;
         evidence.push(ev);
     }
@@ -315,13 +303,70 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
         }
     }
     println!(
-        "rank {me} of {world} ({name}): low-latency calls on NVSHMEM's symmetric memory (put mask {:#x}: {}) and on the IPC heap: every received row ({} rows), both combines of rows in and outside the heap, FP8 rows and scales and hook mode match the inputs and the CPU reference, and each other byte for byte ({})",
+        "rank {me} of {world} ({name}): low-latency calls on NVSHMEM's symmetric memory (put mask {:#x}: {}) and on the IPC heap: every received row ({} rows in step 1), both combines of rows in and outside the heap, FP8 rows and scales and hook mode match the inputs and the CPU reference, and each other byte for byte ({})",
         put_masks[0],
         if put_masks[0] == 0 { "every PE by direct stores" } else { "NVSHMEM calls to the PEs of the mask" },
-        want.iter().map(|m| m.len()).sum::<usize>(),
+        cases[0].want.iter().map(|m| m.len()).sum::<usize>(),
         evidence[0].iter().map(|(w, b)| format!("{w}: {} B", b.len())).collect::<Vec<_>>().join(", ")
     );
     Ok(())
+}
+
+/// One step's inputs (every rank's, from a seed of the rank and the step) and what this rank
+/// must get from them.
+struct Case {
+    x: cudarc::driver::CudaSlice<bf16>,
+    idx: cudarc::driver::CudaSlice<i64>,
+    w: cudarc::driver::CudaSlice<f32>,
+    /// Per local expert: (source, token) -> the row it must receive.
+    want: Vec<std::collections::BTreeMap<(usize, usize), Vec<u16>>>,
+    /// The per-expert and pre-reduced combines of identity experts.
+    want_out: Vec<u16>,
+    want_reduced: Vec<u16>,
+}
+
+impl Case {
+    fn new(
+        s: &Arc<cudarc::driver::CudaStream>,
+        me: usize,
+        world: usize,
+        (hd, k, t, e): (usize, usize, usize, usize),
+        step: u64,
+    ) -> Result<Case, Box<dyn std::error::Error>> {
+        let epr = e / world;
+        let inputs: Vec<(Vec<u16>, Vec<i64>, Vec<f32>)> = (0..world)
+            .map(|r| {
+                let mut rng = Rng::new(0x5eed ^ ((r as u64) << 8) ^ (step << 32));
+                let (idx, w) = gen_routing(&mut rng, t, k, e, world, Routing::Scores, 0.1);
+                (gen_bf16(&mut rng, t * hd, 1.0), idx, w)
+            })
+            .collect();
+        let mut want: Vec<std::collections::BTreeMap<(usize, usize), Vec<u16>>> = vec![Default::default(); epr];
+        for (src, (xs, is, _)) in inputs.iter().enumerate() {
+            for tok in 0..t {
+                for &ex in &is[tok * k..(tok + 1) * k] {
+                    if ex >= 0 && ex as usize / epr == me {
+                        want[ex as usize % epr].insert((src, tok), xs[tok * hd..(tok + 1) * hd].to_vec());
+                    }
+                }
+            }
+        }
+        let (x_h, idx_h, w_h) = &inputs[me];
+        let mut lw =
+            LlWorld { num_experts: e, hidden: hd, k, x: vec![vec![]; world], topk_idx: vec![vec![]; world], topk_weights: vec![vec![]; world] };
+        lw.x[me] = x_h.clone();
+        lw.topk_idx[me] = idx_h.clone();
+        lw.topk_weights[me] = w_h.clone();
+        let identity = |tok: usize, _| x_h[tok * hd..(tok + 1) * hd].to_vec();
+        Ok(Case {
+            x: s.clone_htod(bytemuck::cast_slice::<u16, bf16>(x_h))?,
+            idx: s.clone_htod(idx_h)?,
+            w: s.clone_htod(w_h)?,
+            want,
+            want_out: lw.combine(me, &identity),
+            want_reduced: lw.combine_pre_reduced(me, &identity),
+        })
+    }
 }
 
 /// Each local expert's received rows (`row` bytes each, and `scale` bytes of scales each, from

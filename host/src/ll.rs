@@ -333,8 +333,10 @@ impl LlBuffer {
 
     /// Collective, as [`LlBuffer::new`], with the buffer's memory from NVSHMEM's symmetric heap
     /// (`nvshmem_malloc`) instead of moe-ep's own IPC heap: the same kernels and layout, each
-    /// peer reached at the address `nvshmem_ptr` gives (every PE must be reachable so: one
-    /// node; the put path for PEs of other nodes is not implemented yet). `destroy` frees the
+    /// peer reached at the address `nvshmem_ptr` gives, or, for a PE it does not map (or every
+    /// other PE with `MOE_EP_NVSHMEM_PUT=all`), through NVSHMEM calls by the kernels of the
+    /// module `nv` bound ([`LlBuffer::put_mask`]; without that module such a PE is an error on
+    /// every rank). [`LlBuffer::poison`] is refused on a buffer with such PEs. `destroy` frees the
     /// memory with `nvshmem_free`; a buffer dropped without it leaves its memory in NVSHMEM's
     /// heap until NVSHMEM is finalised. The buffer holds `nv` until it is destroyed or dropped.
     #[cfg(feature = "nvshmem")]
@@ -890,6 +892,17 @@ impl LlBuffer {
     /// fill. Counters are left alone. Every rank calls it at the same point between calls.
     /// Every handle of an earlier dispatch is stale from then on (its metadata is overwritten).
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
+        // Its barrier meets the peers through the heap's peer table by direct stores, which
+        // cannot reach a put rank (its entry is this rank's own base).
+        if self.heap.put_mask() != 0 {
+            return Err(Error::invalid(
+                "poison",
+                format!(
+                    "this buffer reaches ranks {:#x} (a mask) through NVSHMEM calls, and poison's barrier cannot: not supported there",
+                    self.heap.put_mask()
+                ),
+            ));
+        }
         // A pending receive half reads the metadata the fill overwrites, and a poisoned handle
         // could then never be received or recovered: finish or recover the hooks first.
         if self.pending_dispatch.iter().any(Option::is_some) || self.pending_combine.get().iter().any(Option::is_some) {

@@ -37,9 +37,8 @@ use crate::ptx::{
     abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base,
     fence_acq_rel_sys, fma_rn_f32, globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32,
     ld_global_u32, ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x,
-    red_relaxed_gpu_global_add_s32, red_relaxed_sys_global_add_u32, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32,
-    st_global_u8, st_global_u32, st_global_u64, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred,
-    vote_sync_ballot_b32,
+    red_relaxed_gpu_global_add_s32, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32,
+    st_global_u64, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
 use crate::remote::Remote;
 use crate::sync::{Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, wait_all_sources, wait_all_sources_reached};
@@ -143,8 +142,14 @@ unsafe fn finish_dispatch(p: &LlDispatchParams, w: &Waiter, ok: bool, seq: u32) 
             j += ntid_x();
         }
         if ok && tid_x() < world {
-            // Takes this dispatch's arrivals away, keeping any of the next one's.
-            red_relaxed_sys_global_add_u32(half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, tid_x()), p.send_blocks.wrapping_neg());
+            // Takes this dispatch's arrivals away, keeping any of the next one's (which may be
+            // landing now: a put source's adds are NVSHMEM atomics, so this one is too).
+            Remote::new(p.put_mask).own_counter_add(
+                tid_x(),
+                rank,
+                half_rank_slot(&raw mut (*me).ll_dispatch_arrive, h, tid_x()),
+                p.send_blocks.wrapping_neg(),
+            );
         }
         if tid_x() == 0 {
             core::ptr::write_volatile(half_slot(&raw mut (*me).ll_dispatch_seq, h), seq);
@@ -767,8 +772,9 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter, remote: &Remote) {
                 // rank's symmetric address of the slot: rank `s`'s table entry is this rank's).
                 remote.put_warp(s, dst, src, n as u64 * 16);
             } else {
-                // Staged in this half's zero-copy input at the row's own place, then sent.
-                let staged = peer_base(&p.peers, rank) + p.combine_half_off + p.layout.comb_in + row * row_bytes + off;
+                // Staged in the zero-copy input of this dispatch's half (the handle's own, which
+                // this combine does not read) at the row's own place, then sent.
+                let staged = dh + p.layout.comb_in + row * row_bytes + off;
                 warp_copy_to_lane_dests::<UNROLL>(src, n, staged, 1);
                 fence_acq_rel_sys();
                 bar_warp_sync(FULL);

@@ -117,6 +117,25 @@ impl Remote {
         unsafe { red_relaxed_sys_global_add_u32(a, v) }
     }
 
+    /// An addition to this rank's own counter `a` that source rank `s` raises: for a put source,
+    /// an NVSHMEM atomic on this PE (`own`), since NVSHMEM makes its atomics atomic only with
+    /// each other (a NIC's atomic on GPU memory is not atomic with the GPU's); else
+    /// `red.relaxed.sys.add`.
+    ///
+    /// # Safety
+    /// `a` must be a valid `u32` of this rank's heap.
+    #[inline(always)]
+    pub unsafe fn own_counter_add(&self, s: u32, own: u32, a: *mut u32, v: u32) {
+        #[cfg(feature = "nvshmem")]
+        if self.put(s) {
+            // SAFETY: `a` is a symmetric address of this rank (the caller's contract).
+            unsafe { nv::nvshmem_uint32_atomic_add(a, v, own as i32) };
+            return;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { red_relaxed_sys_global_add_u32(a, v) }
+    }
+
     /// Warp-collective (every lane, same arguments): sends `bytes` at this rank's symmetric
     /// address `src`, already written (by this warp, or by the block before a barrier), to
     /// `dst` (this rank's symmetric address of the destination) on rank `d`. Nothing for a
