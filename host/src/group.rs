@@ -803,7 +803,7 @@ impl Group {
     /// Threads per block a launch of `k` asking for `requested` actually gets: the request,
     /// clamped to what the compiled kernel's registers allow, in whole warps.
     pub fn launch_threads(&self, k: Kernel, requested: u32) -> u32 {
-        (requested.min(self.inner.kernels.functions[&k].max_threads) / 32 * 32).max(32)
+        whole_warps(requested, self.inner.kernels.functions[&k].max_threads)
     }
 
     /// Runs `launch` (an operation's kernel launches on `stream`) ordered against its
@@ -880,7 +880,7 @@ impl Group {
                 reason: format!("{} was launched with a parameter block for {:?} ({} bytes)", k.name(), P::ENTRIES, std::mem::size_of::<P>()),
             });
         }
-        let block = (block.min(max_threads) / 32 * 32).max(32);
+        let block = whole_warps(block, max_threads);
         self.inner.ctx.bind_to_thread().during("cuCtxSetCurrent", || format!("launching {}", k.name()))?;
         // SAFETY: `P` is the kernel's parameter block (its `KernelParams` impl names this kernel,
         // checked above; the PTX test compares its size with the PTX's declaration); every
@@ -890,6 +890,12 @@ impl Group {
             .during("cuLaunchKernel", || format!("rank {} launching {} (grid {grid}, block {block}, {smem} B shared)", self.inner.rank, k.name()))?;
         self.inner.work.mark(stream)
     }
+}
+
+/// Threads per block a launch asking for `requested` gets from a kernel allowing `max`: the
+/// request, clamped to the limit, in whole warps (at least one).
+fn whole_warps(requested: u32, max: u32) -> u32 {
+    (requested.min(max) / 32 * 32).max(32)
 }
 
 /// An operation's argument, by name, and the stream its memory is ordered on (if any).

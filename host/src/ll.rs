@@ -532,7 +532,7 @@ impl LlBuffer {
         ];
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
         self.g.follow(&self.chain, stream)?;
-        self.g.ordered(stream, &streams, || self.launch(Kernel::LlDispatch, smem, stream, &p, p.put_mask))?;
+        self.g.ordered(stream, &streams, || self.launch(Kernel::LlDispatch, smem, stream, &p))?;
         self.dispatches += 1;
         self.pending_dispatch[half] = args.hook.then_some((self.dispatches, args.payload, args.scale_layout));
         let h = Handle {
@@ -580,8 +580,7 @@ impl LlBuffer {
         }
         let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
         self.g.follow(&self.chain, stream)?;
-        self.g
-            .ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || self.launch(Kernel::LlDispatch, smem, stream, &p, p.put_mask))?;
+        self.g.ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || self.launch(Kernel::LlDispatch, smem, stream, &p))?;
         h.received = true;
         self.pending_dispatch[h.half] = None;
         self.event(stream)
@@ -839,14 +838,14 @@ impl LlBuffer {
     fn launch_combine(&self, stream: &Arc<CudaStream>, p: &LlCombineParams) -> Result<()> {
         self.g.follow(&self.chain, stream)?;
         let smem = ll_combine_smem_bytes(self.epr() as u32);
-        self.launch(Kernel::LlCombine, smem, stream, p, p.put_mask)
+        self.launch(Kernel::LlCombine, smem, stream, p)
     }
 
     /// Launches `k` from the group's module, or, when some rank is reached through NVSHMEM
-    /// calls (`put_mask`), from the NVSHMEM module the heap's memory belongs to.
-    fn launch<P: KernelParams>(&self, k: Kernel, smem: u32, stream: &CudaStream, p: &P, put_mask: u32) -> Result<()> {
+    /// calls ([`LlBuffer::put_mask`]), from the NVSHMEM module the heap's memory belongs to.
+    fn launch<P: KernelParams>(&self, k: Kernel, smem: u32, stream: &CudaStream, p: &P) -> Result<()> {
         let (blocks, threads) = (self.cfg.num_blocks, self.cfg.threads);
-        if put_mask == 0 {
+        if self.heap.put_mask() == 0 {
             self.g.launch(k, blocks, threads, smem, stream, p)
         } else {
             self.g.launch_function(k, self.heap.kernel(k)?, blocks, threads, smem, stream, p)

@@ -76,6 +76,9 @@ pub struct Nvshmem {
     group: Group,
     lib: libloading::Library,
     module: Option<Module>,
+    /// The bound module's `ll_dispatch` and `ll_combine` (the put path), each as its function
+    /// handle's address and thread limit, looked up once when it is bound; None without them.
+    ll: Option<[(usize, u32); 2]>,
     version: (i32, i32, i32),
     /// Whether this value initialised the library (and so finalises it); false when the process
     /// had already initialised it.
@@ -142,7 +145,7 @@ impl Nvshmem {
         // own state.
         let lib = unsafe { libloading::Library::new(&path) }
             .map_err(|e| err(format!("cannot open {path} ({e}); install nvidia-nvshmem-cu13 or set NVSHMEM_HOST_LIB")))?;
-        let mut nv = Nvshmem { group: g.clone(), lib, module: None, version: (0, 0, 0), owns_init: false, status: 0 };
+        let mut nv = Nvshmem { group: g.clone(), lib, module: None, ll: None, version: (0, 0, 0), owns_init: false, status: 0 };
         let (mut ma, mut mi, mut pa) = (0, 0, 0);
         // SAFETY: `nvshmemx_vendor_get_version_info(int*, int*, int*)` writes three ints.
         unsafe { nv.sym::<unsafe extern "C" fn(*mut c_int, *mut c_int, *mut c_int)>("nvshmemx_vendor_get_version_info")?(&mut ma, &mut mi, &mut pa) };
@@ -188,6 +191,12 @@ impl Nvshmem {
         // module outlives the binding (finalised before it is unloaded).
         let rc = unsafe { self.sym::<unsafe extern "C" fn(sys::CUmodule) -> c_int>("nvshmemx_cumodule_init")?(module.raw()) };
         check(rc, "nvshmemx_cumodule_init (a module of a newer NVSHMEM minor version, or another major one, is refused)")?;
+        let ll_kernel = |k: Kernel| -> Option<(usize, u32)> {
+            let f = module.function(k.name()).ok()?;
+            let threads = driver::function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK).ok()?;
+            Some((f as usize, threads as u32))
+        };
+        self.ll = ll_kernel(Kernel::LlDispatch).zip(ll_kernel(Kernel::LlCombine)).map(|(d, c)| [d, c]);
         self.module = Some(module);
         Ok(())
     }
@@ -267,6 +276,7 @@ impl Nvshmem {
     }
 
     fn release_module(&mut self) {
+        self.ll = None;
         if let Some(m) = self.module.take() {
             // SAFETY: the module was bound by `nvshmemx_cumodule_init`; nothing runs on it (the
             // caller synchronised this rank's stream).
@@ -296,19 +306,14 @@ impl Nvshmem {
     /// Kernel `k` of the bound module (the low-latency kernels with their put path) and its
     /// thread limit (the NVSHMEM module's kernels take more registers than the default ones).
     pub(crate) fn kernel(&self, k: Kernel) -> Result<(sys::CUfunction, u32)> {
-        let m = self
-            .module
-            .as_ref()
-            .ok_or_else(|| err(format!("{} needs the NVSHMEM module (Nvshmem::init with the image of build-ptx --nvshmem)", k.name())))?;
-        let f = m.function(k.name())?;
-        let threads = driver::function_attribute(f, sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK)
-            .map_err(|e| err(format!("reading {}'s thread limit: {e}", k.name())))?;
-        Ok((f, threads as u32))
-    }
-
-    /// Whether the bound module has the low-latency kernels (their put path).
-    fn has_ll_kernels(&self) -> bool {
-        self.module.as_ref().is_some_and(|m| m.function(Kernel::LlDispatch.name()).is_ok() && m.function(Kernel::LlCombine.name()).is_ok())
+        let ll =
+            self.ll.ok_or_else(|| err(format!("{} needs the NVSHMEM module (Nvshmem::init with the image of build-ptx --nvshmem)", k.name())))?;
+        let (f, threads) = match k {
+            Kernel::LlDispatch => ll[0],
+            Kernel::LlCombine => ll[1],
+            _ => return Err(err(format!("{} is not in the NVSHMEM module", k.name()))),
+        };
+        Ok((f as sys::CUfunction, threads))
     }
 
     /// `nvshmem_ptr(addr, pe)`: the address at which this rank can load and store `pe`'s copy
@@ -365,7 +370,7 @@ impl Nvshmem {
     /// [`put_table`]).
     fn put_ranks(&self, rank: usize, own: u64, bases: &[Option<u64>]) -> Result<(Vec<u64>, u32)> {
         let forced = std::env::var("MOE_EP_NVSHMEM_PUT").is_ok_and(|v| v == "all");
-        put_table(rank, own, bases, forced, || self.has_ll_kernels())
+        put_table(rank, own, bases, forced, || self.ll.is_some())
     }
 
     /// A symmetric allocation of `bytes` (`nvshmem_malloc`, collective), zeroed.

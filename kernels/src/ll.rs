@@ -34,11 +34,11 @@ use crate::dev::{
 };
 use crate::fp::fp8_scale;
 use crate::ptx::{
-    abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, bar_warp_sync, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base,
-    fence_acq_rel_sys, fma_rn_f32, globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32,
-    ld_global_u32, ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x,
-    red_relaxed_gpu_global_add_s32, shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32,
-    st_global_u64, st_global_v4_u32, st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
+    abs_f32, atom_relaxed_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, ctaid_x, cvt_rn_satfinite_e4m3x2_f32, dyn_smem_base, fence_acq_rel_sys,
+    fma_rn_f32, globaltimer, laneid, ld_global_nc_L1_no_allocate_v4_u32, ld_global_nc_f32, ld_global_nc_s32, ld_global_nc_v4_u32, ld_global_u32,
+    ld_global_v4_u32, ld_relaxed_sys_global_u32, ld_shared_cta_u32, max_f32, mul_rn_f32, nctaid_x, ntid_x, red_relaxed_gpu_global_add_s32,
+    shfl_sync_bfly_b32, shfl_sync_idx_b32, st_global_L1_no_allocate_v4_u32, st_global_u8, st_global_u32, st_global_u64, st_global_v4_u32,
+    st_relaxed_sys_global_u32, st_shared_cta_u32, tid_x, vote_sync_any_pred, vote_sync_ballot_b32,
 };
 use crate::remote::Remote;
 use crate::sync::{Waiter, control, half_rank_slot, half_slot, last_block_done, last_block_of_grid, wait_all_sources, wait_all_sources_reached};
@@ -776,9 +776,7 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter, remote: &Remote) {
                 // this combine does not read) at the row's own place, then sent.
                 let staged = dh + p.layout.comb_in + row * row_bytes + off;
                 warp_copy_to_lane_dests::<UNROLL>(src, n, staged, 1);
-                fence_acq_rel_sys();
-                bar_warp_sync(FULL);
-                remote.put_warp(s, dst, staged, n as u64 * 16);
+                remote.put_warp_written(s, dst, staged, n as u64 * 16);
             }
             unit += total_warps;
         }
@@ -834,10 +832,8 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter, remote: &Remote)
                     out,
                 );
                 if remote.put(s) {
-                    fence_acq_rel_sys();
-                    bar_warp_sync(FULL);
                     let from = 16 * (c * CHUNK) as u64;
-                    remote.put_warp(s, dst + from, out + from, 16 * (end - c * CHUNK) as u64);
+                    remote.put_warp_written(s, dst + from, out + from, 16 * (end - c * CHUNK) as u64);
                 }
             }
             unit += total_warps;

@@ -16,9 +16,12 @@
 //! In the default module the mask is always 0 (`Remote::new` ignores it there, and the host
 //! refuses a put mask for that module), so every branch below folds to the direct store.
 
+use crate::dev::FULL;
 #[cfg(feature = "nvshmem")]
 use crate::nvshmem as nv;
-use crate::ptx::{bar_sync_0, fence_acq_rel_sys, red_relaxed_sys_global_add_u32, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, tid_x};
+use crate::ptx::{
+    bar_sync_0, bar_warp_sync, fence_acq_rel_sys, red_relaxed_sys_global_add_u32, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, tid_x,
+};
 use crate::sync::Waiter;
 
 /// Which ranks a launch reaches through NVSHMEM calls (bit `d` = rank `d`).
@@ -153,6 +156,19 @@ impl Remote {
             // them at `dst` on PE `d`.
             unsafe { nv::nvshmemx_putmem_nbi_warp(dst as *mut core::ffi::c_void, src as *const core::ffi::c_void, bytes as usize, d as i32) };
         }
+    }
+
+    /// [`Remote::put_warp`] of data this warp has just written (`fence.acq_rel.sys`, since a NIC
+    /// reads the source, and a warp barrier first).
+    ///
+    /// # Safety
+    /// As [`Remote::put_warp`]; the data is this warp's own writes.
+    #[inline(always)]
+    pub unsafe fn put_warp_written(&self, d: u32, dst: u64, src: u64, bytes: u64) {
+        fence_acq_rel_sys();
+        bar_warp_sync(FULL);
+        // SAFETY: the caller's contract; the writes are ordered before the put above.
+        unsafe { self.put_warp(d, dst, src, bytes) }
     }
 
     /// Every thread of the block: completes the block's NVSHMEM writes (`nvshmem_quiet`, per
