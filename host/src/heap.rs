@@ -278,6 +278,17 @@ impl SymmetricHeap {
         self.put_mask
     }
 
+    /// The low-latency kernels' rank table for `world` ranks
+    /// ([`moe_ep_kernels::abi::LlRankTables::ranks`]): rank `r`'s base as mapped here, with
+    /// [`moe_ep_kernels::abi::RANK_PUT`] for a put rank.
+    pub(crate) fn rank_table(&self, world: usize) -> Result<Vec<u64>> {
+        use moe_ep_kernels::abi::RANK_PUT;
+        if world > MAX_RANKS {
+            return Err(Error::invalid("world", format!("{world} ranks exceed the {MAX_RANKS} a heap maps")));
+        }
+        Ok((0..world).map(|r| self.peers.base[r] | if (self.put_mask >> r) & 1 != 0 { RANK_PUT } else { 0 }).collect())
+    }
+
     /// Kernel `k` of the module that reaches this heap's put ranks (see [`ExternalHeap::kernel`]).
     pub(crate) fn kernel(&self, k: crate::group::Kernel) -> Result<(cudarc::driver::sys::CUfunction, u32)> {
         match &self.external {

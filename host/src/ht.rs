@@ -172,7 +172,7 @@ impl HtConfig {
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
     pub fn validate(&self, world: usize, sm_count: u32) -> Result<()> {
-        check_model_shape("high-throughput", world, self.hidden, self.max_topk)?;
+        check_model_shape("high-throughput", world, moe_ep_kernels::abi::MAX_RANKS, self.hidden, self.max_topk)?;
         if self.num_experts < world || !self.num_experts.is_multiple_of(world) {
             return Err(Error::invalid("num_experts", format!("{} is not a positive multiple of the {world} ranks", self.num_experts)));
         }

@@ -67,7 +67,7 @@ impl LlConfig {
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
     pub fn validate(&self, world: usize, sm_count: u32) -> Result<()> {
-        check_model_shape("low-latency", world, self.hidden, self.max_topk)?;
+        check_model_shape("low-latency", world, moe_ep_kernels::abi::LL_MAX_RANKS, self.hidden, self.max_topk)?;
         if self.num_experts < world || !self.num_experts.is_multiple_of(world) || self.num_experts > LL_MAX_EXPERTS {
             return Err(Error::invalid(
                 "num_experts",
@@ -350,6 +350,13 @@ impl LlBuffer {
         g.agree("low-latency buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.half_layout(g.world());
         let heap = heap(hl.heap_bytes())?;
+        // The kernels' rank table: every rank's heap base as mapped here, flagged for a rank
+        // reached through NVSHMEM calls. Written once, before any launch.
+        let table = heap.rank_table(g.world())?;
+        // SAFETY: the table region holds `world` u64 of this rank's heap (the layout); the copy
+        // completes before it returns.
+        unsafe { crate::driver::copy_to_device(&table, heap.local_ptr() + hl.tables.ranks, g.stream()) }
+            .during("cuMemcpyHtoDAsync", || "writing the low-latency buffer's rank table".into())?;
         Ok(LlBuffer {
             g: g.clone(),
             cfg,
@@ -446,6 +453,16 @@ impl LlBuffer {
         self.hl.half_offset(half as u64)
     }
 
+    /// Device address of this rank's rank table (the kernels' `ranks`).
+    fn ranks(&self) -> u64 {
+        self.heap.local_ptr() + self.hl.tables.ranks
+    }
+
+    /// The kernels' `any_put`: 1 when some rank is reached through NVSHMEM calls.
+    fn any_put(&self) -> u32 {
+        (self.heap.put_mask() != 0) as u32
+    }
+
     fn event(&self, stream: &Arc<CudaStream>) -> Result<CudaEvent> {
         stream.record_event(None).during("cuEventRecord", || "recording an operation's completion".into())
     }
@@ -471,7 +488,7 @@ impl LlBuffer {
         };
         LlDispatchParams {
             wait: self.g.wait_ctx(),
-            peers: self.heap.peers(),
+            ranks: self.ranks(),
             layout: self.hl,
             half_off: self.half_off(half),
             x: args.x.device_addr(),
@@ -490,7 +507,7 @@ impl LlBuffer {
             half: half as u32,
             stages,
             send_blocks: self.cfg.num_blocks,
-            put_mask: self.heap.put_mask(),
+            any_put: self.any_put(),
             _pad: 0,
             trace: self.trace_addr(0),
         }
@@ -530,7 +547,7 @@ impl LlBuffer {
             ("topk_weights", args.topk_weights.and_then(|w| w.owning_stream())),
             ("stats", args.stats.and_then(|s| s.owning_stream())),
         ];
-        let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
+        let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32, self.g.world() as u32);
         self.g.follow(&self.chain, stream)?;
         self.g.ordered(stream, &streams, || self.launch(Kernel::LlDispatch, smem, stream, &p))?;
         self.dispatches += 1;
@@ -562,7 +579,8 @@ impl LlBuffer {
         };
         let mut p = LlDispatchParams { stages: stage::RECV, ..Default::default() };
         p.wait = self.g.wait_ctx();
-        p.peers = self.heap.peers();
+        p.ranks = self.ranks();
+        p.any_put = self.any_put();
         p.layout = self.hl;
         p.half_off = self.half_off(h.half);
         p.half = h.half as u32;
@@ -578,7 +596,7 @@ impl LlBuffer {
             check_len("stats", s.elems(), self.epr(), || format!("[{}] i32", self.epr()))?;
             p.stats = s.device_addr();
         }
-        let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32);
+        let smem = ll_dispatch_smem_bytes(self.cfg.threads / 32, self.g.world() as u32);
         self.g.follow(&self.chain, stream)?;
         self.g.ordered(stream, &[("stats", stats.and_then(|s| s.owning_stream()))], || self.launch(Kernel::LlDispatch, smem, stream, &p))?;
         h.received = true;
@@ -758,7 +776,7 @@ impl LlBuffer {
         let y_in_heap = heap.contains(&y) && heap.contains(&(y + (self.epr() * self.rows_per_expert() * hd * 2) as u64 - 1));
         let p = LlCombineParams {
             wait: self.g.wait_ctx(),
-            peers: self.heap.peers(),
+            ranks: self.ranks(),
             layout: self.hl,
             dispatch_half_off: self.half_off(h.half),
             combine_half_off: self.half_off(half),
@@ -775,12 +793,12 @@ impl LlBuffer {
             half: half as u32,
             stages: if args.hook { stage::SEND } else { stage::SEND | stage::RECV },
             send_blocks: self.cfg.num_blocks,
-            slot_k: self.cfg.max_topk.max(self.g.world()) as u32,
+            slot_k: self.cfg.max_topk as u32,
             mode: match args.mode {
                 CombineMode::PerExpert => combine_mode::PER_EXPERT,
                 CombineMode::PreReduced => combine_mode::PRE_REDUCED,
             },
-            put_mask: self.heap.put_mask(),
+            any_put: self.any_put(),
             y_in_heap: y_in_heap as u32,
             _pad: 0,
             trace: self.trace_addr(1),
@@ -837,7 +855,7 @@ impl LlBuffer {
 
     fn launch_combine(&self, stream: &Arc<CudaStream>, p: &LlCombineParams) -> Result<()> {
         self.g.follow(&self.chain, stream)?;
-        let smem = ll_combine_smem_bytes(self.epr() as u32);
+        let smem = ll_combine_smem_bytes(self.epr() as u32, self.g.world() as u32);
         self.launch(Kernel::LlCombine, smem, stream, p)
     }
 

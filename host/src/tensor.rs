@@ -176,12 +176,12 @@ impl TopkIdx<'_> {
     }
 }
 
-/// Limits both kernel families share: rank count, hidden size, top-k (`family` names the
-/// kernels in the message).
-pub(crate) fn check_model_shape(family: &str, world: usize, hidden: usize, max_topk: usize) -> Result<()> {
-    use moe_ep_kernels::abi::{FP8_GROUP, MAX_HIDDEN, MAX_RANKS, MAX_TOPK};
-    if !(2..=MAX_RANKS).contains(&world) {
-        return Err(crate::Error::invalid("world", format!("{world} ranks; {family} kernels need 2..={MAX_RANKS}")));
+/// Limits both kernel families share: rank count (at most `max_ranks`), hidden size, top-k
+/// (`family` names the kernels in the message).
+pub(crate) fn check_model_shape(family: &str, world: usize, max_ranks: usize, hidden: usize, max_topk: usize) -> Result<()> {
+    use moe_ep_kernels::abi::{FP8_GROUP, MAX_HIDDEN, MAX_TOPK};
+    if !(2..=max_ranks).contains(&world) {
+        return Err(crate::Error::invalid("world", format!("{world} ranks; {family} kernels need 2..={max_ranks}")));
     }
     if hidden == 0 || !hidden.is_multiple_of(FP8_GROUP) || hidden > MAX_HIDDEN {
         return Err(crate::Error::invalid("hidden", format!("{hidden} is not a multiple of {FP8_GROUP} in {FP8_GROUP}..={MAX_HIDDEN}")));

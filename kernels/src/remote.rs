@@ -1,11 +1,11 @@
 //! Writes into another rank's memory: the one seam between the low-latency kernels and their
 //! transport.
 //!
-//! A rank is reached directly (its heap base in the peer table; plain stores over NVLink, or on
-//! one GPU) unless its bit is set in the launch's put mask. Then, in the NVSHMEM module
-//! (feature `nvshmem`), each write is an NVSHMEM call at this rank's own symmetric address with
-//! that rank as the PE: the host sets such a rank's peer-table entry to this rank's own heap
-//! base, so the kernels' address arithmetic yields the symmetric address unchanged.
+//! A rank is reached directly (its heap base in the buffer's rank table; plain stores over
+//! NVLink, or on one GPU) unless its table entry carries [`RANK_PUT`]. Then, in the NVSHMEM
+//! module (feature `nvshmem`), each write is an NVSHMEM call at this rank's own symmetric address
+//! with that rank as the PE: the host sets such a rank's entry to this rank's own heap base, so
+//! the kernels' address arithmetic yields the symmetric address unchanged.
 //!
 //! Rows travel by staging: the kernel stores a row into this rank's own copy of its
 //! destination's place (or another staging place of its own heap), then [`Remote::put_warp`]
@@ -13,48 +13,84 @@
 //! reach). Small values (flags, routing rows) go as single-value puts; arrival counters as
 //! NVSHMEM atomics, after [`Remote::signal_all_ranks`] has completed the block's puts.
 //!
-//! In the default module the mask is always 0 (`Remote::new` ignores it there, and the host
-//! refuses a put mask for that module), so every branch below folds to the direct store.
+//! In the default module no rank is a put rank (`Remote::new` ignores the launch's flag there,
+//! and the host refuses put ranks for that module), so every branch below folds to the direct
+//! store.
 
+use crate::abi::RANK_PUT;
 use crate::dev::FULL;
 #[cfg(feature = "nvshmem")]
 use crate::nvshmem as nv;
 use crate::ptx::{
-    bar_sync_0, bar_warp_sync, fence_acq_rel_sys, red_relaxed_sys_global_add_u32, st_global_u32, st_global_v4_u32, st_relaxed_sys_global_u32, tid_x,
+    bar_sync_0, bar_warp_sync, fence_acq_rel_sys, ld_global_nc_s64, red_relaxed_sys_global_add_u32, st_global_u32, st_global_v4_u32,
+    st_relaxed_sys_global_u32, tid_x,
 };
 use crate::sync::Waiter;
 
-/// Which ranks a launch reaches through NVSHMEM calls (bit `d` = rank `d`).
+/// Entry `r` of a launch's rank table ([`crate::abi::LlRankTables::ranks`]).
+///
+/// # Safety
+/// `table` must hold more than `r` entries (the launch's rank count); it is never written
+/// while a kernel runs.
+#[inline(always)]
+unsafe fn entry(table: u64, r: u32) -> u64 {
+    // SAFETY: the caller's contract.
+    unsafe { ld_global_nc_s64((table as *const i64).add(r as usize)) as u64 }
+}
+
+/// Heap base of rank `r` as this process maps it (this rank's own base for a put rank).
+///
+/// # Safety
+/// As [`entry`].
+#[inline(always)]
+pub unsafe fn rank_base(table: u64, r: u32) -> u64 {
+    // SAFETY: forwarded.
+    unsafe { entry(table, r) & !RANK_PUT }
+}
+
+/// How a launch reaches every rank: its rank table, and whether any rank is a put rank.
 #[derive(Clone, Copy)]
 pub struct Remote {
-    mask: u32,
+    table: u64,
+    any: bool,
 }
 
 // Outside the NVSHMEM module the rank arguments only select the put branch, which is compiled out.
 #[cfg_attr(not(feature = "nvshmem"), allow(unused_variables))]
 impl Remote {
-    /// The put mask of a launch (always empty outside the NVSHMEM module).
+    /// A launch's rank table and put flag (no put rank outside the NVSHMEM module).
+    ///
+    /// # Safety
+    /// `table` must hold an entry for every rank of the launch, unchanged while it runs.
     #[inline(always)]
-    pub fn new(put_mask: u32) -> Self {
-        Remote { mask: if cfg!(feature = "nvshmem") { put_mask } else { 0 } }
+    pub unsafe fn new(table: u64, any_put: u32) -> Self {
+        Remote { table, any: cfg!(feature = "nvshmem") && any_put != 0 }
+    }
+
+    /// Heap base of rank `d` as mapped here (this rank's own for a put rank).
+    #[inline(always)]
+    pub fn base(&self, d: u32) -> u64 {
+        // SAFETY: `new`'s contract; callers pass ranks below the launch's count.
+        unsafe { rank_base(self.table, d) }
     }
 
     /// Whether rank `d` is reached by NVSHMEM calls.
     #[inline(always)]
     pub fn put(&self, d: u32) -> bool {
-        d < 32 && (self.mask >> d) & 1 != 0
+        // SAFETY: as in `base`.
+        self.any && unsafe { entry(self.table, d) } & RANK_PUT != 0
     }
 
-    /// The ranks reached by NVSHMEM calls.
+    /// Whether any rank is reached by NVSHMEM calls.
     #[inline(always)]
-    pub fn mask(&self) -> u32 {
-        self.mask
+    pub fn any(&self) -> bool {
+        self.any
     }
 
     /// A flag: `st.relaxed.sys` into rank `d`'s memory, or a single-value put.
     ///
     /// # Safety
-    /// `a` must be a `u32` of rank `d`'s heap as the peer table maps it (this rank's own
+    /// `a` must be a `u32` of rank `d`'s heap as the rank table maps it (this rank's own
     /// symmetric address of it for a put rank).
     #[inline(always)]
     pub unsafe fn st_relaxed_sys_u32(&self, d: u32, a: *mut u32, v: u32) {
@@ -177,11 +213,11 @@ impl Remote {
     /// `signal_all_ranks` itself.
     ///
     /// # Safety
-    /// `counter(r)` must give a valid u32 of rank `r`'s heap as the peer table maps it; all
+    /// `counter(r)` must give a valid u32 of rank `r`'s heap as the rank table maps it; all
     /// threads of the block must call it.
     #[inline(always)]
     pub unsafe fn signal_all_ranks(&self, w: &Waiter, counter: impl Fn(u32) -> *mut u32) {
-        if self.mask == 0 {
+        if !self.any {
             // SAFETY: the caller's contract.
             return unsafe { crate::sync::signal_all_ranks(w, counter) };
         }

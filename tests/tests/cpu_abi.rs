@@ -14,14 +14,9 @@ fn cpu_abi_sizes_and_offsets() {
     // and the whole block fits in the reserved bytes.
     assert!(size_of::<Control>() as u64 <= CONTROL_BYTES);
     assert_eq!(offset_of!(Control, barrier_slots), 0);
-    for off in [
-        offset_of!(Control, notify_flags),
-        offset_of!(Control, ht_dispatch_arrive),
-        offset_of!(Control, ll_dispatch_arrive),
-        offset_of!(Control, ll_combine_arrive),
-        offset_of!(Control, test_flags),
-        offset_of!(Control, ping_flags),
-    ] {
+    for off in
+        [offset_of!(Control, notify_flags), offset_of!(Control, ht_dispatch_arrive), offset_of!(Control, test_flags), offset_of!(Control, ping_flags)]
+    {
         assert_eq!(off % 4, 0);
         assert!(off < size_of::<Control>());
     }
@@ -78,11 +73,46 @@ fn cpu_ll_heap_layout_is_ordered_aligned_and_sized() {
             assert!(l.slot_counter - l.recv_meta >= rows * 4);
             assert!(l.comb_in - l.comb_x >= t * k * hidden * 2);
             assert!(l.bytes - l.comb_in >= rows * hidden * 2);
-            assert_eq!(l.half_offset(0), CONTROL_BYTES);
-            assert_eq!(l.half_offset(1), CONTROL_BYTES + l.bytes);
-            assert_eq!(l.heap_bytes(), CONTROL_BYTES + 2 * l.bytes);
+            // The per-rank tables lie between the control block and half 0.
+            let tb = l.tables;
+            let ends = [CONTROL_BYTES, tb.ranks, tb.dispatch_arrive, tb.combine_arrive, tb.free, tb.combine_free, tb.end];
+            assert_eq!(tb.ranks, CONTROL_BYTES);
+            for w in ends[1..].windows(2) {
+                assert!(w[0] < w[1] && w[1] % REGION_ALIGN == 0, "{tb:?}");
+            }
+            assert!(tb.dispatch_arrive - tb.ranks >= 8 * world);
+            for (a, b) in
+                [(tb.dispatch_arrive, tb.combine_arrive), (tb.combine_arrive, tb.free), (tb.free, tb.combine_free), (tb.combine_free, tb.end)]
+            {
+                assert!(b - a >= 2 * world * 4, "{tb:?}");
+            }
+            assert_eq!(l.half_offset(0), tb.end);
+            assert_eq!(l.half_offset(1), tb.end + l.bytes);
+            assert_eq!(l.heap_bytes(), tb.end + 2 * l.bytes);
         }
     }
+}
+
+/// A per-half, per-rank word of the low-latency tables stays inside its table for every rank
+/// count up to the kernels' limit, whatever half and rank the kernel passes (both are taken
+/// modulo), and distinct (half, rank) pairs get distinct words.
+#[test]
+fn cpu_ll_rank_table_slots_stay_inside() {
+    for world in [1u32, 2, 3, 8, 9, 64, 128, 255, LL_MAX_RANKS as u32] {
+        let t = LlRankTables::new(world as u64);
+        let mut seen = std::collections::HashSet::new();
+        for h in 0..4u32 {
+            for r in 0..2 * world + 3 {
+                let a = LlRankTables::slot(t.free, world, h, r);
+                assert!(a >= t.free && a + 4 <= t.free + 2 * world as u64 * 4, "{world} ranks: [{h}][{r}] at {a}");
+                if h < 2 && r < world {
+                    assert!(seen.insert(a), "{world} ranks: [{h}][{r}] shares word {a}");
+                }
+            }
+        }
+    }
+    // A zero rank count (never launched) still gives an address inside the table's first word.
+    assert_eq!(LlRankTables::slot(1024, 0, 1, 7), 1024 + 4);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! CPU: configuration validation gives typed errors naming the argument and the value.
 
 use moe_ep::Error;
+use moe_ep::abi::{CONTROL_BYTES, LL_MAX_RANKS, ll_combine_smem_bytes, ll_dispatch_smem_bytes};
 use moe_ep::ht::HtConfig;
 use moe_ep::ll::LlConfig;
 
@@ -68,16 +69,18 @@ fn cpu_ll_config_limits() {
     assert!(HtConfig::new(256, 7168, 8, 8192, 4).heap_bytes(4) > HtConfig::new(256, 7168, 8, 4096, 4).heap_bytes(4));
 }
 
-/// The low-latency layout's arithmetic for 1 to 128 ranks (what NVSHMEM across nodes will need;
-/// the kernels still map at most `MAX_RANKS` ranks): every region of a half in order, 16-byte
-/// aligned and inside the half, at DeepSeek-V3's shapes (hidden 7168, 256 experts, top-8, 128
-/// tokens per rank) and at the largest the configuration allows, with no overflow. Prints the
-/// memory per rank at EP16, EP64 and EP128.
+/// The low-latency layout's arithmetic for 1 to `LL_MAX_RANKS` (256) ranks: every region of
+/// a half in order, 16-byte aligned and inside the half, the per-rank tables before the halves,
+/// at DeepSeek-V3's shapes (hidden 7168, 256 experts, top-8, 128 tokens per rank) and at the
+/// largest the configuration allows, with no overflow; the configuration accepts every such
+/// rank count (the high-throughput one stops at `MAX_RANKS`), and the kernels' shared memory
+/// stays within the 48 KiB a launch gets without opting in. Prints the memory per rank at EP8 to
+/// EP256.
 #[test]
-fn cpu_ll_layout_up_to_128_ranks() {
-    for (e, hd, k, t) in [(256, 7168, 8, 128), (1024, 16384, 16, 1024), (128, 128, 1, 1)] {
+fn cpu_ll_layout_up_to_256_ranks() {
+    for (e, hd, k, t) in [(256, 7168, 8, 128), (1024, 16384, 16, 1024), (256, 128, 1, 1)] {
         let cfg = LlConfig::new(e, hd, k, t);
-        for world in (1..=128usize).filter(|w| e % w == 0) {
+        for world in (1..=LL_MAX_RANKS).filter(|w| e % w == 0) {
             let l = cfg.half_layout(world);
             let regions = [
                 ("recv_x", l.recv_x),
@@ -108,17 +111,30 @@ fn cpu_ll_layout_up_to_128_ranks() {
                 ("recv_meta", l.slot_counter - l.recv_meta, el * r * tt * 4),
                 ("tok_x", l.tok_scales - l.tok_x, r * tt * 2 * h),
                 ("tok_route", l.tok_w - l.tok_route, r * tt * kk * 2),
-                ("comb_x", l.comb_in - l.comb_x, tt * kk.max(r) * h * 2),
+                ("src_ntok", l.comb_x - l.src_ntok, r * 4),
+                ("comb_x", l.comb_in - l.comb_x, tt * kk * h * 2),
                 ("comb_in", l.bytes - l.comb_in, el * r * tt * h * 2),
             ];
             for (name, room, want) in need {
                 assert!(room >= want, "{world} ranks, {cfg:?}: {name} has {room} bytes, needs {want}");
             }
-            assert!(cfg.heap_bytes(world) >= 2 * l.bytes, "{world} ranks: the heap holds both halves");
+            let tb = l.tables;
+            assert_eq!(tb.ranks, CONTROL_BYTES);
+            assert!(tb.end >= tb.ranks + r * 8 + 4 * 2 * r * 4, "{world} ranks: {tb:?}");
+            assert_eq!(cfg.heap_bytes(world), tb.end + 2 * l.bytes, "{world} ranks: the heap holds the tables and both halves");
+            // Packed rows (`u32` in `tok_pos`) and the source rank's 8 bits of `recv_meta`.
+            assert!(el * r * tt <= u32::MAX as u64 && r <= 256);
+            if world >= 2 {
+                assert!(cfg.validate(world, 132).is_ok(), "{world} ranks, {cfg:?}: {:?}", cfg.validate(world, 132));
+            }
+            assert!(ll_dispatch_smem_bytes(1024 / 32, world as u32) <= 48 * 1024);
+            assert!(ll_combine_smem_bytes((e / world) as u32, world as u32) <= 48 * 1024);
         }
     }
+    assert_eq!(name_of(LlConfig::new(1024, 7168, 8, 128).validate(LL_MAX_RANKS * 2, 132)).0, "world");
+    assert_eq!(name_of(HtConfig::new(256, 7168, 8, 4096, 4).validate(16, 132)).0, "world");
     let ds = LlConfig::new(256, 7168, 8, 128);
-    for world in [8, 16, 64, 128] {
+    for world in [8, 16, 64, 128, 256] {
         println!(
             "low-latency buffer, hidden 7168, 256 experts, top-8, 128 tokens per rank, EP{world}: {:.2} GiB per rank",
             ds.heap_bytes(world) as f64 / (1u64 << 30) as f64

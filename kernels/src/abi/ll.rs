@@ -1,6 +1,6 @@
 //! The low-latency kernels' parameter blocks, heap layout and mode codes.
 
-use crate::abi::{CONTROL_BYTES, FP8_GROUP, KernelParams, MAX_RANKS, MAX_TOPK, Peers, REGION_ALIGN, WaitCtx, align_up};
+use crate::abi::{CONTROL_BYTES, FP8_GROUP, KernelParams, MAX_TOPK, REGION_ALIGN, WaitCtx, align_up};
 use bytemuck::{Pod, Zeroable};
 
 /// FP8 scale formats of the low-latency dispatch.
@@ -33,12 +33,67 @@ pub mod combine_mode {
     pub const PRE_REDUCED: u32 = 1;
 }
 
+/// Most ranks of a low-latency buffer: a received row's source rank travels in 8 bits of its
+/// metadata (`recv_meta`). Nothing else in the low-latency kernels or their layout depends on
+/// a rank count: every per-rank table is sized by the buffer's own.
+pub const LL_MAX_RANKS: usize = 256;
+
+/// The per-rank tables of a low-latency buffer, after the heap's [`crate::abi::Control`] block
+/// (offsets from the heap's start, the same on every rank), sized by the buffer's rank count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct LlRankTables {
+    /// `u64 [R]`, this rank's own (never read by peers): rank `r`'s heap base as this process
+    /// maps it, with [`RANK_PUT`] set for a rank reached through NVSHMEM calls (whose base is
+    /// then this rank's own: the kernels' address arithmetic yields the symmetric address).
+    pub ranks: u64,
+    /// `u32 [2][R]`: dispatch send blocks of each source done, per half.
+    pub dispatch_arrive: u64,
+    /// `u32 [2][R]`: combine send blocks of each expert rank done, per half.
+    pub combine_arrive: u64,
+    /// `u32 [2][R]`: slot `s` holds the number of the dispatch rank `s` last started on each
+    /// half. Starting dispatch `n` on a half ends rank `s`'s views of dispatch `n - 1` on it, so a
+    /// sender may write rank `s`'s half for dispatch `n` once this reaches `n`.
+    pub free: u64,
+    /// `u32 [2][R]`: slot `s` holds the number of the combine rank `s` last started on each
+    /// half (a sender may write rank `s`'s half for combine `n` once this reaches `n`).
+    pub combine_free: u64,
+    /// Heap offset where the tables end (half 0 starts).
+    pub end: u64,
+}
+
+/// [`LlRankTables::ranks`] entry bit: the rank is reached through NVSHMEM calls.
+pub const RANK_PUT: u64 = 1;
+
+impl LlRankTables {
+    /// The tables for `world` ranks.
+    pub const fn new(world: u64) -> Self {
+        let a = REGION_ALIGN;
+        let ranks = CONTROL_BYTES;
+        let dispatch_arrive = align_up(ranks + world * 8, a);
+        let combine_arrive = align_up(dispatch_arrive + 2 * world * 4, a);
+        let free = align_up(combine_arrive + 2 * world * 4, a);
+        let combine_free = align_up(free + 2 * world * 4, a);
+        let end = align_up(combine_free + 2 * world * 4, a);
+        LlRankTables { ranks, dispatch_arrive, combine_arrive, free, combine_free, end }
+    }
+
+    /// Heap offset of word `[h][r]` of the per-half, per-rank table at `table` (`h` modulo 2,
+    /// `r` modulo `world`, so no value reaches outside the table).
+    #[inline(always)]
+    pub const fn slot(table: u64, world: u32, h: u32, r: u32) -> u64 {
+        let world = if world == 0 { 1 } else { world };
+        table + 4 * ((h % 2) as u64 * world as u64 + (r % world) as u64)
+    }
+}
+
 /// Rows per expert of a low-latency buffer, padded for the column-major scale layout.
 pub const fn ll_scale_rows(world: u64, max_tokens: u64) -> u64 {
     align_up(world * max_tokens, 4)
 }
 
-/// Heap layout of one half of a low-latency buffer (offsets from the half's start).
+/// Heap layout of one half of a low-latency buffer (offsets from the half's start), and where
+/// the halves lie after the buffer's per-rank tables.
 ///
 /// Dispatch lands each token once per destination rank in `tok_*` (slot `[source][token]`),
 /// then the receiver places it into every local expert's packed rows (`recv_*`).
@@ -71,14 +126,17 @@ pub struct LlHalfLayout {
     pub tok_pos: u64,
     /// `u32 [R]`: tokens each source dispatched.
     pub src_ntok: u64,
-    /// `bf16 [T][S][H]`: combine rows coming home, `S` = max(top-k, ranks) slots per token
-    /// (`[token][k]` per expert, `[token][rank]` pre-reduced).
+    /// `bf16 [T][S][H]`: combine rows coming home, `S` = the buffer's top-k slots per token
+    /// (`[token][k]` per expert; pre-reduced, one row per (token, rank) at the rank's first
+    /// top-k slot of the token).
     pub comb_x: u64,
     /// `bf16 [E_local][R * T][H]`: where a caller may write expert outputs for a zero-copy
     /// combine.
     pub comb_in: u64,
     /// Bytes of one half.
     pub bytes: u64,
+    /// The per-rank tables before the halves.
+    pub tables: LlRankTables,
 }
 
 impl LlHalfLayout {
@@ -89,7 +147,7 @@ impl LlHalfLayout {
         let rows = experts_per_rank * world * max_tokens;
         let toks = world * max_tokens;
         let groups = hidden / FP8_GROUP as u64;
-        let slots = if max_topk > world { max_topk } else { world };
+        let slots = max_topk;
         let recv_x = 0;
         let recv_scales = align_up(recv_x + rows * hidden * 2, a);
         let recv_meta = align_up(recv_scales + experts_per_rank * groups * ll_scale_rows(world, max_tokens) * 4, a);
@@ -119,17 +177,18 @@ impl LlHalfLayout {
             comb_x,
             comb_in,
             bytes,
+            tables: LlRankTables::new(world),
         }
     }
 
     /// Heap offset of half `h` (0 or 1).
     pub const fn half_offset(&self, h: u64) -> u64 {
-        CONTROL_BYTES + h * self.bytes
+        self.tables.end + h * self.bytes
     }
 
-    /// Total heap bytes (control block and both halves).
+    /// Total heap bytes (control block, per-rank tables and both halves).
     pub const fn heap_bytes(&self) -> u64 {
-        CONTROL_BYTES + 2 * self.bytes
+        self.tables.end + 2 * self.bytes
     }
 }
 
@@ -140,7 +199,8 @@ impl LlHalfLayout {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct LlDispatchParams {
     pub wait: WaitCtx,
-    pub peers: Peers,
+    /// Device address of this rank's [`LlRankTables::ranks`] table.
+    pub ranks: u64,
     pub layout: LlHalfLayout,
     /// Heap offset of the half this call uses.
     pub half_off: u64,
@@ -170,9 +230,9 @@ pub struct LlDispatchParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
-    /// Ranks reached through NVSHMEM calls (bit `d`: rank `d`; its peer-table entry is this
-    /// rank's own base). Only the NVSHMEM module reads it; 0 for the default module.
-    pub put_mask: u32,
+    /// 1 when some rank is reached through NVSHMEM calls ([`RANK_PUT`] in its table entry).
+    /// Only the NVSHMEM module reads it; 0 for the default module.
+    pub any_put: u32,
     pub _pad: u32,
     /// Testing: `u64 [blocks][trace::MARKS]` GPU timestamps ([`trace`]), or 0.
     pub trace: u64,
@@ -182,11 +242,17 @@ impl KernelParams for LlDispatchParams {
     const ENTRIES: &'static [&'static str] = &["ll_dispatch"];
 }
 
-/// Dynamic shared memory of `ll_dispatch` with `warps` warps per block: one rank mask per warp
-/// (send half), or the per-source token prefix (receive half), whichever is larger.
-pub const fn ll_dispatch_smem_bytes(warps: u32) -> u32 {
-    let prefix = 4 * (MAX_RANKS as u32 + 1);
-    if 4 * warps > prefix { 4 * warps } else { prefix }
+/// Words of `ll_dispatch`'s shared memory per warp in the send half: the count of a token's
+/// destination ranks, then the ranks.
+pub const LL_DEST_WORDS: u32 = 1 + MAX_TOPK as u32;
+
+/// Dynamic shared memory of `ll_dispatch` with `warps` warps per block for `world` ranks: each
+/// warp's token destinations (send half), or the per-source token prefix and 128 bytes of
+/// block-scan scratch (receive half), whichever is larger.
+pub const fn ll_dispatch_smem_bytes(warps: u32, world: u32) -> u32 {
+    let dests = 4 * LL_DEST_WORDS * warps;
+    let prefix = 4 * (world + 1) + 128;
+    if dests > prefix { dests } else { prefix }
 }
 
 /// `ll_combine`: send half (and, fused, the receive half in every block).
@@ -194,7 +260,8 @@ pub const fn ll_dispatch_smem_bytes(warps: u32) -> u32 {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct LlCombineParams {
     pub wait: WaitCtx,
-    pub peers: Peers,
+    /// Device address of this rank's [`LlRankTables::ranks`] table.
+    pub ranks: u64,
     pub layout: LlHalfLayout,
     /// Heap offset of the half the matching dispatch used (metadata, counts).
     pub dispatch_half_off: u64,
@@ -221,13 +288,13 @@ pub struct LlCombineParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
-    /// Slots per token in the combine rows area: max(the buffer's `max_topk`, ranks), the
-    /// same on every rank whatever its own `k`.
+    /// Slots per token in the combine rows area: the buffer's `max_topk`, the same on every
+    /// rank whatever its own `k`.
     pub slot_k: u32,
     /// One of [`combine_mode`].
     pub mode: u32,
-    /// Ranks reached through NVSHMEM calls, as [`LlDispatchParams::put_mask`].
-    pub put_mask: u32,
+    /// As [`LlDispatchParams::any_put`].
+    pub any_put: u32,
     /// 1 when `y` lies in this rank's symmetric heap (the zero-copy input): rows for put ranks
     /// are sent from there. 0: they are staged in this half's `comb_in` first.
     pub y_in_heap: u32,
@@ -257,10 +324,12 @@ pub mod trace {
     pub const END: usize = 5;
 }
 
-/// Dynamic shared memory of `ll_combine` for `experts_per_rank` local experts: the prefix of
-/// the received counts (`E_local + 1` words) and 128 bytes of block-scan scratch.
-pub const fn ll_combine_smem_bytes(experts_per_rank: u32) -> u32 {
-    4 * (experts_per_rank + 1) + 128
+/// Dynamic shared memory of `ll_combine` for `experts_per_rank` local experts and `world`
+/// ranks: the prefix of the received counts (`E_local + 1` words; pre-reduced, of the sources'
+/// tokens, `world + 1` words) and 128 bytes of block-scan scratch.
+pub const fn ll_combine_smem_bytes(experts_per_rank: u32, world: u32) -> u32 {
+    let n = if experts_per_rank > world { experts_per_rank } else { world };
+    4 * (n + 1) + 128
 }
 
 impl KernelParams for LlCombineParams {

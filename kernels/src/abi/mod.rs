@@ -30,7 +30,9 @@ pub trait KernelParams: Pod {
     const ENTRIES: &'static [&'static str];
 }
 
-/// Most ranks one group may have (one GPU each, one NVLink domain).
+/// Most ranks one group may have (one GPU each, one NVLink domain), and the most the
+/// high-throughput kernels take. The low-latency kernels' own limit is [`LL_MAX_RANKS`]; their
+/// per-rank tables are sized by the buffer ([`LlRankTables`]).
 pub const MAX_RANKS: usize = 8;
 /// Most top-k slots per token.
 pub const MAX_TOPK: usize = 16;
@@ -242,25 +244,11 @@ pub struct Control {
     pub notify_flags: [[u32; MAX_RANKS]; 2],
     /// High-throughput dispatch: blocks of each source whose rows have landed.
     pub ht_dispatch_arrive: [u32; MAX_RANKS],
-    /// Low-latency dispatch: blocks of each source done, per half.
-    pub ll_dispatch_arrive: [[u32; MAX_RANKS]; 2],
-    /// Low-latency combine: blocks of each expert rank done, per half.
-    pub ll_combine_arrive: [[u32; MAX_RANKS]; 2],
     /// Low-latency dispatch: how many dispatches this rank has run on each half (local; the
     /// last block of a dispatch's receive half bumps it).
     pub ll_dispatch_seq: [u32; 2],
     /// Low-latency dispatch: receive blocks done per half (local, self-cleaning).
     pub ll_dispatch_done: [u32; 2],
-    /// Low-latency dispatch: slot `s` holds the sequence number of the dispatch rank `s` last
-    /// started on each half. Starting dispatch `n` on a half ends rank `s`'s views of dispatch
-    /// `n - 1` on it, so a sender may write rank `s`'s half for dispatch `n` once this reaches `n`.
-    pub ll_free: [[u32; MAX_RANKS]; 2],
-    /// Low-latency combine: slot `s` holds the number of the combine rank `s` last started on
-    /// each half. A combine reuses its half two combines later; starting combine `n` on a half
-    /// means rank `s`'s receive half of combine `n - 1` on it has ended (stream order and the
-    /// host's pending-hook check), so a sender may write rank `s`'s half for combine `n` once
-    /// this reaches `n` (two combines may be pending, one per half).
-    pub ll_combine_free: [[u32; MAX_RANKS]; 2],
     /// Tests: arrival counters written by peers (cumulative, never reset).
     pub test_flags: [u32; MAX_RANKS],
     /// Flag ping-pong: slot `s` written by rank `s` (the host zeroes it before each run).

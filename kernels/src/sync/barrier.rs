@@ -4,7 +4,7 @@ use super::Waiter;
 use crate::abi::{Control, MAX_RANKS, Peers, phase};
 use crate::dev::peer_base;
 use crate::ptx::{
-    atom_acq_rel_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, fence_acq_rel_sys, nctaid_x, red_relaxed_sys_global_add_u32,
+    atom_acq_rel_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, fence_acq_rel_sys, nctaid_x, ntid_x, red_relaxed_sys_global_add_u32,
     st_relaxed_sys_global_u32, st_release_sys_global_u32, tid_x,
 };
 
@@ -86,7 +86,7 @@ pub unsafe fn signal_all_ranks(w: &Waiter, counter: impl Fn(u32) -> *mut u32) {
     }
 }
 
-/// Waits (threads `0..world` of the block, one per source) until `counter(src)` reaches
+/// Waits (thread `s % blockDim` of the block for source `s`) until `counter(src)` reaches
 /// `expected`, then block-syncs. Returns, in every thread, false if some source fell short
 /// (reported).
 ///
@@ -94,11 +94,12 @@ pub unsafe fn signal_all_ranks(w: &Waiter, counter: impl Fn(u32) -> *mut u32) {
 /// `counter(s)` must give a valid u32 in this rank's heap; all threads must call it.
 #[inline(always)]
 pub unsafe fn wait_all_sources(w: &Waiter, counter: impl Fn(u32) -> *const u32, expected: u32, phase: u32) -> bool {
-    let tid = tid_x();
     let mut ok = true;
-    if tid < w.world {
+    let mut s = tid_x();
+    while ok && s < w.world {
         // SAFETY: the caller guarantees the counter addresses.
-        ok = unsafe { w.wait_eq(counter(tid), expected, phase, tid) };
+        ok = unsafe { w.wait_eq(counter(s), expected, phase, s) };
+        s += ntid_x();
     }
     bar_red_and_pred_0(ok)
 }
@@ -110,11 +111,12 @@ pub unsafe fn wait_all_sources(w: &Waiter, counter: impl Fn(u32) -> *const u32, 
 /// As [`wait_all_sources`].
 #[inline(always)]
 pub unsafe fn wait_all_sources_reached(w: &Waiter, counter: impl Fn(u32) -> *const u32, expected: u32, phase: u32) -> bool {
-    let tid = tid_x();
     let mut ok = true;
-    if tid < w.world {
+    let mut s = tid_x();
+    while ok && s < w.world {
         // SAFETY: the caller guarantees the counter addresses.
-        ok = unsafe { w.wait_reached(counter(tid), expected, phase, tid) };
+        ok = unsafe { w.wait_reached(counter(s), expected, phase, s) };
+        s += ntid_x();
     }
     bar_red_and_pred_0(ok)
 }
