@@ -23,6 +23,7 @@ from ._moe_ep import (  # noqa: F401
     __version__,
     check_tensor,
     device_count,
+    nvshmem_module,
     nvshmem_status,
     tensor_path,
 )

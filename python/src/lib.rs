@@ -91,6 +91,7 @@ fn _moe_ep(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device_count, m)?)?;
     m.add_function(wrap_pyfunction!(ll_heap_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(nvshmem_status, m)?)?;
+    m.add_function(wrap_pyfunction!(crate::nvshmem::nvshmem_module, m)?)?;
     m.add_function(wrap_pyfunction!(ht_heap_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(check_tensor_py, m)?)?;
     m.add_function(wrap_pyfunction!(tensor_path, m)?)?;

@@ -136,6 +136,16 @@ def main():
     if saved is not None:
         os.environ["MOE_EP_LL_TRANSPORT"] = saved
     assert moe_ep.nvshmem_status() is None
+    # The test wheel carries no NVSHMEM module (the release wheel does); `none` switches it off.
+    saved = os.environ.pop("MOE_EP_NVSHMEM_MODULE", None)
+    assert moe_ep.nvshmem_module().startswith("none (the wheel carries no NVSHMEM module"), moe_ep.nvshmem_module()
+    os.environ["MOE_EP_NVSHMEM_MODULE"] = "none"
+    assert moe_ep.nvshmem_module() == "none (MOE_EP_NVSHMEM_MODULE=none)", moe_ep.nvshmem_module()
+    os.environ["MOE_EP_NVSHMEM_MODULE"] = "/x/m.cubin"
+    assert moe_ep.nvshmem_module() == "/x/m.cubin (MOE_EP_NVSHMEM_MODULE)", moe_ep.nvshmem_module()
+    del os.environ["MOE_EP_NVSHMEM_MODULE"]
+    if saved is not None:
+        os.environ["MOE_EP_NVSHMEM_MODULE"] = saved
     print("moe_ep CPU checks passed")
 
 

@@ -62,6 +62,10 @@ def main():
     assert (nv is not None) == (transport == "nvshmem"), (transport, nv)
     where = f", low-latency buffer in NVSHMEM {nv[0]}.{nv[1]}.{nv[2]}'s memory (init status {nv[3]})" if nv else ""
     put_mask = buf._ll.put_mask
+    module = moe_ep.nvshmem_module()
+    if transport == "nvshmem" and "MOE_EP_NVSHMEM_MODULE" not in os.environ:
+        # The release wheel carries the NVSHMEM module (`cargo xtask wheel`).
+        assert module.endswith("(carried by the wheel)"), module
     if os.environ.get("MOE_EP_NVSHMEM_PUT") == "all" and transport == "nvshmem":
         # Every other rank through NVSHMEM calls (the put path of the NVSHMEM module).
         assert put_mask == ((1 << world) - 1) & ~(1 << rank), (put_mask, rank, world)
@@ -69,6 +73,7 @@ def main():
         assert put_mask == 0, put_mask
     if nv:
         where += f", other ranks reached {'through NVSHMEM calls (put mask ' + hex(put_mask) + ')' if put_mask else 'by direct stores'}"
+        where += f", NVSHMEM module: {module}"
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}{where}")
 
     def check_received(recv_x, count, handle, use_fp8, what, inputs=None):

@@ -244,7 +244,10 @@ if [ "$what" = nvshmem ]; then
   for n in ${NVSHMEM_PY_PES-2 4}; do
     for put in direct all; do
       log="$out/nvshmem$n-python$([ $put = all ] && echo -put).log"
-      MOE_EP_LL_TRANSPORT=nvshmem MOE_EP_NVSHMEM_MODULE="$here/ptx/moe_ep_nvshmem.cubin" MOE_EP_NVSHMEM_PUT=$put \
+      # Direct stores with no module bound (MOE_EP_NVSHMEM_MODULE=none); the put path with the
+      # module the wheel carries (MOE_EP_NVSHMEM_MODULE unset).
+      if [ $put = all ]; then unset MOE_EP_NVSHMEM_MODULE; else export MOE_EP_NVSHMEM_MODULE=none; fi
+      MOE_EP_LL_TRANSPORT=nvshmem MOE_EP_NVSHMEM_PUT=$put \
         NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
         timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$log" 2>&1; rc=$?
       echo "=== python test_gpu.py, low-latency buffer on NVSHMEM, $n ranks sharing GPU 0 (no MPS), MOE_EP_NVSHMEM_PUT=$put: exit $rc"; grep -E "^rank|Error|assert" "$log" | head -n 20; [ "$rc" -eq 0 ] || status=1

@@ -1,7 +1,8 @@
 //! The Python package (`python/`): `cargo xtask test` builds its abi3 wheel with maturin,
 //! installs it into a scratch virtual environment and runs its CPU checks
 //! (`python/tests/test_cpu.py`: it imports, errors carry their fields, bad tensors are refused).
-//! `cargo xtask wheel` builds the release wheel (what the GPU machine gets).
+//! `cargo xtask wheel` builds the release wheel (what the GPU machine gets), which carries the
+//! NVSHMEM module's cubin.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -26,8 +27,22 @@ fn maturin(root: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     Ok((exe, Some(dir)))
 }
 
-/// Builds the wheel into `target/wheels` (`release`: optimised) and returns its path.
+/// Where the package carries the NVSHMEM module (`python/src/nvshmem.rs` looks for it there).
+const PACKAGED_NVSHMEM_MODULE: &str = "python/moe_ep/moe_ep_nvshmem.cubin";
+
+/// Builds the wheel into `target/wheels` (`release`: optimised) and returns its path. The
+/// release wheel carries the NVSHMEM module's sm_90 cubin (`cargo xtask build-ptx --nvshmem`,
+/// built here if it is not yet); the test wheel does not.
 pub fn build_wheel(root: &Path, release: bool) -> Result<PathBuf> {
+    let packaged = root.join(PACKAGED_NVSHMEM_MODULE);
+    let _ = std::fs::remove_file(&packaged);
+    if release {
+        let cubin = root.join("target/ptx/moe_ep_nvshmem.cubin");
+        if !cubin.exists() {
+            crate::nvshmem::build(root)?;
+        }
+        std::fs::copy(&cubin, &packaged).with_context(|| format!("copying {} into the package", cubin.display()))?;
+    }
     let (exe, pythonpath) = maturin(root)?;
     let out = root.join("target/wheels");
     let _ = std::fs::remove_dir_all(&out);
