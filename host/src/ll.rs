@@ -234,7 +234,9 @@ pub enum CombineInput<'a> {
 pub struct CombineArgs<'a> {
     /// The expert outputs.
     pub x: CombineInput<'a>,
-    /// The same `[N, K]` routing the dispatch used.
+    /// The same `[N, K]` routing the dispatch used, with the same contents: the home finds each
+    /// expert rank's rows from it (a pre-reduced row at the token's first top-k slot on its rank,
+    /// as the dispatch routed it), so an entry changed in between reads rows nothing wrote.
     pub topk_idx: TopkIdx<'a>,
     /// `f32 [N, K]` weights, needed by [`CombineMode::PerExpert`] (a pre-reduced combine
     /// uses the ones the dispatch carried and refuses these).
@@ -352,11 +354,17 @@ impl LlBuffer {
         let heap = heap(hl.heap_bytes())?;
         // The kernels' rank table: every rank's heap base as mapped here, flagged for a rank
         // reached through NVSHMEM calls. Written once, before any launch.
-        let table = heap.rank_table(g.world())?;
-        // SAFETY: the table region holds `world` u64 of this rank's heap (the layout); the copy
-        // completes before it returns.
-        unsafe { crate::driver::copy_to_device(&table, heap.local_ptr() + hl.tables.ranks, g.stream()) }
-            .during("cuMemcpyHtoDAsync", || "writing the low-latency buffer's rank table".into())?;
+        let written = heap.rank_table(g.world()).and_then(|table| {
+            // SAFETY: the table region holds `world` u64 of this rank's heap (the layout); the
+            // copy completes before it returns.
+            unsafe { crate::driver::copy_to_device(&table, heap.local_ptr() + hl.tables.ranks, g.stream()) }
+                .during("cuMemcpyHtoDAsync", || "writing the low-latency buffer's rank table".into())
+        });
+        // Every rank learns of one that could not write its table (its own error stays its own),
+        // instead of timing out in the first call.
+        let agreed = g.agree("low-latency rank tables", if written.is_ok() { "written" } else { "not written" });
+        written?;
+        agreed?;
         Ok(LlBuffer {
             g: g.clone(),
             cfg,

@@ -200,7 +200,8 @@ unsafe fn dispatch_send(p: &LlDispatchParams, w: &Waiter, remote: &Remote, seq: 
     let t0 = core::cmp::min(ctaid_x() * per_block, p.num_tokens);
     let t1 = core::cmp::min(t0 + per_block, p.num_tokens);
     let guard = p.stages & stage::NO_REUSE_GUARD == 0;
-    let own = remote.base(rank);
+    // SAFETY: this rank is below the launch's rank count.
+    let own = unsafe { remote.base(rank) };
     // SAFETY: as in `ll_dispatch`; shared memory holds `LL_DEST_WORDS` words per warp.
     unsafe {
         let mut ok = true;
@@ -465,7 +466,8 @@ unsafe fn stream_tokens(p: &LlDispatchParams, remote: &Remote, t: u32, n: u32, f
 #[inline(always)]
 unsafe fn put_token(p: &LlDispatchParams, remote: &Remote, slot: u64, dests: u32) {
     let hidden = p.hidden as u64;
-    let own = remote.base(p.wait.rank) + p.half_off;
+    // SAFETY: this rank is below the launch's rank count.
+    let own = unsafe { remote.base(p.wait.rank) } + p.half_off;
     let row = own + p.layout.tok_x + slot * 2 * hidden;
     let groups = hidden / FP8_GROUP as u64;
     let scales = own + p.layout.tok_scales + slot * groups * 4;
@@ -810,7 +812,8 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter, remote: &Remote) {
     let epr = p.experts_per_rank;
     let rows_per_expert = (world * p.max_tokens) as u64;
     let row_bytes = 2 * p.hidden as u64;
-    let dh = remote.base(rank) + p.dispatch_half_off;
+    // SAFETY: this rank is below the launch's rank count.
+    let dh = unsafe { remote.base(rank) } + p.dispatch_half_off;
     let prefix = dyn_smem_base();
     // SAFETY: as in `ll_combine`; shared memory holds `epr + 33` words.
     unsafe {
@@ -886,7 +889,8 @@ unsafe fn combine_send_reduced(p: &LlCombineParams, w: &Waiter, remote: &Remote)
     let row_bytes = 2 * p.hidden as u64;
     let nvec = p.hidden / 8;
     let chunks = nvec.div_ceil(CHUNK);
-    let dh = remote.base(rank) + p.dispatch_half_off;
+    // SAFETY: this rank is below the launch's rank count.
+    let dh = unsafe { remote.base(rank) } + p.dispatch_half_off;
     let prefix = dyn_smem_base();
     // Rows of this rank's expert outputs (`p.y`).
     let rows = p.experts_per_rank as u64 * (world * p.max_tokens) as u64;

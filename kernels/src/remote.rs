@@ -68,15 +68,21 @@ impl Remote {
     }
 
     /// Heap base of rank `d` as mapped here (this rank's own for a put rank).
+    ///
+    /// # Safety
+    /// `d` must be below the launch's rank count (the table has no entry past it).
     #[inline(always)]
-    pub fn base(&self, d: u32) -> u64 {
-        // SAFETY: `new`'s contract; callers pass ranks below the launch's count.
+    pub unsafe fn base(&self, d: u32) -> u64 {
+        // SAFETY: `new`'s contract and the caller's.
         unsafe { rank_base(self.table, d) }
     }
 
     /// Whether rank `d` is reached by NVSHMEM calls.
+    ///
+    /// # Safety
+    /// As [`Remote::base`].
     #[inline(always)]
-    pub fn put(&self, d: u32) -> bool {
+    pub unsafe fn put(&self, d: u32) -> bool {
         // SAFETY: as in `base`.
         self.any && unsafe { entry(self.table, d) } & RANK_PUT != 0
     }
