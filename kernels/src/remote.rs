@@ -101,7 +101,8 @@ impl Remote {
     #[inline(always)]
     pub unsafe fn st_relaxed_sys_u32(&self, d: u32, a: *mut u32, v: u32) {
         #[cfg(feature = "nvshmem")]
-        if self.put(d) {
+        // SAFETY: `d` is a rank of the launch (the caller's contract).
+        if unsafe { self.put(d) } {
             // SAFETY: `a` is a symmetric address of this rank (the caller's contract).
             unsafe { nv::nvshmem_uint32_p(a, v, d as i32) };
             return;
@@ -117,7 +118,8 @@ impl Remote {
     #[inline(always)]
     pub unsafe fn st_u32(&self, d: u32, a: *mut u32, v: u32) {
         #[cfg(feature = "nvshmem")]
-        if self.put(d) {
+        // SAFETY: `d` is a rank of the launch (the caller's contract).
+        if unsafe { self.put(d) } {
             // SAFETY: as above.
             unsafe { nv::nvshmem_uint32_p(a, v, d as i32) };
             return;
@@ -133,7 +135,8 @@ impl Remote {
     #[inline(always)]
     pub unsafe fn st_v4_u32(&self, d: u32, a: *mut [u32; 4], v: [u32; 4]) {
         #[cfg(feature = "nvshmem")]
-        if self.put(d) {
+        // SAFETY: `d` is a rank of the launch (the caller's contract).
+        if unsafe { self.put(d) } {
             let w = a.cast::<u64>();
             // SAFETY: as above; both words lie in the 16 bytes at `a`.
             unsafe {
@@ -153,7 +156,8 @@ impl Remote {
     #[inline(always)]
     pub unsafe fn red_add_u32(&self, d: u32, a: *mut u32, v: u32) {
         #[cfg(feature = "nvshmem")]
-        if self.put(d) {
+        // SAFETY: `d` is a rank of the launch (the caller's contract).
+        if unsafe { self.put(d) } {
             // SAFETY: as above.
             unsafe { nv::nvshmem_uint32_atomic_add(a, v, d as i32) };
             return;
@@ -172,7 +176,8 @@ impl Remote {
     #[inline(always)]
     pub unsafe fn own_counter_add(&self, s: u32, own: u32, a: *mut u32, v: u32) {
         #[cfg(feature = "nvshmem")]
-        if self.put(s) {
+        // SAFETY: `s` is a rank of the launch (the caller's contract).
+        if unsafe { self.put(s) } {
             // SAFETY: `a` is a symmetric address of this rank (the caller's contract).
             unsafe { nv::nvshmem_uint32_atomic_add(a, v, own as i32) };
             return;
@@ -193,7 +198,8 @@ impl Remote {
     #[inline(always)]
     pub unsafe fn put_warp(&self, d: u32, dst: u64, src: u64, bytes: u64) {
         #[cfg(feature = "nvshmem")]
-        if self.put(d) {
+        // SAFETY: `d` is a rank of the launch (the caller's contract).
+        if unsafe { self.put(d) } {
             // SAFETY: the caller's contract; NVSHMEM reads `bytes` at `src` here and writes
             // them at `dst` on PE `d`.
             unsafe { nv::nvshmemx_putmem_nbi_warp(dst as *mut core::ffi::c_void, src as *const core::ffi::c_void, bytes as usize, d as i32) };
