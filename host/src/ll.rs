@@ -354,11 +354,17 @@ impl LlBuffer {
         let heap = heap(hl.heap_bytes())?;
         // The kernels' rank table: every rank's heap base as mapped here, flagged for a rank
         // reached through NVSHMEM calls. Written once, before any launch.
-        let table = heap.rank_table(g.world())?;
-        // SAFETY: the table region holds `world` u64 of this rank's heap (the layout); the copy
-        // completes before it returns.
-        unsafe { crate::driver::copy_to_device(&table, heap.local_ptr() + hl.tables.ranks, g.stream()) }
-            .during("cuMemcpyHtoDAsync", || "writing the low-latency buffer's rank table".into())?;
+        let written = heap.rank_table(g.world()).and_then(|table| {
+            // SAFETY: the table region holds `world` u64 of this rank's heap (the layout); the
+            // copy completes before it returns.
+            unsafe { crate::driver::copy_to_device(&table, heap.local_ptr() + hl.tables.ranks, g.stream()) }
+                .during("cuMemcpyHtoDAsync", || "writing the low-latency buffer's rank table".into())
+        });
+        // Every rank learns of one that could not write its table (its own error stays its own),
+        // instead of timing out in the first call.
+        let agreed = g.agree("low-latency rank tables", if written.is_ok() { "written" } else { "not written" });
+        written?;
+        agreed?;
         Ok(LlBuffer {
             g: g.clone(),
             cfg,
