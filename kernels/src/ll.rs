@@ -551,16 +551,18 @@ unsafe fn token_prefix(w: &Waiter, ntok: u64, max: u32, phase: u32, prefix: u32,
     }
 }
 
-/// The `i`-th received token in source order, (source, token), from the prefix that
-/// [`token_prefix`] left in shared memory: the last source whose prefix is at most `i`.
+/// The `i`-th item of `n` groups, (group, index in it), from an exclusive prefix of the groups'
+/// sizes in shared memory: the last group whose prefix is at most `i` (the received tokens in
+/// source order from [`token_prefix`], or the received rows by local expert).
 ///
 /// # Safety
-/// `prefix` must hold [`token_prefix`]'s result and `i` be below its total.
+/// `prefix` must hold such a prefix (`n` words, every block thread's writes to it behind a
+/// barrier) and `i` be below the total.
 #[inline(always)]
-unsafe fn locate(prefix: u32, world: u32, i: u32) -> (u32, u32) {
+unsafe fn locate(prefix: u32, n: u32, i: u32) -> (u32, u32) {
     // SAFETY: the caller guarantees the prefix.
     unsafe {
-        let (mut lo, mut hi) = (0u32, world);
+        let (mut lo, mut hi) = (0u32, n);
         while hi - lo > 1 {
             let mid = (lo + hi) / 2;
             if ld_shared_cta_u32(prefix + 4 * mid) <= i {
@@ -840,18 +842,9 @@ unsafe fn combine_send(p: &LlCombineParams, w: &Waiter, remote: &Remote) {
         let mut unit = gw;
         while unit < total_rows * chunks {
             let (i, c) = div_rem_u32(unit, chunks);
-            // Largest expert e with prefix[e] <= i.
-            let (mut lo, mut hi) = (0u32, epr);
-            while hi - lo > 1 {
-                let mid = (lo + hi) / 2;
-                if ld_shared_cta_u32(prefix + 4 * mid) <= i {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            let e = lo;
-            let row = e as u64 * rows_per_expert + (i - ld_shared_cta_u32(prefix + 4 * e)) as u64;
+            // The expert of the i-th received row (the last with prefix[e] <= i), and its row.
+            let (e, j) = locate(prefix, epr, i);
+            let row = e as u64 * rows_per_expert + j as u64;
             let meta = ld_global_nc_s32((dh + p.layout.recv_meta + 4 * row) as *const i32) as u32;
             let (s, kk, t) = (meta >> 24, ((meta >> 16) & 0xff) as u64, (meta & 0xffff) as u64);
             if !(w.index_ok(s as u64, world as u64, bad_index::SOURCE, phase::LL_COMBINE_SEND, rank)
