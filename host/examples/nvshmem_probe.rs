@@ -156,7 +156,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Low-latency calls on a buffer in NVSHMEM's memory and on one in the IPC heap, with the same
 /// inputs, each checked: on the NVSHMEM buffer every send path of the kernels runs (with
-/// `MOE_EP_NVSHMEM_PUT=all`, the put path: NVSHMEM calls to every other PE, which the put mask
+/// `MOE_EP_NVSHMEM_PUT=all`, the put path: NVSHMEM calls to every other PE, which the put ranks
 /// must then show).
 /// 1. BF16 dispatch: every received row against the inputs; per-expert combine of the received
 ///    rows where they lie (in the heap: sent from there) against the CPU reference;
@@ -213,13 +213,13 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
     };
     let forced = std::env::var("MOE_EP_NVSHMEM_PUT").is_ok_and(|v| v == "all");
     let mut evidence: Vec<Vec<(&str, Vec<u8>)>> = Vec::new();
-    let mut put_masks = Vec::new();
+    let mut put_ranks = Vec::new();
     for (label, mut buf) in [("NVSHMEM", LlBuffer::with_nvshmem(g, nv, cfg)?), ("IPC", LlBuffer::new(g, cfg)?)] {
-        let want_mask = if forced && label == "NVSHMEM" { ((1u32 << world) - 1) & !(1 << me) } else { 0 };
-        if buf.put_mask() != want_mask {
-            return Err(format!("rank {me} ({label}): put mask {:#x}, expected {want_mask:#x}", buf.put_mask()).into());
+        let want: Vec<usize> = if forced && label == "NVSHMEM" { (0..world).filter(|&r| r != me).collect() } else { vec![] };
+        if buf.put_ranks() != want {
+            return Err(format!("rank {me} ({label}): put ranks {:?}, expected {want:?}", buf.put_ranks()).into());
         }
-        put_masks.push(buf.put_mask());
+        put_ranks.push(buf.put_ranks().to_vec());
         let mut ev: Vec<(&str, Vec<u8>)> = Vec::new();
         // 1. received rows checked, combined from where they lie.
         let c = &cases[0];
@@ -303,9 +303,9 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
         }
     }
     println!(
-        "rank {me} of {world} ({name}): low-latency calls on NVSHMEM's symmetric memory (put mask {:#x}: {}) and on the IPC heap: every received row ({} rows in step 1), both combines of rows in and outside the heap, FP8 rows and scales and hook mode match the inputs and the CPU reference, and each other byte for byte ({})",
-        put_masks[0],
-        if put_masks[0] == 0 { "every PE by direct stores" } else { "NVSHMEM calls to the PEs of the mask" },
+        "rank {me} of {world} ({name}): low-latency calls on NVSHMEM's symmetric memory (put ranks {:?}: {}) and on the IPC heap: every received row ({} rows in step 1), both combines of rows in and outside the heap, FP8 rows and scales and hook mode match the inputs and the CPU reference, and each other byte for byte ({})",
+        put_ranks[0],
+        if put_ranks[0].is_empty() { "every PE by direct stores" } else { "NVSHMEM calls to those PEs" },
         cases[0].want.iter().map(|m| m.len()).sum::<usize>(),
         evidence[0].iter().map(|(w, b)| format!("{w}: {} B", b.len())).collect::<Vec<_>>().join(", ")
     );

@@ -35,7 +35,7 @@ pub fn heap_pattern_roundtrip(g: &Group, slot_bytes: u64, seed: u32, runs: u32) 
         g.launch_barrier(s, 1)?;
         let p = PatternParams {
             wait: g.wait_ctx(),
-            peers: heap.peers(),
+            peers: heap.peers("the heap pattern test")?,
             region_off: CONTROL_BYTES,
             slot_bytes,
             seed: seed.wrapping_add(run),
@@ -86,7 +86,7 @@ pub fn barrier_loop(g: &Group, launches: u32, iters_per_launch: u32) -> Result<(
 /// what the host got (expected: `Err(Error::Timeout { .. })` naming `peer`).
 pub fn wait_for_silent_peer(g: &Group, peer: usize, timeout: Duration) -> Result<()> {
     check_rank(g, "peer", peer, true)?;
-    let p = WaitTestParams { wait: g.wait_ctx_with(timeout), peers: g.control_peers(), peer: peer as u32, value: u32::MAX / 2 };
+    let p = WaitTestParams { wait: g.wait_ctx_with(timeout), peers: g.control_peers("the deadline test")?, peer: peer as u32, value: u32::MAX / 2 };
     g.launch(Kernel::WaitForever, 1, 32, 0, g.stream(), &p)?;
     g.check()
 }
@@ -181,7 +181,7 @@ impl P2pProbe {
         }
         let p = P2pCopyParams {
             src: self.src.ptr(),
-            dst: self.heap.peers().base[dst_rank] + CONTROL_BYTES,
+            dst: self.heap.base(dst_rank) + CONTROL_BYTES,
             bytes: self.bytes,
             iters,
             use_bulk: (engine == CopyEngine::Bulk) as u32,
@@ -206,7 +206,7 @@ pub fn ping_pong(g: &Group, peer: usize, initiator: bool, iters: u32) -> Result<
     let s = g.stream();
     let elapsed = DeviceAlloc::zeroed(g.context(), 8)?;
     // Zero this rank's ping flags, and meet the peer so both start from zero.
-    let peers = g.control_peers();
+    let peers = g.control_peers("the flag ping-pong")?;
     let me = peers.base[g.rank()] + std::mem::offset_of!(Control, ping_flags) as u64;
     // SAFETY: the flags lie in this rank's control block; no kernel uses them now.
     unsafe { driver::memset_d8_async(me, 0, 4 * MAX_RANKS, s) }.during("cuMemsetD8Async", || "zeroing ping flags".into())?;

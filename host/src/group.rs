@@ -16,7 +16,7 @@ use crate::rendezvous::{Exchange, LocalExchange, ProcessConfig, TcpExchange};
 use crate::watchdog::{self, FailureKind, Health, PeerFailure, Watchdog};
 use crate::work::OwnWork;
 use cudarc::driver::{CudaContext, CudaStream, sys};
-use moe_ep_kernels::abi::{self, CONTROL_BYTES, ERROR_RECORD_CLEAR, ErrorRecord, KernelParams, MAX_RANKS, WaitCtx};
+use moe_ep_kernels::abi::{self, CONTROL_BYTES, ERROR_RECORD_CLEAR, ErrorRecord, GROUP_MAX_RANKS, KernelParams, WaitCtx};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -266,8 +266,8 @@ impl Group {
     /// ranks (see [`crate::rendezvous`] on authentication).
     pub fn with_exchange(exchange: Arc<dyn Exchange>, device: usize, cfg: GroupConfig) -> Result<Group> {
         let (rank, world) = (exchange.rank(), exchange.world());
-        if world == 0 || world > MAX_RANKS || rank >= world {
-            return Err(Error::invalid("exchange", format!("rank {rank} of {world}; a group needs 1..={MAX_RANKS} ranks")));
+        if world == 0 || world > GROUP_MAX_RANKS || rank >= world {
+            return Err(Error::invalid("exchange", format!("rank {rank} of {world}; a group needs 1..={GROUP_MAX_RANKS} ranks")));
         }
         let ctx = open_device(device)?;
         Group::build(ctx, exchange, Mode::Processes, device, cfg)
@@ -281,8 +281,8 @@ impl Group {
 
     /// One thread per rank, rank `r` on GPU `r`.
     fn threads_on<T: Send>(world: usize, cfg: GroupConfig, f: impl Fn(&Group) -> Result<T> + Sync) -> Vec<Result<T>> {
-        if world == 0 || world > MAX_RANKS {
-            return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={MAX_RANKS}")))];
+        if world == 0 || world > GROUP_MAX_RANKS {
+            return vec![Err(Error::invalid("world", format!("world size {world} is outside 1..={GROUP_MAX_RANKS}")))];
         }
         let exchanges = LocalExchange::group(world);
         std::thread::scope(|s| {
@@ -556,9 +556,21 @@ impl Group {
     /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
     /// different buffers never pair up across ranks), `iters` times, after waiting `hold_ns`
     /// on the GPU (`BarrierParams::hold_ns`; 0 for none).
+    /// A heap with ranks reached through NVSHMEM calls is refused: the barrier stores directly.
     pub(crate) fn launch_barrier_on(&self, stream: &CudaStream, heap: &SymmetricHeap, iters: u32, hold_ns: u32) -> Result<()> {
-        let p = moe_ep_kernels::abi::BarrierParams { wait: self.wait_ctx(), peers: heap.peers(), iters, hold_ns };
-        self.launch(Kernel::Barrier, 1, 32, 0, stream, &p)
+        if !heap.put_ranks().is_empty() {
+            return Err(Error::invalid(
+                "heap",
+                format!(
+                    "a barrier over a heap that reaches ranks {:?} through NVSHMEM calls (the barrier stores directly): not supported",
+                    heap.put_ranks()
+                ),
+            ));
+        }
+        let p = moe_ep_kernels::abi::BarrierParams { wait: self.wait_ctx(), ranks: heap.rank_table(), slots: heap.barrier_slots(), iters, hold_ns };
+        // A warp per 32 ranks, at most 8 (each thread serves every block-size-th rank).
+        let block = (self.inner.world as u32).div_ceil(32).clamp(1, 8) * 32;
+        self.launch(Kernel::Barrier, 1, block, 0, stream, &p)
     }
 
     /// Waits until every kernel this rank launched has finished (polling its own events, with a
@@ -710,9 +722,11 @@ impl Group {
         }
     }
 
+    /// The control heap's bases for the test kernels that take them by value (at most
+    /// `MAX_RANKS` ranks; `what` names the kernel in the error past that).
     #[cfg(feature = "testing")]
-    pub(crate) fn control_peers(&self) -> moe_ep_kernels::abi::Peers {
-        self.inner.heap.peers()
+    pub(crate) fn control_peers(&self, what: &str) -> Result<moe_ep_kernels::abi::Peers> {
+        self.inner.heap.peers(what)
     }
 
     /// Collective: releases `heap` on every rank ([`SymmetricHeap::destroy`]); on an error its
@@ -769,19 +783,19 @@ impl Group {
     pub(crate) fn adopt_heap(
         &self,
         external: Box<dyn crate::heap::ExternalHeap>,
-        ptr: u64,
-        bytes: usize,
-        peers: &[u64],
-        put_mask: u32,
+        (ptr, body): (u64, u64),
+        bases: Vec<u64>,
+        put: Vec<usize>,
     ) -> Result<SymmetricHeap> {
         self.ensure_healthy()?;
         SymmetricHeap::adopt(
+            &self.inner.ctx,
             &self.inner.exchange,
             &self.inner.quarantine,
             &self.inner.work,
             external,
-            (ptr, bytes),
-            (peers, put_mask),
+            (ptr, body),
+            (bases, put),
             self.inner.cfg.rendezvous_timeout,
         )
     }

@@ -1,6 +1,8 @@
 //! The symmetric heap: one device buffer of the same size and layout on every rank, mapped
 //! into every rank's address space, so a kernel reaches rank `r`'s copy at
-//! `peers.base[r] + offset` (like `nvshmem_ptr`).
+//! `base[r] + offset` (like `nvshmem_ptr`). Every heap ends with its [`HeapTables`]: the rank
+//! table the kernels read those bases from (written here, before any launch) and the slots of
+//! the barrier over it, both sized by the group's rank count.
 //!
 //! Multi-process groups share it with CUDA IPC (`cuIpcGetMemHandle` on the owner, handles
 //! all-gathered through the rendezvous, `cuIpcOpenMemHandle` on the peers); single-process
@@ -25,7 +27,7 @@ use crate::error::{DriverContext, Error, Result};
 use crate::rendezvous::Exchange;
 use crate::work::OwnWork;
 use cudarc::driver::CudaContext;
-use moe_ep_kernels::abi::{MAX_RANKS, Peers};
+use moe_ep_kernels::abi::{HeapTables, MAX_RANKS, Peers, RANK_PUT};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -118,10 +120,12 @@ pub struct SymmetricHeap {
     local: Option<DeviceAlloc>,
     ptr: u64,
     bytes: usize,
-    peers: Peers,
-    /// Ranks reached through NVSHMEM calls instead of `peers` (bit `r`: rank `r`, whose
-    /// `peers` entry is then this rank's own base); 0 on moe-ep's own heap.
-    put_mask: u32,
+    /// Where the rank table and barrier slots lie.
+    tables: HeapTables,
+    /// Every rank's heap base as mapped here (this rank's own for a put rank).
+    bases: Vec<u64>,
+    /// Ranks reached through NVSHMEM calls instead of `bases` (never on moe-ep's own heap).
+    put: Vec<usize>,
     /// Peer allocations mapped over IPC.
     opened: Vec<IpcMapping>,
     /// Memory owned by another library instead of `local` (see [`ExternalHeap`]).
@@ -146,8 +150,14 @@ pub(crate) trait ExternalHeap: Send + Sync {
 }
 
 impl SymmetricHeap {
-    /// Collective: every rank of the group calls it with the same `bytes`. The heap starts
-    /// zeroed on every rank before any rank can touch a peer's copy.
+    /// Bytes a heap whose user asked for `body` takes per rank, its [`HeapTables`] included.
+    pub(crate) fn total_bytes(body: u64, world: usize) -> u64 {
+        HeapTables::new(body, world as u64).end
+    }
+
+    /// Collective: every rank of the group calls it with the same `bytes` (the user's: the
+    /// heap adds its [`HeapTables`] after them). The heap starts zeroed on every rank before any
+    /// rank can touch a peer's copy.
     pub(crate) fn new(
         ctx: &Arc<CudaContext>,
         exchange: &Arc<dyn Exchange>,
@@ -159,9 +169,6 @@ impl SymmetricHeap {
     ) -> Result<Self> {
         let (rank, world) = (exchange.rank(), exchange.world());
         quarantine.reclaim(exchange, work, timeout)?;
-        if world > MAX_RANKS {
-            return Err(Error::invalid("world", format!("{world} ranks exceed the {MAX_RANKS} a heap maps")));
-        }
         let sizes = exchange.all_gather_as("heap sizes", &bytes.to_le_bytes(), timeout)?;
         for (r, s) in sizes.iter().enumerate() {
             let b = u64::from_le_bytes(s.as_slice().try_into().map_err(|_| Error::Rendezvous {
@@ -176,7 +183,8 @@ impl SymmetricHeap {
                 ));
             }
         }
-        let local = DeviceAlloc::zeroed(ctx, bytes as usize)?;
+        let tables = HeapTables::new(bytes, world as u64);
+        let local = DeviceAlloc::zeroed(ctx, tables.end as usize)?;
         let id = NEXT_HEAP_ID.fetch_add(1, Ordering::Relaxed);
         let seq = quarantine.created.fetch_add(1, Ordering::Relaxed);
         let mut heap = SymmetricHeap {
@@ -185,8 +193,9 @@ impl SymmetricHeap {
             ptr: local.ptr(),
             bytes: local.bytes(),
             local: Some(local),
-            peers: Peers::default(),
-            put_mask: 0,
+            tables,
+            bases: vec![0; world],
+            put: Vec::new(),
             opened: Vec::new(),
             external: None,
             exchange: exchange.clone(),
@@ -197,7 +206,7 @@ impl SymmetricHeap {
             Mode::Threads => {
                 let ptrs = exchange.all_gather_as("heap pointers", &heap.ptr.to_le_bytes(), timeout)?;
                 for (r, p) in ptrs.iter().enumerate() {
-                    heap.peers.base[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                    heap.bases[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::Rendezvous {
                         rank,
                         world,
                         reason: format!("rank {r} sent a malformed heap pointer"),
@@ -209,7 +218,7 @@ impl SymmetricHeap {
                 let handles = exchange.all_gather_as("heap IPC handles", &h, timeout)?;
                 for (r, hb) in handles.iter().enumerate() {
                     if r == rank {
-                        heap.peers.base[r] = heap.ptr;
+                        heap.bases[r] = heap.ptr;
                         continue;
                     }
                     let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::Rendezvous {
@@ -218,31 +227,56 @@ impl SymmetricHeap {
                         reason: format!("rank {r} sent a malformed IPC handle"),
                     })?;
                     let m = IpcMapping::open(ctx, &h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
-                    heap.peers.base[r] = m.ptr();
+                    heap.bases[r] = m.ptr();
                     heap.opened.push(m);
                 }
             }
         }
-        exchange.barrier(timeout)?;
+        heap.write_rank_table(ctx, timeout)?;
         Ok(heap)
     }
 
-    /// Collective: a heap in memory that `external` allocated symmetrically (`(ptr, bytes)`
-    /// on this rank, zeroed on every rank before the call), rank `r`'s copy at `peers[r]`.
+    /// Collective, the last step of making a heap: writes this rank's rank table
+    /// ([`HeapTables::ranks`]), then every rank learns whether every rank could (so a rank that
+    /// could not is an error everywhere now, not a peer's timeout in the first launch).
+    fn write_rank_table(&self, ctx: &Arc<CudaContext>, timeout: Duration) -> Result<()> {
+        let table: Vec<u64> = self.bases.iter().enumerate().map(|(r, &b)| b | if self.put.contains(&r) { RANK_PUT } else { 0 }).collect();
+        let written = ctx.new_stream().during("cuStreamCreate", || "writing a heap's rank table".into()).and_then(|s| {
+            // SAFETY: the table region holds `world` u64 of this rank's heap (`HeapTables`); no
+            // kernel uses the heap yet, and the copy completes before it returns.
+            unsafe { crate::driver::copy_to_device(&table, self.ptr + self.tables.ranks, &s) }
+                .during("cuMemcpyHtoDAsync", || "writing a heap's rank table".into())
+        });
+        let all = self.exchange.all_gather_as("heap rank tables", &[written.is_ok() as u8], timeout)?;
+        written?;
+        match all.iter().position(|b| b.first() != Some(&1)) {
+            None => Ok(()),
+            Some(r) => Err(Error::Rendezvous {
+                rank: self.exchange.rank(),
+                world: self.exchange.world(),
+                reason: format!("rank {r} could not write its rank table of a new heap (see its error)"),
+            }),
+        }
+    }
+
+    /// Collective: a heap in memory that `external` allocated symmetrically (`(ptr, body)` on
+    /// this rank: [`SymmetricHeap::total_bytes`] of `body`, zeroed on every rank before the
+    /// call), rank `r`'s copy at `bases[r]`, the ranks of `put` reached through NVSHMEM calls.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn adopt(
+        ctx: &Arc<CudaContext>,
         exchange: &Arc<dyn Exchange>,
         quarantine: &Arc<Quarantine>,
         work: &Arc<OwnWork>,
         external: Box<dyn ExternalHeap>,
-        (ptr, bytes): (u64, usize),
-        (peers, put_mask): (&[u64], u32),
+        (ptr, body): (u64, u64),
+        (bases, put): (Vec<u64>, Vec<usize>),
         timeout: Duration,
     ) -> Result<Self> {
-        if peers.len() > MAX_RANKS {
-            return Err(Error::invalid("world", format!("{} ranks exceed the {MAX_RANKS} a heap maps", peers.len())));
+        if bases.len() != exchange.world() {
+            return Err(Error::Internal { reason: format!("an adopted heap with {} bases for {} ranks", bases.len(), exchange.world()) });
         }
-        let mut p = Peers::default();
-        p.base[..peers.len()].copy_from_slice(peers);
+        let tables = HeapTables::new(body, bases.len() as u64);
         let id = NEXT_HEAP_ID.fetch_add(1, Ordering::Relaxed);
         let seq = quarantine.created.fetch_add(1, Ordering::Relaxed);
         let heap = SymmetricHeap {
@@ -250,16 +284,17 @@ impl SymmetricHeap {
             seq,
             local: None,
             ptr,
-            bytes,
-            peers: p,
-            put_mask,
+            bytes: tables.end as usize,
+            tables,
+            bases,
+            put,
             opened: Vec::new(),
             external: Some(external),
             exchange: exchange.clone(),
             quarantine: quarantine.clone(),
             work: work.clone(),
         };
-        exchange.barrier(timeout)?;
+        heap.write_rank_table(ctx, timeout)?;
         Ok(heap)
     }
 
@@ -268,25 +303,36 @@ impl SymmetricHeap {
         self.id
     }
 
-    /// Heap base of every rank, as mapped in this process.
-    pub fn peers(&self) -> Peers {
-        self.peers
-    }
-
-    /// Ranks the kernels reach through NVSHMEM calls (see the field).
-    pub fn put_mask(&self) -> u32 {
-        self.put_mask
-    }
-
-    /// The low-latency kernels' rank table for `world` ranks
-    /// ([`moe_ep_kernels::abi::LlRankTables::ranks`]): rank `r`'s base as mapped here, with
-    /// [`moe_ep_kernels::abi::RANK_PUT`] for a put rank.
-    pub(crate) fn rank_table(&self, world: usize) -> Result<Vec<u64>> {
-        use moe_ep_kernels::abi::RANK_PUT;
-        if world > MAX_RANKS {
-            return Err(Error::invalid("world", format!("{world} ranks exceed the {MAX_RANKS} a heap maps")));
+    /// Heap base of every rank, as mapped in this process, as the kernels of at most
+    /// [`MAX_RANKS`] ranks take it (by value: the high-throughput and test kernels); more ranks
+    /// are an [`Error::InvalidArgument`] naming `what` needs them.
+    pub fn peers(&self, what: &str) -> Result<Peers> {
+        if self.bases.len() > MAX_RANKS {
+            return Err(Error::invalid("world", format!("{} ranks: {what} takes at most {MAX_RANKS}", self.bases.len())));
         }
-        Ok((0..world).map(|r| self.peers.base[r] | if (self.put_mask >> r) & 1 != 0 { RANK_PUT } else { 0 }).collect())
+        let mut p = Peers::default();
+        p.base[..self.bases.len()].copy_from_slice(&self.bases);
+        Ok(p)
+    }
+
+    /// Heap base of rank `r` as mapped in this process.
+    pub fn base(&self, r: usize) -> u64 {
+        self.bases[r]
+    }
+
+    /// Ranks the kernels reach through NVSHMEM calls (see the field), in rank order.
+    pub fn put_ranks(&self) -> &[usize] {
+        &self.put
+    }
+
+    /// Device address of this rank's rank table ([`HeapTables::ranks`]).
+    pub fn rank_table(&self) -> u64 {
+        self.ptr + self.tables.ranks
+    }
+
+    /// Heap offset of the barrier's slots ([`HeapTables::barrier`]).
+    pub fn barrier_slots(&self) -> u64 {
+        self.tables.barrier
     }
 
     /// Kernel `k` of the module that reaches this heap's put ranks (see [`ExternalHeap::kernel`]).
@@ -302,7 +348,7 @@ impl SymmetricHeap {
         self.ptr
     }
 
-    /// Bytes per rank.
+    /// Bytes per rank (its [`HeapTables`] included).
     pub fn bytes(&self) -> usize {
         self.bytes
     }

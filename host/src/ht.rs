@@ -165,9 +165,10 @@ impl HtConfig {
         )
     }
 
-    /// Symmetric-heap bytes per rank this configuration needs (a size hint).
+    /// Symmetric-heap bytes per rank this configuration needs (a size hint): the layout and the
+    /// heap's own tables.
     pub fn heap_bytes(&self, world: usize) -> u64 {
-        self.heap_layout(world).total
+        moe_ep_kernels::abi::HeapTables::new(self.heap_layout(world).total, world as u64).end
     }
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
@@ -610,7 +611,7 @@ impl HtBuffer {
         }
         let p = HtNotifyParams {
             wait: self.g.wait_ctx(),
-            peers: self.heap.peers(),
+            peers: self.heap.peers("the high-throughput kernels")?,
             notify_off: self.hl.notify,
             tokens_per_rank: h.layout.0.tokens_per_rank.device_addr(),
             tokens_per_expert: h.layout.0.tokens_per_expert.device_addr(),
@@ -700,7 +701,7 @@ impl HtBuffer {
         };
         let p = HtDispatchParams {
             wait: self.g.wait_ctx(),
-            peers: self.heap.peers(),
+            peers: self.heap.peers("the high-throughput kernels")?,
             x,
             scales,
             topk_idx: args.topk_idx.map_or(0, |t| t.addr()),
@@ -907,7 +908,7 @@ impl HtBuffer {
         }
         let p = HtCombineParams {
             wait: self.g.wait_ctx(),
-            peers: self.heap.peers(),
+            peers: self.heap.peers("the high-throughput kernels")?,
             y: args.x.device_addr(),
             y_weights: args.topk_weights.map_or(0, |w| w.device_addr()),
             src_base: h.src_base.device_addr(),

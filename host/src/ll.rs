@@ -60,9 +60,9 @@ impl LlConfig {
         )
     }
 
-    /// Symmetric-heap bytes per rank (a size hint).
+    /// Symmetric-heap bytes per rank (a size hint): the layout and the heap's own tables.
     pub fn heap_bytes(&self, world: usize) -> u64 {
-        self.half_layout(world).heap_bytes()
+        moe_ep_kernels::abi::HeapTables::new(self.half_layout(world).heap_bytes(), world as u64).end
     }
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
@@ -337,7 +337,7 @@ impl LlBuffer {
     /// (`nvshmem_malloc`) instead of moe-ep's own IPC heap: the same kernels and layout, each
     /// peer reached at the address `nvshmem_ptr` gives, or, for a PE it does not map (or every
     /// other PE with `MOE_EP_NVSHMEM_PUT=all`), through NVSHMEM calls by the kernels of the
-    /// module `nv` bound ([`LlBuffer::put_mask`]; without that module such a PE is an error on
+    /// module `nv` bound ([`LlBuffer::put_ranks`]; without that module such a PE is an error on
     /// every rank). [`LlBuffer::poison`] is refused on a buffer with such PEs. `destroy` frees the
     /// memory with `nvshmem_free`; a buffer dropped without it leaves its memory in NVSHMEM's
     /// heap until NVSHMEM is finalised. The buffer holds `nv` until it is destroyed or dropped.
@@ -351,20 +351,8 @@ impl LlBuffer {
         let cfg = LlConfig { num_blocks: if cfg.num_blocks == 0 { g.min_sm_count()?.max(1) } else { cfg.num_blocks }, ..cfg };
         g.agree("low-latency buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.half_layout(g.world());
+        // (The heap writes its rank table, which the kernels read every address from.)
         let heap = heap(hl.heap_bytes())?;
-        // The kernels' rank table: every rank's heap base as mapped here, flagged for a rank
-        // reached through NVSHMEM calls. Written once, before any launch.
-        let written = heap.rank_table(g.world()).and_then(|table| {
-            // SAFETY: the table region holds `world` u64 of this rank's heap (the layout); the
-            // copy completes before it returns.
-            unsafe { crate::driver::copy_to_device(&table, heap.local_ptr() + hl.tables.ranks, g.stream()) }
-                .during("cuMemcpyHtoDAsync", || "writing the low-latency buffer's rank table".into())
-        });
-        // Every rank learns of one that could not write its table (its own error stays its own),
-        // instead of timing out in the first call.
-        let agreed = g.agree("low-latency rank tables", if written.is_ok() { "written" } else { "not written" });
-        written?;
-        agreed?;
         Ok(LlBuffer {
             g: g.clone(),
             cfg,
@@ -463,12 +451,12 @@ impl LlBuffer {
 
     /// Device address of this rank's rank table (the kernels' `ranks`).
     fn ranks(&self) -> u64 {
-        self.heap.local_ptr() + self.hl.tables.ranks
+        self.heap.rank_table()
     }
 
     /// The kernels' `any_put`: 1 when some rank is reached through NVSHMEM calls.
     fn any_put(&self) -> u32 {
-        (self.heap.put_mask() != 0) as u32
+        !self.heap.put_ranks().is_empty() as u32
     }
 
     fn event(&self, stream: &Arc<CudaStream>) -> Result<CudaEvent> {
@@ -612,11 +600,11 @@ impl LlBuffer {
         self.event(stream)
     }
 
-    /// Ranks this buffer's kernels reach through NVSHMEM calls (bit `r`: rank `r`): those
-    /// NVSHMEM does not map (another node), or every other rank with `MOE_EP_NVSHMEM_PUT=all`;
-    /// 0 on moe-ep's own heap.
-    pub fn put_mask(&self) -> u32 {
-        self.heap.put_mask()
+    /// Ranks this buffer's kernels reach through NVSHMEM calls, in rank order: those NVSHMEM
+    /// does not map (another node), or every other rank with `MOE_EP_NVSHMEM_PUT=all`; none on
+    /// moe-ep's own heap.
+    pub fn put_ranks(&self) -> &[usize] {
+        self.heap.put_ranks()
     }
 
     fn check_own(&self, buffer: u64) -> Result<()> {
@@ -868,10 +856,10 @@ impl LlBuffer {
     }
 
     /// Launches `k` from the group's module, or, when some rank is reached through NVSHMEM
-    /// calls ([`LlBuffer::put_mask`]), from the NVSHMEM module the heap's memory belongs to.
+    /// calls ([`LlBuffer::put_ranks`]), from the NVSHMEM module the heap's memory belongs to.
     fn launch<P: KernelParams>(&self, k: Kernel, smem: u32, stream: &CudaStream, p: &P) -> Result<()> {
         let (blocks, threads) = (self.cfg.num_blocks, self.cfg.threads);
-        if self.heap.put_mask() == 0 {
+        if self.heap.put_ranks().is_empty() {
             self.g.launch(k, blocks, threads, smem, stream, p)
         } else {
             self.g.launch_function(k, self.heap.kernel(k)?, blocks, threads, smem, stream, p)
@@ -919,12 +907,12 @@ impl LlBuffer {
     pub fn poison(&mut self, stream: &Arc<CudaStream>, byte: u8) -> Result<()> {
         // Its barrier meets the peers through the heap's peer table by direct stores, which
         // cannot reach a put rank (its entry is this rank's own base).
-        if self.heap.put_mask() != 0 {
+        if !self.heap.put_ranks().is_empty() {
             return Err(Error::invalid(
                 "poison",
                 format!(
-                    "this buffer reaches ranks {:#x} (a mask) through NVSHMEM calls, and poison's barrier cannot: not supported there",
-                    self.heap.put_mask()
+                    "this buffer reaches ranks {:?} through NVSHMEM calls, and poison's barrier cannot: not supported there",
+                    self.heap.put_ranks()
                 ),
             ));
         }

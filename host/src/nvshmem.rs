@@ -328,11 +328,13 @@ impl Nvshmem {
     /// (`nvshmem_malloc`), zeroed on every rank. Each peer's copy is reached at its
     /// `nvshmem_ptr` where NVSHMEM maps it (same node); a PE it does not map (another node),
     /// or every other PE with `MOE_EP_NVSHMEM_PUT=all`, is reached through NVSHMEM calls by
-    /// the bound module's kernels (the heap's put mask; that PE's peer-table entry is this
+    /// the bound module's kernels (the heap's put ranks; that PE's rank-table entry is this
     /// rank's own address). Without such a module a PE that is not mapped is an error on every
     /// rank, naming it. The heap holds this `Nvshmem` until it is freed.
-    pub(crate) fn new_heap(self: &Arc<Self>, g: &Group, bytes: u64) -> Result<crate::heap::SymmetricHeap> {
-        let bytes = usize::try_from(bytes).map_err(|_| err(format!("a heap of {bytes} bytes")))?;
+    pub(crate) fn new_heap(self: &Arc<Self>, g: &Group, body: u64) -> Result<crate::heap::SymmetricHeap> {
+        // The user's bytes and the heap's tables after them.
+        let total = crate::heap::SymmetricHeap::total_bytes(body, g.world());
+        let bytes = usize::try_from(total).map_err(|_| err(format!("a heap of {total} bytes")))?;
         // PE numbers must be this group's ranks on every rank before the collective malloc (a
         // rank that refused alone would leave the others in it).
         let same = if (g.rank(), g.world()) == (self.group.rank(), self.group.world()) {
@@ -362,13 +364,13 @@ impl Nvshmem {
         };
         // Every rank learns whether every rank succeeded (so none waits for a failed one). A
         // refused allocation stays in NVSHMEM's heap until it is finalised.
-        let (peers, put_mask) = all_ok(g, "making its part of the NVSHMEM heap", local)?;
-        g.adopt_heap(Box::new(NvshmemMemory { nv: self.clone(), ptr: p }), p, bytes, &peers, put_mask)
+        let (bases, put) = all_ok(g, "making its part of the NVSHMEM heap", local)?;
+        g.adopt_heap(Box::new(NvshmemMemory { nv: self.clone(), ptr: p }), (p, body), bases, put)
     }
 
-    /// The peer table and put mask of a heap at `own` given each PE's `nvshmem_ptr` (see
+    /// The peer table and put ranks of a heap at `own` given each PE's `nvshmem_ptr` (see
     /// [`put_table`]).
-    fn put_ranks(&self, rank: usize, own: u64, bases: &[Option<u64>]) -> Result<(Vec<u64>, u32)> {
+    fn put_ranks(&self, rank: usize, own: u64, bases: &[Option<u64>]) -> Result<(Vec<u64>, Vec<usize>)> {
         let forced = std::env::var("MOE_EP_NVSHMEM_PUT").is_ok_and(|v| v == "all");
         put_table(rank, own, bases, forced, || self.ll.is_some())
     }
@@ -436,17 +438,13 @@ impl Drop for Nvshmem {
     }
 }
 
-/// The peer table and put mask of rank `rank`'s heap at `own`, from each PE's `nvshmem_ptr`
+/// The peer table and put ranks of rank `rank`'s heap at `own`, from each PE's `nvshmem_ptr`
 /// (`bases`): a PE that is not mapped (another node), or with `forced` every other PE, is a put
 /// rank (its entry is `own`, the kernels reach it through NVSHMEM calls); the others keep their
-/// mapped address. Put ranks need the NVSHMEM module's low-latency kernels (`has_module`); at
-/// most 32 ranks (the mask's bits).
-fn put_table(rank: usize, own: u64, bases: &[Option<u64>], forced: bool, has_module: impl FnOnce() -> bool) -> Result<(Vec<u64>, u32)> {
+/// mapped address. Put ranks need the NVSHMEM module's low-latency kernels (`has_module`).
+fn put_table(rank: usize, own: u64, bases: &[Option<u64>], forced: bool, has_module: impl FnOnce() -> bool) -> Result<(Vec<u64>, Vec<usize>)> {
     let far: Vec<usize> = (0..bases.len()).filter(|&pe| bases[pe].is_none() && pe != rank).collect();
     let put: Vec<usize> = (0..bases.len()).filter(|&pe| pe != rank && (forced || bases[pe].is_none())).collect();
-    if bases.len() > 32 && !put.is_empty() {
-        return Err(err(format!("{} PEs: a put mask holds 32", bases.len())));
-    }
     if !put.is_empty() && !has_module() {
         let why = if far.is_empty() { "MOE_EP_NVSHMEM_PUT=all".to_string() } else { format!("PEs {far:?} are not mapped: another node") };
         return Err(err(format!(
@@ -454,7 +452,7 @@ fn put_table(rank: usize, own: u64, bases: &[Option<u64>], forced: bool, has_mod
         )));
     }
     let table = (0..bases.len()).map(|pe| if put.contains(&pe) { own } else { bases[pe].unwrap_or(own) }).collect();
-    Ok((table, put.iter().fold(0u32, |m, &pe| m | 1 << pe)))
+    Ok((table, put))
 }
 
 /// Collective: every rank's outcome of one step, agreed: this rank's own error, else an error
@@ -567,22 +565,24 @@ mod tests {
     fn put_ranks_are_the_unmapped_pes_or_every_other_one_when_forced() {
         let own = 0x1000;
         let bases = [Some(own), Some(0x2000), None, Some(0x4000), None];
-        let (table, mask) = put_table(0, own, &bases, false, || true).unwrap();
+        let (table, put) = put_table(0, own, &bases, false, || true).unwrap();
         assert_eq!(table, vec![own, 0x2000, own, 0x4000, own]);
-        assert_eq!(mask, 0b10100);
-        let (table, mask) = put_table(0, own, &bases, true, || true).unwrap();
+        assert_eq!(put, vec![2, 4]);
+        let (table, put) = put_table(0, own, &bases, true, || true).unwrap();
         assert_eq!(table, vec![own; 5]);
-        assert_eq!(mask, 0b11110, "every PE but this rank's own");
+        assert_eq!(put, vec![1, 2, 3, 4], "every PE but this rank's own");
         // All mapped, not forced: no put rank, and no module needed.
         let mapped = [Some(own), Some(0x2000)];
-        assert_eq!(put_table(0, own, &mapped, false, || panic!("the module was looked for")).unwrap(), (vec![own, 0x2000], 0));
+        assert_eq!(put_table(0, own, &mapped, false, || panic!("the module was looked for")).unwrap(), (vec![own, 0x2000], vec![]));
         // A put rank without the module: an error naming the PEs and the reason.
         let e = put_table(3, 0x4000, &bases, false, || false).unwrap_err().to_string();
         assert!(e.contains("rank 3 reaches PEs [2, 4]") && e.contains("another node") && e.contains("build-ptx --nvshmem"), "{e}");
         let e = put_table(1, 0x2000, &mapped, true, || false).unwrap_err().to_string();
         assert!(e.contains("PEs [0]") && e.contains("MOE_EP_NVSHMEM_PUT=all"), "{e}");
-        let many = vec![None; 33];
-        assert!(put_table(0, own, &many, false, || true).unwrap_err().to_string().contains("33 PEs"));
+        // Past 32 PEs (no mask to outgrow any more): PEs 1..64 unmapped are put ranks.
+        let many = vec![None; 64];
+        let (table, put) = put_table(0, own, &many, false, || true).unwrap();
+        assert_eq!((table, put), (vec![own; 64], (1..64).collect::<Vec<_>>()));
     }
 
     #[test]

@@ -186,9 +186,9 @@ impl ProcessConfig {
         Ok(c)
     }
 
-    /// Checks rank < world and world in 1..=MAX_RANKS.
+    /// Checks rank < world and world in 1..=GROUP_MAX_RANKS.
     pub fn validate(&self) -> Result<()> {
-        let max = moe_ep_kernels::abi::MAX_RANKS;
+        let max = moe_ep_kernels::abi::GROUP_MAX_RANKS;
         if self.world == 0 || self.world > max {
             return Err(Error::invalid("world", format!("world size {} is outside 1..={max}", self.world)));
         }
@@ -327,7 +327,7 @@ fn decode_list(b: &[u8]) -> Option<Vec<Vec<u8>>> {
         Some(s)
     };
     let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-    if count > moe_ep_kernels::abi::MAX_RANKS {
+    if count > moe_ep_kernels::abi::GROUP_MAX_RANKS {
         return None;
     }
     let mut items = Vec::with_capacity(count);

@@ -12,7 +12,7 @@ use crate::ptx::{
 use crate::sync::{Waiter, barrier_block, control, rank_slot, signal_all_ranks};
 
 /// `iters` cross-rank barriers in a row, after waiting `hold_ns` (bounded: at most about 4.3 s).
-/// One block of at least `world` threads.
+/// One block (any number of warps: each thread serves every `blockDim`-th rank).
 #[unsafe(no_mangle)]
 pub unsafe extern "ptx-kernel" fn barrier(p: BarrierParams) {
     let w = Waiter::new(&p.wait);
@@ -21,8 +21,8 @@ pub unsafe extern "ptx-kernel" fn barrier(p: BarrierParams) {
         while globaltimer().wrapping_sub(start) < p.hold_ns as u64 {}
     }
     for _ in 0..p.iters {
-        // SAFETY: the host passes valid heap bases.
-        if !unsafe { barrier_block(&p.peers, &w) } {
+        // SAFETY: the host passes the heap's rank table (an entry per rank) and its slots.
+        if !unsafe { barrier_block(p.ranks, p.slots, &w) } {
             return;
         }
     }

@@ -27,7 +27,7 @@ use crate::ptx::{
 };
 use crate::sync::Waiter;
 
-/// Entry `r` of a launch's rank table ([`crate::abi::LlRankTables::ranks`]).
+/// Entry `r` of a launch's rank table ([`crate::abi::HeapTables::ranks`]).
 ///
 /// # Safety
 /// `table` must hold more than `r` entries (the launch's rank count); it is never written

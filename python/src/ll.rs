@@ -503,12 +503,12 @@ impl PyLowLatency {
         self.g.world()
     }
 
-    /// Ranks this buffer's kernels reach through NVSHMEM calls (bit `r`: rank `r`): those
-    /// NVSHMEM does not map, or every other rank with `MOE_EP_NVSHMEM_PUT=all`; 0 on moe-ep's own
+    /// Ranks this buffer's kernels reach through NVSHMEM calls, in rank order: those NVSHMEM
+    /// does not map, or every other rank with `MOE_EP_NVSHMEM_PUT=all`; none on moe-ep's own
     /// heap, or where every rank is reached by direct stores.
     #[getter]
-    fn put_mask(&self) -> PyResult<u32> {
-        Ok(self.buf()?.put_mask())
+    fn put_ranks(&self) -> PyResult<Vec<usize>> {
+        Ok(self.buf()?.put_ranks().to_vec())
     }
 
     /// CPU microseconds the last `dispatch`, `deep_ep_dispatch` or `combine` spent in the

@@ -61,18 +61,18 @@ def main():
     nv = moe_ep.nvshmem_status()
     assert (nv is not None) == (transport == "nvshmem"), (transport, nv)
     where = f", low-latency buffer in NVSHMEM {nv[0]}.{nv[1]}.{nv[2]}'s memory (init status {nv[3]})" if nv else ""
-    put_mask = buf._ll.put_mask
+    put_ranks = buf._ll.put_ranks
     module = moe_ep.nvshmem_module()
     if transport == "nvshmem" and "MOE_EP_NVSHMEM_MODULE" not in os.environ:
         # The release wheel carries the NVSHMEM module (`cargo xtask wheel`).
         assert module.endswith("(carried by the wheel)"), module
     if os.environ.get("MOE_EP_NVSHMEM_PUT") == "all" and transport == "nvshmem":
         # Every other rank through NVSHMEM calls (the put path of the NVSHMEM module).
-        assert put_mask == ((1 << world) - 1) & ~(1 << rank), (put_mask, rank, world)
+        assert put_ranks == [r for r in range(world) if r != rank], (put_ranks, rank, world)
     else:
-        assert put_mask == 0, put_mask
+        assert put_ranks == [], put_ranks
     if nv:
-        where += f", other ranks reached {'through NVSHMEM calls (put mask ' + hex(put_mask) + ')' if put_mask else 'by direct stores'}"
+        where += f", other ranks reached {'through NVSHMEM calls (ranks ' + str(put_ranks) + ')' if put_ranks else 'by direct stores'}"
         where += f", NVSHMEM module: {module}"
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}{where}")
 

@@ -12,7 +12,8 @@
 //! With `MOE_EP_TEST_MPS=1` every multi-rank test runs its ranks as processes that all share
 //! one GPU under CUDA MPS (the first this process sees; each child opts in with
 //! `MOE_EP_SHARE_GPU=1` and the group gives it an equal share of the SMs, see `moe_ep::launch`), at 2 to 8
-//! ranks (or `MOE_EP_TEST_RANKS`): the whole multi-process stack, the kill tests included, on a
+//! ranks (or `MOE_EP_TEST_RANKS`, up to 16 and more for the tests of the barrier and the
+//! low-latency kernels, [`max_ranks`]): the whole multi-process stack, the kill tests included, on a
 //! machine with one GPU. It checks correctness only; the MPS control daemon must be running
 //! (`run.sh mps` starts one).
 
@@ -60,6 +61,13 @@ pub fn skip_reason(test: &str) -> Option<String> {
     if mps() && !test.starts_with("gpu1_") && moe_ep::mps_control_pipe().is_none() {
         return Some("MOE_EP_TEST_MPS=1 but no CUDA MPS control daemon is running (CUDA_MPS_PIPE_DIRECTORY; run.sh mps starts one)".into());
     }
+    if let Ok(list) = std::env::var("MOE_EP_TEST_RANKS")
+        && !test.starts_with("gpu1_")
+        && let Ok(all) = parse_rank_list(&list, moe_ep::abi::GROUP_MAX_RANKS)
+        && all.iter().all(|&w| w > max_ranks(test))
+    {
+        return Some(format!("MOE_EP_TEST_RANKS={list}: this test runs at most {} ranks ({})", max_ranks(test), MAX_RANKS_WHY));
+    }
     let need = if mps() && !needs_two_physical_gpus(test) { 1 } else { gpus_needed(test) };
     match gpu_count() {
         Err(e) => Some(e),
@@ -68,10 +76,23 @@ pub fn skip_reason(test: &str) -> Option<String> {
     }
 }
 
+/// Why most tests stop at `MAX_RANKS` ranks.
+const MAX_RANKS_WHY: &str = "the high-throughput kernels and the test kernels that take every rank's heap base by value stop at 8";
+
+/// Most ranks `test` runs at: tests of the group barrier and of the low-latency kernels alone
+/// (`gpu2_barrier_10k`, and `gpu2_ll_*` but those with `_ht` in their name) go to the group's
+/// limit, `GROUP_MAX_RANKS`; every other test to `MAX_RANKS` (8).
+pub fn max_ranks(test: &str) -> usize {
+    let group_only = test == "gpu2_barrier_10k" || (test.starts_with("gpu2_ll_") && !test.contains("_ht"));
+    if group_only { moe_ep::abi::GROUP_MAX_RANKS } else { moe_ep::abi::MAX_RANKS }
+}
+
 /// The rank counts a multi-GPU test runs at: 2..=GPUs (at most 8), or `MOE_EP_TEST_RANKS`
-/// (comma separated). A rank count the machine cannot run, or no GPUs at all, is an error:
-/// the harness never lets a test pass without running it (tests that cannot run are reported
-/// as ignored by [`gpu_main`] before they start).
+/// (comma separated; under MPS up to the group's limit, one GPU running them all). A listed
+/// count above the test's own limit ([`max_ranks`]) is left out, and said so (a test none of
+/// whose listed counts it can run is reported as ignored by [`gpu_main`]). A rank count the
+/// machine cannot run, or no GPUs at all, is an error: the harness never lets a test pass
+/// without running it.
 pub fn rank_counts(test: &str) -> Result<Vec<usize>> {
     if in_child() {
         // The child runs the world its parent asked for.
@@ -80,13 +101,23 @@ pub fn rank_counts(test: &str) -> Result<Vec<usize>> {
     }
     let n = gpu_count().map_err(|e| anyhow::anyhow!("{test} cannot run: {e}"))?;
     // Under MPS every rank count runs on one GPU.
-    let max = if mps() { moe_ep::abi::MAX_RANKS } else { n.min(moe_ep::abi::MAX_RANKS) };
+    let max = if mps() { moe_ep::abi::GROUP_MAX_RANKS } else { n.min(moe_ep::abi::GROUP_MAX_RANKS) };
     if max < 2 {
         bail!("{test} needs at least 2 GPUs; this machine has {n}");
     }
+    let own = max_ranks(test);
     match std::env::var("MOE_EP_TEST_RANKS") {
-        Ok(list) => parse_rank_list(&list, max),
-        Err(_) => Ok((2..=max).collect()),
+        Ok(list) => {
+            let (run, beyond): (Vec<usize>, Vec<usize>) = parse_rank_list(&list, max)?.into_iter().partition(|&w| w <= own);
+            if !beyond.is_empty() {
+                println!("{test}: not run at {beyond:?} ranks: it runs at most {own} ({MAX_RANKS_WHY})");
+            }
+            if run.is_empty() {
+                bail!("MOE_EP_TEST_RANKS={list:?}: {test} runs at most {own} ranks");
+            }
+            Ok(run)
+        }
+        Err(_) => Ok((2..=max.min(own).min(moe_ep::abi::MAX_RANKS)).collect()),
     }
 }
 

@@ -13,7 +13,6 @@ fn cpu_abi_sizes_and_offsets() {
     // Control block: peers write arrays indexed by their rank; every field 4-byte aligned
     // and the whole block fits in the reserved bytes.
     assert!(size_of::<Control>() as u64 <= CONTROL_BYTES);
-    assert_eq!(offset_of!(Control, barrier_slots), 0);
     for off in
         [offset_of!(Control, notify_flags), offset_of!(Control, ht_dispatch_arrive), offset_of!(Control, test_flags), offset_of!(Control, ping_flags)]
     {
@@ -75,12 +74,11 @@ fn cpu_ll_heap_layout_is_ordered_aligned_and_sized() {
             assert!(l.bytes - l.comb_in >= rows * hidden * 2);
             // The per-rank tables lie between the control block and half 0.
             let tb = l.tables;
-            let ends = [CONTROL_BYTES, tb.ranks, tb.dispatch_arrive, tb.combine_arrive, tb.free, tb.combine_free, tb.end];
-            assert_eq!(tb.ranks, CONTROL_BYTES);
-            for w in ends[1..].windows(2) {
+            let ends = [tb.dispatch_arrive, tb.combine_arrive, tb.free, tb.combine_free, tb.end];
+            assert_eq!(tb.dispatch_arrive, CONTROL_BYTES);
+            for w in ends.windows(2) {
                 assert!(w[0] < w[1] && w[1] % REGION_ALIGN == 0, "{tb:?}");
             }
-            assert!(tb.dispatch_arrive - tb.ranks >= 8 * world);
             for (a, b) in
                 [(tb.dispatch_arrive, tb.combine_arrive), (tb.combine_arrive, tb.free), (tb.free, tb.combine_free), (tb.combine_free, tb.end)]
             {
@@ -91,6 +89,26 @@ fn cpu_ll_heap_layout_is_ordered_aligned_and_sized() {
             assert_eq!(l.heap_bytes(), tb.end + 2 * l.bytes);
         }
     }
+}
+
+/// Every heap's tables (rank table, barrier slots) lie after the bytes its user asked for,
+/// aligned, each with an entry per rank, for every group size up to `GROUP_MAX_RANKS`; the
+/// barrier kernel's parameters name them (no `Peers` by value).
+#[test]
+fn cpu_heap_tables_follow_the_body_for_every_group_size() {
+    for world in 1..=GROUP_MAX_RANKS as u64 {
+        for body in [0u64, 1, CONTROL_BYTES, CONTROL_BYTES + 1, 3 << 30] {
+            let t = HeapTables::new(body, world);
+            assert!(t.ranks >= body && t.ranks.is_multiple_of(REGION_ALIGN), "{world} ranks, body {body}: {t:?}");
+            assert!(t.barrier >= t.ranks + 8 * world && t.barrier.is_multiple_of(REGION_ALIGN), "{t:?}");
+            assert!(t.end >= t.barrier + 4 * world && t.end.is_multiple_of(REGION_ALIGN), "{t:?}");
+            // Little beyond what the tables need (alignment only).
+            assert!(t.end - body < 12 * world + 3 * REGION_ALIGN, "{t:?}");
+        }
+    }
+    assert_eq!(HeapTables::new(CONTROL_BYTES, 16), HeapTables { ranks: CONTROL_BYTES, barrier: CONTROL_BYTES + 256, end: CONTROL_BYTES + 512 });
+    assert_eq!(size_of::<BarrierParams>(), size_of::<WaitCtx>() + 8 + 8 + 4 + 4);
+    const { assert!(GROUP_MAX_RANKS >= LL_MAX_RANKS && MAX_RANKS == 8) };
 }
 
 /// A per-half, per-rank word of the low-latency tables stays inside its table for every rank

@@ -1,7 +1,7 @@
 //! CPU: configuration validation gives typed errors naming the argument and the value.
 
 use moe_ep::Error;
-use moe_ep::abi::{CONTROL_BYTES, LL_MAX_RANKS, ll_combine_smem_bytes, ll_dispatch_smem_bytes};
+use moe_ep::abi::{CONTROL_BYTES, HeapTables, LL_MAX_RANKS, ll_combine_smem_bytes, ll_dispatch_smem_bytes};
 use moe_ep::ht::HtConfig;
 use moe_ep::ll::LlConfig;
 
@@ -119,9 +119,12 @@ fn cpu_ll_layout_up_to_256_ranks() {
                 assert!(room >= want, "{world} ranks, {cfg:?}: {name} has {room} bytes, needs {want}");
             }
             let tb = l.tables;
-            assert_eq!(tb.ranks, CONTROL_BYTES);
-            assert!(tb.end >= tb.ranks + r * 8 + 4 * 2 * r * 4, "{world} ranks: {tb:?}");
-            assert_eq!(cfg.heap_bytes(world), tb.end + 2 * l.bytes, "{world} ranks: the heap holds the tables and both halves");
+            assert_eq!(tb.dispatch_arrive, CONTROL_BYTES);
+            assert!(tb.end >= tb.dispatch_arrive + 4 * 2 * r * 4, "{world} ranks: {tb:?}");
+            // The heap holds the tables and both halves, then its own rank table and barrier slots.
+            let heap = HeapTables::new(tb.end + 2 * l.bytes, r);
+            assert_eq!(cfg.heap_bytes(world), heap.end, "{world} ranks");
+            assert!(heap.end - (tb.end + 2 * l.bytes) >= 12 * r, "{world} ranks: {heap:?}");
             // Packed rows (`u32` in `tok_pos`) and the source rank's 8 bits of `recv_meta`.
             assert!(el * r * tt <= u32::MAX as u64 && r <= 256);
             if world >= 2 {

@@ -8,7 +8,11 @@ use bytemuck::{Pod, Zeroable};
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct BarrierParams {
     pub wait: WaitCtx,
-    pub peers: Peers,
+    /// Device address of this rank's rank table ([`crate::abi::HeapTables::ranks`] of the
+    /// heap whose epochs the barrier counts; no entry may carry [`crate::abi::RANK_PUT`]).
+    pub ranks: u64,
+    /// Heap offset of the barrier's slots ([`crate::abi::HeapTables::barrier`]).
+    pub slots: u64,
     pub iters: u32,
     /// Nanoseconds the kernel waits (on the GPU's clock) before its first barrier; 0 for none.
     /// A benchmark holds the barrier this way so that the work it times is queued behind it

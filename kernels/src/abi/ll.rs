@@ -40,13 +40,11 @@ pub const LL_MAX_RANKS: usize = 256;
 
 /// The per-rank tables of a low-latency buffer, after the heap's [`crate::abi::Control`] block
 /// (offsets from the heap's start, the same on every rank), sized by the buffer's rank count.
+/// (The rank table the kernels read addresses from is the heap's own,
+/// [`crate::abi::HeapTables::ranks`].)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct LlRankTables {
-    /// `u64 [R]`, this rank's own (never read by peers): rank `r`'s heap base as this process
-    /// maps it, with [`RANK_PUT`] set for a rank reached through NVSHMEM calls (whose base is
-    /// then this rank's own: the kernels' address arithmetic yields the symmetric address).
-    pub ranks: u64,
     /// `u32 [2][R]`: dispatch send blocks of each source done, per half.
     pub dispatch_arrive: u64,
     /// `u32 [2][R]`: combine send blocks of each expert rank done, per half.
@@ -62,20 +60,16 @@ pub struct LlRankTables {
     pub end: u64,
 }
 
-/// [`LlRankTables::ranks`] entry bit: the rank is reached through NVSHMEM calls.
-pub const RANK_PUT: u64 = 1;
-
 impl LlRankTables {
     /// The tables for `world` ranks.
     pub const fn new(world: u64) -> Self {
         let a = REGION_ALIGN;
-        let ranks = CONTROL_BYTES;
-        let dispatch_arrive = align_up(ranks + world * 8, a);
+        let dispatch_arrive = CONTROL_BYTES;
         let combine_arrive = align_up(dispatch_arrive + 2 * world * 4, a);
         let free = align_up(combine_arrive + 2 * world * 4, a);
         let combine_free = align_up(free + 2 * world * 4, a);
         let end = align_up(combine_free + 2 * world * 4, a);
-        LlRankTables { ranks, dispatch_arrive, combine_arrive, free, combine_free, end }
+        LlRankTables { dispatch_arrive, combine_arrive, free, combine_free, end }
     }
 
     /// Heap offset of word `[h][r]` of the per-half, per-rank table at `table` (`h` modulo 2,
@@ -199,7 +193,7 @@ impl LlHalfLayout {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct LlDispatchParams {
     pub wait: WaitCtx,
-    /// Device address of this rank's [`LlRankTables::ranks`] table.
+    /// Device address of this rank's rank table ([`crate::abi::HeapTables::ranks`] of the heap).
     pub ranks: u64,
     pub layout: LlHalfLayout,
     /// Heap offset of the half this call uses.
@@ -260,7 +254,7 @@ pub const fn ll_dispatch_smem_bytes(warps: u32, world: u32) -> u32 {
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct LlCombineParams {
     pub wait: WaitCtx,
-    /// Device address of this rank's [`LlRankTables::ranks`] table.
+    /// Device address of this rank's rank table ([`crate::abi::HeapTables::ranks`] of the heap).
     pub ranks: u64,
     pub layout: LlHalfLayout,
     /// Heap offset of the half the matching dispatch used (metadata, counts).

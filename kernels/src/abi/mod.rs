@@ -30,10 +30,14 @@ pub trait KernelParams: Pod {
     const ENTRIES: &'static [&'static str];
 }
 
-/// Most ranks one group may have (one GPU each, one NVLink domain), and the most the
-/// high-throughput kernels take. The low-latency kernels' own limit is [`LL_MAX_RANKS`]; their
-/// per-rank tables are sized by the buffer ([`LlRankTables`]).
+/// Most ranks the high-throughput kernels take (one NVLink domain), and the size of the
+/// per-rank arrays in [`Control`] and of [`Peers`], which they and the test kernels use. A group
+/// may have more ([`GROUP_MAX_RANKS`]); the low-latency kernels' limit is [`LL_MAX_RANKS`], and
+/// their per-rank tables, like every heap's [`HeapTables`], are sized by the rank count.
 pub const MAX_RANKS: usize = 8;
+/// Most ranks of a group: its barrier and every heap's [`HeapTables`] are sized by the rank
+/// count, so the limit is the low-latency kernels' own.
+pub const GROUP_MAX_RANKS: usize = LL_MAX_RANKS;
 /// Most top-k slots per token.
 pub const MAX_TOPK: usize = 16;
 /// Channels per FP8 scale: one f32 scale per token per 128 channels.
@@ -224,12 +228,12 @@ pub struct Peers {
 }
 
 /// Flags and counters every symmetric heap starts with (offset 0). Fields written by peers
-/// are arrays indexed by the writer's rank.
+/// are arrays indexed by the writer's rank, of [`MAX_RANKS`] entries: only the high-throughput
+/// and test kernels use them. What a group of any size needs (the barrier's slots) is in the
+/// heap's [`HeapTables`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct Control {
-    /// Barrier: slot `s` holds the epoch rank `s` last reached.
-    pub barrier_slots: [u32; MAX_RANKS],
     /// Barrier: this rank's epoch (local only).
     pub barrier_epoch: u32,
     /// High-throughput notify: this rank's call counter (local only).
@@ -258,6 +262,36 @@ const _: () = assert!(core::mem::size_of::<Control>().is_multiple_of(16));
 
 /// Bytes reserved for [`Control`] at the start of every heap.
 pub const CONTROL_BYTES: u64 = align_up(core::mem::size_of::<Control>() as u64, REGION_ALIGN);
+
+/// The tables every symmetric heap ends with, after the `body` bytes its user asked for
+/// (offsets from the heap's start, the same on every rank), sized by the group's rank count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct HeapTables {
+    /// `u64 [R]`, this rank's own (never read by peers): rank `r`'s heap base as this process
+    /// maps it, with [`RANK_PUT`] set for a rank reached through NVSHMEM calls (whose base is
+    /// then this rank's own: the kernels' address arithmetic yields the symmetric address).
+    /// Written once when the heap is made, before any launch.
+    pub ranks: u64,
+    /// `u32 [R]`: the barrier's slots; slot `s` holds the epoch rank `s` last reached.
+    pub barrier: u64,
+    /// Heap bytes in all.
+    pub end: u64,
+}
+
+/// [`HeapTables::ranks`] entry bit: the rank is reached through NVSHMEM calls.
+pub const RANK_PUT: u64 = 1;
+
+impl HeapTables {
+    /// The tables of a heap whose user asked for `body` bytes, for `world` ranks.
+    pub const fn new(body: u64, world: u64) -> Self {
+        let a = REGION_ALIGN;
+        let ranks = align_up(body, a);
+        let barrier = align_up(ranks + world * 8, a);
+        let end = align_up(barrier + world * 4, a);
+        HeapTables { ranks, barrier, end }
+    }
+}
 
 /// Rounds `x` up to a multiple of `a` (a power of two).
 pub const fn align_up(x: u64, a: u64) -> u64 {

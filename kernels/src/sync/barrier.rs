@@ -7,6 +7,7 @@ use crate::ptx::{
     atom_acq_rel_gpu_global_add_u32, bar_red_and_pred_0, bar_sync_0, fence_acq_rel_sys, nctaid_x, ntid_x, red_relaxed_sys_global_add_u32,
     st_relaxed_sys_global_u32, st_release_sys_global_u32, tid_x,
 };
+use crate::remote::rank_base;
 
 /// The heap's control block on rank `r`.
 #[inline(always)]
@@ -34,16 +35,21 @@ pub fn half_slot(a: *mut [u32; 2], h: u32) -> *mut u32 {
     a.cast::<u32>().wrapping_add(h as usize % 2)
 }
 
-/// Cross-rank barrier run by one whole block (`blockDim >= world`). Every write the block
-/// (and earlier kernels on this stream) made is visible to every peer afterwards, and every
-/// peer's writes before its barrier are visible here. Epochs live in the heap, so graph
-/// replays keep counting. Returns false if a peer did not arrive in time (reported).
+/// Cross-rank barrier run by one whole block (thread `t` serves ranks `t`, `t + blockDim`, ...).
+/// Every write the block (and earlier kernels on this stream) made is visible to every peer
+/// afterwards, and every peer's writes before its barrier are visible here. Epochs live in the
+/// heap (this rank's in its [`Control`], the peers' arrivals in its [`crate::abi::HeapTables`]
+/// slots at `slots`), so graph replays keep counting. Returns false if a peer did not arrive in
+/// time (reported).
 ///
 /// # Safety
-/// `peers` must hold valid heap bases of every rank; all threads of the block must call it.
-pub unsafe fn barrier_block(peers: &Peers, w: &Waiter) -> bool {
+/// `ranks` must be the heap's rank table with an entry for every rank and no put rank, `slots`
+/// the heap offset of its barrier slots; all threads of the block must call it.
+pub unsafe fn barrier_block(ranks: u64, slots: u64, w: &Waiter) -> bool {
     let tid = tid_x();
-    let me = control(peers, w.rank);
+    // SAFETY: the caller's contract: an entry per rank.
+    let base = |r: u32| unsafe { rank_base(ranks, r) };
+    let me = base(w.rank) as *mut Control;
     // SAFETY: the control block is valid heap memory; only this block writes `barrier_epoch`,
     // and every thread reads it before thread 0 rewrites it (the barrier between).
     let epoch = unsafe { core::ptr::read_volatile(&raw const (*me).barrier_epoch) }.wrapping_add(1);
@@ -52,15 +58,23 @@ pub unsafe fn barrier_block(peers: &Peers, w: &Waiter) -> bool {
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(&raw mut (*me).barrier_epoch, epoch) };
     }
-    let mut ok = true;
+    // Slot `s` of rank `r`'s heap (`s` < world: the slots hold an entry per rank).
+    let slot = |r: u32, s: u32| (base(r) + slots + 4 * s as u64) as *mut u32;
     if tid < w.world {
         fence_acq_rel_sys();
-        let peer = control(peers, tid);
-        // SAFETY: peer control blocks are valid mapped heap memory.
-        unsafe {
-            st_release_sys_global_u32(rank_slot(&raw mut (*peer).barrier_slots, w.rank), epoch);
-            ok = w.wait_reached(rank_slot(&raw mut (*me).barrier_slots, tid), epoch, phase::BARRIER, tid);
-        }
+    }
+    let mut r = tid;
+    while r < w.world {
+        // SAFETY: every rank's slots are valid mapped heap memory.
+        unsafe { st_release_sys_global_u32(slot(r, w.rank), epoch) };
+        r += ntid_x();
+    }
+    let mut ok = true;
+    let mut s = tid;
+    while ok && s < w.world {
+        // SAFETY: this rank's own slots.
+        ok = unsafe { w.wait_reached(slot(w.rank, s), epoch, phase::BARRIER, s) };
+        s += ntid_x();
     }
     bar_red_and_pred_0(ok)
 }
