@@ -191,11 +191,17 @@ pub fn experts_for(world: usize, experts: usize) -> usize {
     experts.div_ceil(world) * world
 }
 
-/// A grid size that differs on every rank (for the tests of mismatched configurations), at
-/// least 2 and within every rank's SMs: 16 + rank, less where the ranks share a GPU.
+/// A grid size that differs across ranks (for the tests of mismatched configurations), at
+/// least 1 and within every rank's SMs: 16 + rank, less where the ranks share a GPU; where the
+/// SMs are too few for a grid per rank (16 ranks on one GPU, 6 SMs each), the ranks take turns
+/// between two sizes, so ranks 0 and 1 still differ.
 pub fn skewed_grid(g: &Group) -> u32 {
-    let base = 16.min(g.sm_count().saturating_sub(g.world() as u32)).max(2);
-    base + g.rank() as u32
+    let (sms, world, rank) = (g.sm_count().max(2), g.world() as u32, g.rank() as u32);
+    if sms >= world + 2 {
+        16.min(sms - world).max(2) + rank
+    } else {
+        sms - 1 + rank % 2
+    }
 }
 
 /// Group settings for tests: a 20-second deadline so a hang fails fast, and the environment's
