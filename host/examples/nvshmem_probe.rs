@@ -22,7 +22,9 @@
 //! `LD_LIBRARY_PATH` for NVSHMEM's bootstrap plugin.) `NVSHMEM_PROBE_ITERS` (default 20000)
 //! round trips per trial and `NVSHMEM_PROBE_MIB` (default 256) MiB per put keep it short where
 //! several PEs share one GPU (NVSHMEM's limited multi-process mode: the processes time-slice, so
-//! no figure from such a run says anything about a link).
+//! no figure from such a run says anything about a link). `NVSHMEM_PROBE_NODE_SIZE=N` makes every
+//! N ranks stand for one node (`MOE_EP_NODE`): the group then spans nodes, a low-latency buffer
+//! in moe-ep's IPC heap must be refused, and the NVSHMEM buffer is checked on its own.
 
 use cudarc::driver::sys;
 use half::bf16;
@@ -44,6 +46,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let image = std::fs::read(&path)?;
     let iters = env_or("NVSHMEM_PROBE_ITERS", 20000)? as u32;
     let mib = env_or("NVSHMEM_PROBE_MIB", 256)?;
+    if std::env::var_os("NVSHMEM_PROBE_NODE_SIZE").is_some() {
+        let (n, rank) = (env_or("NVSHMEM_PROBE_NODE_SIZE", 1)?.max(1), env_or("RANK", 0)?);
+        // SAFETY: the first thing the process does: no other thread exists yet to read the
+        // environment.
+        unsafe { std::env::set_var(moe_ep::NODE_ENV, format!("probe-node-{}", rank / n)) };
+    }
     let g = Group::from_env(GroupConfig::default())?;
     let (me, world, name) = (g.rank(), g.world(), g.device_name().to_string());
     let shared =
@@ -214,7 +222,19 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
     let forced = std::env::var("MOE_EP_NVSHMEM_PUT").is_ok_and(|v| v == "all");
     let mut evidence: Vec<Vec<(&str, Vec<u8>)>> = Vec::new();
     let mut put_ranks = Vec::new();
-    for (label, mut buf) in [("NVSHMEM", LlBuffer::with_nvshmem(g, nv, cfg)?), ("IPC", LlBuffer::new(g, cfg)?)] {
+    let mut buffers = vec![("NVSHMEM", LlBuffer::with_nvshmem(g, nv, cfg)?)];
+    // Across nodes the IPC heap cannot be made (on any rank), and says so.
+    if g.spans_nodes() {
+        match LlBuffer::new(g, cfg) {
+            Err(e @ moe_ep::Error::InvalidArgument { .. }) if e.to_string().contains("with_nvshmem") => {}
+            other => {
+                return Err(format!("rank {me}: ranks on nodes {:?}: expected the IPC buffer refused, got {:?}", g.nodes(), other.map(drop)).into());
+            }
+        }
+    } else {
+        buffers.push(("IPC", LlBuffer::new(g, cfg)?));
+    }
+    for (label, mut buf) in buffers {
         let want: Vec<usize> = if forced && label == "NVSHMEM" { (0..world).filter(|&r| r != me).collect() } else { vec![] };
         if buf.put_ranks() != want {
             return Err(format!("rank {me} ({label}): put ranks {:?}, expected {want:?}", buf.put_ranks()).into());
@@ -295,6 +315,16 @@ fn low_latency_on_both_heaps(g: &Group, nv: &Arc<Nvshmem>) -> Result<(), Box<dyn
         ev.push(("hook-mode per-expert combine", check_out(label, "hook-mode per-expert combine", &out, &c.want_out)?));
         buf.destroy()?;
         evidence.push(ev);
+    }
+    if g.spans_nodes() {
+        println!(
+            "rank {me} of {world} ({name}): ranks on nodes {:?}; low-latency calls on NVSHMEM's symmetric memory (put ranks {:?}: {}): every received row ({} rows in step 1), both combines of rows in and outside the heap and hook mode match the inputs and the CPU reference; the IPC heap was refused (the ranks span nodes)",
+            g.nodes(),
+            put_ranks[0],
+            if put_ranks[0].is_empty() { "every PE by direct stores" } else { "NVSHMEM calls to those PEs" },
+            cases[0].want.iter().map(|m| m.len()).sum::<usize>(),
+        );
+        return Ok(());
     }
     for ((what, a), (_, b)) in evidence[0].iter().zip(&evidence[1]) {
         if a != b {

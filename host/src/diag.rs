@@ -22,7 +22,7 @@ pub fn heap_pattern_roundtrip(g: &Group, slot_bytes: u64, seed: u32, runs: u32) 
     let world = g.world() as u64;
     let slot_bytes = slot_bytes / 4 * 4;
     trace("allocating");
-    let heap = g.new_heap(CONTROL_BYTES + world * slot_bytes)?;
+    let heap = g.new_heap(CONTROL_BYTES + world * slot_bytes, "the heap pattern test")?;
     let mism = DeviceAlloc::zeroed(g.context(), 4 * g.world())?;
     trace("allocated");
     let s = g.stream();
@@ -164,7 +164,7 @@ impl P2pProbe {
     /// Collective.
     pub fn new(g: &Group, bytes: u64) -> Result<Self> {
         let bytes = bytes / 16 * 16;
-        let heap = g.new_heap(CONTROL_BYTES + bytes)?;
+        let heap = g.new_heap(CONTROL_BYTES + bytes, "the copy probe")?;
         let src = DeviceAlloc::zeroed(g.context(), bytes as usize)?;
         // SAFETY: `src` holds `bytes` bytes; a non-zero pattern keeps the copy honest.
         unsafe { driver::memset_d8_async(src.ptr(), 0x5a, bytes as usize, g.stream()) }

@@ -56,6 +56,43 @@ impl Default for GroupConfig {
 pub const SHARE_GPU_ENV: &str = "MOE_EP_SHARE_GPU";
 /// The environment variable that sets [`GroupConfig::sm_budget`].
 pub const SM_BUDGET_ENV: &str = "MOE_EP_SM_BUDGET";
+/// The environment variable that names this rank's node ([`Group::nodes`]), where the kernel's
+/// boot id (the same in every container of one host) does not say it: ranks with the same value
+/// are on one node. For testing, it makes processes on one machine stand for several nodes.
+pub const NODE_ENV: &str = "MOE_EP_NODE";
+
+/// This process's node: [`NODE_ENV`], else the kernel's boot id, else the host name.
+fn node_name() -> String {
+    if let Ok(v) = std::env::var(NODE_ENV)
+        && !v.trim().is_empty()
+    {
+        return format!("{NODE_ENV}={}", v.trim());
+    }
+    for f in ["/proc/sys/kernel/random/boot_id", "/proc/sys/kernel/hostname"] {
+        if let Ok(s) = std::fs::read_to_string(f)
+            && !s.trim().is_empty()
+        {
+            return format!("{f}: {}", s.trim());
+        }
+    }
+    "no node name".into()
+}
+
+/// Every rank's node, numbered in the order of each node's first rank, from the all-gathered
+/// node names.
+fn node_numbers(names: &[Vec<u8>]) -> Vec<u32> {
+    let mut seen: Vec<&[u8]> = Vec::new();
+    names
+        .iter()
+        .map(|n| match seen.iter().position(|s| *s == n.as_slice()) {
+            Some(i) => i as u32,
+            None => {
+                seen.push(n);
+                seen.len() as u32 - 1
+            }
+        })
+        .collect()
+}
 
 impl GroupConfig {
     /// This configuration with the environment's overrides: `MOE_EP_SHARE_GPU` (`1`/`0`) sets
@@ -226,6 +263,8 @@ struct GroupInner {
     sm_source: String,
     /// Ranks on this rank's GPU (itself included).
     gpu_sharers: usize,
+    /// Every rank's node ([`Group::nodes`]).
+    nodes: Vec<u32>,
 }
 
 /// One rank of a group: its GPU, stream, kernels and control heap. Cheap to clone (the clones
@@ -313,6 +352,9 @@ impl Group {
         // and whether this rank's GPU reaches every other.
         let me = GpuId { ordinal: device, uuid: driver::peer::uuid(device).during("cuDeviceGetUuid", || format!("identifying GPU {device}"))? };
         let gpus = parse_gpus(&exchange.all_gather_as("device ids", &me.to_bytes(), to)?, rank, world)?;
+        // Which ranks share this rank's node: only they map each other's memory (CUDA IPC).
+        let nodes = node_numbers(&exchange.all_gather_as("node names", node_name().as_bytes(), to)?);
+        let near: Vec<bool> = nodes.iter().map(|&n| n == nodes[rank]).collect();
         let visible = driver::peer::visible_uuids().during("cuDeviceGetUuid", || "listing the GPUs this process sees".into())?;
         // This rank's SMs: its context's limit (CUDA MPS), its MPS share, an explicit budget,
         // or an equal split of a shared GPU.
@@ -370,7 +412,7 @@ impl Group {
         let work = Arc::new(OwnWork::new(&ctx));
         work.mark(&stream)?;
         let quarantine = Quarantine::new();
-        let heap = SymmetricHeap::new(&ctx, &exchange, &quarantine, &work, mode, CONTROL_BYTES, to)?;
+        let heap = SymmetricHeap::new(&ctx, &exchange, &quarantine, &work, (mode, &near), CONTROL_BYTES, to)?;
         // From here on, a peer that dies or fails stops this rank's waits at once.
         exchange.watch(watchdog::sink(&health));
         let watchdog = Watchdog::start(health.clone(), exchange.clone())?;
@@ -399,6 +441,7 @@ impl Group {
                 sm_total,
                 sm_source: share_source,
                 gpu_sharers: sharers,
+                nodes,
             }),
         })
     }
@@ -455,6 +498,26 @@ impl Group {
     /// ranks sharing a GPU says anything about NVLink.
     pub fn gpu_sharers(&self) -> usize {
         self.inner.gpu_sharers
+    }
+
+    /// Every rank's node, numbered in the order of each node's first rank (ranks of one node
+    /// share the kernel's boot id, or [`NODE_ENV`]). Only ranks of one node map each other's
+    /// memory: in a group that spans nodes the GPU barrier, the high-throughput buffers and
+    /// low-latency buffers in moe-ep's own heap are refused, and low-latency buffers live in
+    /// NVSHMEM's memory (`LlBuffer::with_nvshmem`); [`Group::barrier`] meets the ranks on the host.
+    pub fn nodes(&self) -> &[u32] {
+        &self.inner.nodes
+    }
+
+    /// Whether the group's ranks are on more than one node ([`Group::nodes`]).
+    pub fn spans_nodes(&self) -> bool {
+        self.inner.nodes.iter().any(|&n| n != self.inner.nodes[0])
+    }
+
+    /// The ranks on other nodes than this rank's.
+    fn far_ranks(&self) -> Vec<usize> {
+        let mine = self.inner.nodes[self.inner.rank];
+        (0..self.inner.world).filter(|&r| self.inner.nodes[r] != mine).collect()
     }
 
     /// How ranks share memory.
@@ -527,8 +590,14 @@ impl Group {
             .try_fold(u32::MAX, |m, c| c.map(|c| m.min(c)))
     }
 
-    /// GPU barrier across all ranks on the group's stream, then [`Group::check`].
+    /// GPU barrier across all ranks on the group's stream, then [`Group::check`]. In a group
+    /// that spans nodes ([`Group::spans_nodes`]), [`Group::check`] (this rank's kernels done),
+    /// then every rank meets on the host.
     pub fn barrier(&self) -> Result<()> {
+        if self.spans_nodes() {
+            self.check()?;
+            return self.inner.exchange.barrier(self.inner.cfg.rendezvous_timeout).inspect_err(|e| self.fail(e));
+        }
         self.launch_barrier(&self.inner.stream, 1)?;
         self.check()
     }
@@ -556,8 +625,18 @@ impl Group {
     /// A GPU barrier whose epochs live in `heap` (each buffer has its own, so barriers of
     /// different buffers never pair up across ranks), `iters` times, after waiting `hold_ns`
     /// on the GPU (`BarrierParams::hold_ns`; 0 for none).
-    /// A heap with ranks reached through NVSHMEM calls is refused: the barrier stores directly.
+    /// A heap with ranks on other nodes, or reached through NVSHMEM calls, is refused: the
+    /// barrier stores directly.
     pub(crate) fn launch_barrier_on(&self, stream: &CudaStream, heap: &SymmetricHeap, iters: u32, hold_ns: u32) -> Result<()> {
+        if !heap.far_ranks().is_empty() {
+            return Err(Error::invalid(
+                "group",
+                format!(
+                    "a GPU barrier reaches the ranks of one node, and ranks {:?} are on other nodes (Group::barrier meets them on the host)",
+                    heap.far_ranks()
+                ),
+            ));
+        }
         if !heap.put_ranks().is_empty() {
             return Err(Error::invalid(
                 "heap",
@@ -800,15 +879,28 @@ impl Group {
         )
     }
 
-    /// Collective: a new symmetric heap of `bytes` per rank.
-    pub(crate) fn new_heap(&self, bytes: u64) -> Result<SymmetricHeap> {
+    /// Collective: a new symmetric heap of `bytes` per rank for `what` (a buffer, in words).
+    /// Refused in a group that spans nodes (the same on every rank): CUDA IPC maps memory
+    /// within a node only.
+    pub(crate) fn new_heap(&self, bytes: u64, what: &str) -> Result<SymmetricHeap> {
         self.ensure_healthy()?;
+        if self.spans_nodes() {
+            return Err(Error::invalid(
+                "group",
+                format!(
+                    "{what} lives in moe-ep's own memory, which CUDA IPC maps within a node, and ranks {:?} are on other nodes than rank {}:                      across nodes only low-latency buffers in NVSHMEM's memory run (LlBuffer::with_nvshmem; in Python ll_transport=\"nvshmem\",                      the default where the ranks span nodes)",
+                    self.far_ranks(),
+                    self.inner.rank
+                ),
+            ));
+        }
+        let near = vec![true; self.inner.world];
         SymmetricHeap::new(
             &self.inner.ctx,
             &self.inner.exchange,
             &self.inner.quarantine,
             &self.inner.work,
-            self.inner.mode,
+            (self.inner.mode, &near),
             bytes,
             self.inner.cfg.rendezvous_timeout,
         )
@@ -1175,6 +1267,15 @@ pub fn device_count() -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_are_numbered_by_their_first_rank() {
+        let names: Vec<Vec<u8>> = ["b", "b", "a", "c", "a", "b"].iter().map(|n| n.as_bytes().to_vec()).collect();
+        assert_eq!(node_numbers(&names), vec![0, 0, 1, 2, 1, 0]);
+        assert_eq!(node_numbers(&[b"x".to_vec()]), vec![0]);
+        // The process's own name: the override first, else something that names this machine.
+        assert!(!node_name().is_empty());
+    }
 
     #[test]
     fn every_kernel_is_named_by_its_parameter_block() {

@@ -126,6 +126,9 @@ pub struct SymmetricHeap {
     bases: Vec<u64>,
     /// Ranks reached through NVSHMEM calls instead of `bases` (never on moe-ep's own heap).
     put: Vec<usize>,
+    /// Ranks on other nodes, not mapped (their `bases` entry is this rank's own): no kernel
+    /// may be launched on the heap (only the group's own heap has them).
+    far: Vec<usize>,
     /// Peer allocations mapped over IPC.
     opened: Vec<IpcMapping>,
     /// Memory owned by another library instead of `local` (see [`ExternalHeap`]).
@@ -158,13 +161,13 @@ impl SymmetricHeap {
 
     /// Collective: every rank of the group calls it with the same `bytes` (the user's: the
     /// heap adds its [`HeapTables`] after them). The heap starts zeroed on every rank before any
-    /// rank can touch a peer's copy.
+    /// rank can touch a peer's copy. Only the ranks `near` marks (this rank's node) are mapped.
     pub(crate) fn new(
         ctx: &Arc<CudaContext>,
         exchange: &Arc<dyn Exchange>,
         quarantine: &Arc<Quarantine>,
         work: &Arc<OwnWork>,
-        mode: Mode,
+        (mode, near): (Mode, &[bool]),
         bytes: u64,
         timeout: Duration,
     ) -> Result<Self> {
@@ -197,6 +200,7 @@ impl SymmetricHeap {
             tables,
             bases: vec![0; world],
             put: Vec::new(),
+            far: Vec::new(),
             opened: Vec::new(),
             external: None,
             exchange: exchange.clone(),
@@ -218,8 +222,11 @@ impl SymmetricHeap {
                 let h = ipc::get_mem_handle(heap.ptr).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"))?;
                 let handles = exchange.all_gather_as("heap IPC handles", &h, timeout)?;
                 for (r, hb) in handles.iter().enumerate() {
-                    if r == rank {
+                    if r == rank || !near.get(r).copied().unwrap_or(true) {
                         heap.bases[r] = heap.ptr;
+                        if r != rank {
+                            heap.far.push(r);
+                        }
                         continue;
                     }
                     let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::Rendezvous {
@@ -289,6 +296,7 @@ impl SymmetricHeap {
             tables,
             bases,
             put,
+            far: Vec::new(),
             opened: Vec::new(),
             external: Some(external),
             exchange: exchange.clone(),
@@ -308,6 +316,9 @@ impl SymmetricHeap {
     /// [`MAX_RANKS`] ranks take it (by value: the high-throughput and test kernels); more ranks
     /// are an [`Error::InvalidArgument`] naming `what` needs them.
     pub fn peers(&self, what: &str) -> Result<Peers> {
+        if !self.far.is_empty() {
+            return Err(Error::invalid("group", format!("ranks {:?} are on other nodes, and {what} reaches ranks by direct stores", self.far)));
+        }
         if self.bases.len() > MAX_RANKS {
             return Err(Error::invalid("world", format!("{} ranks: {what} takes at most {MAX_RANKS}", self.bases.len())));
         }
@@ -324,6 +335,11 @@ impl SymmetricHeap {
     /// Ranks the kernels reach through NVSHMEM calls (see the field), in rank order.
     pub fn put_ranks(&self) -> &[usize] {
         &self.put
+    }
+
+    /// Ranks on other nodes, which this heap does not map (see the field).
+    pub fn far_ranks(&self) -> &[usize] {
+        &self.far
     }
 
     /// Device address of this rank's rank table ([`HeapTables::ranks`]).

@@ -415,7 +415,7 @@ impl HtBuffer {
         cfg.validate(g.world(), g.sm_count())?;
         g.agree("high-throughput buffer configuration", &format!("{cfg:?}"))?;
         let hl = cfg.heap_layout(g.world());
-        let heap = g.new_heap(hl.total)?;
+        let heap = g.new_heap(hl.total, "a high-throughput buffer")?;
         let host = MappedHost::new(g.context(), 2 + cfg.num_experts / g.world())?;
         Ok(HtBuffer {
             g: g.clone(),

@@ -73,7 +73,7 @@ pub mod reference;
 pub mod rendezvous;
 
 pub use error::{Error, Result};
-pub use group::{Group, GroupConfig, Kernel, PTX, SHARE_GPU_ENV, SM_BUDGET_ENV, device_count, mps_control_pipe};
+pub use group::{Group, GroupConfig, Kernel, NODE_ENV, PTX, SHARE_GPU_ENV, SM_BUDGET_ENV, device_count, mps_control_pipe};
 pub use heap::{Mode, SymmetricHeap};
 /// The kernels' ABI (parameter blocks, heap layouts, error records), for tests and tools
 /// (`testing` feature).

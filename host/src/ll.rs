@@ -330,7 +330,7 @@ impl LlBuffer {
     /// grid (`num_blocks: 0`) is the smallest SM count of the group's GPUs, the same on every
     /// rank.
     pub fn new(g: &Group, cfg: LlConfig) -> Result<Self> {
-        Self::with_heap(g, cfg, |bytes| g.new_heap(bytes))
+        Self::with_heap(g, cfg, |bytes| g.new_heap(bytes, "a low-latency buffer in moe-ep's heap (LlBuffer::new)"))
     }
 
     /// Collective, as [`LlBuffer::new`], with the buffer's memory from NVSHMEM's symmetric heap

@@ -111,13 +111,14 @@ def _rendezvous_addr(hosts, global_rank):
     return addr
 
 
-def _ll_transport(requested=None):
+def _ll_transport(requested=None, group=None):
     """The low-latency buffers' transport: ``requested``, else ``MOE_EP_LL_TRANSPORT``, else
-    ``"ipc"`` (moe-ep's own heap: the default inside a node). For ``"nvshmem"`` (the buffer in
+    ``"nvshmem"`` where ``group``'s ranks span nodes (``Group.spans_nodes``), else ``"ipc"``
+    (moe-ep's own heap: the default inside a node). For ``"nvshmem"`` (the buffer in
     NVSHMEM's symmetric memory) the NVSHMEM host library and its unique-id bootstrap plugin are
     taken from the ``nvidia-nvshmem-cu13`` wheel (which torch's CUDA 13 wheels bring) unless
     ``NVSHMEM_HOST_LIB`` and ``NVSHMEM_BOOTSTRAP_UID_PLUGIN`` name them."""
-    t = requested or os.environ.get("MOE_EP_LL_TRANSPORT") or "ipc"
+    t = requested or os.environ.get("MOE_EP_LL_TRANSPORT") or ("nvshmem" if group is not None and group.spans_nodes else "ipc")
     if t == "nvshmem":
         try:
             import nvidia.nvshmem as _nv
@@ -238,7 +239,7 @@ class Buffer:
         self._layout = None
         self._ll_cache = {}
         if num_max_dispatch_tokens_per_rank > 0:
-            self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank, _ll_transport(ll_transport))
+            self._ll = _moe_ep.LowLatencyBuffer(group, num_experts, hidden, num_topk, num_max_dispatch_tokens_per_rank, _ll_transport(ll_transport, group))
         if num_max_tokens_per_rank > 0:
             self._ht = _moe_ep.HighThroughputBuffer(group, num_experts, hidden, num_topk, num_max_tokens_per_rank, num_sms)
 

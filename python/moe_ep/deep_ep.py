@@ -305,7 +305,7 @@ class Buffer(_moe_ep.DeepEpBufferBase):
             self._ll_state = (None, None, None)
         from . import ll_transport
 
-        ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport())
+        ll = _moe_ep.LowLatencyBuffer(self._group, num_experts, hidden, k, tokens, ll_transport(None, self._group))
         self._ll_state = (ll, (tokens, hidden, num_experts, k), _moe_ep.LowLatencyViews())
         return ll
 

@@ -144,6 +144,18 @@ impl PyGroup {
     fn gpu_sharers(&self) -> usize {
         self.g.gpu_sharers()
     }
+    /// Every rank's node, numbered in the order of each node's first rank (`MOE_EP_NODE`, else
+    /// the kernel's boot id, names a node).
+    #[getter]
+    fn nodes(&self) -> Vec<u32> {
+        self.g.nodes().to_vec()
+    }
+    /// Whether the ranks are on more than one node: then only low-latency buffers in NVSHMEM's
+    /// memory run (the default transport there).
+    #[getter]
+    fn spans_nodes(&self) -> bool {
+        self.g.spans_nodes()
+    }
 
     /// Waits for this rank's kernels and raises what a kernel reported.
     fn check(&self, py: Python<'_>) -> PyResult<()> {

@@ -1,6 +1,8 @@
 """GPU check of the moe_ep package under torchrun (one process per GPU, or with
 ``MOE_EP_SHARE_GPU=1`` every rank on GPU 0 under CUDA MPS; with ``MOE_EP_LL_TRANSPORT=nvshmem``
-the low-latency buffer lives in NVSHMEM's symmetric memory):
+the low-latency buffer lives in NVSHMEM's symmetric memory; with ``MOE_EP_TEST_NODE_SIZE=N`` every
+N ranks stand for one node, so that the ranks span nodes: the low-latency buffer then goes to
+NVSHMEM by default and the high-throughput one and moe-ep's own heap must be refused):
 
     torchrun --nproc-per-node N python/tests/test_gpu.py
 
@@ -42,6 +44,10 @@ def all_gather(t):
 
 
 def main():
+    node_size = int(os.environ.get("MOE_EP_TEST_NODE_SIZE", "0"))
+    if node_size:
+        # Before the group is made: every node_size ranks stand for one node.
+        os.environ["MOE_EP_NODE"] = f"test-node-{int(os.environ['RANK']) // node_size}"
     dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(moe_ep.local_device())
@@ -57,7 +63,11 @@ def main():
     xs, idxs = all_gather(x), all_gather(topk_idx)
 
     buf = moe_ep.Buffer(None, num_max_dispatch_tokens_per_rank=TOKENS, hidden=HIDDEN, num_experts=experts, num_topk=TOPK)
-    transport = moe_ep.ll_transport()
+    transport = moe_ep.ll_transport(None, buf.group)
+    spans = buf.group.spans_nodes
+    if node_size:
+        assert buf.group.nodes == [r // node_size for r in range(world)], buf.group.nodes
+        assert spans == (world > node_size), (spans, world, node_size)
     nv = moe_ep.nvshmem_status()
     assert (nv is not None) == (transport == "nvshmem"), (transport, nv)
     where = f", low-latency buffer in NVSHMEM {nv[0]}.{nv[1]}.{nv[2]}'s memory (init status {nv[3]})" if nv else ""
@@ -74,6 +84,8 @@ def main():
     if nv:
         where += f", other ranks reached {'through NVSHMEM calls (ranks ' + str(put_ranks) + ')' if put_ranks else 'by direct stores'}"
         where += f", NVSHMEM module: {module}"
+    if spans:
+        where += f", ranks on nodes {buf.group.nodes}"
     print(f"rank {rank} of {world} ({torch.cuda.get_device_name()}): moe_ep {moe_ep.__version__}{where}")
 
     def check_received(recv_x, count, handle, use_fp8, what, inputs=None):
@@ -182,28 +194,37 @@ def main():
         check_combined(sout, combine_ref(sx, sidx, sw), f"graph replay {replay} (dispatch + pre-reduced combine)")
     buf.group.check()
 
-    # High-throughput: layout, dispatch, cached dispatch, combine.
-    ht = moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=0, num_max_tokens_per_rank=TOKENS)
-    tpr, _, tpe, in_rank, _ = ht.get_dispatch_layout(topk_idx, experts)
-    ref_in_rank = torch.stack([((topk_idx // epr) == r).any(1) for r in range(world)], dim=1)
-    assert torch.equal(in_rank, ref_in_rank), f"rank {rank}: is_token_in_rank differs"
-    assert torch.equal(tpr.cpu(), ref_in_rank.sum(0).to(torch.int32).cpu()), f"rank {rank}: tokens per rank differ"
-    ref_tpe = torch.bincount(topk_idx.flatten(), minlength=experts).to(torch.int32)
-    assert torch.equal(tpe, ref_tpe), f"rank {rank}: tokens per expert differ"
-    recv_x, recv_idx, recv_w, counts, handle, _ = ht.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, is_token_in_rank=in_rank)
-    torch.cuda.synchronize()
-    ref_rows = torch.cat([xs[s][((idxs[s] // epr) == rank).any(1)] for s in range(world)])
-    assert torch.equal(recv_x, ref_rows), f"rank {rank}: high-throughput rows differ"
-    assert sum(counts) >= 0 and recv_idx.shape == (ref_rows.shape[0], TOPK)
-    y = recv_x.clone()
-    out, _, _ = ht.combine(y, handle)
-    torch.cuda.synchronize()
-    ref_out = (x.float() * ref_in_rank.sum(1, keepdim=True).float()).to(torch.bfloat16)
-    assert torch.equal(out, ref_out), f"rank {rank}: high-throughput combine (identity experts) differs"
-    recv_x2, _, _, _, _, _ = ht.dispatch(x, handle=handle, topk_idx=topk_idx, topk_weights=topk_w)
-    torch.cuda.synchronize()
-    assert torch.equal(recv_x2, ref_rows), f"rank {rank}: cached dispatch rows differ"
-    print(f"rank {rank}: high-throughput layout, dispatch ({ref_rows.shape[0]} rows), cached dispatch and combine match")
+    if spans:
+        # Across nodes the high-throughput kernels (CUDA IPC within a node) are refused.
+        try:
+            moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=0, num_max_tokens_per_rank=TOKENS)
+            raise AssertionError("a high-throughput buffer across nodes was accepted")
+        except moe_ep.InvalidArgument as e:
+            assert e.argument == "group" and "other nodes" in str(e), (e.argument, str(e))
+        print(f"rank {rank}: the high-throughput buffer was refused across nodes")
+    else:
+        # High-throughput: layout, dispatch, cached dispatch, combine.
+        ht = moe_ep.Buffer(None, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=0, num_max_tokens_per_rank=TOKENS)
+        tpr, _, tpe, in_rank, _ = ht.get_dispatch_layout(topk_idx, experts)
+        ref_in_rank = torch.stack([((topk_idx // epr) == r).any(1) for r in range(world)], dim=1)
+        assert torch.equal(in_rank, ref_in_rank), f"rank {rank}: is_token_in_rank differs"
+        assert torch.equal(tpr.cpu(), ref_in_rank.sum(0).to(torch.int32).cpu()), f"rank {rank}: tokens per rank differ"
+        ref_tpe = torch.bincount(topk_idx.flatten(), minlength=experts).to(torch.int32)
+        assert torch.equal(tpe, ref_tpe), f"rank {rank}: tokens per expert differ"
+        recv_x, recv_idx, recv_w, counts, handle, _ = ht.dispatch(x, topk_idx=topk_idx, topk_weights=topk_w, is_token_in_rank=in_rank)
+        torch.cuda.synchronize()
+        ref_rows = torch.cat([xs[s][((idxs[s] // epr) == rank).any(1)] for s in range(world)])
+        assert torch.equal(recv_x, ref_rows), f"rank {rank}: high-throughput rows differ"
+        assert sum(counts) >= 0 and recv_idx.shape == (ref_rows.shape[0], TOPK)
+        y = recv_x.clone()
+        out, _, _ = ht.combine(y, handle)
+        torch.cuda.synchronize()
+        ref_out = (x.float() * ref_in_rank.sum(1, keepdim=True).float()).to(torch.bfloat16)
+        assert torch.equal(out, ref_out), f"rank {rank}: high-throughput combine (identity experts) differs"
+        recv_x2, _, _, _, _, _ = ht.dispatch(x, handle=handle, topk_idx=topk_idx, topk_weights=topk_w)
+        torch.cuda.synchronize()
+        assert torch.equal(recv_x2, ref_rows), f"rank {rank}: cached dispatch rows differ"
+        print(f"rank {rank}: high-throughput layout, dispatch ({ref_rows.shape[0]} rows), cached dispatch and combine match")
 
     # Bad input is refused before anything launches.
     try:
@@ -229,13 +250,20 @@ def main():
         del kept
         gc.collect()
         assert group.quarantined_bytes() == 0, group.quarantined_bytes()
-    # moe-ep's own heap: kept until every rank has dropped it.
-    dropped = moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16, ll_transport="ipc")
-    del dropped
-    gc.collect()
-    assert group.quarantined_bytes() > 0, "a dropped buffer's memory was freed at once"
-    freed = group.reclaim_dropped()
-    assert freed > 0 and group.quarantined_bytes() == 0, (freed, group.quarantined_bytes())
+    # moe-ep's own heap: kept until every rank has dropped it (refused across nodes).
+    if spans:
+        try:
+            moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16, ll_transport="ipc")
+            raise AssertionError("a low-latency buffer in moe-ep's heap across nodes was accepted")
+        except moe_ep.InvalidArgument as e:
+            assert e.argument == "group" and "with_nvshmem" in str(e), (e.argument, str(e))
+    else:
+        dropped = moe_ep.Buffer(group, hidden=HIDDEN, num_experts=experts, num_topk=TOPK, num_max_dispatch_tokens_per_rank=16, ll_transport="ipc")
+        del dropped
+        gc.collect()
+        assert group.quarantined_bytes() > 0, "a dropped buffer's memory was freed at once"
+        freed = group.reclaim_dropped()
+        assert freed > 0 and group.quarantined_bytes() == 0, (freed, group.quarantined_bytes())
     dist.barrier()
     print(f"rank {rank}: moe_ep GPU checks passed")
     dist.destroy_process_group()

@@ -197,11 +197,7 @@ pub fn experts_for(world: usize, experts: usize) -> usize {
 /// between two sizes, so ranks 0 and 1 still differ.
 pub fn skewed_grid(g: &Group) -> u32 {
     let (sms, world, rank) = (g.sm_count().max(2), g.world() as u32, g.rank() as u32);
-    if sms >= world + 2 {
-        16.min(sms - world).max(2) + rank
-    } else {
-        sms - 1 + rank % 2
-    }
+    if sms >= world + 2 { 16.min(sms - world).max(2) + rank } else { sms - 1 + rank % 2 }
 }
 
 /// Group settings for tests: a 20-second deadline so a hang fails fast, and the environment's
@@ -274,6 +270,11 @@ fn spawn_ranks(test_name: &str, world: usize, seed: u64, victim: Option<usize>, 
         .into_iter()
         .enumerate()
         .map(|(r, mut c)| {
+            // `MOE_EP_TEST_NODE_SIZE=N`: every N ranks stand for one node (`MOE_EP_NODE`).
+            if let Some((_, n)) = env.iter().find(|(k, _)| *k == "MOE_EP_TEST_NODE_SIZE") {
+                let n: usize = n.parse().context("MOE_EP_TEST_NODE_SIZE")?;
+                c.env(moe_ep::NODE_ENV, format!("test-node-{}", r / n.max(1)));
+            }
             c.envs(env.iter().copied())
                 .env("MOE_EP_TEST_WORLD", world.to_string())
                 .env("MOE_EP_TEST_SEED", seed.to_string())

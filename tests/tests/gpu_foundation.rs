@@ -144,11 +144,58 @@ fn gpu2_silent_peer_times_out() -> Result<()> {
     })
 }
 
+/// Ranks on two nodes (`MOE_EP_NODE` set per process: ranks `0..W/2` and the rest): the group
+/// is made (each rank maps only its own node's memory), says which rank is where,
+/// `Group::barrier` meets every rank (on the host), and what needs another node's memory mapped
+/// is refused with a typed error naming the ranks on other nodes, on every rank alike, leaving
+/// the group usable: the GPU barrier, high-throughput buffers and low-latency buffers in
+/// moe-ep's own heap (the error points to NVSHMEM's memory).
+fn gpu2_group_across_nodes() -> Result<()> {
+    let name = "gpu2_group_across_nodes";
+    let worlds = rank_counts(name)?;
+    if !in_child() {
+        report_line("ranks", name, &format!("{worlds:?}"));
+    }
+    for world in worlds {
+        let half = world.div_ceil(2);
+        let seed = fresh_seed(name);
+        if !in_child() {
+            println!("{name}: {world} ranks, processes standing for 2 nodes ({half} ranks on the first), seed {seed}");
+        }
+        run_processes_with_env(name, world, seed, &[("MOE_EP_TEST_NODE_SIZE", &half.to_string())], |g| {
+            let (rank, world) = (g.rank(), g.world());
+            let want: Vec<u32> = (0..world).map(|r| (r / half) as u32).collect();
+            ensure!(g.nodes() == want.as_slice() && g.spans_nodes(), "rank {rank}: nodes {:?}, expected {want:?}", g.nodes());
+            let far: Vec<usize> = (0..world).filter(|r| r / half != rank / half).collect();
+            let names_far = |what: &str, r: std::result::Result<(), Error>, also: &str| -> Result<()> {
+                match r {
+                    Err(e @ Error::InvalidArgument { .. }) if e.to_string().contains(&format!("{far:?}")) && e.to_string().contains(also) => Ok(()),
+                    other => anyhow::bail!("rank {rank}: {what}: expected InvalidArgument naming ranks {far:?}, got {other:?}"),
+                }
+            };
+            for _ in 0..3 {
+                g.barrier()?;
+            }
+            names_far("the GPU barrier", g.launch_barrier(g.stream(), 1), "Group::barrier")?;
+            let ll = moe_ep::ll::LlBuffer::new(g, moe_ep::ll::LlConfig::new(experts_for(world, 8), 128, 2, 8)).map(drop);
+            names_far("a low-latency buffer in moe-ep's heap", ll, "with_nvshmem")?;
+            let cfg = moe_ep::ht::HtConfig::new(experts_for(world, 8), 128, 2, 8, world).fit_sms(g.sm_count());
+            names_far("a high-throughput buffer", moe_ep::ht::HtBuffer::new(g, cfg).map(drop), "NVSHMEM")?;
+            g.barrier()?;
+            ensure!(g.failure().is_none(), "rank {rank}: the refusals failed the group: {:?}", g.failure());
+            println!("rank {rank} of {world}: nodes {:?}; host barriers met; GPU barrier and IPC buffers refused naming ranks {far:?}", g.nodes());
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     gpu_main(&[
         ("gpu1_device_layer_selftest", gpu1_device_layer_selftest),
         ("gpu2_heap_pattern", gpu2_heap_pattern),
         ("gpu2_barrier_10k", gpu2_barrier_10k),
         ("gpu2_silent_peer_times_out", gpu2_silent_peer_times_out),
+        ("gpu2_group_across_nodes", gpu2_group_across_nodes),
     ])
 }

@@ -237,6 +237,19 @@ if [ "$what" = nvshmem ]; then
       echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS), MOE_EP_NVSHMEM_PUT=$put: exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$log" | head -n 40; [ "$rc" -eq 0 ] || status=1
     done
   done
+  # Ranks standing for two nodes (NVSHMEM_PROBE_NODE_SIZE: every 2 ranks one node, MOE_EP_NODE):
+  # the group spans nodes, the IPC buffer must be refused, the NVSHMEM one checked on its own;
+  # at each PE count of NVSHMEM_NODE_PES (default "4", "" skips it), direct stores and puts.
+  for n in ${NVSHMEM_NODE_PES-4}; do
+    for put in direct all; do
+      log="$out/nvshmem$n-probe-two-nodes$([ $put = all ] && echo -put).log"
+      NVSHMEM_HOST_LIB=$nv_lib LD_LIBRARY_PATH=$(dirname "$nv_lib"):${LD_LIBRARY_PATH:-} NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} \
+        MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 MOE_EP_SECRET=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n') MOE_EP_NVSHMEM_PUT=$put \
+        NVSHMEM_PROBE_NODE_SIZE=2 NVSHMEM_PROBE_ITERS=${NVSHMEM_PROBE_ITERS:-20} NVSHMEM_PROBE_MIB=${NVSHMEM_PROBE_MIB:-16} \
+        timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" --no-python "$here/examples/nvshmem_probe" "$here/ptx/moe_ep_nvshmem.cubin" > "$log" 2>&1; rc=$?
+      echo "=== NVSHMEM probe, $n PEs sharing GPU 0 (no MPS) standing for 2 nodes, MOE_EP_NVSHMEM_PUT=$put: exit $rc"; grep -E "^rank|nvshmem_probe:|Error|error" "$log" | head -n 40; [ "$rc" -eq 0 ] || status=1
+    done
+  done
   # The Python package's test with its low-latency buffer in NVSHMEM's memory (NVSHMEM_PY_PES=""
   # skips it).
   install_wheel
@@ -252,6 +265,15 @@ if [ "$what" = nvshmem ]; then
         timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$log" 2>&1; rc=$?
       echo "=== python test_gpu.py, low-latency buffer on NVSHMEM, $n ranks sharing GPU 0 (no MPS), MOE_EP_NVSHMEM_PUT=$put: exit $rc"; grep -E "^rank|Error|assert" "$log" | head -n 20; [ "$rc" -eq 0 ] || status=1
     done
+  done
+  # The same test with the ranks standing for two nodes and no transport named: the package
+  # must pick NVSHMEM, and refuse the high-throughput buffer and its own heap.
+  unset MOE_EP_NVSHMEM_MODULE
+  for n in ${NVSHMEM_NODE_PES-4}; do
+    log="$out/nvshmem$n-python-two-nodes.log"
+    MOE_EP_TEST_NODE_SIZE=2 NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo} MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
+      timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node "$n" "$here/python/test_gpu.py" > "$log" 2>&1; rc=$?
+    echo "=== python test_gpu.py, $n ranks sharing GPU 0 (no MPS) standing for 2 nodes, no transport named: exit $rc"; grep -E "^rank|Error|assert" "$log" | head -n 20; [ "$rc" -eq 0 ] || status=1
   done
 fi
 if [ "$what" = soak ]; then
