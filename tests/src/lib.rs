@@ -61,18 +61,20 @@ pub fn skip_reason(test: &str) -> Option<String> {
     if mps() && !test.starts_with("gpu1_") && moe_ep::mps_control_pipe().is_none() {
         return Some("MOE_EP_TEST_MPS=1 but no CUDA MPS control daemon is running (CUDA_MPS_PIPE_DIRECTORY; run.sh mps starts one)".into());
     }
-    if let Ok(list) = std::env::var("MOE_EP_TEST_RANKS")
-        && !test.starts_with("gpu1_")
-        && let Ok(all) = parse_rank_list(&list, moe_ep::abi::GROUP_MAX_RANKS)
-        && all.iter().all(|&w| w > max_ranks(test))
-    {
-        return Some(format!("MOE_EP_TEST_RANKS={list}: this test runs at most {} ranks ({})", max_ranks(test), MAX_RANKS_WHY));
-    }
     let need = if mps() && !needs_two_physical_gpus(test) { 1 } else { gpus_needed(test) };
     match gpu_count() {
-        Err(e) => Some(e),
-        Ok(n) if n < need => Some(format!("needs {need} GPU(s), this machine has {n}")),
-        Ok(_) => None,
+        Err(e) => return Some(e),
+        Ok(n) if n < need => return Some(format!("needs {need} GPU(s), this machine has {n}")),
+        Ok(_) => {}
+    }
+    match std::env::var("MOE_EP_TEST_RANKS") {
+        Ok(list)
+            if !test.starts_with("gpu1_")
+                && parse_rank_list(&list, moe_ep::abi::GROUP_MAX_RANKS).is_ok_and(|all| all.iter().all(|&w| w > max_ranks(test))) =>
+        {
+            Some(format!("MOE_EP_TEST_RANKS={list}: this test runs at most {} ranks ({})", max_ranks(test), MAX_RANKS_WHY))
+        }
+        _ => None,
     }
 }
 
