@@ -224,7 +224,7 @@ pub struct LlDispatchParams {
     pub stages: u32,
     /// Blocks of the send grid on every rank (arrivals the receive half waits for per source).
     pub send_blocks: u32,
-    /// 1 when some rank is reached through NVSHMEM calls ([`RANK_PUT`] in its table entry).
+    /// 1 when some rank is reached through NVSHMEM calls ([`crate::abi::RANK_PUT`] in its table entry).
     /// Only the NVSHMEM module reads it; 0 for the default module.
     pub any_put: u32,
     pub _pad: u32,
