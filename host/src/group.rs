@@ -374,7 +374,8 @@ impl Group {
         }
         let mut row = vec![access::YES; world];
         for (r, g) in gpus.iter().enumerate() {
-            if r == rank {
+            // A rank on another node never maps this rank's memory: nothing to check.
+            if r == rank || !near[r] {
                 continue;
             }
             row[r] = match visible.iter().position(|u| *u == g.uuid) {
@@ -595,6 +596,7 @@ impl Group {
     /// then every rank meets on the host.
     pub fn barrier(&self) -> Result<()> {
         if self.spans_nodes() {
+            self.ensure_healthy()?;
             self.check()?;
             return self.inner.exchange.barrier(self.inner.cfg.rendezvous_timeout).inspect_err(|e| self.fail(e));
         }
@@ -888,7 +890,7 @@ impl Group {
             return Err(Error::invalid(
                 "group",
                 format!(
-                    "{what} lives in moe-ep's own memory, which CUDA IPC maps within a node, and ranks {:?} are on other nodes than rank {}:                      across nodes only low-latency buffers in NVSHMEM's memory run (LlBuffer::with_nvshmem; in Python ll_transport=\"nvshmem\",                      the default where the ranks span nodes)",
+                    "{what} lives in moe-ep's own memory, which CUDA IPC maps within a node, and ranks {:?} are on other nodes than rank {}: across nodes only low-latency buffers in NVSHMEM's memory run (LlBuffer::with_nvshmem; in Python ll_transport=\"nvshmem\", the default where the ranks span nodes)",
                     self.far_ranks(),
                     self.inner.rank
                 ),

@@ -207,49 +207,62 @@ impl SymmetricHeap {
             quarantine: quarantine.clone(),
             work: work.clone(),
         };
-        match mode {
+        // A rank that fails to map a peer still takes part in every exchange below (one that
+        // cannot export its heap sends an empty handle, which every peer fails on), so that all
+        // ranks meet at the rank tables' agreement and none waits for it.
+        let mapped = match mode {
             Mode::Threads => {
                 let ptrs = exchange.all_gather_as("heap pointers", &heap.ptr.to_le_bytes(), timeout)?;
-                for (r, p) in ptrs.iter().enumerate() {
+                ptrs.iter().enumerate().try_for_each(|(r, p)| {
                     heap.bases[r] = u64::from_le_bytes(p.as_slice().try_into().map_err(|_| Error::Rendezvous {
                         rank,
                         world,
                         reason: format!("rank {r} sent a malformed heap pointer"),
                     })?);
-                }
+                    Ok(())
+                })
             }
             Mode::Processes => {
-                let h = ipc::get_mem_handle(heap.ptr).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"))?;
-                let handles = exchange.all_gather_as("heap IPC handles", &h, timeout)?;
-                for (r, hb) in handles.iter().enumerate() {
-                    if r == rank || !near.get(r).copied().unwrap_or(true) {
-                        heap.bases[r] = heap.ptr;
-                        if r != rank {
-                            heap.far.push(r);
-                        }
-                        continue;
-                    }
-                    let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::Rendezvous {
-                        rank,
-                        world,
-                        reason: format!("rank {r} sent a malformed IPC handle"),
-                    })?;
-                    let m = IpcMapping::open(ctx, &h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
-                    heap.bases[r] = m.ptr();
-                    heap.opened.push(m);
-                }
+                let h = ipc::get_mem_handle(heap.ptr).during("cuIpcGetMemHandle", || format!("exporting rank {rank}'s heap"));
+                let handles = exchange.all_gather_as("heap IPC handles", h.as_ref().map_or(&[][..], |h| &h[..]), timeout)?;
+                h.and_then(|_| heap.open_near(ctx, &handles, near))
             }
-        }
-        heap.write_rank_table(ctx, timeout)?;
+        };
+        heap.write_rank_table(ctx, mapped, timeout)?;
         Ok(heap)
     }
 
+    /// Maps every rank of this rank's node (`near`) from its all-gathered IPC handle; every
+    /// other rank's base is this rank's own (listed in `far`).
+    fn open_near(&mut self, ctx: &Arc<CudaContext>, handles: &[Vec<u8>], near: &[bool]) -> Result<()> {
+        let (rank, world) = (self.exchange.rank(), self.exchange.world());
+        for (r, hb) in handles.iter().enumerate() {
+            if r == rank || !near.get(r).copied().unwrap_or(true) {
+                self.bases[r] = self.ptr;
+                if r != rank {
+                    self.far.push(r);
+                }
+                continue;
+            }
+            let h: [u8; 64] = hb.as_slice().try_into().map_err(|_| Error::Rendezvous {
+                rank,
+                world,
+                reason: format!("rank {r} sent a malformed IPC handle ({} bytes: it could not export its heap)", hb.len()),
+            })?;
+            let m = IpcMapping::open(ctx, &h).during("cuIpcOpenMemHandle", || format!("rank {rank} opening rank {r}'s heap"))?;
+            self.bases[r] = m.ptr();
+            self.opened.push(m);
+        }
+        Ok(())
+    }
+
     /// Collective, the last step of making a heap: writes this rank's rank table
-    /// ([`HeapTables::ranks`]), then every rank learns whether every rank could (so a rank that
-    /// could not is an error everywhere now, not a peer's timeout in the first launch).
-    fn write_rank_table(&self, ctx: &Arc<CudaContext>, timeout: Duration) -> Result<()> {
+    /// ([`HeapTables::ranks`]) once the peers are `mapped`, then every rank learns whether every
+    /// rank could (so a rank that could not is an error everywhere now, not a peer's timeout in
+    /// the first launch or its wait in the next exchange). This rank's own error stays its own.
+    fn write_rank_table(&self, ctx: &Arc<CudaContext>, mapped: Result<()>, timeout: Duration) -> Result<()> {
         let table: Vec<u64> = self.bases.iter().enumerate().map(|(r, &b)| b | if self.put.contains(&r) { RANK_PUT } else { 0 }).collect();
-        let written = ctx.new_stream().during("cuStreamCreate", || "writing a heap's rank table".into()).and_then(|s| {
+        let written = mapped.and_then(|_| ctx.new_stream().during("cuStreamCreate", || "writing a heap's rank table".into())).and_then(|s| {
             // SAFETY: the table region holds `world` u64 of this rank's heap (`HeapTables`); no
             // kernel uses the heap yet, and the copy completes before it returns.
             unsafe { crate::driver::copy_to_device(&table, self.ptr + self.tables.ranks, &s) }
@@ -262,7 +275,7 @@ impl SymmetricHeap {
             Some(r) => Err(Error::Rendezvous {
                 rank: self.exchange.rank(),
                 world: self.exchange.world(),
-                reason: format!("rank {r} could not write its rank table of a new heap (see its error)"),
+                reason: format!("rank {r} could not map its peers or write its rank table of a new heap (see its error)"),
             }),
         }
     }
@@ -303,7 +316,7 @@ impl SymmetricHeap {
             quarantine: quarantine.clone(),
             work: work.clone(),
         };
-        heap.write_rank_table(ctx, timeout)?;
+        heap.write_rank_table(ctx, Ok(()), timeout)?;
         Ok(heap)
     }
 
