@@ -23,8 +23,10 @@ prints, as medians over 200 calls:
 
 A last pass repeats DeepEP's face with the extension's stage marks on (``_moe_ep._profile``):
 the median CPU time of each stage of the method's body (stream lookup, tensor checks, launch
-arguments, the Rust API, the handle, the views, hook and event), and what lies outside the body
-(the call itself, argument parsing, the result).
+arguments, the Rust API, the handle and the views, hook and event), and what lies outside the
+body (the call itself, argument parsing, the result). Beside it, the same loop times a method of
+``low_latency_dispatch``'s signature that does nothing (``_call_cost_probe``): what the call
+itself costs in the timed loop's conditions, where caches are colder than in a loop of calls.
 
 It names the path that reads tensors' metadata (``moe_ep.tensor_path()``: torch's C shim, or
 the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
@@ -122,6 +124,9 @@ def main():
                 lambda h: dbuf.low_latency_combine(y, idx, w, h, out=out),
                 dll,
             )
+        if which == "deep_ep call cost":
+            probe = lambda: dbuf._call_cost_probe(x, idx, TOKENS, experts)[2]  # noqa: E731
+            return (probe, lambda h: probe(), dll)
         if which == "deep_ep extension":
             return (
                 lambda: dll.deep_ep_dispatch(dbuf._raw_stream(), x, idx, TOKENS, experts, True, "f32", False, None, dviews, make_views)[2],
@@ -141,7 +146,7 @@ def main():
     # The last pass: DeepEP's face again, with the extension's stage marks on (its figures are
     # kept apart from the others).
     stages = {"dispatch": {}, "combine": {}}
-    for which in ("python", "extension", "deep_ep", "deep_ep extension", "deep_ep marked"):
+    for which in ("python", "extension", "deep_ep", "deep_ep extension", "deep_ep call cost", "deep_ep marked"):
         profiled = which == "deep_ep marked"
         moe_ep._moe_ep._profile(profiled)
         dispatch, combine, part = calls("deep_ep" if profiled else which)
@@ -218,6 +223,11 @@ def main():
                 f"GPU {pg:.1f} us (extension alone {eg:.1f} us), medians of {ITERS}",
                 flush=True,
             )
+    print(
+        f"rank {rank} of {world} ({name}): a method of low_latency_dispatch's signature doing nothing, timed as the calls above: "
+        f"host {samples['deep_ep call cost']['dispatch'][0]:.2f} us, medians of {ITERS}",
+        flush=True,
+    )
     for op in ("dispatch", "combine"):
         ph = samples["deep_ep marked"][op][0]
         parts = [(stage, statistics.median(v)) for stage, v in stages[op].items()]

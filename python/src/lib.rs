@@ -16,6 +16,7 @@
 //! - `errors.rs`: errors become exceptions of one hierarchy ([`MoeEpError`]) carrying `kind`, `argument`,
 //!   `rank`, `phase` and `peer` where the library's error has them.
 
+mod clock;
 mod deep_ep;
 mod errors;
 mod group;

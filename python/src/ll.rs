@@ -1,5 +1,6 @@
 //! The low-latency buffer's binding.
 
+use crate::clock;
 use crate::errors::*;
 use crate::group::{PyGroup, stream_of};
 use crate::live::{Live, lock};
@@ -11,7 +12,6 @@ use moe_ep::{DeviceArg, Group, TopkIdx};
 use pyo3::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 /// The handle of one low-latency dispatch. Through `deep_ep_dispatch` it is also DeepEP's
 /// handle, the sequence `(src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
@@ -100,7 +100,7 @@ impl Views {
         self.marks.iter().all(|(t, ptr, shape)| {
             let t = t.bind(py);
             crate::torch_shim::same_place(t, *ptr, shape)
-                .unwrap_or_else(|| tensor_info("recv_x", t).is_ok_and(|m| m.ptr == *ptr && m.shape == *shape))
+                .unwrap_or_else(|| tensor_info("recv_x", t).is_ok_and(|m| m.ptr == *ptr && m.shape[..] == shape[..]))
         })
     }
 }
@@ -121,11 +121,13 @@ pub(crate) struct PyLowLatency {
     g: Group,
     /// `None` once destroyed.
     buf: Mutex<Option<LlBuffer>>,
-    /// CPU microseconds (f64 bits) the last dispatch or combine spent in the Rust API (the
+    /// The buffer's shape (read on every call without taking the lock).
+    cfg: LlConfig,
+    /// CPU time ([`clock`] ticks) the last dispatch or combine spent in the Rust API (the
     /// launch), so the binding's own share of a call can be measured in the same process.
-    last_api_us: AtomicU64,
+    last_api: AtomicU64,
     /// The same for the whole of the extension's function (from its first line to its last).
-    last_ext_us: AtomicU64,
+    last_ext: AtomicU64,
 }
 
 /// A dispatch's arguments besides its stream and tensors (see `PyLowLatency::dispatch`).
@@ -158,24 +160,33 @@ impl PyLlViews {
 }
 
 impl PyLlViews {
-    /// `(recv_x, count, src_info)` of `handle`: the views made before for its half and format
-    /// while intact, else `make(buffer, handle)`'s (kept for the next time). `recv_x` is a
-    /// tensor or a pair of tensors.
-    fn get(&self, ll: &Bound<'_, PyLowLatency>, handle: &Bound<'_, PyLlHandle>, make: &Bound<'_, PyAny>) -> PyResult<(PyObject, PyObject, PyObject)> {
-        let py = ll.py();
-        let key = handle.borrow().view_key();
+    /// `(recv_x, count, src_info)` for a handle of view key `key`: the views made before for its
+    /// half and format, while intact (the caller has not altered them); else None (`make`).
+    fn cached(&self, py: Python<'_>, key: ViewKey) -> Option<(PyObject, PyObject, PyObject)> {
         // Nothing that may run Python (the intact check's attribute path, a tensor's release)
         // runs under the lock: it may switch threads.
         let cached = lock(&self.views).iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone());
-        if let Some(v) = cached.filter(|v| v.intact(py)) {
-            return Ok((v.recv_x.clone_ref(py), v.count.clone_ref(py), v.src_info.clone_ref(py)));
-        }
+        let v = cached.filter(|v| v.intact(py))?;
+        Some((v.recv_x.clone_ref(py), v.count.clone_ref(py), v.src_info.clone_ref(py)))
+    }
+
+    /// The views of `handle` made by `make(buffer, handle)` (a tensor or a pair of tensors, the
+    /// count, `src_info`), kept for the next handle of its key.
+    fn make(
+        &self,
+        ll: &Bound<'_, PyLowLatency>,
+        handle: &Bound<'_, PyLlHandle>,
+        make: &Bound<'_, PyAny>,
+    ) -> PyResult<(PyObject, PyObject, PyObject)> {
+        let py = ll.py();
+        let key = handle.borrow().view_key();
         let (recv_x, count, src_info): (PyObject, PyObject, PyObject) = make.call1((ll, handle))?.extract()?;
         let parts: Vec<PyObject> = match recv_x.bind(py).downcast::<pyo3::types::PyTuple>() {
             Ok(t) => t.iter().map(|t| t.unbind()).collect(),
             Err(_) => vec![recv_x.clone_ref(py)],
         };
-        let marks = parts.into_iter().map(|t| tensor_info("recv_x", t.bind(py)).map(|m| (t, m.ptr, m.shape))).collect::<PyResult<Vec<_>>>()?;
+        let marks =
+            parts.into_iter().map(|t| tensor_info("recv_x", t.bind(py)).map(|m| (t, m.ptr, m.shape.to_vec()))).collect::<PyResult<Vec<_>>>()?;
         let v = Arc::new(Views { recv_x: recv_x.clone_ref(py), count: count.clone_ref(py), src_info: src_info.clone_ref(py), marks });
         // The replaced views are released after the lock.
         let _old = {
@@ -194,12 +205,12 @@ impl PyLowLatency {
         Live::of(&self.buf)
     }
 
-    fn set_api_us(&self, t0: Instant) {
-        self.last_api_us.store((t0.elapsed().as_secs_f64() * 1e6).to_bits(), Ordering::Relaxed);
+    fn set_api(&self, t0: u64) {
+        self.last_api.store(clock::ticks().wrapping_sub(t0), Ordering::Relaxed);
     }
 
-    fn set_ext_us(&self, t0: Instant) {
-        self.last_ext_us.store((t0.elapsed().as_secs_f64() * 1e6).to_bits(), Ordering::Relaxed);
+    fn set_ext(&self, t0: u64) {
+        self.last_ext.store(clock::ticks().wrapping_sub(t0), Ordering::Relaxed);
     }
 
     /// The dispatch of checked tensors (`xi`, `ti`: `x` and `topk_idx`).
@@ -216,7 +227,7 @@ impl PyLowLatency {
         };
         // Checks run before the buffer is locked (a tensor's attributes may run Python, which
         // may switch to a thread that calls this buffer).
-        let epr = self.buf()?.config().num_experts / self.g.world();
+        let epr = self.cfg.num_experts / self.g.world();
         let si = stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], dev)).transpose()?;
         let mut buf = self.buf()?;
         let (xr, tr) = (Raw::<bf16>::of(xi), Raw::<i64>::of(ti));
@@ -232,9 +243,9 @@ impl PyLowLatency {
         };
         let s = stream_of(&self.g, stream);
         profile::mark("launch arguments");
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let (h, _) = buf.dispatch(&s, &args).map_err(py_err)?;
-        self.set_api_us(t0);
+        self.set_api(t0);
         profile::mark("Rust API");
         Ok(PyLlHandle {
             h,
@@ -288,7 +299,7 @@ impl PyLowLatency {
                 }
             })
             .map_err(py_err)?;
-        Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), last_api_us: AtomicU64::new(0), last_ext_us: AtomicU64::new(0) })
+        Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), cfg, last_api: AtomicU64::new(0), last_ext: AtomicU64::new(0) })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`) by `topk_idx` (`int64 [N, k]`); `topk_weights`
@@ -310,14 +321,14 @@ impl PyLowLatency {
         hook: bool,
         stats: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<PyLlHandle> {
-        let t_in = Instant::now();
+        let t_in = clock::ticks();
         let dev = self.g.device() as i64;
-        let hd = self.buf()?.config().hidden;
+        let hd = self.cfg.hidden;
         let xi = check("x", x, &["torch.bfloat16"], &[None, Some(hd)], dev)?;
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(xi.shape[0]), None], dev)?;
         let o = DispatchOptions { topk_weights, use_fp8, scale_format, column_major_scales, hook, stats };
         let h = self.launch_dispatch(stream, &xi, &ti, o)?;
-        self.set_ext_us(t_in);
+        self.set_ext(t_in);
         Ok(h)
     }
 
@@ -343,10 +354,10 @@ impl PyLowLatency {
         views: &PyLlViews,
         make_views: &Bound<'_, PyAny>,
     ) -> PyResult<Option<(PyObject, PyObject, Py<PyLlHandle>)>> {
-        let t_in = Instant::now();
+        let t_in = clock::ticks();
         let me = slf.get();
         let dev = me.g.device() as i64;
-        let cfg = *me.buf()?.config();
+        let cfg = me.cfg;
         let xi = check("x", x, &["torch.bfloat16"], &[None, None], dev)?;
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[Some(xi.shape[0]), None], dev)?;
         if cfg.max_tokens_per_rank != tokens || cfg.num_experts != num_experts || cfg.hidden != xi.shape[1] || cfg.max_topk < ti.shape[1] {
@@ -358,23 +369,34 @@ impl PyLowLatency {
             DispatchOptions { topk_weights: None, use_fp8, scale_format, column_major_scales: true, hook, stats: if hook { None } else { stats } };
         let mut h = me.launch_dispatch(stream, &xi, &ti, o)?;
         let py = slf.py();
-        h.deep_ep = Some(DeepEpView { ll: slf.clone().unbind(), src_info: py.None(), max_tokens: tokens, hidden: cfg.hidden, num_experts });
-        let handle = Bound::new(py, h)?;
-        profile::mark("handle");
-        let (recv_x, count, src_info) = views.get(slf, &handle, make_views)?;
-        profile::mark("views");
-        if let Some(d) = handle.borrow_mut().deep_ep.as_mut() {
-            d.src_info = src_info;
-        }
-        me.set_ext_us(t_in);
-        Ok(Some((recv_x, count, handle.unbind())))
+        let view = |src_info| DeepEpView { ll: slf.clone().unbind(), src_info, max_tokens: tokens, hidden: cfg.hidden, num_experts };
+        // The views made before for this half and format, while intact; else the handle is made
+        // first (the package makes the views from it) and given its `src_info` after.
+        let out = match views.cached(py, h.view_key()) {
+            Some((recv_x, count, src_info)) => {
+                h.deep_ep = Some(view(src_info));
+                (recv_x, count, Py::new(py, h)?)
+            }
+            None => {
+                h.deep_ep = Some(view(py.None()));
+                let handle = Bound::new(py, h)?;
+                let (recv_x, count, src_info) = views.make(slf, &handle, make_views)?;
+                if let Some(d) = handle.borrow_mut().deep_ep.as_mut() {
+                    d.src_info = src_info;
+                }
+                (recv_x, count, handle.unbind())
+            }
+        };
+        profile::mark("handle, views");
+        me.set_ext(t_in);
+        Ok(Some(out))
     }
 
     /// The receive half of a hook-mode dispatch (`stats` as in `dispatch`: the receive half
     /// counts the rows).
     #[pyo3(signature = (stream, handle, stats = None))]
     pub(crate) fn dispatch_recv(&self, stream: usize, handle: &mut PyLlHandle, stats: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
-        let epr = self.buf()?.config().num_experts / self.g.world();
+        let epr = self.cfg.num_experts / self.g.world();
         let si =
             stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], self.g.device() as i64)).transpose()?;
         let sr = si.as_ref().map(Raw::<i32>::of);
@@ -447,9 +469,9 @@ impl PyLowLatency {
         pre_reduced: bool,
         hook: bool,
     ) -> PyResult<Option<PyLlCombinePending>> {
-        let t_in = Instant::now();
+        let t_in = clock::ticks();
         let dev = self.g.device() as i64;
-        let cfg = *self.buf()?.config();
+        let cfg = self.cfg;
         let (n, hd) = (handle.num_tokens, cfg.hidden);
         let epr = cfg.num_experts / self.g.world();
         let rows = self.g.world() * cfg.max_tokens_per_rank;
@@ -474,18 +496,20 @@ impl PyLowLatency {
         };
         let s = stream_of(&self.g, stream);
         profile::mark("tensor checks, launch arguments");
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let (pending, _) = self.buf()?.combine(&s, &handle.h, &args).map_err(py_err)?;
-        self.set_api_us(t0);
+        self.set_api(t0);
         profile::mark("Rust API");
-        let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
-        // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch tensors,
-        // which own their memory), so they stay allocated until `combine_recv` has queued the
-        // receive half on `stream` and the pending object is dropped; torch's caching allocator
-        // orders their later reuse on that same stream (the package runs the hook on the
-        // combine's stream) after the receive half.
-        let pending = pending.map(|p| PyLlCombinePending { pending: Mutex::new(Some(unsafe { p.into_unbound() })), _tensors: tensors });
-        self.set_ext_us(t_in);
+        let pending = pending.map(|p| {
+            let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
+            // SAFETY: the pending half holds `topk_idx`, `topk_weights` and `out` (torch
+            // tensors, which own their memory), so they stay allocated until `combine_recv` has
+            // queued the receive half on `stream` and the pending object is dropped; torch's
+            // caching allocator orders their later reuse on that same stream (the package runs
+            // the hook on the combine's stream) after the receive half.
+            PyLlCombinePending { pending: Mutex::new(Some(unsafe { p.into_unbound() })), _tensors: tensors }
+        });
+        self.set_ext(t_in);
         Ok(pending)
     }
 
@@ -494,7 +518,7 @@ impl PyLowLatency {
     /// time is the binding's.
     #[getter]
     fn last_api_us(&self) -> f64 {
-        f64::from_bits(self.last_api_us.load(Ordering::Relaxed))
+        clock::micros(self.last_api.load(Ordering::Relaxed))
     }
 
     /// The group's rank count.
@@ -516,7 +540,7 @@ impl PyLowLatency {
     /// is the Python-C boundary: argument parsing, the result object).
     #[getter]
     fn last_ext_us(&self) -> f64 {
-        f64::from_bits(self.last_ext_us.load(Ordering::Relaxed))
+        clock::micros(self.last_ext.load(Ordering::Relaxed))
     }
 
     /// The receive half of a hook-mode combine (once per pending combine).
@@ -535,7 +559,7 @@ impl PyLowLatency {
     fn combine_input(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<PyObject> {
         let py = slf.py();
         let me = slf.borrow();
-        let cfg = *me.buf()?.config();
+        let cfg = me.cfg;
         let shape = [cfg.num_experts / me.g.world(), me.g.world() * cfg.max_tokens_per_rank, cfg.hidden];
         let addr = me.buf()?.combine_input(&handle.h).map_err(py_err)?.device_addr();
         dlpack(py, addr, &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())

@@ -46,7 +46,7 @@ pub(crate) fn attribute_meta(name: &str, t: &Bound<'_, PyAny>) -> PyResult<Tenso
     let not_tensor = |_| invalid(name, format!("expected a torch tensor, got {}", t.get_type().name().map(|n| n.to_string()).unwrap_or_default()));
     Ok(TensorInfo {
         ptr: t.call_method0(intern!(py, "data_ptr")).and_then(|v| v.extract()).map_err(not_tensor)?,
-        shape: t.getattr(intern!(py, "shape")).and_then(|s| s.extract()).map_err(not_tensor)?,
+        shape: t.getattr(intern!(py, "shape")).and_then(|s| s.extract::<Vec<usize>>()).map_err(not_tensor)?.into(),
         dtype: t.getattr(intern!(py, "dtype")).and_then(|d| dtype_name(&d)).map_err(not_tensor)?.into(),
         is_cuda: t.getattr(intern!(py, "is_cuda")).and_then(|c| c.extract()).map_err(not_tensor)?,
         device_index: t.call_method0(intern!(py, "get_device")).and_then(|i| i.extract()).map_err(not_tensor)?,

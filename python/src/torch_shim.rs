@@ -29,11 +29,14 @@ type GetI64 = unsafe extern "C" fn(*mut c_void, *mut i64) -> i32;
 type GetDims = unsafe extern "C" fn(*mut c_void, *mut *const i64) -> i32;
 type Code = unsafe extern "C" fn() -> i32;
 
+/// A tensor's sizes, inline up to four dimensions (a check allocates nothing on the heap).
+pub type Shape = smallvec::SmallVec<[usize; 4]>;
+
 /// What the checks need of a tensor, from either path.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Meta {
     pub ptr: u64,
-    pub shape: Vec<usize>,
+    pub shape: Shape,
     pub dtype: std::borrow::Cow<'static, str>,
     pub is_cuda: bool,
     /// The device's ordinal (-1 on the CPU).

@@ -69,7 +69,8 @@ if [ "$what" = mps ]; then
   # exit test among them), exit (the exit test alone: ranks that end without destroying
   # anything), soak (SOAK_ITERS iterations, default 3000, at 4 ranks, at most SOAK_SECONDS),
   # bench (the benchmark's smoke run at 2 ranks, which prints the labelled flag round trip),
-  # overhead (python/overhead.py at 2 ranks: the host time per call of each Python face).
+  # overhead (python/overhead.py at 2 ranks: the host time per call of each Python face; see
+  # the part for OVERHEAD_PASSES, OVERHEAD_ROUNDS and OVERHEAD_COMPARE).
   # MPS_ROOT names the daemon's directory (default: a fresh one under /tmp).
   parts=${*:-tests python soak bench}
   set --
@@ -149,18 +150,32 @@ if [ "$what" = mps ]; then
         echo "=== soak, 4 ranks sharing GPU 0 (MPS): exit $rc"; tail -n 4 "$out/mps-soak.log"; [ "$rc" -eq 0 ] || status=1 ;;
       overhead)
         # Host CPU time per low-latency call through each Python face (the GPU figures it also
-        # prints are of ranks sharing one GPU: not NVLink figures), with each rank's process on
-        # whichever cores the OS picks, then on a physical core of its own (MOE_EP_PIN_CORES=1).
+        # prints are of ranks sharing one GPU: not NVLink figures). Passes (OVERHEAD_PASSES,
+        # default all three): plain (each rank's process on whichever cores the OS picks),
+        # pinned (on a physical core of its own, MOE_EP_PIN_CORES=1), staggered (rank 1 starts
+        # each step 200 us after rank 0, so that the ranks' calls do not meet in the driver and
+        # MPS server). OVERHEAD_ROUNDS (default 1) repeats them. OVERHEAD_COMPARE names a
+        # folder holding another build's wheel: each pass then runs that wheel, then the
+        # bundle's, in the same round (an A/B on one machine in one call).
         [ "$installed" = 1 ] || install_wheel
-        # A third pass staggers the ranks' calls (rank 1 starts each step 200 us after rank 0),
-        # so that they do not meet in the driver and MPS server.
-        for pass in plain pinned staggered; do
-          log="$out/mps-python-overhead-$pass.log"
-          pin=$([ $pass = pinned ] && echo 1 || echo 0); stagger=$([ $pass = staggered ] && echo 200 || echo 0)
-          MOE_EP_PIN_CORES=$pin MOE_EP_OVERHEAD_STAGGER_US=$stagger MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$py" \
-            timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$log" 2>&1; rc=$?
-          echo "=== python overhead, 2 ranks sharing GPU 0 (MPS), $pass (MOE_EP_PIN_CORES=$pin, MOE_EP_OVERHEAD_STAGGER_US=$stagger): exit $rc"
-          grep -E "^rank [0-9]|Error" "$log" | grep -v "dropped\|freed" | grep -v "^rank 0 (" | head -n 40; [ "$rc" -eq 0 ] || status=1
+        builds=bundle
+        if [ -n "${OVERHEAD_COMPARE:-}" ]; then
+          rm -rf /tmp/moe-ep-python-compare
+          python3 -m pip install --quiet --no-deps --no-index --target /tmp/moe-ep-python-compare "$OVERHEAD_COMPARE"/*.whl || status=1
+          builds="compare bundle"
+        fi
+        for round in $(seq "${OVERHEAD_ROUNDS:-1}"); do
+          for pass in ${OVERHEAD_PASSES:-plain pinned staggered}; do
+            for build in $builds; do
+              log="$out/mps-python-overhead-$pass-$build-$round.log"
+              path=$([ $build = compare ] && echo /tmp/moe-ep-python-compare || echo "$py")
+              pin=$([ $pass = pinned ] && echo 1 || echo 0); stagger=$([ $pass = staggered ] && echo 200 || echo 0)
+              MOE_EP_PIN_CORES=$pin MOE_EP_OVERHEAD_STAGGER_US=$stagger MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$path" \
+                timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$log" 2>&1; rc=$?
+              echo "=== python overhead, 2 ranks sharing GPU 0 (MPS), $pass (MOE_EP_PIN_CORES=$pin, MOE_EP_OVERHEAD_STAGGER_US=$stagger), $build's wheel, round $round: exit $rc"
+              grep -E "binding adds|stage marks|doing nothing, timed|Error" "$log" | grep "deep_ep\|doing\|Error" | head -n 12; [ "$rc" -eq 0 ] || status=1
+            done
+          done
         done ;;
       bench)
         timeout 300 "$here/bin/moe-ep-bench" p2p ll --quick --shared-gpu --ranks 2 > "$out/mps-bench.log" 2>&1; rc=$?
