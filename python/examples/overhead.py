@@ -32,7 +32,7 @@ It names the path that reads tensors' metadata (``moe_ep.tensor_path()``: torch'
 the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).
 
 With ``MOE_EP_PIN_CORES=1`` each rank's process (and every thread it starts later) runs on
-one physical core of its own (its hardware threads, from ``/sys``), chosen by local rank and
+one physical core of its own, set before torch is imported (its hardware threads, from ``/sys``), chosen by local rank and
 skipping core 0: the ranks' processes and their helper threads then do not share a core. Each
 rank prints where it runs.
 
@@ -47,12 +47,6 @@ import gc
 import os
 import statistics
 import time
-
-import torch
-import torch.distributed as dist
-
-import moe_ep
-import moe_ep.deep_ep as deep_ep
 
 HIDDEN, EXPERTS, TOPK, TOKENS, ITERS, WARMUP = 7168, 256, 8, 128, 200, 20
 
@@ -85,11 +79,46 @@ def pin_to_core(local_rank):
     if not cores or len(cores) < local_rank + 2:
         return f"not pinned: {len(cores or [])} physical cores known, rank {local_rank} needs {local_rank + 2}"
     os.sched_setaffinity(0, cores[local_rank + 1])
-    return f"pinned to CPUs {sorted(os.sched_getaffinity(0))} (physical core {local_rank + 1} of {len(cores)})"
+    return f"pinned to CPUs {sorted(os.sched_getaffinity(0))} (physical core {local_rank + 1} of {len(cores)}) before importing torch"
+
+
+def main_thread_counters():
+    """This process's main thread (the timed one): the CPU it last ran on, its voluntary and
+    involuntary context switches and its migrations between CPUs (from /proc; None where
+    /proc does not say)."""
+    out = {"cpu": None, "voluntary": None, "involuntary": None, "migrations": None}
+    try:
+        with open("/proc/self/stat") as f:
+            out["cpu"] = int(f.read().rsplit(")", 1)[1].split()[36])
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "voluntary_ctxt_switches":
+                    out["voluntary"] = int(value)
+                elif key == "nonvoluntary_ctxt_switches":
+                    out["involuntary"] = int(value)
+        with open("/proc/self/sched") as f:
+            for line in f:
+                if line.startswith("se.nr_migrations"):
+                    out["migrations"] = int(line.split(":")[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+# Pinned (MOE_EP_PIN_CORES=1) before torch is imported, so that what the process allocates
+# from here on is first touched on the CPU it will run on.
+PINNED = pin_to_core(int(os.environ.get("LOCAL_RANK", "0")))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import moe_ep  # noqa: E402
+import moe_ep.deep_ep as deep_ep  # noqa: E402
 
 
 def main():
-    pinned = pin_to_core(int(os.environ.get("LOCAL_RANK", "0")))
+    pinned = PINNED
     dist.init_process_group(moe_ep.dist_backend())
     rank, world = dist.get_rank(), dist.get_world_size()
     print(f"rank {rank}: {pinned}", flush=True)
@@ -143,6 +172,7 @@ def main():
     if rank == 0 and float(os.environ.get("MOE_EP_OVERHEAD_STAGGER_US", "0")) > 0:
         print(f"rank 0: every rank r waits r * {os.environ['MOE_EP_OVERHEAD_STAGGER_US']} us before each step's barrier", flush=True)
     samples = {}
+    before = main_thread_counters()
     # The last pass: DeepEP's face again, with the extension's stage marks on (its figures are
     # kept apart from the others).
     stages = {"dispatch": {}, "combine": {}}
@@ -184,6 +214,7 @@ def main():
             op: (statistics.median(host[op]), statistics.median(gpu[op]), statistics.median(api[op]), statistics.median(inside[op])) for op in host
         }
     moe_ep._moe_ep._profile(False)
+    after = main_thread_counters()
     group.check()
     name = torch.cuda.get_device_name()
     if rank == 0:
@@ -226,6 +257,12 @@ def main():
     print(
         f"rank {rank} of {world} ({name}): a method of low_latency_dispatch's signature doing nothing, timed as the calls above: "
         f"host {samples['deep_ep call cost']['dispatch'][0]:.2f} us, medians of {ITERS}",
+        flush=True,
+    )
+    delta = {k: (after[k] - before[k] if after[k] is not None and before[k] is not None else None) for k in ("voluntary", "involuntary", "migrations")}
+    print(
+        f"rank {rank} of {world} ({name}): the timed passes' thread: on CPU {before['cpu']} before them, CPU {after['cpu']} after; "
+        f"during them {delta['voluntary']} voluntary and {delta['involuntary']} involuntary context switches, {delta['migrations']} migrations",
         flush=True,
     )
     for op in ("dispatch", "combine"):
