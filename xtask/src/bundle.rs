@@ -154,21 +154,24 @@ if [ "$what" = mps ]; then
         # default all three): plain (each rank's process on whichever cores the OS picks),
         # pinned (on a physical core of its own, MOE_EP_PIN_CORES=1), staggered (rank 1 starts
         # each step 200 us after rank 0, so that the ranks' calls do not meet in the driver and
-        # MPS server). OVERHEAD_ROUNDS (default 1) repeats them. OVERHEAD_COMPARE names a
-        # folder holding another build's wheel: each pass then runs that wheel, then the
-        # bundle's, in the same round (an A/B on one machine in one call).
+        # MPS server). OVERHEAD_ROUNDS (default 1) repeats them. OVERHEAD_COMPARE names folders
+        # each holding another build's wheel: each pass then runs those wheels (compare1,
+        # compare2, ...), then the bundle's, in the same round (an A/B on one machine in one call).
         [ "$installed" = 1 ] || install_wheel
-        builds=bundle
-        if [ -n "${OVERHEAD_COMPARE:-}" ]; then
-          rm -rf /tmp/moe-ep-python-compare
-          python3 -m pip install --quiet --no-deps --no-index --target /tmp/moe-ep-python-compare "$OVERHEAD_COMPARE"/*.whl || status=1
-          builds="compare bundle"
-        fi
+        builds=""
+        i=0
+        for dir in ${OVERHEAD_COMPARE:-}; do
+          i=$(( i + 1 ))
+          rm -rf "/tmp/moe-ep-python-compare$i"
+          python3 -m pip install --quiet --no-deps --no-index --target "/tmp/moe-ep-python-compare$i" "$dir"/*.whl || status=1
+          builds="$builds compare$i"
+        done
+        builds="$builds bundle"
         for round in $(seq "${OVERHEAD_ROUNDS:-1}"); do
           for pass in ${OVERHEAD_PASSES:-plain pinned staggered}; do
             for build in $builds; do
               log="$out/mps-python-overhead-$pass-$build-$round.log"
-              path=$([ $build = compare ] && echo /tmp/moe-ep-python-compare || echo "$py")
+              path=$([ $build = bundle ] && echo "$py" || echo "/tmp/moe-ep-python-$build")
               pin=$([ $pass = pinned ] && echo 1 || echo 0); stagger=$([ $pass = staggered ] && echo 200 || echo 0)
               MOE_EP_PIN_CORES=$pin MOE_EP_OVERHEAD_STAGGER_US=$stagger MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$path" \
                 timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$log" 2>&1; rc=$?
