@@ -422,12 +422,6 @@ impl LlBuffer {
         &self.cfg
     }
 
-    /// The buffer half the next [`LlBuffer::dispatch`] will use ([`Handle::half`] of its handle):
-    /// dispatches alternate between the two halves, and a refused one does not count.
-    pub fn next_dispatch_half(&self) -> usize {
-        (self.dispatches % 2) as usize
-    }
-
     /// Collective: changes the kernels' blocks and threads per block (every rank must pass the
     /// same values: each receiver waits for every sender's blocks). Not while a hook-mode call
     /// is pending.

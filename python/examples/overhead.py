@@ -22,12 +22,11 @@ prints, as medians over 200 calls:
   with ``moe-ep-bench ll --hold-us 0``).
 
 A last pass repeats DeepEP's face with the extension's stage marks on (``_moe_ep._profile``):
-the median CPU time of each stage of the method's body (stream lookup, tensor checks, the
-received views (looked up before the launch), launch arguments, the Rust API, the handle, hook
-and event), and what lies outside the body (the call itself, argument parsing, the result).
-Beside it, the same loop times a method of ``low_latency_dispatch``'s signature that does
-nothing (``_call_cost_probe``): what the call itself costs in the timed loop's conditions,
-where caches are colder than in a loop of calls.
+the median CPU time of each stage of the method's body (stream lookup, tensor checks, launch
+arguments, the Rust API, the handle and the views, hook and event), and what lies outside the
+body (the call itself, argument parsing, the result). Beside it, the same loop times a method of
+``low_latency_dispatch``'s signature that does nothing (``_call_cost_probe``): what the call
+itself costs in the timed loop's conditions, where caches are colder than in a loop of calls.
 
 It names the path that reads tensors' metadata (``moe_ep.tensor_path()``: torch's C shim, or
 the tensors' attributes; ``MOE_EP_TORCH_SHIM=0`` forces the attributes).

@@ -364,25 +364,15 @@ impl PyLowLatency {
             return Ok(None);
         }
         profile::mark("tensor checks");
-        let py = slf.py();
-        // The views made before for the half this dispatch will use, looked up (and checked
-        // intact) before the launch, while what the check reads is still in the CPU's caches.
-        let key: ViewKey = (me.buf()?.next_dispatch_half(), use_fp8, use_fp8 && scale_format == "ue8m0", true);
-        let early = views.cached(py, key);
-        profile::mark("views");
         // DeepEP's scales are column-major; in hook mode its receive hook counts the rows.
         let o =
             DispatchOptions { topk_weights: None, use_fp8, scale_format, column_major_scales: true, hook, stats: if hook { None } else { stats } };
         let mut h = me.launch_dispatch(stream, &xi, &ti, o)?;
+        let py = slf.py();
         let view = |src_info| DeepEpView { ll: slf.clone().unbind(), src_info, max_tokens: tokens, hidden: cfg.hidden, num_experts };
-        // Those views, unless another thread's dispatch took that half in between (then the
-        // handle's own key is looked up again); with none cached, the handle is made first (the
-        // package makes the views from it) and given its `src_info` after.
-        let found = match early.filter(|_| h.view_key() == key) {
-            Some(v) => Some(v),
-            None => views.cached(py, h.view_key()),
-        };
-        let out = match found {
+        // The views made before for this half and format, while intact; else the handle is made
+        // first (the package makes the views from it) and given its `src_info` after.
+        let out = match views.cached(py, h.view_key()) {
             Some((recv_x, count, src_info)) => {
                 h.deep_ep = Some(view(src_info));
                 (recv_x, count, Py::new(py, h)?)
@@ -397,7 +387,7 @@ impl PyLowLatency {
                 (recv_x, count, handle.unbind())
             }
         };
-        profile::mark("handle");
+        profile::mark("handle, views");
         me.set_ext(t_in);
         Ok(Some(out))
     }
