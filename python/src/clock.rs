@@ -2,8 +2,10 @@
 //! counter on x86-64 (`rdtsc`, a few nanoseconds a read, against 35-45 ns for a
 //! `clock_gettime` on the GPU machines), so that timing every call costs the call almost
 //! nothing. Ticks become microseconds only when a timing is read, at a rate measured once
-//! against [`Instant`] (10 ms, the first time a timing is read). Elsewhere the ticks are
-//! nanoseconds since the first read.
+//! against [`Instant`] (10 ms, the first time a timing is read). The timings are diagnostics:
+//! they assume the invariant time-stamp counter, the same on every core, of current x86-64
+//! servers (the GPU machines' CPUs report `constant_tsc` and `nonstop_tsc`). Elsewhere the ticks
+//! are nanoseconds since the first read.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

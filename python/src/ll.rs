@@ -122,12 +122,28 @@ pub(crate) struct PyLowLatency {
     /// `None` once destroyed.
     buf: Mutex<Option<LlBuffer>>,
     /// The buffer's shape (read on every call without taking the lock).
-    cfg: LlConfig,
+    cfg: LlShape,
     /// CPU time ([`clock`] ticks) the last dispatch or combine spent in the Rust API (the
     /// launch), so the binding's own share of a call can be measured in the same process.
     last_api: AtomicU64,
     /// The same for the whole of the extension's function (from its first line to its last).
     last_ext: AtomicU64,
+}
+
+/// What a buffer was built for, which never changes (unlike its launch grid, which
+/// `LlBuffer::set_launch` may change and is read from the buffer itself).
+#[derive(Clone, Copy)]
+struct LlShape {
+    num_experts: usize,
+    hidden: usize,
+    max_topk: usize,
+    max_tokens_per_rank: usize,
+}
+
+impl From<&LlConfig> for LlShape {
+    fn from(c: &LlConfig) -> Self {
+        LlShape { num_experts: c.num_experts, hidden: c.hidden, max_topk: c.max_topk, max_tokens_per_rank: c.max_tokens_per_rank }
+    }
 }
 
 /// A dispatch's arguments besides its stream and tensors (see `PyLowLatency::dispatch`).
@@ -299,6 +315,7 @@ impl PyLowLatency {
                 }
             })
             .map_err(py_err)?;
+        let cfg = LlShape::from(buf.config());
         Ok(PyLowLatency { g: g.clone(), buf: Mutex::new(Some(buf)), cfg, last_api: AtomicU64::new(0), last_ext: AtomicU64::new(0) })
     }
 
