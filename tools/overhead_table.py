@@ -1,5 +1,5 @@
 """One row per rank and run of ``run.sh mps overhead`` (``python/examples/overhead.py``), from the
-summaries it printed, sorted by the Rust API's own share of the same calls:
+summaries it printed, by build, then by the Rust API's own share of the same calls:
 
     python3 tools/overhead_table.py bench/results/FOLDER/summary.log [more summary.log files]
 

@@ -7,6 +7,7 @@
 //! servers (the GPU machines' CPUs report `constant_tsc` and `nonstop_tsc`). Elsewhere the ticks
 //! are nanoseconds since the first read.
 
+use pyo3::Python;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -26,9 +27,10 @@ pub(crate) fn ticks() -> u64 {
     }
 }
 
-/// Ticks per microsecond.
+/// Ticks per microsecond, measured the first time.
+static RATE: OnceLock<f64> = OnceLock::new();
+
 fn rate() -> f64 {
-    static RATE: OnceLock<f64> = OnceLock::new();
     *RATE.get_or_init(|| {
         if cfg!(not(target_arch = "x86_64")) {
             return 1e3;
@@ -37,12 +39,22 @@ fn rate() -> f64 {
         while t0.elapsed() < Duration::from_millis(10) {
             std::hint::spin_loop();
         }
-        let (dt, dc) = (t0.elapsed(), ticks().wrapping_sub(c0));
+        let (dt, dc) = (t0.elapsed(), ticks().saturating_sub(c0));
         dc as f64 / (dt.as_secs_f64() * 1e6)
     })
 }
 
-/// Microseconds in `n` ticks.
-pub(crate) fn micros(n: u64) -> f64 {
+/// The ticks from `t0` to now (0 should the counter read earlier than `t0`).
+pub(crate) fn since(t0: u64) -> u64 {
+    ticks().saturating_sub(t0)
+}
+
+/// Microseconds in `n` ticks (the first call measures the rate with the GIL released).
+pub(crate) fn micros(py: Python<'_>, n: u64) -> f64 {
+    if RATE.get().is_none() {
+        py.allow_threads(|| {
+            rate();
+        });
+    }
     n as f64 / rate()
 }

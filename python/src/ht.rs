@@ -123,9 +123,13 @@ impl PyHighThroughput {
 
     /// Collective: the dispatch and combine kernels' blocks (every rank passes the same).
     fn set_num_sms(&self, num_sms: u32) -> PyResult<()> {
-        let mut b = self.buf()?;
-        let threads = b.config().threads;
-        b.set_launch(num_sms, threads).map_err(py_err)
+        let r = {
+            let mut b = self.buf()?;
+            let threads = b.config().threads;
+            b.set_launch(num_sms, threads)
+        };
+        // The error becomes a Python exception after the lock (making one may run Python).
+        r.map_err(py_err)
     }
 
     /// The routing of `topk_idx` (`int64 [N, k]`, -1 = no expert): counts per rank and
@@ -134,9 +138,11 @@ impl PyHighThroughput {
         let ti = check("topk_idx", topk_idx, &["torch.int64"], &[None, None], self.g.device() as i64)?;
         let tr = Raw::<i64>::of(&ti);
         let s = stream_of(&self.g, stream);
-        let buf = self.buf()?;
-        let layout = buf.layout(&s, TopkIdx::I64(&tr), ti.shape[1]).map_err(py_err)?;
-        Ok(PyHtLayout { layout, device: self.g.device() as i32, world: self.g.world(), experts: buf.config().num_experts })
+        let (layout, experts) = {
+            let buf = self.buf()?;
+            (buf.layout(&s, TopkIdx::I64(&tr), ti.shape[1]), buf.config().num_experts)
+        };
+        Ok(PyHtLayout { layout: layout.map_err(py_err)?, device: self.g.device() as i32, world: self.g.world(), experts })
     }
 
     /// Dispatch of `x` (`bf16 [N, hidden]`, or FP8 `float8_e4m3fn [N, hidden]` with `x_scales`
@@ -212,21 +218,28 @@ impl PyHighThroughput {
     ) -> PyResult<(PyObject, Option<PyObject>, Option<PyObject>, Option<PyObject>, PyObject)> {
         let py = slf.py();
         let me = slf.borrow();
-        let (b, h, dev) = (me.buf()?, &handle.h, me.g.device() as i32);
-        let n = h.num_recv().unwrap_or(b.config().capacity(me.g.world()));
-        let (hd, k) = (b.config().hidden, h.layout().k());
-        let owner = || slf.clone().into_any().unbind();
-        let x = if handle.fp8 {
-            dlpack(py, b.recv_x_fp8(h).map_err(py_err)?.device_addr(), &[n, hd], DT_U8, dev, owner())?
-        } else {
-            dlpack(py, b.recv_x_bf16(h).map_err(py_err)?.device_addr(), &[n, hd], DT_BF16, dev, owner())?
+        let (h, dev, k) = (&handle.h, me.g.device() as i32, handle.h.layout().k());
+        // The addresses under the lock; errors become Python exceptions and capsules are made
+        // after it (either may run Python).
+        let (n, hd, x, scales, idx, wts, src) = {
+            let b = me.buf()?;
+            (
+                h.num_recv().unwrap_or(b.config().capacity(me.g.world())),
+                b.config().hidden,
+                if handle.fp8 { b.recv_x_fp8(h).map(|v| v.device_addr()) } else { b.recv_x_bf16(h).map(|v| v.device_addr()) },
+                handle.fp8.then(|| b.recv_scales(h).map(|v| v.device_addr())),
+                // (The views above check the handle: an error here means the dispatch sent no top-k.)
+                b.recv_topk_idx(h).ok().map(|v| v.device_addr()),
+                b.recv_topk_weights(h).ok().map(|v| v.device_addr()),
+                b.recv_src_idx(h).map(|v| v.device_addr()),
+            )
         };
-        let scales =
-            if handle.fp8 { Some(dlpack(py, b.recv_scales(h).map_err(py_err)?.device_addr(), &[n, hd / 128], DT_F32, dev, owner())?) } else { None };
-        // (The views above checked the handle: an error here means the dispatch sent no top-k.)
-        let idx = b.recv_topk_idx(h).ok().map(|v| dlpack(py, v.device_addr(), &[n, k], DT_I32, dev, owner())).transpose()?;
-        let wts = b.recv_topk_weights(h).ok().map(|v| dlpack(py, v.device_addr(), &[n, k], DT_F32, dev, owner())).transpose()?;
-        Ok((x, scales, idx, wts, dlpack(py, b.recv_src_idx(h).map_err(py_err)?.device_addr(), &[n], DT_I32, dev, owner())?))
+        let owner = || slf.clone().into_any().unbind();
+        let x = dlpack(py, x.map_err(py_err)?, &[n, hd], if handle.fp8 { DT_U8 } else { DT_BF16 }, dev, owner())?;
+        let scales = scales.map(|a| dlpack(py, a.map_err(py_err)?, &[n, hd / 128], DT_F32, dev, owner())).transpose()?;
+        let idx = idx.map(|a| dlpack(py, a, &[n, k], DT_I32, dev, owner())).transpose()?;
+        let wts = wts.map(|a| dlpack(py, a, &[n, k], DT_F32, dev, owner())).transpose()?;
+        Ok((x, scales, idx, wts, dlpack(py, src.map_err(py_err)?, &[n], DT_I32, dev, owner())?))
     }
 
     /// Combine: expert outputs `x` (`bf16 [num_recv, hidden]`, in the dispatch's receive order)
@@ -270,6 +283,7 @@ impl PyHighThroughput {
             out_weights: owr.as_ref().map(|w| w as &dyn DeviceArg<f32>),
         };
         let s = stream_of(&self.g, stream);
-        self.buf()?.combine(&s, h, &args).map(|_| ()).map_err(py_err)
+        let r = self.buf()?.combine(&s, h, &args);
+        r.map(|_| ()).map_err(py_err)
     }
 }

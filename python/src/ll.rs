@@ -116,6 +116,8 @@ pub(crate) struct PyLlCombinePending {
 
 /// The low-latency buffer (decode): dispatch and combine on torch tensors. Usable from any
 /// thread (calls are serialised by a lock; a hook may run on another thread than its call).
+/// A call on a destroyed buffer is refused where it reaches the buffer, after its tensors are
+/// checked (a bad tensor is named first).
 #[pyclass(name = "LowLatencyBuffer", module = "moe_ep._moe_ep", frozen)]
 pub(crate) struct PyLowLatency {
     g: Group,
@@ -222,11 +224,11 @@ impl PyLowLatency {
     }
 
     fn set_api(&self, t0: u64) {
-        self.last_api.store(clock::ticks().wrapping_sub(t0), Ordering::Relaxed);
+        self.last_api.store(clock::since(t0), Ordering::Relaxed);
     }
 
     fn set_ext(&self, t0: u64) {
-        self.last_ext.store(clock::ticks().wrapping_sub(t0), Ordering::Relaxed);
+        self.last_ext.store(clock::since(t0), Ordering::Relaxed);
     }
 
     /// The dispatch of checked tensors (`xi`, `ti`: `x` and `topk_idx`).
@@ -260,8 +262,11 @@ impl PyLowLatency {
         let s = stream_of(&self.g, stream);
         profile::mark("launch arguments");
         let t0 = clock::ticks();
-        let (h, _) = buf.dispatch(&s, &args).map_err(py_err)?;
+        let r = buf.dispatch(&s, &args);
         self.set_api(t0);
+        // The error becomes a Python exception after the lock (making one may run Python).
+        drop(buf);
+        let (h, _) = r.map_err(py_err)?;
         profile::mark("Rust API");
         Ok(PyLlHandle {
             h,
@@ -418,14 +423,16 @@ impl PyLowLatency {
             stats.map(|st| check("cumulative_local_expert_recv_stats", st, &["torch.int32"], &[Some(epr)], self.g.device() as i64)).transpose()?;
         let sr = si.as_ref().map(Raw::<i32>::of);
         let s = stream_of(&self.g, stream);
-        self.buf()?.dispatch_recv(&s, &mut handle.h, sr.as_ref().map(|st| st as &dyn DeviceArg<i32>)).map(|_| ()).map_err(py_err)
+        let r = self.buf()?.dispatch_recv(&s, &mut handle.h, sr.as_ref().map(|st| st as &dyn DeviceArg<i32>));
+        r.map(|_| ()).map_err(py_err)
     }
 
     /// Finishes hook-mode calls whose hooks were dropped without being called (see
     /// `LlBuffer::recover_pending_hooks`): `(dispatch finished, combine drained)`.
     fn recover_pending_hooks(&self, stream: usize) -> PyResult<(bool, bool)> {
         let s = stream_of(&self.g, stream);
-        self.buf()?.recover_pending_hooks(&s).map_err(py_err)
+        let r = self.buf()?.recover_pending_hooks(&s);
+        r.map_err(py_err)
     }
 
     /// DLPack capsules viewing what `handle` received: `(x, scales or None, count, src_info)`.
@@ -436,33 +443,33 @@ impl PyLowLatency {
     fn recv_views(slf: &Bound<'_, Self>, handle: &PyLlHandle) -> PyResult<(PyObject, Option<PyObject>, PyObject, PyObject)> {
         let py = slf.py();
         let me = slf.borrow();
-        let (b, h, dev) = (me.buf()?, &handle.h, me.g.device() as i32);
-        let epr = b.config().num_experts / me.g.world();
-        let rows = me.g.world() * b.config().max_tokens_per_rank;
-        let hd = b.config().hidden;
+        let (h, dev) = (&handle.h, me.g.device() as i32);
+        let (epr, rows, hd) = (me.cfg.num_experts / me.g.world(), me.g.world() * me.cfg.max_tokens_per_rank, me.cfg.hidden);
+        // The addresses under the lock; errors become Python exceptions and capsules are made
+        // after it (either may run Python).
+        let (x, scales, count, src, scale_rows) = {
+            let b = me.buf()?;
+            let x = if handle.fp8 { b.recv_x_fp8(h).map(|v| v.device_addr()) } else { b.recv_x_bf16(h).map(|v| v.device_addr()) };
+            let scales = match (handle.fp8, handle.ue8m0) {
+                (false, _) => None,
+                (true, true) => Some(b.recv_scales_ue8m0(h).map(|v| v.device_addr())),
+                (true, false) => Some(b.recv_scales(h).map(|v| v.device_addr())),
+            };
+            (x, scales, b.recv_count(h).map(|v| v.device_addr()), b.recv_src_info(h).map(|v| v.device_addr()), b.scale_rows())
+        };
         let owner: Py<PyAny> = slf.clone().into_any().unbind();
         let groups = hd / 128;
-        let x = if handle.fp8 {
-            let v = b.recv_x_fp8(h).map_err(py_err)?;
-            dlpack(py, v.device_addr(), &[epr, rows, hd], DT_U8, dev, owner.clone_ref(py))?
-        } else {
-            let v = b.recv_x_bf16(h).map_err(py_err)?;
-            dlpack(py, v.device_addr(), &[epr, rows, hd], DT_BF16, dev, owner.clone_ref(py))?
+        let x = dlpack(py, x.map_err(py_err)?, &[epr, rows, hd], if handle.fp8 { DT_U8 } else { DT_BF16 }, dev, owner.clone_ref(py))?;
+        let scales = match scales {
+            None => None,
+            Some(addr) => {
+                let (width, dt) = if handle.ue8m0 { (groups.div_ceil(4), DT_I32) } else { (groups, DT_F32) };
+                let shape = if handle.column_major { [epr, width, scale_rows] } else { [epr, rows, width] };
+                Some(dlpack(py, addr.map_err(py_err)?, &shape, dt, dev, owner.clone_ref(py))?)
+            }
         };
-        let scales = if !handle.fp8 {
-            None
-        } else if handle.ue8m0 {
-            let v = b.recv_scales_ue8m0(h).map_err(py_err)?;
-            let words = groups.div_ceil(4);
-            let shape = if handle.column_major { vec![epr, words, b.scale_rows()] } else { vec![epr, rows, words] };
-            Some(dlpack(py, v.device_addr(), &shape, DT_I32, dev, owner.clone_ref(py))?)
-        } else {
-            let v = b.recv_scales(h).map_err(py_err)?;
-            let shape = if handle.column_major { vec![epr, groups, b.scale_rows()] } else { vec![epr, rows, groups] };
-            Some(dlpack(py, v.device_addr(), &shape, DT_F32, dev, owner.clone_ref(py))?)
-        };
-        let count = dlpack(py, b.recv_count(h).map_err(py_err)?.device_addr(), &[epr], DT_I32, dev, owner.clone_ref(py))?;
-        let src = dlpack(py, b.recv_src_info(h).map_err(py_err)?.device_addr(), &[epr, rows], DT_I32, dev, owner)?;
+        let count = dlpack(py, count.map_err(py_err)?, &[epr], DT_I32, dev, owner.clone_ref(py))?;
+        let src = dlpack(py, src.map_err(py_err)?, &[epr, rows], DT_I32, dev, owner)?;
         Ok((x, scales, count, src))
     }
 
@@ -514,8 +521,9 @@ impl PyLowLatency {
         let s = stream_of(&self.g, stream);
         profile::mark("tensor checks, launch arguments");
         let t0 = clock::ticks();
-        let (pending, _) = self.buf()?.combine(&s, &handle.h, &args).map_err(py_err)?;
+        let r = self.buf()?.combine(&s, &handle.h, &args);
         self.set_api(t0);
+        let (pending, _) = r.map_err(py_err)?;
         profile::mark("Rust API");
         let pending = pending.map(|p| {
             let tensors = [Some(topk_idx), Some(out), topk_weights].into_iter().flatten().map(|t| t.clone().unbind()).collect();
@@ -534,8 +542,8 @@ impl PyLowLatency {
     /// sizes, the parameter block, the launch, the completion event): the rest of a call's
     /// time is the binding's.
     #[getter]
-    fn last_api_us(&self) -> f64 {
-        clock::micros(self.last_api.load(Ordering::Relaxed))
+    fn last_api_us(&self, py: Python<'_>) -> f64 {
+        clock::micros(py, self.last_api.load(Ordering::Relaxed))
     }
 
     /// The group's rank count.
@@ -556,8 +564,8 @@ impl PyLowLatency {
     /// extension's function, from its first line to its last (the rest of the extension's share
     /// is the Python-C boundary: argument parsing, the result object).
     #[getter]
-    fn last_ext_us(&self) -> f64 {
-        clock::micros(self.last_ext.load(Ordering::Relaxed))
+    fn last_ext_us(&self, py: Python<'_>) -> f64 {
+        clock::micros(py, self.last_ext.load(Ordering::Relaxed))
     }
 
     /// The receive half of a hook-mode combine (once per pending combine).
@@ -566,7 +574,8 @@ impl PyLowLatency {
         let p = slot.as_mut().ok_or_else(|| invalid("hook", "this combine's receive half has already run".into()))?;
         let s = stream_of(&self.g, stream);
         // A refused call leaves the pending half in place, to run on its own buffer.
-        self.buf()?.combine_recv(&s, p).map_err(py_err)?;
+        let r = self.buf()?.combine_recv(&s, p);
+        r.map_err(py_err)?;
         *slot = None;
         Ok(())
     }
@@ -578,7 +587,8 @@ impl PyLowLatency {
         let me = slf.borrow();
         let cfg = me.cfg;
         let shape = [cfg.num_experts / me.g.world(), me.g.world() * cfg.max_tokens_per_rank, cfg.hidden];
-        let addr = me.buf()?.combine_input(&handle.h).map_err(py_err)?.device_addr();
+        let addr = me.buf()?.combine_input(&handle.h).map(|v| v.device_addr());
+        let addr = addr.map_err(py_err)?;
         dlpack(py, addr, &shape, DT_BF16, me.g.device() as i32, slf.clone().into_any().unbind())
     }
 }

@@ -169,6 +169,7 @@ if [ "$what" = mps ]; then
         builds="$builds bundle"
         for round in $(seq "${OVERHEAD_ROUNDS:-1}"); do
           for pass in ${OVERHEAD_PASSES:-plain pinned staggered}; do
+            case $pass in plain|pinned|staggered) ;; *) echo "OVERHEAD_PASSES: no pass named $pass (plain, pinned, staggered)"; status=1; continue ;; esac
             for build in $builds; do
               log="$out/mps-python-overhead-$pass-$build-$round.log"
               path=$([ $build = bundle ] && echo "$py" || echo "/tmp/moe-ep-python-$build")
@@ -176,7 +177,7 @@ if [ "$what" = mps ]; then
               MOE_EP_PIN_CORES=$pin MOE_EP_OVERHEAD_STAGGER_US=$stagger MOE_EP_SHARE_GPU=1 CUDA_VISIBLE_DEVICES=0 PYTHONPATH="$path" \
                 timeout -k 10 "${PY_LIMIT:-300}" python3 -m torch.distributed.run --nproc-per-node 2 "$here/python/overhead.py" > "$log" 2>&1; rc=$?
               echo "=== python overhead, 2 ranks sharing GPU 0 (MPS), $pass (MOE_EP_PIN_CORES=$pin, MOE_EP_OVERHEAD_STAGGER_US=$stagger), $build's wheel, round $round: exit $rc"
-              grep -E "binding adds|stage marks|doing nothing, timed|passes' thread|Error" "$log" | grep "deep_ep\|doing\|thread\|Error" | head -n 14; [ "$rc" -eq 0 ] || status=1
+              grep -E "^rank [0-9]+: (not )?pinned|binding adds|stage marks|doing nothing, timed|passes' thread|Error" "$log" | grep "pinned\|deep_ep\|doing\|thread\|Error" | head -n 16; [ "$rc" -eq 0 ] || status=1
             done
           done
         done ;;
