@@ -154,7 +154,6 @@ pub(crate) trait ExternalHeap: Send + Sync {
 
 impl SymmetricHeap {
     /// Bytes a heap whose user asked for `body` takes per rank, its [`HeapTables`] included.
-    #[cfg_attr(not(feature = "nvshmem"), allow(dead_code))]
     pub(crate) fn total_bytes(body: u64, world: usize) -> u64 {
         HeapTables::new(body, world as u64).end
     }

@@ -168,7 +168,7 @@ impl HtConfig {
     /// Symmetric-heap bytes per rank this configuration needs (a size hint): the layout and the
     /// heap's own tables.
     pub fn heap_bytes(&self, world: usize) -> u64 {
-        moe_ep_kernels::abi::HeapTables::new(self.heap_layout(world).total, world as u64).end
+        crate::heap::SymmetricHeap::total_bytes(self.heap_layout(world).total, world)
     }
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.

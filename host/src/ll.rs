@@ -62,7 +62,7 @@ impl LlConfig {
 
     /// Symmetric-heap bytes per rank (a size hint): the layout and the heap's own tables.
     pub fn heap_bytes(&self, world: usize) -> u64 {
-        moe_ep_kernels::abi::HeapTables::new(self.half_layout(world).heap_bytes(), world as u64).end
+        crate::heap::SymmetricHeap::total_bytes(self.half_layout(world).heap_bytes(), world)
     }
 
     /// Checks every limit for `world` ranks on a GPU with `sm_count` SMs.
